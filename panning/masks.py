@@ -1,0 +1,653 @@
+"""Validated pruning masks: which weights are prunable, top-k selection, enforcement and export.
+
+A :class:`Masks` maps a parameter *name* (``"features.0.weight"``) to a boolean tensor of the
+parameter's shape; ``True`` means kept. Only weights of ``Conv1d/2d/3d`` and ``Linear`` modules are
+prunable (biases and normalisation layers stay dense), see :func:`prunable_parameters`.
+
+``sparsity`` is always the fraction of prunable weights *removed*; ``density = 1 - sparsity``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import operator
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+__all__ = [
+    "MaskError",
+    "MaskHandle",
+    "Masks",
+    "enforce",
+    "from_torch_prune",
+    "keep_count",
+    "prunable_parameters",
+    "select_topk",
+    "to_torch_prune",
+]
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_FORMAT = "panning.masks"
+_FORMAT_VERSION = 1
+
+
+class MaskError(ValueError):
+    """Masks that do not fit a model, are not binary, or a model with nothing to prune."""
+
+
+# --------------------------------------------------------------------------------------------
+# which weights are prunable
+
+
+def _excluded(module_name: str, param_name: str, patterns: list[str]) -> bool:
+    return any(
+        module_name == p or param_name == p or fnmatch.fnmatchcase(module_name, p) or fnmatch.fnmatchcase(param_name, p)
+        for p in patterns
+    )
+
+
+def _prunable_with_modules(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, tuple[nn.Module, nn.Parameter]]:
+    """{key: (owning module, parameter)}; see :func:`prunable_parameters`."""
+    if isinstance(exclude, str):  # a bare string would be iterated character by character
+        exclude = [exclude]
+    patterns = list(exclude)
+    modules = dict(model.named_modules())
+    out: dict[str, tuple[nn.Module, nn.Parameter]] = {}
+    matched: set[str] = set()
+    for name, param in model.named_parameters():
+        mod_name, _, leaf = name.rpartition(".")
+        module = modules.get(mod_name)
+        # "weight_orig": a module already pruned with torch.nn.utils.prune keeps its key "x.weight"
+        if not isinstance(module, PRUNABLE_TYPES) or leaf not in ("weight", "weight_orig"):
+            continue
+        if leaf == "weight_orig" and "weight_mask" not in dict(module.named_buffers(recurse=False)):
+            continue
+        key = f"{mod_name}.weight" if mod_name else "weight"
+        if _excluded(mod_name, key, patterns):
+            matched.update(p for p in patterns if _excluded(mod_name, key, [p]))
+            continue
+        out[key] = (module, param)
+    unmatched = [p for p in patterns if p not in matched]
+    if unmatched:
+        warnings.warn(f"exclude entries matched no prunable layer: {unmatched}", UserWarning, stacklevel=3)
+    if not out:
+        raise MaskError(
+            f"{type(model).__name__} has no prunable parameters (weights of Conv1d/2d/3d or Linear modules"
+            + (f" not excluded by {patterns})" if patterns else ")")
+        )
+    return out
+
+
+def prunable_parameters(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Parameter]:
+    """Weights of Conv1d/2d/3d and Linear modules (subclasses too), keyed by full parameter name.
+
+    Order follows ``model.named_parameters()`` (shared parameters appear once). ``exclude`` holds
+    module names (``"fc3"``), parameter names (``"fc3.weight"``) or fnmatch patterns
+    (``"classifier.*"``); matching layers stay dense. For a module already pruned with
+    ``torch.nn.utils.prune`` the key stays ``"<module>.weight"`` and the value is ``weight_orig``.
+    Raises :class:`MaskError` if nothing is prunable.
+    """
+    return {k: p for k, (_, p) in _prunable_with_modules(model, exclude).items()}
+
+
+def keep_count(total: int, sparsity: float) -> int:
+    """Number of weights kept at ``sparsity``: ``round((1 - sparsity) * total)``; needs 0 <= s < 1."""
+    if isinstance(total, bool) or int(total) != total or total < 0:
+        raise ValueError(f"total must be a non-negative integer, got {total!r}")
+    s = float(sparsity)
+    if not (0.0 <= s < 1.0):  # also rejects NaN
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    return int(round((1.0 - s) * int(total)))
+
+
+# --------------------------------------------------------------------------------------------
+# Masks
+
+
+def _as_bool(key: str, value: Any) -> Tensor:
+    if not isinstance(value, Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise MaskError(f"mask {key!r} is not a tensor ({type(value).__name__})") from e
+    value = value.detach()
+    if value.dtype == torch.bool:
+        return value.clone()
+    if value.is_complex() or not bool(((value == 0) | (value == 1)).all()):
+        bad = value[(value != 0) & (value != 1)]
+        example = bad.reshape(-1)[:3].tolist() if bad.numel() else []
+        raise MaskError(f"mask {key!r} is not binary: found values such as {example} (only 0/1 or bool allowed)")
+    return value != 0
+
+
+class Masks(Mapping[str, Tensor]):
+    """Validated ``{param name: bool tensor}``; ``True`` = weight kept.
+
+    Construct from a mapping of bool or 0/1 tensors (copied; non-binary values raise
+    :class:`MaskError`). Behaves as a read-only mapping in the given key order.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, masks: Mapping[str, Any]) -> None:
+        if isinstance(masks, Masks):
+            data = {k: v.clone() for k, v in masks.items()}
+        else:
+            if not isinstance(masks, Mapping):
+                raise MaskError(f"Masks needs a mapping name -> tensor, got {type(masks).__name__}")
+            data = {}
+            for k, v in masks.items():
+                if not isinstance(k, str):
+                    raise MaskError(f"mask keys must be parameter names (str), got {k!r}")
+                data[k] = _as_bool(k, v)
+        if not data:
+            raise MaskError("Masks needs at least one entry")
+        self._data: dict[str, Tensor] = data
+
+    @classmethod
+    def _trusted(cls, data: dict[str, Tensor]) -> Masks:
+        # internal fast path: tensors already bool and freshly allocated
+        obj = cls.__new__(cls)
+        if not data:
+            raise MaskError("Masks needs at least one entry")
+        obj._data = data
+        return obj
+
+    @classmethod
+    def ones(cls, model: nn.Module, exclude: Iterable[str] = ()) -> Masks:
+        """All-kept masks for every prunable weight of ``model`` (on the weights' devices)."""
+        return cls._trusted(
+            {k: torch.ones(p.shape, dtype=torch.bool, device=p.device) for k, p in prunable_parameters(model, exclude).items()}
+        )
+
+    # Mapping protocol
+    def __getitem__(self, key: str) -> Tensor:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __eq__(self, other: object) -> bool:
+        # Mapping.__eq__ would compare tensors with ==, which is ambiguous
+        if isinstance(other, Mapping):
+            try:
+                return self.equal(other)
+            except MaskError:
+                return False
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Masks({len(self)} tensors, kept {self.num_kept}/{self.num_total}, sparsity {self.sparsity:.4f})"
+
+    # statistics
+    @property
+    def num_kept(self) -> int:
+        """Number of kept (True) weights."""
+        return int(sum(int(torch.count_nonzero(m)) for m in self._data.values()))
+
+    @property
+    def num_total(self) -> int:
+        """Number of weights covered by the masks."""
+        return int(sum(m.numel() for m in self._data.values()))
+
+    @property
+    def density(self) -> float:
+        """Fraction of covered weights kept."""
+        total = self.num_total
+        return self.num_kept / total if total else 1.0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of covered weights removed (``1 - density``)."""
+        return 1.0 - self.density
+
+    def layer_density(self) -> dict[str, float]:
+        """Kept fraction per tensor."""
+        return {k: (int(torch.count_nonzero(m)) / m.numel() if m.numel() else 1.0) for k, m in self._data.items()}
+
+    def report(self) -> str:
+        """Plain-text table: name, shape, kept/total, density per tensor, then the total."""
+        rows = [(k, "x".join(map(str, m.shape)) or "scalar", int(torch.count_nonzero(m)), m.numel()) for k, m in self._data.items()]
+        w_name = max(len("layer"), max(len(r[0]) for r in rows), len("total"))
+        w_shape = max(len("shape"), max(len(r[1]) for r in rows))
+        w_num = max(len(f"{r[2]}/{r[3]}") for r in rows + [("", "", self.num_kept, self.num_total)])
+        w_num = max(w_num, len("kept/total"))
+        lines = [f"{'layer':<{w_name}}  {'shape':<{w_shape}}  {'kept/total':>{w_num}}  density"]
+        for name, shape, kept, total in rows:
+            d = kept / total if total else 1.0
+            lines.append(f"{name:<{w_name}}  {shape:<{w_shape}}  {f'{kept}/{total}':>{w_num}}  {d:7.4f}")
+        lines.append(
+            f"{'total':<{w_name}}  {'':<{w_shape}}  {f'{self.num_kept}/{self.num_total}':>{w_num}}  {self.density:7.4f}"
+            f"  (sparsity {self.sparsity:.4f})"
+        )
+        return "\n".join(lines)
+
+    # validation against a model
+    def check(self, model: nn.Module, exclude: Iterable[str] | None = None) -> None:
+        """Raise :class:`MaskError` unless the masks fit ``model``.
+
+        Every key must name a prunable weight of ``model`` (Conv/Linear weight) with the same shape.
+        With ``exclude=None`` a subset of the prunable weights is fine (excluded layers stay dense);
+        with ``exclude`` given (``()`` included) the keys must be exactly
+        ``prunable_parameters(model, exclude)``, so missing keys raise too.
+        """
+        try:
+            params = prunable_parameters(model)
+        except MaskError as e:
+            raise MaskError(f"masks cannot fit this model: {e}") from None
+        extra = [k for k in self._data if k not in params]
+        if extra:
+            all_names = {n for n, _ in model.named_parameters()}
+            not_params = [k for k in extra if k not in all_names]
+            not_prunable = [k for k in extra if k in all_names]
+            parts = []
+            if not_params:
+                parts.append(f"not parameters of the model: {not_params}")
+            if not_prunable:
+                parts.append(f"not prunable (Conv/Linear weight) parameters: {not_prunable}")
+            raise MaskError("masks have extra keys " + "; ".join(parts))
+        for k, m in self._data.items():
+            if tuple(m.shape) != tuple(params[k].shape):
+                raise MaskError(f"mask {k!r} has shape {tuple(m.shape)} but the parameter has shape {tuple(params[k].shape)}")
+        if exclude is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = prunable_parameters(model, exclude)
+            missing = [k for k in expected if k not in self._data]
+            if missing:
+                raise MaskError(f"masks are missing keys for prunable parameters: {missing}")
+            excluded_present = [k for k in self._data if k not in expected]
+            if excluded_present:
+                raise MaskError(f"masks have keys for excluded parameters: {excluded_present}")
+
+    # persistence and devices
+    def save(self, path: str | Path) -> None:
+        """``torch.save`` a tagged dict of CPU bool tensors (load with :meth:`load`)."""
+        payload = {"format": _FORMAT, "version": _FORMAT_VERSION, "masks": {k: v.cpu() for k, v in self._data.items()}}
+        torch.save(payload, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device | None = "cpu") -> Masks:
+        """Load masks written by :meth:`save` (``weights_only=True``: no code runs on load)."""
+        try:
+            payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # pickle errors, foreign objects refused by weights_only
+            raise MaskError(f"{path} is not a panning masks file: {e}") from e
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT or "masks" not in payload:
+            raise MaskError(f"{path} is not a panning masks file (format tag {_FORMAT!r} missing)")
+        if payload.get("version", 0) > _FORMAT_VERSION:
+            raise MaskError(f"{path} was written by a newer panning (masks format {payload.get('version')})")
+        return cls(payload["masks"])
+
+    def to(self, device: str | torch.device) -> Masks:
+        """Copy on ``device`` (no copy of tensors already there)."""
+        return Masks._trusted({k: v.to(device) for k, v in self._data.items()})
+
+    def cpu(self) -> Masks:
+        """Copy on the CPU."""
+        return self.to("cpu")
+
+    def equal(self, other: Mapping[str, Tensor]) -> bool:
+        """Same key set and identical kept/pruned pattern everywhere (device and key order ignored)."""
+        if not isinstance(other, Masks):
+            other = Masks(other)
+        if set(self._data) != set(other):
+            return False
+        return all(
+            self._data[k].shape == other[k].shape and torch.equal(self._data[k].cpu(), other[k].cpu()) for k in self._data
+        )
+
+    def apply_(self, model: nn.Module) -> nn.Module:
+        """Zero the pruned weights of ``model`` in place (after :meth:`check`); returns the model."""
+        self.check(model)
+        params = prunable_parameters(model)
+        with torch.no_grad():
+            for k, m in self._data.items():
+                p = params[k]
+                p.masked_fill_(~m.to(p.device), 0)
+        return model
+
+
+# --------------------------------------------------------------------------------------------
+# top-k selection
+
+
+def _topk_mask(flat: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest entries; ties go to the lowest index.
+
+    Same result as taking the first ``k`` of ``torch.sort(flat, descending=True, stable=True)``,
+    but via the k-th largest value and a cumulative count of ties: O(n) and ~6x faster than a
+    full sort on 15M weights.
+    """
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    threshold = torch.topk(flat, k, sorted=False).values.min()
+    chosen = flat > threshold
+    need = k - int(torch.count_nonzero(chosen))
+    ties = flat == threshold
+    if int(torch.count_nonzero(ties)) == need:
+        return chosen | ties
+    chosen[ties.nonzero().reshape(-1)[:need]] = True
+    return chosen
+
+
+def _apportion(keep: int, weights: list[int], lower: list[int], upper: list[int]) -> list[int]:
+    """Integer quotas summing to ``keep``, proportional to ``weights``, within [lower, upper].
+
+    Water-filling: the real shares are ``clamp(t * w_l, lower_l, upper_l)`` with ``t`` found by
+    bisection so that they sum to ``keep`` (``t = keep / sum(w)`` when no bound binds); then floors
+    plus one for the largest remainders (earlier layer first on ties).
+    Needs sum(lower) <= keep <= sum(upper).
+    """
+    n = len(weights)
+
+    def shares(t: float) -> list[float]:
+        return [min(float(upper[i]), max(float(lower[i]), t * weights[i])) for i in range(n)]
+
+    lo, hi = 0.0, 1.0
+    while sum(shares(hi)) < keep and hi < 1e300:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if sum(shares(mid)) < keep:
+            lo = mid
+        else:
+            hi = mid
+    ideal = shares(hi)
+    if sum(weights) and all(lower[i] <= keep * weights[i] / sum(weights) <= upper[i] for i in range(n)):
+        ideal = [keep * w / sum(weights) for w in weights]  # exact when no bound binds
+    quota = [min(upper[i], max(lower[i], math.floor(ideal[i]))) for i in range(n)]
+    order = sorted(range(n), key=lambda i: (-(ideal[i] - math.floor(ideal[i])), i))
+    left = keep - sum(quota)
+    # one pass normally settles it; the loops only absorb floating-point slack
+    while left > 0:
+        step = [i for i in order if quota[i] < upper[i]][:left]
+        if not step:
+            raise AssertionError("apportion: keep exceeds the upper bounds")  # excluded by the caller
+        for i in step:
+            quota[i] += 1
+        left -= len(step)
+    while left < 0:
+        step = [i for i in reversed(order) if quota[i] > lower[i]][:-left]
+        if not step:
+            raise AssertionError("apportion: keep below the lower bounds")  # excluded by the caller
+        for i in step:
+            quota[i] -= 1
+        left += len(step)
+    return quota
+
+
+def select_topk(
+    scores: Mapping[str, Tensor],
+    keep: int,
+    *,
+    current: Masks | None = None,
+    mode: str = "global",
+    min_per_layer: int = 0,
+) -> Masks:
+    """Keep exactly ``keep`` weights with the highest scores, among weights alive in ``current``.
+
+    Ties are broken deterministically as a stable descending sort over the concatenation of the
+    flattened scores in key order would: earlier key, then lower flat index, wins. Weights pruned in
+    ``current`` are never selected again, so repeated calls give monotone (nested) masks.
+
+    ``mode="global"`` ranks all weights together; ``mode="layerwise"`` gives each layer
+    ``round(keep * n_l / N)`` weights (largest-remainder rounding so the total is exactly ``keep``;
+    a layer's share is capped at its alive count and the excess goes to the other layers).
+    ``min_per_layer`` guarantees every layer at least ``min(min_per_layer, alive in layer)`` weights
+    (taken first, by score, within each layer; the rest is then filled by ``mode``).
+
+    Raises ValueError (:class:`MaskError` for key/shape problems) if an alive weight's score is
+    NaN/inf, ``keep`` is negative or above the alive count, or the guarantees exceed ``keep``.
+    """
+    if mode not in ("global", "layerwise"):
+        raise ValueError(f"mode must be 'global' or 'layerwise', got {mode!r}")
+    try:
+        if isinstance(keep, bool):
+            raise TypeError
+        keep = operator.index(keep)
+    except TypeError:
+        raise ValueError(f"keep must be an integer, got {keep!r}") from None
+    if isinstance(min_per_layer, bool) or int(min_per_layer) != min_per_layer or min_per_layer < 0:
+        raise ValueError(f"min_per_layer must be a non-negative integer, got {min_per_layer!r}")
+    min_per_layer = int(min_per_layer)
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError("scores must be a non-empty mapping name -> tensor")
+    keys = list(scores)
+    for k in keys:
+        if not isinstance(scores[k], Tensor):
+            raise ValueError(f"score {k!r} is not a tensor ({type(scores[k]).__name__})")
+        if scores[k].is_complex():
+            raise ValueError(f"score {k!r} is complex")
+    device = scores[keys[0]].device
+    if current is not None:
+        if not isinstance(current, Masks):
+            current = Masks(current)
+        if set(current) != set(keys):
+            missing = [k for k in current if k not in scores]
+            extra = [k for k in keys if k not in current]
+            raise MaskError(f"scores and current masks disagree on keys: missing scores {missing}, extra scores {extra}")
+        for k in keys:
+            if tuple(scores[k].shape) != tuple(current[k].shape):
+                raise MaskError(f"score {k!r} has shape {tuple(scores[k].shape)} but its mask has {tuple(current[k].shape)}")
+
+    dtype = scores[keys[0]].dtype
+    for k in keys[1:]:
+        dtype = torch.promote_types(dtype, scores[k].dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float64
+    with torch.no_grad():
+        # work on the alive weights only: pruning schedules spend most steps at high sparsity,
+        # and boolean indexing keeps index order, so the tie-break is unchanged
+        alive_masks = [current[k].reshape(-1).to(device) for k in keys] if current is not None else None
+        vals = []
+        for i, k in enumerate(keys):
+            v = scores[k].detach().reshape(-1).to(device=device, dtype=dtype)
+            vals.append(v[alive_masks[i]] if alive_masks is not None else v)
+        n_alive = [v.numel() for v in vals]
+        flat = torch.cat(vals)
+        # one reduction suffices in the common case: a finite sum means every entry is finite
+        if not bool(torch.isfinite(flat.sum())):
+            counts = [int(torch.count_nonzero(~torch.isfinite(v))) for v in vals]
+            where = {k: c for k, c in zip(keys, counts) if c}
+            if where:
+                raise ValueError(f"non-finite (NaN/inf) scores for kept weights: {where}")
+        total_alive = sum(n_alive)
+        if keep < 0 or keep > total_alive:
+            raise ValueError(f"keep must be between 0 and the {total_alive} weights still alive, got {keep}")
+        lower = [min(min_per_layer, a) for a in n_alive]
+        if sum(lower) > keep:
+            raise ValueError(
+                f"min_per_layer={min_per_layer} needs {sum(lower)} weights over {len(keys)} layers, more than keep={keep}"
+            )
+        offsets = [0]
+        for a in n_alive:
+            offsets.append(offsets[-1] + a)
+
+        chosen = torch.zeros(total_alive, dtype=torch.bool, device=device)
+        if mode == "global":
+            if min_per_layer:
+                for i in range(len(keys)):
+                    if lower[i]:
+                        seg = slice(offsets[i], offsets[i + 1])
+                        chosen[seg] = _topk_mask(flat[seg], lower[i])
+            rest = keep - int(torch.count_nonzero(chosen))
+            if rest:
+                # weights already taken rank below every (finite) score
+                pool = flat.masked_fill(chosen, float("-inf")) if min_per_layer else flat
+                chosen |= _topk_mask(pool, rest)
+        else:
+            quota = _apportion(keep, [scores[k].numel() for k in keys], lower, n_alive)
+            for i in range(len(keys)):
+                seg = slice(offsets[i], offsets[i + 1])
+                chosen[seg] = _topk_mask(flat[seg], quota[i])
+
+        out: dict[str, Tensor] = {}
+        for i, k in enumerate(keys):
+            part = chosen[offsets[i] : offsets[i + 1]]
+            if alive_masks is None:
+                full = part.clone()
+            else:
+                full = torch.zeros(scores[k].numel(), dtype=torch.bool, device=device)
+                full[alive_masks[i]] = part
+            out[k] = full.reshape(scores[k].shape)
+    return Masks._trusted(out)
+
+
+# --------------------------------------------------------------------------------------------
+# enforcing masks during training
+
+
+class _DeviceMask:
+    """A mask cached per device, so hooks keep working after ``model.to(device)``."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self._by_device: dict[torch.device, Tensor] = {mask.device: mask}
+
+    def on(self, device: torch.device) -> Tensor:
+        m = self._by_device.get(device)
+        if m is None:
+            m = next(iter(self._by_device.values())).to(device)
+            self._by_device[device] = m
+        return m
+
+
+class MaskHandle:
+    """Hooks installed by :func:`enforce`; :meth:`remove` detaches them (also as a context manager)."""
+
+    def __init__(self, masks: Masks, params: dict[str, nn.Parameter], handles: list[Any]) -> None:
+        self.masks = masks
+        self._params = params
+        self._handles = handles
+
+    @property
+    def active(self) -> bool:
+        """True until :meth:`remove` is called."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Detach all hooks; weights keep their current values."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> MaskHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def enforce(model: nn.Module, masks: Masks, optimizer: torch.optim.Optimizer | None = None) -> MaskHandle:
+    """Keep pruned weights at exactly zero during training.
+
+    Zeros pruned weights now; gradient hooks make their ``.grad`` exactly 0 (so SGD weight decay,
+    momentum and Adam moments never move them); with ``optimizer`` a step post-hook also re-zeros
+    the weights and every optimizer state tensor of the weight's shape (``momentum_buffer``,
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ...) after each step, which guards against
+    anything that bypasses the gradient. Returns a :class:`MaskHandle`; call ``.remove()`` to stop.
+    """
+    if not isinstance(masks, Masks):
+        masks = Masks(masks)
+    masks.check(model)
+    all_params = prunable_parameters(model)
+    params = {k: all_params[k] for k in masks}
+    dev_masks = {k: _DeviceMask(masks[k].to(params[k].device)) for k in masks}
+    handles: list[Any] = []
+
+    def make_grad_hook(dm: _DeviceMask):
+        def hook(grad: Tensor) -> Tensor:
+            # masked_fill, not multiply: a NaN/inf gradient times 0 would not be 0
+            return grad.masked_fill(~dm.on(grad.device), 0)
+
+        return hook
+
+    def zero_state() -> None:
+        with torch.no_grad():
+            for k, p in params.items():
+                keep = dm_on(k, p)
+                p.masked_fill_(~keep, 0)
+                if optimizer is not None:
+                    for v in optimizer.state.get(p, {}).values():
+                        if isinstance(v, Tensor) and v.shape == p.shape and v.device == p.device:
+                            v.masked_fill_(~keep, 0)
+
+    def dm_on(k: str, p: Tensor) -> Tensor:
+        return dev_masks[k].on(p.device)
+
+    for k, p in params.items():
+        if p.requires_grad:
+            handles.append(p.register_hook(make_grad_hook(dev_masks[k])))
+    zero_state()
+    if optimizer is not None:
+        handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: zero_state()))
+    return MaskHandle(masks, params, handles)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.nn.utils.prune interop
+
+
+def to_torch_prune(model: nn.Module, masks: Masks) -> None:
+    """Export to ``torch.nn.utils.prune.custom_from_mask`` (``weight_orig`` + ``weight_mask`` buffers).
+
+    A module already pruned by ``torch.nn.utils.prune`` gets its ``weight_mask`` *replaced* (not
+    combined with the old one), so exporting twice leaves exactly ``masks`` in place.
+    """
+    if not isinstance(masks, Masks):
+        masks = Masks(masks)
+    masks.check(model)
+    found = _prunable_with_modules(model)
+    for k, m in masks.items():
+        module, param = found[k]
+        mask = m.to(device=param.device, dtype=param.dtype)
+        if hasattr(module, "weight_orig") and isinstance(getattr(module, "weight_mask", None), Tensor):
+            with torch.no_grad():
+                module.weight_mask.copy_(mask)
+            # the pre-forward hook recomputes weight on the next call; refresh it now for direct reads
+            setattr(module, "weight", module.weight_orig * module.weight_mask)
+        else:
+            prune.custom_from_mask(module, name="weight", mask=mask)
+
+
+def from_torch_prune(model: nn.Module, remove: bool = False) -> Masks:
+    """Read ``weight_mask`` buffers of Conv/Linear modules pruned by ``torch.nn.utils.prune``.
+
+    With ``remove=True`` the pruning is made permanent (``prune.remove``: ``weight`` becomes a
+    plain parameter again, zero where pruned). Raises :class:`MaskError` if no module is pruned
+    or a mask is not binary.
+    """
+    out: dict[str, Tensor] = {}
+    pruned_modules: list[nn.Module] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE_TYPES):
+            continue
+        buf = dict(module.named_buffers(recurse=False)).get("weight_mask")
+        if buf is None or "weight_orig" not in dict(module.named_parameters(recurse=False)):
+            continue
+        key = f"{name}.weight" if name else "weight"
+        out[key] = _as_bool(key, buf)
+        pruned_modules.append(module)
+    if not out:
+        raise MaskError("no Conv/Linear weight pruned with torch.nn.utils.prune found in the model")
+    masks = Masks._trusted(out)
+    if remove:
+        for module in pruned_modules:
+            prune.remove(module, "weight")
+    return masks

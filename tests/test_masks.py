@@ -1,0 +1,450 @@
+"""Masks: prunable parameters, validation, persistence, top-k selection, enforcement, torch.prune interop."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.nn.utils import prune
+
+from panning.masks import (
+    MaskError,
+    Masks,
+    enforce,
+    from_torch_prune,
+    keep_count,
+    prunable_parameters,
+    select_topk,
+    to_torch_prune,
+)
+
+FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc1 = nn.Linear(4 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.features(x).flatten(1))))
+
+
+def _model(seed: int = 0) -> SmallCNN:
+    torch.manual_seed(seed)
+    return SmallCNN()
+
+
+def _random_masks(model: nn.Module, density: float = 0.5, seed: int = 0) -> Masks:
+    g = torch.Generator().manual_seed(seed)
+    return Masks({k: torch.rand(p.shape, generator=g) < density for k, p in prunable_parameters(model).items()})
+
+
+# ---------------------------------------------------------------- prunable parameters, keep_count
+
+
+def test_prunable_parameters_conv_linear_weights_only_in_order():
+    m = _model()
+    assert list(prunable_parameters(m)) == ["features.0.weight", "fc1.weight", "fc2.weight"]
+    assert prunable_parameters(m)["fc1.weight"] is m.fc1.weight
+
+
+@pytest.mark.parametrize("exclude", [["fc2"], ["fc2.weight"], ["fc2*"], ("features.*", "fc2")])
+def test_prunable_parameters_exclude(exclude):
+    keys = list(prunable_parameters(_model(), exclude=exclude))
+    assert "fc2.weight" not in keys and "fc1.weight" in keys
+
+
+def test_prunable_parameters_nothing_prunable():
+    with pytest.raises(MaskError, match="no prunable"):
+        prunable_parameters(nn.Sequential(nn.BatchNorm1d(3), nn.ReLU()))
+    with pytest.raises(MaskError, match="no prunable"):
+        prunable_parameters(nn.Linear(3, 2), exclude=["*"])
+
+
+def test_prunable_parameters_unmatched_exclude_warns():
+    with pytest.warns(UserWarning, match="fc9"):
+        prunable_parameters(_model(), exclude=["fc9"])
+
+
+def test_keep_count():
+    assert keep_count(1000, 0.0) == 1000
+    assert keep_count(1000, 0.9) == 100
+    assert keep_count(10, 0.9) == 1
+    assert keep_count(7, 0.5) == round(3.5)
+    for bad in (1.0, -0.1, float("nan"), 1.5):
+        with pytest.raises(ValueError, match="sparsity"):
+            keep_count(100, bad)
+
+
+# ---------------------------------------------------------------- Masks type
+
+
+def test_masks_accepts_binary_and_rejects_others():
+    m = Masks({"a": torch.tensor([0.0, 1.0, 1.0]), "b": torch.tensor([[True, False]])})
+    assert m["a"].dtype == torch.bool and m["a"].tolist() == [False, True, True]
+    assert (m.num_kept, m.num_total) == (3, 5)
+    assert m.density == pytest.approx(0.6) and m.sparsity == pytest.approx(0.4)
+    assert m.layer_density() == {"a": pytest.approx(2 / 3), "b": 0.5}
+    for bad in (torch.tensor([0.0, 0.5]), torch.tensor([2, 1]), torch.tensor([float("nan"), 1.0])):
+        with pytest.raises(MaskError, match="'x' is not binary"):
+            Masks({"x": bad})
+    with pytest.raises(MaskError):
+        Masks({})
+    with pytest.raises(TypeError):
+        m["a"] = torch.ones(3, dtype=torch.bool)  # type: ignore[index]
+
+
+def test_masks_copies_input_and_equality():
+    t = torch.ones(4, dtype=torch.bool)
+    m = Masks({"w": t})
+    t[0] = False
+    assert bool(m["w"][0])
+    same = Masks({"w": torch.ones(4)})
+    other = Masks({"w": torch.tensor([1, 1, 1, 0])})
+    assert m.equal(same) and m == same
+    assert not m.equal(other) and m != other
+    assert not m.equal(Masks({"v": torch.ones(4)}))
+    assert m.cpu().equal(m) and m.to("cpu").equal(m)
+
+
+def test_masks_ones_report_and_apply():
+    model = _model()
+    ones = Masks.ones(model, exclude=["fc2"])
+    assert list(ones) == ["features.0.weight", "fc1.weight"] and ones.sparsity == 0.0
+    masks = _random_masks(model, 0.3)
+    rep = masks.report()
+    for k, v in masks.items():
+        assert k in rep and f"{int(v.sum())}/{v.numel()}" in rep
+    assert "total" in rep and "sparsity" in rep
+    masks.apply_(model)
+    for k, p in prunable_parameters(model).items():
+        assert torch.all(p[~masks[k]] == 0)
+
+
+def test_check_errors_name_the_problem():
+    model = _model()
+    full = Masks.ones(model)
+    full.check(model)
+    full.check(model, exclude=())
+    partial = Masks.ones(model, exclude=["fc2"])
+    partial.check(model)  # a subset is fine by default: excluded layers stay dense
+    partial.check(model, exclude=["fc2"])
+    with pytest.raises(MaskError, match="missing.*fc2.weight"):
+        partial.check(model, exclude=())
+    with pytest.raises(MaskError, match="excluded.*fc2.weight"):
+        full.check(model, exclude=["fc2"])
+    with pytest.raises(MaskError, match="extra keys.*not parameters.*nope.weight"):
+        Masks({**full, "nope.weight": torch.ones(3)}).check(model)
+    with pytest.raises(MaskError, match="not prunable.*fc1.bias"):
+        Masks({**full, "fc1.bias": torch.ones(16)}).check(model)
+    with pytest.raises(MaskError, match=r"'fc1.weight' has shape \(16, 65\).*\(16, 64\)"):
+        Masks({**full, "fc1.weight": torch.ones(16, 65)}).check(model)
+
+
+def test_save_load_round_trip(tmp_path):
+    masks = _random_masks(_model(), 0.4, seed=3)
+    path = tmp_path / "masks.pt"
+    masks.save(path)
+    loaded = Masks.load(path)
+    assert loaded.equal(masks) and list(loaded) == list(masks)
+    assert loaded["fc1.weight"].dtype == torch.bool
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "panning.masks"
+    torch.save({"fc1.weight": torch.ones(2)}, tmp_path / "plain.pt")
+    with pytest.raises(MaskError, match="not a panning masks file"):
+        Masks.load(tmp_path / "plain.pt")
+
+
+# ---------------------------------------------------------------- select_topk
+
+
+def _reference_global(scores: dict[str, torch.Tensor], keep: int, current: Masks | None) -> dict[str, torch.Tensor]:
+    """Specification: stable descending sort over the concatenation, dead weights excluded."""
+    flat = torch.cat([s.reshape(-1).double() for s in scores.values()])
+    alive = torch.cat([current[k].reshape(-1) for k in scores]) if current is not None else torch.ones_like(flat, dtype=torch.bool)
+    order = torch.sort(flat.masked_fill(~alive, float("-inf")), descending=True, stable=True).indices
+    chosen = torch.zeros_like(alive)
+    chosen[order[:keep]] = True
+    out, i = {}, 0
+    for k, s in scores.items():
+        out[k] = chosen[i : i + s.numel()].reshape(s.shape)
+        i += s.numel()
+    return out
+
+
+@st.composite
+def score_dicts(draw, ties: bool = True):
+    n_layers = draw(st.integers(1, 4))
+    shapes = [tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))) for _ in range(n_layers)]
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    if ties and draw(st.booleans()):
+        scores = {f"l{i}.weight": torch.randint(0, 3, s, generator=g).float() for i, s in enumerate(shapes)}
+    else:
+        scores = {f"l{i}.weight": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    return scores
+
+
+@FEW
+@given(scores=score_dicts(), frac=st.floats(0, 1), frac2=st.floats(0, 1), mode=st.sampled_from(["global", "layerwise"]))
+def test_topk_exact_count_binary_and_monotone(scores, frac, frac2, mode):
+    total = sum(s.numel() for s in scores.values())
+    keep1 = round(frac * total)
+    m1 = select_topk(scores, keep1, mode=mode)
+    assert isinstance(m1, Masks) and list(m1) == list(scores)
+    assert all(v.dtype == torch.bool and v.shape == scores[k].shape for k, v in m1.items())
+    assert m1.num_kept == keep1
+    keep2 = round(frac2 * keep1)
+    m2 = select_topk(scores, keep2, current=m1, mode=mode)
+    assert m2.num_kept == keep2
+    assert all(bool((m2[k] & ~m1[k]).sum() == 0) for k in m1)  # never revives a pruned weight
+
+
+@FEW
+@given(scores=score_dicts(), frac=st.floats(0, 1), frac2=st.floats(0, 1))
+def test_topk_global_matches_stable_sort_spec(scores, frac, frac2):
+    total = sum(s.numel() for s in scores.values())
+    keep1 = round(frac * total)
+    m1 = select_topk(scores, keep1)
+    assert m1.equal(_reference_global(scores, keep1, None))
+    # new scores on a second step: selection only among the survivors
+    rescored = {k: -v for k, v in scores.items()}
+    keep2 = round(frac2 * keep1)
+    m2 = select_topk(rescored, keep2, current=m1)
+    assert m2.equal(_reference_global(rescored, keep2, m1))
+
+
+@FEW
+@given(scores=score_dicts(ties=False), frac=st.floats(0, 1))
+def test_topk_layerwise_shares_are_proportional(scores, frac):
+    total = sum(s.numel() for s in scores.values())
+    keep = round(frac * total)
+    m = select_topk(scores, keep, mode="layerwise")
+    for k, s in scores.items():
+        kept = int(m[k].sum())
+        assert abs(kept - keep * s.numel() / total) < 1.0
+        # within a layer, the kept weights are that layer's top scores
+        if 0 < kept < s.numel():
+            assert s[m[k]].min() >= s[~m[k]].max()
+
+
+def test_topk_ties_are_deterministic_earliest_first():
+    scores = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    first = select_topk(scores, 4)
+    for _ in range(3):
+        assert select_topk(scores, 4).equal(first)
+    assert first["a"].reshape(-1).tolist() == [True] * 4 + [False] * 2
+    assert first["b"].tolist() == [False] * 4
+    m = select_topk(scores, 7)
+    assert m["a"].all() and m["b"].tolist() == [True, False, False, False]
+    lw = select_topk({"a": torch.zeros(6), "b": torch.zeros(6)}, 6, mode="layerwise")
+    assert lw["a"].tolist() == [True] * 3 + [False] * 3 == lw["b"].tolist()
+
+
+@FEW
+@given(
+    scores=score_dicts(),
+    frac0=st.floats(0, 1),
+    frac=st.floats(0, 1),
+    mpl=st.integers(1, 6),
+    mode=st.sampled_from(["global", "layerwise"]),
+)
+def test_topk_min_per_layer(scores, frac0, frac, mpl, mode):
+    # a global first step leaves uneven alive counts, so layer-wise caps and minimums interact
+    total = sum(s.numel() for s in scores.values())
+    current = select_topk({k: torch.rand(v.shape) for k, v in scores.items()}, round(frac0 * total))
+    alive = {k: int(current[k].sum()) for k in scores}
+    need = sum(min(mpl, a) for a in alive.values())
+    keep = max(need, round(frac * current.num_kept))
+    m = select_topk(scores, keep, current=current, mode=mode, min_per_layer=mpl)
+    assert m.num_kept == keep
+    for k in scores:
+        assert min(mpl, alive[k]) <= int(m[k].sum()) <= alive[k]
+    if need > 0:
+        with pytest.raises(ValueError, match="min_per_layer"):
+            select_topk(scores, need - 1, current=current, mode=mode, min_per_layer=mpl)
+
+
+def test_topk_layerwise_caps_and_minimums_together():
+    # a's proportional share (2.5) exceeds its 2 alive weights, yet b and c must keep one each
+    scores = {"a": torch.arange(10.0), "b": torch.ones(1), "c": torch.ones(1)}
+    cur = Masks({"a": torch.arange(10) < 2, "b": torch.ones(1), "c": torch.ones(1)})
+    m = select_topk(scores, 3, current=cur, mode="layerwise", min_per_layer=1)
+    assert [int(m[k].sum()) for k in m] == [1, 1, 1] and m["a"].tolist()[:2] == [False, True]
+
+
+def test_topk_min_per_layer_takes_each_layers_best():
+    scores = {"a": torch.tensor([5.0, 4.0, 3.0]), "b": torch.tensor([0.1, 0.3, 0.2])}
+    m = select_topk(scores, 3, min_per_layer=1)
+    assert m["a"].tolist() == [True, True, False] and m["b"].tolist() == [False, True, False]
+    # alive count below the minimum: the layer keeps what it has
+    cur = Masks({"a": torch.tensor([1, 1, 1]), "b": torch.tensor([0, 0, 1])})
+    m = select_topk(scores, 3, current=cur, min_per_layer=2)
+    assert m["b"].tolist() == [False, False, True] and m["a"].tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("mode", ["global", "layerwise"])
+def test_topk_non_finite_scores_raise(bad, mode):
+    scores = {"a": torch.tensor([1.0, bad, 3.0]), "b": torch.ones(2)}
+    with pytest.raises(ValueError, match="non-finite.*'a': 1"):
+        select_topk(scores, 2, mode=mode)
+    # a NaN on an already pruned weight is irrelevant
+    cur = Masks({"a": torch.tensor([1, 0, 1]), "b": torch.ones(2)})
+    assert select_topk(scores, 2, current=cur, mode=mode).num_kept == 2
+
+
+def test_topk_bad_arguments():
+    scores = {"a": torch.ones(3), "b": torch.ones(2)}
+    cur = Masks({"a": torch.tensor([1, 0, 0]), "b": torch.ones(2)})
+    with pytest.raises(ValueError, match="3 weights still alive"):
+        select_topk(scores, 4, current=cur)
+    with pytest.raises(ValueError, match="keep"):
+        select_topk(scores, -1)
+    with pytest.raises(ValueError, match="keep must be an integer"):
+        select_topk(scores, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode"):
+        select_topk(scores, 2, mode="per-layer")
+    with pytest.raises(MaskError, match="disagree on keys"):
+        select_topk({"a": torch.ones(3)}, 1, current=cur)
+    with pytest.raises(MaskError, match="shape"):
+        select_topk({"a": torch.ones(4), "b": torch.ones(2)}, 1, current=cur)
+
+
+def test_topk_large_is_fast():
+    # VGG-16-sized (~15M weights) selection must take seconds, not minutes
+    g = torch.Generator().manual_seed(0)
+    sizes = [1728, 36864, 73728, 147456, 294912, 589824, 589824, 1179648] + [2359296] * 5 + [262144, 5120]
+    scores = {f"l{i}.weight": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
+    total = sum(sizes)
+    import time
+
+    t0 = time.perf_counter()
+    m = select_topk(scores, total // 10)
+    m2 = select_topk(scores, total // 100, current=m, min_per_layer=10)
+    elapsed = time.perf_counter() - t0
+    assert m.num_kept == total // 10 and m2.num_kept == total // 100
+    assert elapsed < 20, elapsed
+
+
+# ---------------------------------------------------------------- enforce
+
+
+def _train_steps(model, opt, steps: int = 5) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(8, 1, 8, 8, generator=g)
+        y = torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+        lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, weight_decay=1e-3),
+    ],
+    ids=["sgd-nesterov-wd", "adamw", "adam-amsgrad"],
+)
+def test_enforce_keeps_pruned_weights_zero(make_opt):
+    model = _model()
+    masks = _random_masks(model, 0.3, seed=2)
+    before = {k: p.detach().clone() for k, p in prunable_parameters(model).items()}
+    opt = make_opt(model.parameters())
+    handle = enforce(model, masks, opt)
+    _train_steps(model, opt)
+    params = prunable_parameters(model)
+    for k, p in params.items():
+        dead = ~masks[k]
+        assert torch.all(p[dead] == 0), k
+        assert torch.all(p.grad[dead] == 0), k
+        assert not torch.equal(p[masks[k]], before[k][masks[k]]), k  # kept weights do train
+        for name, buf in opt.state[p].items():
+            if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
+                assert torch.all(buf[dead] == 0), (k, name)
+    assert handle.active
+    handle.remove()
+    assert not handle.active
+    _train_steps(model, opt, 1)
+    assert any(bool((p.grad[~masks[k]] != 0).any()) for k, p in params.items())  # hooks really gone
+
+
+def test_enforce_grad_hooks_without_optimizer_and_state_already_there():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train_steps(model, opt, 2)  # momentum buffers are dense now
+    masks = _random_masks(model, 0.5, seed=4)
+    with enforce(model, masks, opt):
+        for k, p in prunable_parameters(model).items():
+            assert torch.all(opt.state[p]["momentum_buffer"][~masks[k]] == 0)
+        _train_steps(model, opt, 2)
+        for k, p in prunable_parameters(model).items():
+            assert torch.all(p[~masks[k]] == 0) and torch.all(p.grad[~masks[k]] == 0)
+    model2 = _model()
+    masks2 = _random_masks(model2, 0.5)
+    enforce(model2, masks2)
+    model2(torch.randn(2, 1, 8, 8)).sum().backward()
+    for k, p in prunable_parameters(model2).items():
+        assert torch.all(p.grad[~masks2[k]] == 0) and torch.all(p[~masks2[k]] == 0)
+
+
+def test_enforce_rejects_mismatched_masks():
+    model = _model()
+    with pytest.raises(MaskError):
+        enforce(model, Masks({"fc1.weight": torch.ones(3, 3)}))
+
+
+# ---------------------------------------------------------------- torch.nn.utils.prune
+
+
+def test_torch_prune_round_trip_and_forward():
+    model = _model()
+    model.eval()
+    masks = _random_masks(model, 0.4, seed=5)
+    reference = copy.deepcopy(model)
+    masks.apply_(reference)
+    to_torch_prune(model, masks)
+    assert hasattr(model.fc1, "weight_orig") and hasattr(model.fc1, "weight_mask")
+    assert "fc1.weight_orig" in dict(model.named_parameters())
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(model(x), reference(x))
+    masks.check(model)  # keys stay "<module>.weight" on a torch-pruned model
+    assert from_torch_prune(model).equal(masks)
+    assert Masks.ones(model).equal(Masks.ones(reference))
+
+    # exporting again replaces the masks instead of combining them
+    other = _random_masks(model, 0.7, seed=6)
+    to_torch_prune(model, other)
+    assert from_torch_prune(model).equal(other)
+    torch.testing.assert_close(model.fc1.weight, model.fc1.weight_orig * other["fc1.weight"])
+
+    back = from_torch_prune(model, remove=True)
+    assert back.equal(other)
+    assert not hasattr(model.fc1, "weight_orig") and isinstance(model.fc1.weight, nn.Parameter)
+    assert torch.all(model.fc1.weight[~other["fc1.weight"]] == 0)
+
+
+def test_from_torch_prune_partial_and_errors():
+    model = _model()
+    with pytest.raises(MaskError, match="no Conv/Linear weight pruned"):
+        from_torch_prune(model)
+    prune.l1_unstructured(model.fc1, "weight", amount=0.5)
+    m = from_torch_prune(model)
+    assert list(m) == ["fc1.weight"] and m.sparsity == pytest.approx(0.5)
+
+
+def test_keep_count_and_topk_compose_to_sparsity():
+    scores = {k: torch.randn(p.shape) for k, p in prunable_parameters(_model()).items()}
+    total = sum(s.numel() for s in scores.values())
+    m = select_topk(scores, keep_count(total, 0.9))
+    assert math.isclose(m.sparsity, 1 - round(0.1 * total) / total)
