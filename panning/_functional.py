@@ -1,0 +1,200 @@
+"""Evaluate a module on substitute tensors without touching its own state.
+
+The saliency indices score the *masked* network and must hand the model back exactly as they
+found it. Rather than masking weights in place and undoing it afterwards (fragile under errors
+and exact only up to rounding), every index builds fresh tensors -- masked weight leaves,
+detached copies of the other parameters, cloned buffers -- and runs the model through
+:func:`torch.func.functional_call`. The model's parameters, buffers, ``requires_grad`` flags and
+``.grad`` fields are never written; the only state an index changes is train/eval mode, which
+:func:`preserved_modes` restores module by module.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = [
+    "preserved_modes",
+    "masked_weights",
+    "other_tensors",
+    "functional_forward",
+    "batch_norm_modules",
+    "forward_probe",
+    "output_taps",
+]
+
+
+@contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's ``training`` flag on exit, even after an error.
+
+    Flags are restored per module (not with ``model.train(flag)``) so mixed states, e.g. a
+    model that keeps its BatchNorm layers frozen in eval mode while training, come back intact.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def masked_weights(
+    model: nn.Module,
+    masks: Mapping[str, Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+    absolute: bool = False,
+) -> dict[str, Tensor]:
+    """Fresh leaf tensors ``θ ⊙ m`` (optionally ``|θ ⊙ m|``, cast to ``dtype``) requiring grad.
+
+    They share no storage with the model, so gradients taken with respect to them never reach
+    the model's parameters or their ``.grad``.
+    """
+    params = dict(model.named_parameters())
+    out: dict[str, Tensor] = {}
+    for name, mask in masks.items():
+        p = params[name].detach()
+        w = p * mask.to(p.device)  # bool mask: one fused pass, result keeps p's dtype
+        if absolute:
+            w = w.abs()
+        if dtype is not None:
+            w = w.to(dtype)
+        out[name] = w.requires_grad_(True)
+    return out
+
+
+def other_tensors(
+    model: nn.Module,
+    exclude: Sequence[str] | Mapping[str, Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+    absolute: bool = False,
+) -> dict[str, Tensor]:
+    """Detached non-masked parameters and *cloned* buffers, keyed by name.
+
+    Buffers are cloned because train-mode BatchNorm updates its running statistics in place:
+    the update then lands on the clone, not on the model. Only floating tensors are cast or
+    made absolute (``num_batches_tracked`` stays an integer).
+    """
+    skip = set(exclude)
+    out: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        if name in skip:
+            continue
+        out[name] = _convert(p.detach(), dtype, absolute, clone=False)
+    for name, b in model.named_buffers():
+        out[name] = _convert(b.detach(), dtype, absolute, clone=True)
+    return out
+
+
+def _convert(t: Tensor, dtype: torch.dtype | None, absolute: bool, clone: bool) -> Tensor:
+    if t.is_floating_point():
+        if absolute:
+            t = t.abs()  # a new tensor: no clone needed
+            clone = False
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+            clone = False
+    return t.clone() if clone else t
+
+
+def functional_forward(model: nn.Module, tensors: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """``model(x)`` with the model's parameters and buffers replaced by ``tensors``."""
+    return functional_call(model, dict(tensors), (x,), strict=False, tie_weights=True)
+
+
+def batch_norm_modules(model: nn.Module, *, training_only: bool = True) -> dict[str, nn.Module]:
+    """BatchNorm layers (any ``_BatchNorm`` subclass) by name; by default only those in train mode."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not training_only)
+    }
+
+
+def forward_probe(
+    model: nn.Module,
+    tensors: Mapping[str, Tensor],
+    x: Tensor,
+    bn_names: Sequence[str] = (),
+    linear_names: Sequence[str] = (),
+) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+    """One no-grad forward of the functional model on ``x``, observing some layers' inputs.
+
+    Returns ``(stats, linear_inputs)``:
+
+    - ``stats``: for each named BatchNorm layer, the batch mean and biased variance of its input
+      as ``{"<bn>.running_mean": mean, "<bn>.running_var": var}``. In train mode these are exactly
+      the statistics the layer normalises with, so passing them as buffers to an eval-mode call
+      reproduces the train-mode forward sample by sample.
+    - ``linear_inputs``: for each named module, the ``ndim`` of its input at every call (a
+      Linear layer called once on a 2-D input has one row per sample).
+    """
+    modules = dict(model.named_modules())
+    stats: dict[str, Tensor] = {}
+    calls: dict[str, list[int]] = {n: [] for n in linear_names}
+    handles = []
+
+    def bn_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            inp = args[0].detach()
+            dims = [d for d in range(inp.dim()) if d != 1]
+            stats[f"{name}.running_mean"] = inp.mean(dim=dims)
+            stats[f"{name}.running_var"] = inp.var(dim=dims, unbiased=False)
+
+        return hook
+
+    def lin_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls[name].append(args[0].dim())
+
+        return hook
+
+    try:
+        for name in bn_names:
+            handles.append(modules[name].register_forward_pre_hook(bn_hook(name)))
+        for name in linear_names:
+            handles.append(modules[name].register_forward_pre_hook(lin_hook(name)))
+        with torch.no_grad():
+            functional_forward(model, tensors, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, calls
+
+
+@contextmanager
+def output_taps(model: nn.Module, names: Sequence[str]) -> Iterator[dict]:
+    """Forward hooks that, while ``tap["eps"]`` is set, record each named module's input in
+    ``tap["inputs"]`` and add ``tap["eps"][name]`` to its output.
+
+    Differentiating the loss with respect to a zero ``eps`` gives the gradient with respect to
+    the module's output; together with the recorded input this yields per-sample weight
+    gradients of a Linear layer (``δ_i a_iᵀ``) without materialising them. Hooks are removed on
+    exit, even after an error.
+    """
+    tap: dict = {"eps": None, "inputs": None}
+    modules = dict(model.named_modules())
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            if tap["eps"] is None:
+                return None
+            tap["inputs"][name] = args[0]
+            return output + tap["eps"][name]
+
+        return hook
+
+    handles = []
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_hook(hook_for(name)))
+        yield tap
+    finally:
+        for h in handles:
+            h.remove()
