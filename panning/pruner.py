@@ -1,0 +1,401 @@
+"""Multi-index, multi-step pruning: the one stepping core.
+
+Fixed methods (:func:`prune`), the Gymnasium environment and learned policies all drive
+:class:`Pruner.step`, so what an agent learned and what a user applies cannot drift apart.
+
+One step:
+
+1. every index in ``Pruner.indices`` scores the *current masked* network
+   (:func:`panning.indices.compute_scores`);
+2. each index's scores are normalised over the weights still alive (:func:`normalise`);
+3. the normalised scores are combined with non-negative weights, ``c = sum_k w_k * n_k``;
+4. the ``keep`` highest combined scores among the alive weights survive
+   (:func:`panning.masks.select_topk`, exact count, deterministic tie-break).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from panning import indices as _indices
+from panning.connectivity import effective_masks
+from panning.masks import Masks, keep_count, prunable_parameters, select_topk
+from panning.schedules import keep_schedule
+
+Batches = Sequence[tuple[Tensor, Tensor]]
+
+NORMALISATIONS = ("mean", "zscore", "abs_zscore", "rank", "none")
+
+
+def normalise(score: Tensor, alive: Tensor, how: str = "mean") -> Tensor:
+    """Put one index's flat scores on a common scale, using statistics of the alive weights only.
+
+    - ``mean`` (default): ``s / mean(|s|)``. Panning divides each index by its global mean; we use
+      the mean of absolute values so signed indices (GraSP) keep their sign. It is a positive
+      rescaling, so it never changes the index's own ranking: a one-hot weighting reproduces that
+      single index's masks exactly, which the environment's tests rely on.
+    - ``zscore``: ``(s - mean) / std``; also order-preserving.
+    - ``abs_zscore``: ``|s - mean| / std``, Panning's published normalisation taken literally. It is
+      *not* order-preserving (weights far below the mean count as important), so it is opt-in.
+    - ``rank``: the fraction of alive weights scored at or below each weight, in (0, 1]; robust to
+      SynFlow's heavy tails, order-preserving up to ties.
+    - ``none``: raw scores.
+
+    Pruned positions get 0; the caller never selects them anyway.
+    """
+    s = score.to(torch.float64)
+    a = s[alive]
+    if a.numel() == 0 or how == "none":
+        out = s
+    elif how == "mean":
+        scale = a.abs().mean()
+        out = s / scale if scale > 0 else s
+    elif how in ("zscore", "abs_zscore"):
+        std = a.std(unbiased=False)
+        z = (s - a.mean()) / std if std > 0 else s - a.mean()
+        out = z.abs() if how == "abs_zscore" else z
+    elif how == "rank":
+        order = torch.sort(a, stable=True).indices
+        ranks = torch.empty_like(a)
+        ranks[order] = torch.arange(1, a.numel() + 1, dtype=torch.float64, device=a.device)
+        out = torch.zeros_like(s)
+        out[alive] = ranks / a.numel()
+    else:
+        raise ValueError(f"unknown normalisation {how!r}; known: {', '.join(NORMALISATIONS)}")
+    return torch.where(alive, out, torch.zeros_like(out))
+
+
+@dataclass
+class StepRecord:
+    """What one pruning step did."""
+
+    step: int
+    weights: dict[str, float]
+    keep: int
+    sparsity: float
+    score_seconds: float
+    select_seconds: float
+
+
+class Pruner:
+    """Holds a network, its scoring data and its current masks, and prunes it step by step.
+
+    The model itself is never modified: indices score the masked network functionally, and masks
+    are returned, not applied. Call :meth:`step` T times, or use :func:`prune` for a fixed method.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        indices: Sequence[str],
+        batches: Batches | None = None,
+        *,
+        input_shape: Sequence[int] | None = None,
+        exclude: Sequence[str] = (),
+        mode: str = "global",
+        normalisation: str = "mean",
+        min_per_layer: int = 0,
+        seed: int = 0,
+        masks: Masks | None = None,
+    ) -> None:
+        if len(indices) == 0:
+            raise ValueError("at least one saliency index is needed")
+        known = _indices.available_indices()
+        for name in indices:
+            if name not in known:
+                raise ValueError(f"unknown index {name!r}; known indices: {', '.join(known)}")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"indices must be distinct, got {list(indices)}")
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {normalisation!r}; known: {', '.join(NORMALISATIONS)}")
+        if mode not in ("global", "layerwise"):
+            raise ValueError(f"unknown selection mode {mode!r}; use 'global' or 'layerwise'")
+        needs_data = [n for n in indices if _indices.INDICES[n].needs_data]
+        if needs_data and (batches is None or len(batches) == 0 or any(len(x) == 0 for x, _ in batches)):
+            raise ValueError(f"indices {needs_data} need a non-empty scoring batch")
+        if input_shape is None:
+            if not batches:
+                raise ValueError("give input_shape (without the batch dimension) or scoring batches")
+            input_shape = tuple(batches[0][0].shape[1:])
+        self.model = model
+        self.indices = list(indices)
+        self.batches = list(batches) if batches is not None else None
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.mode = mode
+        self.normalisation = normalisation
+        self.min_per_layer = int(min_per_layer)
+        self.seed = int(seed)
+        self.exclude = tuple(exclude)
+        if masks is None:
+            masks = Masks.ones(model, exclude=exclude)
+        else:
+            masks.check(model)
+        device = next(iter(prunable_parameters(model, exclude).values())).device
+        self.masks = masks.to(device)
+        self.num_total = self.masks.num_total
+        self.history: list[StepRecord] = []
+        self._scores: dict[str, dict[str, Tensor]] | None = None
+
+    @property
+    def steps_done(self) -> int:
+        """Number of :meth:`step` calls so far."""
+        return len(self.history)
+
+    def scores(self, names: Sequence[str] | None = None) -> dict[str, dict[str, Tensor]]:
+        """Raw scores of each index on the current masked network, cached until the next step."""
+        if self._scores is None:
+            self._scores = {}
+        for name in names if names is not None else self.indices:
+            if name not in self._scores:
+                self._scores[name] = _indices.compute_scores(
+                    name,
+                    self.model,
+                    self.masks,
+                    self.batches if _indices.INDICES[name].needs_data else None,
+                    input_shape=self.input_shape,
+                    seed=self.seed * 100_003 + self.steps_done,
+                )
+        return {n: self._scores[n] for n in (names if names is not None else self.indices)}
+
+    def alive_flat(self) -> Tensor:
+        """The current masks as one flat boolean vector, in key order."""
+        return torch.cat([m.reshape(-1) for m in self.masks.values()])
+
+    def normalised_scores(self, name: str) -> Tensor:
+        """One index's scores, flattened in key order and normalised over the alive weights."""
+        flat = torch.cat([s.reshape(-1) for s in self.scores([name])[name].values()])
+        if not torch.isfinite(flat[self.alive_flat()]).all():
+            raise ValueError(f"index {name!r} produced NaN or infinite scores for unpruned weights")
+        return normalise(flat, self.alive_flat(), self.normalisation)
+
+    def weights_dict(self, weights: Sequence[float] | Mapping[str, float]) -> dict[str, float]:
+        """Validate index weights: one non-negative finite value per index, not all zero."""
+        if isinstance(weights, Mapping):
+            unknown = set(weights) - set(self.indices)
+            if unknown:
+                raise ValueError(f"weights given for indices not in this pruner: {sorted(unknown)}")
+            w = {n: float(weights.get(n, 0.0)) for n in self.indices}
+        else:
+            values = list(weights)
+            if len(values) != len(self.indices):
+                raise ValueError(f"expected {len(self.indices)} index weights for {self.indices}, got {len(values)}")
+            w = {n: float(v) for n, v in zip(self.indices, values)}
+        for n, v in w.items():
+            if not (v >= 0.0 and v < float("inf")):
+                raise ValueError(f"index weights must be finite and non-negative; {n} got {v}")
+        if sum(w.values()) <= 0.0:
+            raise ValueError("index weights are all zero; at least one index needs a positive weight")
+        return w
+
+    def combined_scores(self, weights: Sequence[float] | Mapping[str, float]) -> dict[str, Tensor]:
+        """Weighted sum of normalised index scores, reshaped per parameter."""
+        w = self.weights_dict(weights)
+        total: Tensor | None = None
+        for name, wk in w.items():
+            if wk == 0.0:
+                continue  # indices with no weight are not even computed
+            part = wk * self.normalised_scores(name)
+            total = part if total is None else total + part
+        assert total is not None
+        out: dict[str, Tensor] = {}
+        offset = 0
+        for key, m in self.masks.items():
+            out[key] = total[offset : offset + m.numel()].view(m.shape)
+            offset += m.numel()
+        return out
+
+    def step(self, weights: Sequence[float] | Mapping[str, float], keep: int) -> Masks:
+        """Prune to exactly ``keep`` weights with the given index weights; returns the new masks."""
+        keep = int(keep)
+        if keep < 0 or keep > self.masks.num_kept:
+            raise ValueError(f"keep must be between 0 and the {self.masks.num_kept} weights still kept, got {keep}")
+        w = self.weights_dict(weights)
+        t0 = time.perf_counter()
+        combined = self.combined_scores(w)
+        t1 = time.perf_counter()
+        masks = select_topk(combined, keep, current=self.masks, mode=self.mode, min_per_layer=self.min_per_layer)
+        t2 = time.perf_counter()
+        self.masks = masks
+        self._scores = None
+        self.history.append(
+            StepRecord(self.steps_done + 1, w, keep, masks.sparsity, t1 - t0, t2 - t1)
+        )
+        return masks
+
+    def step_to_sparsity(self, weights: Sequence[float] | Mapping[str, float], sparsity: float) -> Masks:
+        """:meth:`step` with the target given as a sparsity over prunable weights."""
+        return self.step(weights, keep_count(self.num_total, sparsity))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed methods
+
+
+WeightFn = Callable[[float], Sequence[float]]
+
+PANNING_TABLE: tuple[tuple[float, tuple[float, float, float]], ...] = (
+    # (upper bound of current sparsity, weights for synflow, snip, grasp_abs)
+    (0.80, (0.2, 0.5, 0.3)),
+    (0.90, (0.2, 0.4, 0.4)),
+    (0.98, (0.2, 0.3, 0.5)),
+    (0.99, (0.4, 0.2, 0.4)),
+    (float("inf"), (0.5, 0.0, 0.5)),
+)
+
+
+def panning_weights(sparsity: float) -> tuple[float, float, float]:
+    """Panning's published fixed weight table (Kang et al., 2022) for (synflow, snip, grasp_abs).
+
+    Chosen by the network's *current* sparsity before the step: below 80% (0.2, 0.5, 0.3),
+    80-90% (0.2, 0.4, 0.4), 90-98% (0.2, 0.3, 0.5), 98-99% (0.4, 0.2, 0.4), from 99% (0.5, 0, 0.5).
+    """
+    for bound, w in PANNING_TABLE:
+        if sparsity < bound:
+            return w
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fixed pruning method: which indices, how to weight them, and how its paper scheduled it."""
+
+    name: str
+    indices: tuple[str, ...]
+    weights: WeightFn
+    iterations: int = 1
+    schedule: str = "exponential"
+    doc: str = ""
+
+
+def _single(name: str, iterations: int = 1) -> Method:
+    return Method(name, (name,), lambda s: (1.0,), iterations, "exponential", f"the {name} index alone")
+
+
+METHODS: dict[str, Method] = {
+    "random": _single("random"),
+    "magnitude": _single("magnitude"),
+    "snip": _single("snip"),
+    "grasp": _single("grasp"),
+    "grasp_abs": _single("grasp_abs"),
+    "fts": _single("fts"),
+    # SynFlow is defined as an iterative method: 100 steps on an exponential schedule.
+    "synflow": _single("synflow", iterations=100),
+    "panning": Method(
+        "panning",
+        ("synflow", "snip", "grasp_abs"),
+        panning_weights,
+        iterations=100,
+        schedule="exponential",
+        doc="Panning's non-RL mode: SynFlow, SNIP, |GraSP| weighted by a fixed sparsity-dependent table",
+    ),
+}
+
+
+def available_methods() -> list[str]:
+    """Names accepted by :func:`prune`."""
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> Method:
+    """Look up a fixed method, with an error that lists the known ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(available_methods())}")
+    return METHODS[name]
+
+
+@dataclass
+class PruneResult:
+    """Masks plus what it took to get them."""
+
+    masks: Masks
+    method: str
+    sparsity: float
+    effective_sparsity: float
+    collapsed: list[str]  # layers with no kept weight on any input-output path
+    empty: list[str]  # layers with no kept weight at all (a subset of ``collapsed``)
+    iterations: int
+    schedule: str
+    seconds: float
+    history: list[StepRecord] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description (the body of ``prune.json``)."""
+        return {
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "effective_sparsity": self.effective_sparsity,
+            "collapsed_layers": self.collapsed,
+            "empty_layers": self.empty,
+            "kept": self.masks.num_kept,
+            "prunable": self.masks.num_total,
+            "iterations": self.iterations,
+            "schedule": self.schedule,
+            "seconds": self.seconds,
+            "layers": self.masks.layer_density(),
+            "steps": [
+                {"step": r.step, "weights": r.weights, "keep": r.keep, "sparsity": r.sparsity}
+                for r in self.history
+            ],
+        }
+
+
+def finish(pruner: Pruner, method: str, schedule: str, seconds: float) -> PruneResult:
+    """Wrap a pruner's final masks with effective sparsity and a collapse check."""
+    masks = pruner.masks
+    eff = effective_masks(pruner.model, masks, pruner.input_shape)
+    dead = [k for k, m in eff.items() if not m.any()]
+    empty = [k for k, m in masks.items() if not m.any()]
+    if dead:
+        # DESIGN: never hand back a disconnected network silently.
+        where = f"fully pruned: {empty}" if empty else "no path from input to output"
+        warnings.warn(f"layer collapse in {dead} ({where})", RuntimeWarning, stacklevel=3)
+    return PruneResult(
+        masks, method, masks.sparsity, 1.0 - eff.num_kept / eff.num_total, dead, empty, pruner.steps_done, schedule, seconds, pruner.history
+    )
+
+
+def prune(
+    model: nn.Module,
+    method: str,
+    sparsity: float,
+    batches: Batches | None = None,
+    *,
+    iterations: int | None = None,
+    schedule: str | None = None,
+    input_shape: Sequence[int] | None = None,
+    exclude: Sequence[str] = (),
+    mode: str = "global",
+    normalisation: str = "mean",
+    min_per_layer: int = 0,
+    seed: int = 0,
+) -> PruneResult:
+    """Prune ``model`` to ``sparsity`` with a fixed method, as its paper did unless told otherwise.
+
+    ``iterations`` and ``schedule`` override the method's own (1 step for SNIP, GraSP, FTS,
+    magnitude and random; 100 exponential steps for SynFlow and Panning). The model is not
+    modified; apply the returned masks with :func:`panning.masks.enforce` or ``Masks.apply_``.
+    """
+    m = get_method(method)
+    keep_count(1, sparsity)  # validates the range before any work
+    steps = m.iterations if iterations is None else iterations
+    kind = m.schedule if schedule is None else schedule
+    t0 = time.perf_counter()
+    pruner = Pruner(
+        model,
+        m.indices,
+        batches,
+        input_shape=input_shape,
+        exclude=exclude,
+        mode=mode,
+        normalisation=normalisation,
+        min_per_layer=min_per_layer,
+        seed=seed,
+    )
+    for keep in keep_schedule(pruner.num_total, sparsity, steps, kind):
+        pruner.step(m.weights(pruner.masks.sparsity), keep)
+    return finish(pruner, method, kind, time.perf_counter() - t0)
