@@ -1,0 +1,293 @@
+"""Training and evaluation of a masked network.
+
+``train_masked`` runs SGD (momentum, weight decay, optional Nesterov) with a per-step learning-rate
+schedule (cosine, step or constant, optional linear warm-up) and keeps pruned weights exactly zero
+throughout through :func:`panning.masks.enforce` (zero gradients, re-zeroed weights and momentum
+after every optimiser step). It is seeded: on the CPU the same model, masks, data and seed give
+the same result, and the caller's global RNG state is left untouched.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from panning.data import DataBundle, make_loader
+
+if TYPE_CHECKING:  # masks.py is imported lazily at run time
+    from panning.masks import Masks
+
+__all__ = ["TrainConfig", "SCHEDULES", "resolve_device", "train_masked", "evaluate", "lr_factor"]
+
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and schedule settings of one training run (YAML key ``train``).
+
+    ``milestones`` are epochs at which the ``step`` schedule multiplies the learning rate by
+    ``gamma``. ``warmup_epochs`` ramps the rate linearly from lr/steps up to lr first. The schedule
+    is applied per step. ``max_steps_per_epoch`` caps an epoch (short proxy runs); None = full
+    passes. ``augment`` uses the data set's augmentation (CIFAR crop+flip) when it has one.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    max_steps_per_epoch: int | None = None
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            problems.append(f"epochs must be an int >= 0, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            problems.append(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive finite number, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.nesterov and self.momentum <= 0:
+            problems.append("nesterov needs momentum > 0")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 < self.gamma <= 1:
+            problems.append(f"gamma must be in (0, 1], got {self.gamma!r}")
+        if any((not isinstance(m, int)) or m < 1 for m in self.milestones):
+            problems.append(f"milestones must be epochs >= 1, got {self.milestones!r}")
+        if not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            problems.append(f"warmup_epochs must be an int >= 0, got {self.warmup_epochs!r}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            problems.append(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch!r}")
+        if problems:
+            raise ValueError("bad TrainConfig: " + "; ".join(problems))
+        self.milestones = sorted(self.milestones)
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"`` as given.
+
+    Raises ValueError when CUDA is asked for but unavailable, or for an unknown spec.
+    """
+    if isinstance(spec, torch.device):
+        dev = spec
+    else:
+        s = str(spec).strip().lower()
+        if s == "auto":
+            return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        try:
+            dev = torch.device(s)
+        except RuntimeError as e:
+            raise ValueError(f"unknown device {spec!r}; use 'auto', 'cpu' or 'cuda[:N]'") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    elif dev.type not in ("cpu", "mps"):
+        raise ValueError(f"unsupported device {spec!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of ``cfg.lr`` for optimiser step ``step`` (0-based) of a run."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = min(cfg.warmup_epochs * steps_per_epoch, total)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "cosine":
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.schedule == "step":
+        epoch = step // max(1, steps_per_epoch)
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return 1.0
+
+
+def _as_device(device: str | torch.device) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    device: str | torch.device,
+    num_classes: int,
+    batch_size: int = 1000,
+) -> dict[str, Any]:
+    """Accuracy, mean cross-entropy loss and per-class recall of ``model`` on ``dataset``.
+
+    The model is moved to ``device`` and evaluated in eval mode; its train/eval mode is restored.
+    Recall of a class absent from ``dataset`` is NaN. Raises ValueError on an empty data set.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    dev = _as_device(device)
+    model.to(dev)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    hits = torch.zeros(num_classes, device=dev, dtype=torch.long)
+    counts = torch.zeros(num_classes, device=dev, dtype=torch.long)
+    try:
+        for x, y in make_loader(dataset, batch_size, shuffle=False, device=dev):
+            out = model(x)
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+            counts += torch.bincount(y, minlength=num_classes)[:num_classes]
+            hits += torch.bincount(y[out.argmax(1) == y], minlength=num_classes)[:num_classes]
+    finally:
+        model.train(was_training)
+    counts_c, hits_c = counts.cpu(), hits.cpu()
+    recall = [float(h) / float(c) if c > 0 else float("nan") for h, c in zip(hits_c.tolist(), counts_c.tolist())]
+    return {
+        "accuracy": float(hits_c.sum()) / n,
+        "loss": float(loss_sum) / n,
+        "per_class_recall": recall,
+        "n": n,
+    }
+
+
+def _rng_devices(dev: torch.device) -> list[int]:
+    if dev.type == "cuda":
+        return [dev.index if dev.index is not None else torch.cuda.current_device()]
+    return []
+
+
+def train_masked(
+    model: nn.Module,
+    masks: "Masks | None",
+    bundle: DataBundle,
+    cfg: TrainConfig,
+    *,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    writer: Any | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place on ``bundle.train`` under ``masks`` (None = dense); validate each epoch.
+
+    Pruned weights are zero at the start and stay exactly zero (``panning.masks.enforce``; its hooks
+    are removed at the end). ``writer`` (a ``torch.utils.tensorboard.SummaryWriter``) receives per-epoch
+    scalars train/loss, train/accuracy, val/loss, val/accuracy, lr and sparsity. ``progress`` shows a
+    tqdm bar (None: only when stderr is a terminal). Training stops early if the loss turns
+    non-finite (``diverged``).
+
+    Returns a history dict: ``epochs`` (a list of per-epoch dicts: epoch, train_loss, train_accuracy,
+    val_loss, val_accuracy, lr, seconds), ``final_val`` (``evaluate`` on ``bundle.val``, None if the
+    split is empty), ``seconds``, ``steps``, ``diverged``, ``sparsity`` and ``config``.
+    """
+    from tqdm.auto import tqdm
+
+    dev = _as_device(device)
+    model.to(dev)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
+    handle = None
+    sparsity = 0.0
+    if masks is not None:
+        from panning.masks import enforce
+
+        masks = masks.to(dev)
+        handle = enforce(model, masks, optimizer)
+        sparsity = float(masks.sparsity)
+
+    loader = make_loader(bundle.train, cfg.batch_size, shuffle=True, seed=seed,
+                         augment=bool(bundle.augment and cfg.augment), device=dev)
+    steps_per_epoch = len(loader)
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
+    has_val = len(bundle.val) > 0  # type: ignore[arg-type]
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    epochs: list[dict[str, Any]] = []
+    diverged = False
+    steps = 0
+    t_start = time.perf_counter()
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train", unit="step", disable=not progress, leave=False)
+    try:
+        # Forked RNG: dropout etc. are seeded by ``seed`` and the caller's RNG stream is not consumed.
+        with torch.random.fork_rng(devices=_rng_devices(dev)):
+            torch.manual_seed(seed)
+            for epoch in range(1, cfg.epochs + 1):
+                t0 = time.perf_counter()
+                lr_now = optimizer.param_groups[0]["lr"]
+                model.train()
+                # Sums stay on the device: no per-step host sync.
+                loss_sum = torch.zeros((), device=dev)
+                correct = torch.zeros((), device=dev, dtype=torch.long)
+                seen = 0
+                for i, (x, y) in enumerate(loader):
+                    if i >= steps_per_epoch:
+                        break
+                    out = model(x)
+                    loss = F.cross_entropy(out, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    loss_sum += loss.detach() * y.shape[0]
+                    correct += (out.detach().argmax(1) == y).sum()
+                    seen += y.shape[0]
+                    steps += 1
+                    bar.update(1)
+                train_loss = float(loss_sum) / max(1, seen)
+                train_acc = float(correct) / max(1, seen)
+                record: dict[str, Any] = {
+                    "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "lr": lr_now,
+                }
+                if not math.isfinite(train_loss):
+                    diverged = True
+                if has_val and not diverged:
+                    val = evaluate(model, bundle.val, dev, bundle.num_classes)
+                    record["val_loss"], record["val_accuracy"] = val["loss"], val["accuracy"]
+                else:
+                    record["val_loss"], record["val_accuracy"] = float("nan"), float("nan")
+                record["seconds"] = time.perf_counter() - t0
+                epochs.append(record)
+                bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{record['val_accuracy']:.3f}")
+                if writer is not None:
+                    for tag, key in (("train/loss", "train_loss"), ("train/accuracy", "train_accuracy"),
+                                     ("val/loss", "val_loss"), ("val/accuracy", "val_accuracy"), ("lr", "lr")):
+                        writer.add_scalar(tag, record[key], epoch)
+                    writer.add_scalar("sparsity", sparsity, epoch)
+                if diverged:
+                    break
+    finally:
+        bar.close()
+        if handle is not None:
+            handle.remove()
+    if writer is not None:
+        writer.flush()
+    seconds = time.perf_counter() - t_start
+    final_val = evaluate(model, bundle.val, dev, bundle.num_classes) if has_val else None
+    return {
+        "epochs": epochs,
+        "final_val": final_val,
+        "seconds": seconds,
+        "steps": steps,
+        "diverged": diverged,
+        "sparsity": sparsity,
+        "config": asdict(cfg),
+    }

@@ -1,0 +1,149 @@
+"""Training of masked networks: convergence, masks held at zero, seeding, schedules, logging, devices."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from panning.data import InMemoryDataset, load_dataset
+from panning.models import build_model
+from panning.train import TrainConfig, evaluate, lr_factor, resolve_device, train_masked
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _random_masks(model: torch.nn.Module, density: float, seed: int = 0):
+    from panning.masks import Masks, prunable_parameters
+
+    g = torch.Generator().manual_seed(seed)
+    return Masks({n: torch.rand(p.shape, generator=g) < density for n, p in prunable_parameters(model).items()})
+
+
+FAST = dict(epochs=2, batch_size=32, lr=0.2)
+
+
+def test_masked_training_learns_and_keeps_pruned_weights_zero(digits):
+    model = build_model("mlp", 10, (64,), seed=0)
+    masks = _random_masks(model, 0.1)
+    assert masks.sparsity == pytest.approx(0.9, abs=0.01)
+    hist = train_masked(model, masks, digits, TrainConfig(**FAST), device="cpu", seed=0, progress=False)
+    assert len(hist["epochs"]) == 2 and not hist["diverged"]
+    assert hist["final_val"]["accuracy"] > 0.6  # chance is 0.1
+    assert hist["epochs"][-1]["val_accuracy"] == pytest.approx(hist["final_val"]["accuracy"])
+    assert hist["sparsity"] == pytest.approx(masks.sparsity)
+    assert hist["steps"] == 2 * math.ceil(len(digits.train) / 32)
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        assert torch.count_nonzero(params[name].detach()[~m]) == 0, name
+        assert torch.count_nonzero(params[name].detach()[m]) > 0, name
+    # hooks are removed afterwards: the model is a plain module again
+    x, y = digits.train.x[:8], digits.train.y[:8]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert torch.count_nonzero(params["fc1.weight"].grad[~masks["fc1.weight"]]) > 0
+
+
+def test_same_seed_same_result_and_global_rng_untouched(digits):
+    def run(seed):
+        model = build_model("mlp", 10, (64,), seed=0)
+        train_masked(model, _random_masks(model, 0.2), digits, TrainConfig(epochs=1, batch_size=64, lr=0.05),
+                     device="cpu", seed=seed, progress=False)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    state = torch.get_rng_state()
+    a = run(0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, run(0))
+    assert not torch.equal(a, run(1))
+
+
+def test_dense_training_and_zero_epochs(digits):
+    model = build_model("mlp", 10, (64,), seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    hist = train_masked(model, None, digits, TrainConfig(epochs=0), device="cpu", progress=False)
+    assert hist["epochs"] == [] and hist["steps"] == 0 and hist["sparsity"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    hist = train_masked(model, None, digits, TrainConfig(epochs=1, batch_size=128, max_steps_per_epoch=3,
+                                                         schedule="constant"), device="cpu", progress=True)
+    assert hist["steps"] == 3
+
+
+def test_tensorboard_scalars_written(digits, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = build_model("mlp", 10, (64,), seed=0)
+    writer = SummaryWriter(str(tmp_path))
+    try:
+        train_masked(model, _random_masks(model, 0.5), digits, TrainConfig(**FAST), device="cpu", writer=writer,
+                     progress=False)
+    finally:
+        writer.close()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "sparsity"} <= tags
+    assert [e.step for e in acc.Scalars("val/accuracy")] == [1, 2]
+    assert acc.Scalars("sparsity")[0].value == pytest.approx(0.5, abs=0.02)
+
+
+def test_divergence_stops_training(digits):
+    model = build_model("mlp", 10, (64,), seed=0)
+    hist = train_masked(model, None, digits, TrainConfig(epochs=3, lr=1e6, momentum=0.0, weight_decay=0.0),
+                        device="cpu", progress=False)
+    assert hist["diverged"] and len(hist["epochs"]) < 3
+
+
+def test_evaluate_metrics_and_mode_restored():
+    x = torch.randn(30, 4)
+    y = torch.arange(30) % 3
+    model = torch.nn.Linear(4, 3)
+    model.train()
+    res = evaluate(model, InMemoryDataset(x, y), "cpu", num_classes=4, batch_size=7)
+    assert model.training
+    with torch.no_grad():
+        out = model(x)
+    pred = out.argmax(1)
+    assert res["accuracy"] == pytest.approx((pred == y).float().mean().item())
+    assert res["loss"] == pytest.approx(torch.nn.functional.cross_entropy(out, y).item(), rel=1e-5)
+    for c in range(3):
+        assert res["per_class_recall"][c] == pytest.approx((pred[y == c] == c).float().mean().item())
+    assert math.isnan(res["per_class_recall"][3])  # class absent from the data
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, InMemoryDataset(x[:0], y[:0]), "cpu", 3)
+
+
+def test_lr_schedules():
+    cos = TrainConfig(epochs=10, schedule="cosine")
+    assert lr_factor(cos, 0, 100) == pytest.approx(1.0)
+    assert lr_factor(cos, 500, 100) == pytest.approx(0.5)
+    assert lr_factor(cos, 999, 100) < 1e-4
+    step = TrainConfig(epochs=10, schedule="step", milestones=[6, 3], gamma=0.1)
+    assert [round(lr_factor(step, e * 10, 10), 6) for e in (0, 2, 3, 5, 6, 9)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
+    warm = TrainConfig(epochs=4, schedule="constant", warmup_epochs=1)
+    assert lr_factor(warm, 0, 10) == pytest.approx(0.1) and lr_factor(warm, 9, 10) == 1.0
+    assert lr_factor(warm, 25, 10) == 1.0
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=-1), dict(batch_size=0), dict(lr=0.0), dict(schedule="poly"),
+                                 dict(nesterov=True, momentum=0.0), dict(milestones=[0]), dict(gamma=2.0)])
+def test_train_config_validation(bad):
+    with pytest.raises(ValueError, match="TrainConfig"):
+        TrainConfig(**bad)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu-please")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_resolve_device_cuda_without_gpu():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
