@@ -1,0 +1,190 @@
+"""Prune -> train -> evaluate runs that write resumable run directories.
+
+Shared by the CLI, the benchmark sweep and the agent's evaluation, so that every path prunes and
+trains a network the same way. A run directory holds ``config.yaml`` (resolved), ``masks.pt``,
+``prune.json``, ``metrics.json`` and TensorBoard events under ``tb/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from panning import config as _config
+from panning.config import RunConfig
+from panning.data import DataBundle, balanced_batch, load_dataset
+from panning.masks import Masks
+from panning.models import build_model
+from panning.pruner import PruneResult, prune
+from panning.train import evaluate, resolve_device, train_masked
+
+RESULT_FILES = ("masks.pt", "prune.json", "metrics.json")
+
+
+class RunDirError(ValueError):
+    """A run directory would be overwritten, or does not hold what was expected."""
+
+
+def prepare_out(out: str | Path, overwrite: bool = False, results: Iterable[str] = RESULT_FILES) -> Path:
+    """Check that ``out`` holds no results (kept unless ``overwrite``); it is created only when written to."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise RunDirError(f"--out {p} exists and is not a directory")
+    found = [r for r in results if (p / r).exists()]
+    if found and not overwrite:
+        raise RunDirError(f"{p} already holds results ({', '.join(found)}); pass --overwrite or choose another --out")
+    return p
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically, so an interruption never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers: proves a rebuilt model is the one that was pruned."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Setup:
+    """A freshly initialised model and its data, ready to prune or train."""
+
+    model: nn.Module
+    bundle: DataBundle
+    device: torch.device
+
+
+def setup(cfg: RunConfig, bundle: DataBundle | None = None) -> Setup:
+    """Build the data (unless given) and the seeded model on the configured device."""
+    device = resolve_device(cfg.device)
+    if bundle is None:
+        bundle = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.split_seed)
+    model = build_model(cfg.model, bundle.num_classes, bundle.input_shape, seed=cfg.seed, init=cfg.init)
+    return Setup(model.to(device), bundle, device)
+
+
+def scoring_batches(cfg: RunConfig, bundle: DataBundle, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One class-balanced scoring batch from the training split (never validation or test)."""
+    x, y = balanced_batch(bundle.train, cfg.prune.scoring_per_class, bundle.num_classes, seed=cfg.seed)
+    return [(x.to(device), y.to(device))]
+
+
+def prune_model(cfg: RunConfig, s: Setup) -> PruneResult:
+    """Prune the set-up model with the configured fixed method."""
+    p = cfg.prune
+    return prune(
+        s.model,
+        p.method,
+        p.sparsity,
+        scoring_batches(cfg, s.bundle, s.device),
+        iterations=p.iterations,
+        schedule=p.schedule,
+        input_shape=s.bundle.input_shape,
+        exclude=p.exclude,
+        mode=p.mode,
+        normalisation=p.normalisation,
+        min_per_layer=p.min_per_layer,
+        seed=cfg.seed,
+    )
+
+
+def save_prune(out: Path, cfg: RunConfig, s: Setup, result: PruneResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write config.yaml, masks.pt and prune.json for a finished pruning."""
+    out.mkdir(parents=True, exist_ok=True)
+    _config.dump(cfg, out / "config.yaml")
+    tmp = out / "masks.pt.tmp"
+    result.masks.cpu().save(tmp)
+    os.replace(tmp, out / "masks.pt")
+    summary = {"model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, **result.summary()}
+    summary["init_sha256"] = state_digest(s.model)
+    summary.update(extra or {})
+    write_json(out / "prune.json", summary)
+    return summary
+
+
+def train_and_evaluate(
+    cfg: RunConfig, s: Setup, masks: Masks, out: Path | None, progress: bool | None = None, method: str | None = None
+) -> dict[str, Any]:
+    """Fully train the masked model, evaluate on validation and test, write metrics.json (if ``out``)."""
+    writer = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+    t0 = time.perf_counter()
+    try:
+        history = train_masked(s.model, masks, s.bundle, cfg.train, device=s.device, seed=cfg.seed, writer=writer, progress=progress)
+    finally:
+        if writer is not None:
+            writer.close()
+    seconds = time.perf_counter() - t0
+    val = evaluate(s.model, s.bundle.val, s.device, s.bundle.num_classes)
+    test = evaluate(s.model, s.bundle.test, s.device, s.bundle.num_classes)
+    metrics = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "method": method or cfg.prune.method,
+        "seed": cfg.seed,
+        "sparsity": masks.sparsity,
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "val_accuracy": val["accuracy"],
+        "per_class_recall": test["per_class_recall"],
+        "epochs": cfg.train.epochs,
+        "seconds": seconds,
+        "history": history.get("epochs", history) if isinstance(history, dict) else history,
+    }
+    if out is not None:
+        write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def load_run_masks(masks_path: str | Path) -> tuple[RunConfig, Masks, dict[str, Any]]:
+    """Masks plus the config and prune summary of the run directory they were written into."""
+    mp = Path(masks_path)
+    if not mp.is_file():
+        raise RunDirError(f"masks file {mp} does not exist")
+    cfg_path = mp.parent / "config.yaml"
+    if not cfg_path.is_file():
+        raise RunDirError(f"{cfg_path} is missing: --masks must point at masks.pt inside a `panning prune` run directory")
+    cfg = _config.load(cfg_path)
+    info_path = mp.parent / "prune.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    return cfg, Masks.load(mp), info
+
+
+def run_cell(cfg: RunConfig, cell: Any, out: Path, bundle: DataBundle | None = None, progress: bool | None = False) -> dict[str, Any]:
+    """One sweep cell (:class:`panning.sweep.Cell`): prune with its method (or keep dense), train, evaluate."""
+    from panning.sweep import DENSE
+
+    method = cell.method
+    c = _config.override(cfg, {"seed": cell.seed, "prune.sparsity": cell.sparsity, "prune.method": None if method == DENSE else method})
+    s = setup(c, bundle)
+    t0 = time.perf_counter()
+    if method == DENSE:
+        masks = Masks.ones(s.model, exclude=c.prune.exclude)
+        summary = {"model": c.model, "dataset": c.dataset, "seed": c.seed, "method": DENSE, "sparsity": 0.0,
+                   "effective_sparsity": 0.0, "seconds": time.perf_counter() - t0, "layers": masks.layer_density()}
+        _config.dump(c, out / "config.yaml")
+        masks.save(out / "masks.pt")
+        write_json(out / "prune.json", {**summary, "target_sparsity": 0.0})
+    else:
+        result = prune_model(c, s)
+        masks = result.masks
+        save_prune(out, c, s, result, extra={"target_sparsity": cell.sparsity})
+    return train_and_evaluate(c, s, masks, out, progress=progress, method=method)

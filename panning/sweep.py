@@ -1,0 +1,249 @@
+"""Accuracy-versus-sparsity sweeps: methods x sparsities x seeds, each cell pruned and fully trained.
+
+A sweep directory holds one run directory per cell under ``cells/`` and, rebuilt after every cell,
+``results.csv`` (one row per finished cell), ``results.md`` (mean +- std per method and sparsity) and
+``accuracy_vs_sparsity.png``. A cell whose ``metrics.json`` exists is finished and never rerun, so
+an interrupted sweep resumes where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from panning import config as _config
+from panning.config import ConfigError, RunConfig
+
+COLUMNS = (
+    "dataset",
+    "model",
+    "method",
+    "sparsity",
+    "seed",
+    "test_accuracy",
+    "val_accuracy",
+    "effective_sparsity",
+    "prune_seconds",
+    "train_seconds",
+)
+DENSE = "dense"
+
+
+@dataclass
+class SweepConfig:
+    """A sweep: a base run config plus the grid."""
+
+    base: str = "configs/digits_mlp.yaml"  # run config; relative paths are tried from the sweep file, then the cwd
+    methods: list[str] = field(default_factory=lambda: ["snip"])
+    sparsities: list[float] = field(default_factory=lambda: [0.9])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    dense: bool = True  # also train the unpruned network once per seed
+    overrides: dict = field(default_factory=dict)  # dotted keys laid over the base, e.g. {"train.epochs": 5}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid."""
+
+    method: str
+    sparsity: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        safe = self.method.replace("/", "_").replace(":", "_").replace(".zip", "")
+        return f"{safe}__s{self.sparsity:g}__seed{self.seed}"
+
+
+def load_sweep(path: str | Path) -> tuple[SweepConfig, RunConfig]:
+    """Read a sweep file and the run config it builds on, validating the grid."""
+    p = Path(path)
+    sweep = _config.load(p, SweepConfig)
+    base = Path(sweep.base)
+    for candidate in (p.parent / base, base):
+        if candidate.is_file():
+            base = candidate
+            break
+    else:
+        raise ConfigError(f"{p}: base config {sweep.base!r} not found (relative to {p.parent} or the current folder)")
+    run_cfg = _config.override(_config.load(base), sweep.overrides)
+    for s in sweep.sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ConfigError(f"{p}: sparsities must lie in [0, 1), got {s}")
+    if not sweep.methods or not sweep.sparsities or not sweep.seeds:
+        raise ConfigError(f"{p}: methods, sparsities and seeds must each list at least one value")
+    return sweep, run_cfg
+
+
+def cells(sweep: SweepConfig) -> list[Cell]:
+    """The grid in run order: seeds outermost, so partial results already cover every method."""
+    out: list[Cell] = []
+    for seed in sweep.seeds:
+        if sweep.dense:
+            out.append(Cell(DENSE, 0.0, seed))
+        for s in sweep.sparsities:
+            for m in sweep.methods:
+                out.append(Cell(m, s, seed))
+    return out
+
+
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    """Rows of every finished cell under ``out/cells``."""
+    rows = []
+    for d in sorted((out / "cells").glob("*")):
+        mp, pp = d / "metrics.json", d / "prune.json"
+        if not mp.is_file():
+            continue
+        m = json.loads(mp.read_text())
+        p = json.loads(pp.read_text()) if pp.is_file() else {}
+        rows.append(
+            {
+                "dataset": m["dataset"],
+                "model": m["model"],
+                "method": m["method"],
+                "sparsity": m["sparsity"],
+                "seed": m["seed"],
+                "test_accuracy": m["test_accuracy"],
+                "val_accuracy": m["val_accuracy"],
+                "effective_sparsity": p.get("effective_sparsity", m["sparsity"]),
+                "prune_seconds": p.get("seconds", 0.0),
+                "train_seconds": m["seconds"],
+                "target_sparsity": p.get("target_sparsity", m["sparsity"]),
+            }
+        )
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """results.csv with exactly :data:`COLUMNS`."""
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def _group(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[float]]:
+    groups: dict[tuple[str, float], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], round(float(r["target_sparsity"]), 6)), []).append(float(r["test_accuracy"]))
+    return groups
+
+
+def _mean_std(v: list[float]) -> tuple[float, float]:
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Test accuracy (%) mean +- std per method (rows) and sparsity (columns); best per column in bold."""
+    groups = _group(rows)
+    if not groups:
+        return "(no finished cells)\n"
+    methods = sorted({m for m, _ in groups}, key=lambda m: (m != DENSE, m))
+    sparsities = sorted({s for _, s in groups})
+    best = {}
+    for s in sparsities:
+        cands = [(_mean_std(groups[(m, s)])[0], m) for m in methods if (m, s) in groups and m != DENSE]
+        if cands:
+            best[s] = max(cands)[1]
+    head = "| method | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |"
+    lines = [head, "|" + "---|" * (len(sparsities) + 1)]
+    for m in methods:
+        cells_ = []
+        for s in sparsities:
+            if (m, s) not in groups:
+                cells_.append("")
+                continue
+            mean, std = _mean_std(groups[(m, s)])
+            txt = f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(groups[(m, s)])})"
+            cells_.append(f"**{txt}**" if best.get(s) == m else txt)
+        lines.append(f"| {m} | " + " | ".join(cells_) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Accuracy versus sparsity on a log-density axis, one line per method, std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _group(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = [v for (m, _), vs in groups.items() if m == DENSE for v in vs]
+    if dense:
+        ax.axhline(100 * statistics.fmean(dense), color="grey", ls="--", lw=1, label="dense")
+    for m in sorted({m for m, _ in groups if m != DENSE}):
+        pts = sorted((s, *_mean_std(v)) for (mm, s), v in groups.items() if mm == m)
+        xs = [1 - s for s, _, _ in pts]
+        ax.errorbar(xs, [100 * a for _, a, _ in pts], yerr=[100 * e for _, _, e in pts], marker="o", capsize=3, label=m)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ticks = sorted({1 - s for (_, s) in groups if s > 0}, reverse=True)
+    if ticks:
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{100 * (1 - d):g}%" for d in ticks])
+        ax.minorticks_off()
+    ax.set_xlabel("sparsity (log density axis)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(out: Path, title: str = "") -> list[dict[str, Any]]:
+    """Rebuild results.csv, results.md and the plot from the finished cells."""
+    rows = read_rows(out)
+    write_csv(rows, out / "results.csv")
+    (out / "results.md").write_text(f"# {title}\n\nTest accuracy (%), mean ± std over seeds.\n\n" + markdown_table(rows))
+    if rows:
+        plot(rows, out / "accuracy_vs_sparsity.png", title)
+    return rows
+
+
+CellRunner = Callable[[RunConfig, Cell, Path], None]
+
+
+def run_sweep(
+    sweep: SweepConfig,
+    run_cfg: RunConfig,
+    out: Path,
+    run_cell: CellRunner,
+    *,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell with ``run_cell`` (which writes prune.json + metrics.json into its folder)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _config.dump(sweep, out / "sweep.yaml")
+    title = f"{run_cfg.dataset} / {run_cfg.model}"
+    grid = cells(sweep)
+    todo = [c for c in grid if not (out / "cells" / c.key / "metrics.json").is_file()]
+    log(f"{len(grid) - len(todo)}/{len(grid)} cells already finished; {len(todo)} to run")
+    spent: list[float] = []
+    for i, c in enumerate(todo):
+        t0 = time.perf_counter()
+        d = out / "cells" / c.key
+        d.mkdir(parents=True, exist_ok=True)
+        run_cell(run_cfg, c, d)
+        spent.append(time.perf_counter() - t0)
+        write_reports(out, title)
+        eta = statistics.fmean(spent) * (len(todo) - i - 1)
+        log(f"[{len(grid) - len(todo) + i + 1}/{len(grid)}] {c.key} done in {spent[-1]:.0f} s; about {_fmt(eta)} left")
+    return write_reports(out, title)
+
+
+def _fmt(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

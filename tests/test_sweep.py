@@ -1,0 +1,89 @@
+"""`panning benchmark`: a tiny sweep runs, writes the promised files, and resumes without rerunning cells."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from panning import runs, sweep
+from panning.cli import main
+
+BASE = """\
+model: mlp
+dataset: digits
+train:
+  epochs: 1
+  batch_size: 128
+  lr: 0.05
+  augment: false
+"""
+
+
+def write_sweep(tmp_path: Path, methods: str = "[magnitude, snip]") -> Path:
+    (tmp_path / "base.yaml").write_text(BASE)
+    p = tmp_path / "bench.yaml"
+    p.write_text(f"base: base.yaml\nmethods: {methods}\nsparsities: [0.5, 0.9]\nseeds: [0, 1]\n")
+    return p
+
+
+def test_tiny_benchmark_writes_table_csv_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_sweep(tmp_path)
+    out = tmp_path / "out"
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| method |" in printed and "magnitude" in printed
+    with (out / "results.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames or ()) == sweep.COLUMNS
+    assert len(rows) == 2 * (1 + 2 * 2)  # per seed: dense + 2 methods x 2 sparsities
+    assert {r["method"] for r in rows} == {"dense", "magnitude", "snip"}
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
+    assert (out / "accuracy_vs_sparsity.png").stat().st_size > 1000
+    md = (out / "results.md").read_text()
+    assert "± " in md and "**" in md
+
+
+def test_interrupted_sweep_resumes_without_rerunning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_sweep(tmp_path, "[magnitude]")
+    out = tmp_path / "out"
+    calls: list[str] = []
+    interrupt = [True]
+    real = runs.run_cell
+
+    def flaky(c, cell, d, bundle=None, progress=False):  # type: ignore[no-untyped-def]
+        calls.append(cell.key)
+        if len(calls) == 3 and interrupt[0]:
+            interrupt[0] = False
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the third cell
+        return real(c, cell, d, bundle, progress)
+
+    monkeypatch.setattr(runs, "run_cell", flaky)
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out)]) == 130
+    finished = sorted(p.parent.name for p in (out / "cells").glob("*/metrics.json"))
+    assert finished == sorted(calls[:2])
+    stamps = {k: (out / "cells" / k / "metrics.json").stat().st_mtime_ns for k in finished}
+
+    calls.clear()
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out)]) == 0
+    assert not set(calls) & set(finished), "a finished cell was run again"
+    assert len(calls) == 6 - 2
+    for k, t in stamps.items():
+        assert (out / "cells" / k / "metrics.json").stat().st_mtime_ns == t
+    assert len(list((out / "cells").glob("*/metrics.json"))) == 6
+
+
+def test_sweep_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "base.yaml").write_text(BASE)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: base.yaml\nmethods: [nope]\nsparsities: [0.5]\n")
+    assert main(["benchmark", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "valid methods" in capsys.readouterr().err
+    bad.write_text("base: base.yaml\nmethods: [snip]\nsparsities: [1.5]\n")
+    assert main(["benchmark", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "[0, 1)" in capsys.readouterr().err
+    bad.write_text("base: missing.yaml\n")
+    assert main(["benchmark", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
