@@ -1,0 +1,337 @@
+"""One action-driven pruning run: the state, action mapping and observation of ``panning/Panning-v0``.
+
+:class:`PruningEpisode` holds a network, its :class:`panning.pruner.Pruner` and the episode's
+progress towards a target sparsity. :meth:`PruningEpisode.step` maps an action onto index weights
+and a step size and calls :meth:`Pruner.step` once; :meth:`PruningEpisode.observe` builds the
+fixed-size observation. The environment (:mod:`envs.panning_env`) wraps it with a reward, and
+:func:`agents.apply.apply_policy` drives it with a trained policy on any model, so what the agent
+learned and what a user applies cannot drift apart. It needs no proxy, no labels beyond the scoring
+batch, and no data set object.
+
+Action (float32 ``Box(-1, 1, (K + 1,))`` for K indices; out-of-range values are clipped, NaN raises)
+---------------------------------------------------------------------------------------------------
+- ``a[0:K]`` -> index weights ``w_k = (a_k + 1) / 2`` in [0, 1] (so ``[1, -1, -1]`` is exactly
+  one-hot on the first index); if all are 0, equal weights are used. The pruner combines the
+  normalised scores as ``sum_k w_k * n_k``; only the ratios matter.
+- ``b = a[K]`` -> this step's share of the remaining *log-density* budget,
+  ``share = min(1, 2**(2b) / steps_left)`` with ``steps_left = T - t + 1`` for step t = 1..T. The env
+  tracks ``u``, the fraction of the budget used: ``u <- u + share * (1 - u)``; the step keeps
+  ``round(d**u * N)`` weights, where ``d = keep_count(N, target) / N``, clamped between the final
+  count and the current count. ``b = 0`` reproduces SynFlow's exponential schedule exactly
+  (``u_t = t / T``, the counts of ``keep_schedule(N, target, T, "exponential")``); ``b = 1`` prunes
+  4x the default share, ``b = -1`` a quarter of it. Step T always keeps exactly
+  ``keep_count(N, target)`` whatever ``b`` is.
+
+Observation (float32 ``Box(-5, 5, (13 + 6K,))``; every feature is clipped to [-5, 5])
+-------------------------------------------------------------------------------------
+Its size depends only on K, never on the architecture's depth or width. ``D(x) = 1 + 2 log10(x) / 3``
+maps a density x in [0.001, 1] onto [-1, 1].
+
+====  =========================  ===============================================================
+ #    name                       definition
+====  =========================  ===============================================================
+ 0    progress                   t / T (steps done over steps in the episode), in [0, 1]
+ 1    default_share              1 / (T - t): the share of the remaining budget a ``b = 0`` step
+                                 removes next (0 once the episode is over)
+ 2    density                    D(current density)
+ 3    target_density             D(target density)
+ 4    budget_left                log(d_now / d_target) / log(1 / d_target) in [0, 1] (0 if the
+                                 target is dense)
+ 5    ineffective                share of the kept weights that lie on no input-output path
+ 6    layer_density_min          D(min over prunable layers of the layer's density)
+ 7    layer_density_median       D(median layer density)
+ 8    layer_density_max          D(max layer density)
+ 9    layers_near_collapse       share of layers whose density is below 1/10 of the global density
+ 10   layers_collapsed           share of layers with no effective (connected) weight left
+ 11   loss_ratio                 log10(L / L0): cross-entropy of the masked network on the fixed
+                                 scoring batch over the dense network's at episode start
+ 12   grad_norm_ratio            log10(G / G0): same for the gradient norm w.r.t. the kept weights
+                                 (G >= 1e-30, so a dead network reads -5 after clipping)
+ then for each index k in ``indices`` order (6 features; 0 at the terminal step, when no further
+ step needs scoring), over the weights still alive, on the scores normalised as the pruner does:
+ 13+6k   agreement_k             mean over the other indices j of |P_k ∩ P_j| / m, where P_i are
+                                 the m weights index i alone would prune next (global top-k, the
+                                 pruner's tie-break) at the default (b = 0) step; 1 when K = 1 or m = 0
+ 14+6k   q10_k                   log10(10th percentile of |n_k| + 1e-12) / 3 (nearest rank; the
+                                 ``mean`` normalisation puts mean |n_k| at 1, so 0 = average weight)
+ 15+6k   q50_k                   median, same scale
+ 16+6k   q90_k                   90th percentile, same scale
+ 17+6k   nonpositive_k           share of alive weights scored <= 0 (zero SynFlow flow, negative
+                                 GraSP), in [0, 1]
+ 18+6k   top1_mass_k             share of sum |n_k| held by the top 1% of alive weights, in [0, 1]
+                                 (heavy tails -> near 1)
+====  =========================  ===============================================================
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from panning._functional import functional_forward, masked_weights, other_tensors, preserved_modes
+from panning.connectivity import effective_masks
+from panning.masks import Masks, keep_count
+from panning.pruner import Pruner
+
+__all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "OBS_LIMIT", "OBS_VERSION",
+           "ACTION_MAPPING", "observation_size", "feature_names", "map_action"]
+
+GLOBAL_FEATURES = (
+    "progress", "default_share", "density", "target_density", "budget_left", "ineffective",
+    "layer_density_min", "layer_density_median", "layer_density_max", "layers_near_collapse",
+    "layers_collapsed", "loss_ratio", "grad_norm_ratio",
+)
+INDEX_FEATURES = ("agreement", "q10", "q50", "q90", "nonpositive", "top1_mass")
+OBS_LIMIT = 5.0
+# Bump when a feature's definition or order changes: saved agents record it and refuse to load otherwise.
+OBS_VERSION = 1
+# Recorded in saved agents for the same reason.
+ACTION_MAPPING = "w=(a+1)/2 (all 0 -> equal); share=min(1, 2**(2b)/steps_left); v1"
+
+
+def observation_size(num_indices: int) -> int:
+    """Length of the observation vector for ``num_indices`` indices (independent of the network)."""
+    return len(GLOBAL_FEATURES) + len(INDEX_FEATURES) * num_indices
+
+
+def feature_names(indices: Sequence[str]) -> list[str]:
+    """Name of every observation feature, in order."""
+    return list(GLOBAL_FEATURES) + [f"{f}_{k}" for k in indices for f in INDEX_FEATURES]
+
+
+def map_action(action: Any, indices: Sequence[str]) -> tuple[dict[str, float], float]:
+    """(index weights, step-size value b) of an action; clips to [-1, 1], raises on NaN or a wrong shape."""
+    K = len(indices)
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    if a.shape != (K + 1,):
+        raise ValueError(f"expected an action of shape ({K + 1},) for indices {list(indices)}, got {np.shape(action)}")
+    if np.isnan(a).any():
+        raise ValueError(f"action contains NaN: {a.tolist()}")
+    a = np.clip(a, -1.0, 1.0)
+    w = (a[:K] + 1.0) / 2.0
+    if not (w > 0).any():
+        w = np.ones(K)
+    return {name: float(v) for name, v in zip(indices, w)}, float(a[K])
+
+
+def _log_density_feature(d: float) -> float:
+    return 1.0 + 2.0 * math.log10(max(d, 1e-12)) / 3.0
+
+
+@dataclass
+class EpisodeStep:
+    """What one :meth:`PruningEpisode.step` did."""
+
+    step: int
+    weights: dict[str, float]
+    share: float
+    keep: int
+    removed: int
+    masks: Masks
+    effective: Masks
+    collapsed: list[str]
+    loss_ratio: float
+    grad_ratio: float
+
+
+class PruningEpisode:
+    """A network pruned to ``target_sparsity`` in ``steps`` action-driven steps of the core pruner.
+
+    ``model`` is never modified (the pruner scores it functionally). ``batches`` is the fixed,
+    class-balanced scoring batch; its first batch also gives the loss and gradient-norm signals.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        indices: Sequence[str],
+        batches: Sequence[tuple[Tensor, Tensor]],
+        *,
+        target_sparsity: float,
+        steps: int,
+        input_shape: Sequence[int] | None = None,
+        exclude: Sequence[str] = (),
+        mode: str = "global",
+        normalisation: str = "mean",
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"the number of pruning steps must be an integer >= 1, got {steps!r}")
+        if not batches or len(batches[0][0]) == 0:
+            raise ValueError("a non-empty scoring batch is needed (it also gives the loss and gradient signals)")
+        self.model = model
+        self.indices = list(indices)
+        self.K = len(self.indices)
+        self.batches = list(batches)
+        self.T = steps
+        self.pruner = Pruner(model, self.indices, self.batches, input_shape=input_shape, exclude=exclude, mode=mode,
+                             normalisation=normalisation, seed=seed)
+        self.input_shape = self.pruner.input_shape
+        self.N = self.pruner.num_total
+        self.target_sparsity = float(target_sparsity)
+        self.final_keep = keep_count(self.N, target_sparsity)
+        self.target_density = self.final_keep / self.N
+        self.t = 0
+        self.u = 0.0  # fraction of the log-density budget used so far
+        self.timing = self._zero_timing()
+        t0 = time.perf_counter()
+        self.loss0, self.grad0 = self.signals(self.pruner.masks)
+        self.timing["signal"] += time.perf_counter() - t0
+        self.effective = self.pruner.masks
+        self.loss_ratio = 0.0
+        self.grad_ratio = 0.0
+
+    @staticmethod
+    def _zero_timing() -> dict[str, float]:
+        return {"score": 0.0, "select": 0.0, "connectivity": 0.0, "signal": 0.0, "features": 0.0}
+
+    @property
+    def masks(self) -> Masks:
+        """The current masks."""
+        return self.pruner.masks
+
+    @property
+    def done(self) -> bool:
+        """True once all T steps have run."""
+        return self.t >= self.T
+
+    def planned_keep(self, b: float) -> tuple[float, float, int]:
+        """(share, new u, keep count) a step with step-size value ``b`` would use now."""
+        T, t = self.T, self.t + 1
+        if t >= T:
+            return 1.0, 1.0, self.final_keep
+        share = min(1.0, 2.0 ** (2.0 * b) / (T - t + 1))
+        u = self.u + share * (1.0 - self.u)
+        keep = max(self.final_keep, min(self.masks.num_kept, round(self.target_density ** u * self.N)))
+        return share, u, keep
+
+    def step(self, action: Any) -> EpisodeStep:
+        """One pruning step driven by ``action`` (see the module docstring for the mapping)."""
+        if self.done:
+            raise RuntimeError("the episode is over: all pruning steps have run")
+        weights, b = map_action(action, self.indices)
+        kept_before = self.masks.num_kept
+        share, u, keep = self.planned_keep(b)
+        self.timing = self._zero_timing()
+        t0 = time.perf_counter()
+        for name, wk in weights.items():  # usually scored at observation time already: cached
+            if wk > 0:
+                self.pruner.normalised_scores(name)
+        t1 = time.perf_counter()
+        masks = self.pruner.step(weights, keep)
+        t2 = time.perf_counter()
+        eff = effective_masks(self.model, masks, self.input_shape)
+        t3 = time.perf_counter()
+        loss, grad = self.signals(masks)
+        t4 = time.perf_counter()
+        self.timing["score"] += t1 - t0
+        self.timing["select"] += t2 - t1
+        self.timing["connectivity"] += t3 - t2
+        self.timing["signal"] += t4 - t3
+        self.t += 1
+        self.u = u
+        self.effective = eff
+        self.loss_ratio, self.grad_ratio = self._ratios(loss, grad)
+        collapsed = [k for k, m in eff.items() if not bool(m.any())]
+        return EpisodeStep(self.t, weights, share, keep, kept_before - keep, masks, eff, collapsed,
+                           self.loss_ratio, self.grad_ratio)
+
+    # --------------------------------------------------------------------------- signals
+
+    def signals(self, masks: Masks) -> tuple[float, float]:
+        """Loss and gradient norm (w.r.t. the kept weights) of the masked network on the scoring batch."""
+        x, y = self.batches[0]
+        with preserved_modes(self.model):
+            ws = masked_weights(self.model, masks)
+            rest = other_tensors(self.model, ws)
+            loss = F.cross_entropy(functional_forward(self.model, {**rest, **ws}, x), y)
+            grads = torch.autograd.grad(loss, list(ws.values()), allow_unused=True, materialize_grads=True)
+        sq = torch.zeros((), dtype=torch.float64, device=x.device)
+        for g, m in zip(grads, masks.values()):
+            sq += (g.double() * m).pow(2).sum()
+        return float(loss.detach()), float(sq.sqrt())
+
+    def _ratios(self, loss: float, grad: float) -> tuple[float, float]:
+        lr = math.log10(max(loss, 1e-30) / max(self.loss0, 1e-30)) if math.isfinite(loss) else OBS_LIMIT
+        gr = math.log10(max(grad, 1e-30) / max(self.grad0, 1e-30)) if math.isfinite(grad) else OBS_LIMIT
+        return lr, gr
+
+    # ---------------------------------------------------------------------- observation
+
+    def observe(self, score_indices: bool | None = None) -> np.ndarray:
+        """The observation of the current state (float32, clipped to [-5, 5]).
+
+        ``score_indices`` (default: unless the episode is over) computes the per-index features,
+        which need the indices scored on the current masks; the terminal observation skips them.
+        """
+        if score_indices is None:
+            score_indices = not self.done
+        masks, eff = self.masks, self.effective
+        t_start, score_before = time.perf_counter(), self.timing["score"]
+        T, t = self.T, self.t
+        kept = masks.num_kept
+        d_now = kept / self.N
+        g: list[float] = [t / T, 1.0 / (T - t) if t < T else 0.0, _log_density_feature(d_now),
+                          _log_density_feature(self.target_density)]
+        g.append(math.log(d_now / self.target_density) / math.log(1.0 / self.target_density)
+                 if self.target_density < 1.0 else 0.0)
+        g.append(1.0 - eff.num_kept / kept if kept else 1.0)
+        dens = np.array(list(masks.layer_density().values()), dtype=np.float64)
+        g += [_log_density_feature(float(dens.min())), _log_density_feature(float(np.median(dens))),
+              _log_density_feature(float(dens.max()))]
+        g.append(float(np.mean(dens < 0.1 * d_now)))
+        g.append(float(np.mean([not bool(m.any()) for m in eff.values()])))
+        g += [self.loss_ratio, self.grad_ratio]
+        per_index = [0.0] * (len(INDEX_FEATURES) * self.K)
+        if score_indices:
+            per_index = self._index_features(kept)
+        obs = np.asarray(g + per_index, dtype=np.float64)
+        obs = np.nan_to_num(obs, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT)
+        self.timing["features"] += time.perf_counter() - t_start - (self.timing["score"] - score_before)
+        return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
+
+    def _index_features(self, kept: int) -> list[float]:
+        t0 = time.perf_counter()
+        alive = self.pruner.alive_flat()
+        normed = [self.pruner.normalised_scores(name)[alive] for name in self.indices]
+        self.timing["score"] += time.perf_counter() - t0
+        m = kept - self.planned_keep(0.0)[2]  # how many weights a default (b = 0) step would remove next
+        lowest = []
+        out: list[float] = []
+        stats = []
+        for n in normed:
+            if n.numel() == 0:
+                stats.append((0.0, 0.0, 0.0, 0.0, 0.0))
+                continue
+            if m > 0:
+                # the m weights a global top-k on this index alone would drop, with select_topk's tie-break
+                order = torch.sort(n, descending=True, stable=True).indices
+                sel = torch.zeros(n.numel(), dtype=torch.bool, device=n.device)
+                sel[order[n.numel() - m:]] = True
+                lowest.append(sel)
+            mag = n.abs()
+            # nearest-rank quantiles and a top-k: linear-time selections, no full sort
+            q10, q50, q90 = (
+                math.log10(float(torch.kthvalue(mag, round(p * (mag.numel() - 1)) + 1).values) + 1e-12) / 3.0
+                for p in (0.1, 0.5, 0.9)
+            )
+            nonpos = float((n <= 0).double().mean())
+            total = float(mag.sum())
+            top = max(1, math.ceil(0.01 * mag.numel()))
+            top1 = float(torch.topk(mag, top, sorted=False).values.sum()) / total if total > 0 else 0.0
+            stats.append((q10, q50, q90, nonpos, top1))
+        for k, st in enumerate(stats):
+            if m > 0 and self.K > 1:
+                agree = float(np.mean([int((lowest[k] & lowest[j]).sum()) / m for j in range(self.K) if j != k]))
+            else:
+                agree = 1.0
+            out += [agree, *st]
+        return out

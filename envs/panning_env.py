@@ -1,0 +1,430 @@
+"""``panning/Panning-v0``: one pruning run of the core :class:`panning.pruner.Pruner` as an episode.
+
+At each of ``T = pruning_steps`` steps the agent sees the state of the network under all the
+configured saliency indices, chooses how to weight the indices and how far to prune, and the env
+calls :meth:`Pruner.step` once (the same code path fixed methods and ``panning prune --policy``
+use). After step T the network is at exactly the target sparsity; the reward is the proxy accuracy
+of the masked network (:class:`panning.proxy.ProxyEvaluator`: short training on the train split,
+accuracy on the **validation** split; the env strips the test split from its data on construction).
+
+Episode
+-------
+``reset(seed=..., options=None)`` draws an initialisation seed (from a pool of ``init_seeds``
+seeds ``init_seed_base + i``, so reference rewards can be cached; ``init_seeds: 0`` draws a fresh
+seed every episode), builds a freshly initialised network with it, draws the target sparsity
+(``target_sparsity`` if set, else from ``target_range``: uniform in log-density, on a grid of
+``target_grid`` log-spaced points when > 0, continuous when 0) and starts dense.
+``options={"target_sparsity": s, "init_seed": i}`` fixes either for one episode.
+
+Action and observation
+----------------------
+A float32 ``Box(-1, 1, (K + 1,))`` action (K index weights, one step size) and a fixed-size float32
+``Box(-5, 5, (13 + 6K,))`` observation, both defined and documented in :mod:`envs.episode`
+(:class:`envs.episode.PruningEpisode`), which ``panning prune --policy`` drives too.
+
+Reward
+------
+Non-final steps: ``shaping * (phi_t - phi_{t-1})`` with ``phi = -(|loss_ratio| + |grad_norm_ratio|)``
+(potential-based shaping, Ng et al. 1999: it telescopes to ``shaping * phi_T`` and cannot change
+which policy is best; default ``shaping: 0``). Final step (t = T):
+``reward_scale * (acc - ref)`` where ``acc`` is the proxy validation accuracy of the final masks
+and ``ref`` is 0 for ``reward: absolute`` and, for ``reward: relative``, the best proxy accuracy of
+the single indices pruned on the same initialisation with the default schedule (one-hot action,
+``b = 0``), cached per ``(target, init seed)`` in the process. Collapse (a layer with no effective
+weight, which includes no path from input to output) ends the episode at once with reward
+``-collapse_penalty`` when ``terminate_on_collapse`` is set; otherwise the episode goes on and
+``collapse_penalty`` is subtracted from the final reward if the network is still collapsed.
+
+info
+----
+Every step: ``step``, ``target_sparsity``, ``sparsity``, ``effective_sparsity``, ``index_weights``
+(dict), ``step_share``, ``keep``, ``removed``, ``layer_density`` (dict), ``collapsed_layers``,
+``init_seed``, ``timing`` (seconds: ``score``, ``select``, ``connectivity``, ``signal``, ``features``). Final step
+also: ``proxy_accuracy``, ``proxy_loss``, ``proxy_seconds``, ``proxy_cached``, and for relative
+rewards ``reference_accuracy``, ``reference_index``, ``reference_seconds``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from torch import nn
+from torch.utils.data import Dataset
+
+from panning import config as _config
+from panning import indices as _indices
+from envs.episode import GLOBAL_FEATURES, INDEX_FEATURES, OBS_LIMIT, PruningEpisode, feature_names, observation_size
+from panning.config import ConfigError
+from panning.data import DataBundle, balanced_batch, load_dataset
+from panning.masks import Masks
+from panning.models import build_model
+from panning.proxy import ProxyEvaluator, ProxyResult
+from panning.pruner import NORMALISATIONS, Pruner
+from panning.schedules import keep_schedule
+from panning.train import resolve_device
+
+__all__ = ["PanningEnv", "PanningEnvConfig", "make_config", "GLOBAL_FEATURES", "INDEX_FEATURES", "clear_caches"]
+
+REWARDS = ("absolute", "relative")
+
+
+@dataclass
+class PanningEnvConfig:
+    """Settings of ``panning/Panning-v0`` (YAML: ``configs/env/*.yaml``; ``gymnasium.make`` kwargs override)."""
+
+    # network and data
+    model: str = "mlp"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    val_size: int | float | None = None  # None: the data set's default validation split
+    split_seed: int = 0
+    init: str = "kaiming_normal"
+    device: str = "auto"  # scoring, signals and proxy training; "auto" = CUDA when present
+    # pruning
+    indices: list[str] = field(default_factory=lambda: ["synflow", "snip", "grasp_abs"])
+    normalisation: str = "mean"
+    mode: str = "global"
+    exclude: list[str] = field(default_factory=list)
+    pruning_steps: int = 10  # T
+    target_sparsity: float | None = None  # fixed target; None: draw from target_range
+    target_range: list[float] = field(default_factory=lambda: [0.8, 0.99])
+    target_grid: int = 8  # >0: targets on this many log-density grid points (reference cache hits)
+    init_seeds: int = 8  # size of the pool of initialisation seeds; 0 = a fresh seed every episode
+    init_seed_base: int = 0  # pool = init_seed_base + 0..init_seeds-1 (use another base for held-out inits)
+    scoring_per_class: int = 10  # fixed class-balanced scoring batch from the training split
+    batch_seed: int = 0
+    # proxy training (panning.proxy.ProxyEvaluator)
+    proxy_steps: int = 200
+    proxy_batch_size: int = 128
+    proxy_lr: float = 0.1
+    proxy_momentum: float = 0.9
+    proxy_weight_decay: float = 5e-4
+    proxy_schedule: str = "cosine"
+    proxy_seed: int = 0
+    # reward
+    reward: str = "relative"  # "absolute" | "relative" (minus the best single index)
+    reward_scale: float = 1.0
+    shaping: float = 0.0
+    collapse_penalty: float = 1.0
+    terminate_on_collapse: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(f"bad Panning env config: {msg}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        self.indices = list(self.indices)
+        if len(self.indices) == 0:
+            bad("the index list is empty; give at least one saliency index")
+        known = _indices.available_indices()
+        for name in self.indices:
+            if name not in known:
+                bad(f"unknown index {name!r}; known indices: {', '.join(known)}")
+        if len(set(self.indices)) != len(self.indices):
+            bad(f"indices must be distinct, got {self.indices}")
+        if not is_int(self.pruning_steps) or self.pruning_steps < 1:
+            bad(f"pruning_steps (T) must be an integer >= 1, got {self.pruning_steps!r}")
+        if self.target_sparsity is not None:
+            if not (isinstance(self.target_sparsity, (int, float)) and 0.0 <= self.target_sparsity < 1.0):
+                bad(f"target_sparsity must be in [0, 1), got {self.target_sparsity!r}")
+            self.target_sparsity = float(self.target_sparsity)
+        rng = list(self.target_range)
+        if len(rng) != 2 or not all(isinstance(v, (int, float)) and 0.0 <= v < 1.0 for v in rng) or rng[0] > rng[1]:
+            bad(f"target_range must be [low, high] with 0 <= low <= high < 1, got {self.target_range!r}")
+        self.target_range = [float(v) for v in rng]
+        for name in ("target_grid", "init_seeds", "scoring_per_class", "proxy_steps", "proxy_batch_size"):
+            v = getattr(self, name)
+            minimum = 1 if name in ("scoring_per_class", "proxy_steps", "proxy_batch_size") else 0
+            if not is_int(v) or v < minimum:
+                bad(f"{name} must be an integer >= {minimum}, got {v!r}")
+        if self.normalisation not in NORMALISATIONS:
+            bad(f"unknown normalisation {self.normalisation!r}; known: {', '.join(NORMALISATIONS)}")
+        if self.mode not in ("global", "layerwise"):
+            bad(f"unknown selection mode {self.mode!r}; use 'global' or 'layerwise'")
+        if self.reward not in REWARDS:
+            bad(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        for name in ("reward_scale", "shaping", "collapse_penalty"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                bad(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.proxy_schedule not in ("cosine", "constant"):
+            bad(f"proxy_schedule must be 'cosine' or 'constant', got {self.proxy_schedule!r}")
+
+
+def make_config(config: PanningEnvConfig | Mapping[str, Any] | str | Path | None = None, **overrides: Any) -> PanningEnvConfig:
+    """Resolve a config: a dataclass, a mapping or a YAML path (or defaults), then keyword overrides."""
+    if config is None:
+        data: dict[str, Any] = {}
+        where = "Panning env settings"
+    elif isinstance(config, PanningEnvConfig):
+        data = dataclasses.asdict(config)
+        where = "Panning env settings"
+    elif isinstance(config, Mapping):
+        data = dict(config)
+        where = "Panning env settings"
+    else:
+        p = Path(config)
+        if not p.is_file():
+            raise ConfigError(f"env config file {p} does not exist")
+        import yaml
+
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{p}: expected a mapping of settings at the top level")
+        data = dict(loaded)
+        where = str(p)
+    data.update(overrides)
+    return _config.from_dict(PanningEnvConfig, data, where)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-process caches: loading MNIST on every reset (or retraining a reference mask) would be slow
+
+
+class _TestSplitRemoved(Dataset):
+    """Stands in for the test split inside the env: any use raises, so no reward can read it."""
+
+    def __len__(self) -> int:
+        raise RuntimeError("the Panning environment never reads the test split (rewards use the validation split)")
+
+    def __getitem__(self, i: int) -> Any:
+        raise RuntimeError("the Panning environment never reads the test split (rewards use the validation split)")
+
+
+@functools.lru_cache(maxsize=4)
+def _bundle(dataset: str, data_dir: str | None, val_size: int | float | None, split_seed: int) -> DataBundle:
+    b = load_dataset(dataset, data_dir, download=False, val_size=val_size, seed=split_seed)
+    return dataclasses.replace(b, test=_TestSplitRemoved())
+
+
+_PROXIES: dict[tuple, ProxyEvaluator] = {}
+_REFERENCES: dict[tuple, tuple[float, str, float]] = {}
+
+
+def clear_caches() -> None:
+    """Forget cached data sets, proxy evaluators (and their results) and reference rewards."""
+    _bundle.cache_clear()
+    _PROXIES.clear()
+    _REFERENCES.clear()
+
+
+class PanningEnv(gym.Env):
+    """One pruning run as an episode; see the module docstring for action, observation and reward."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        config: PanningEnvConfig | Mapping[str, Any] | str | Path | None = None,
+        *,
+        bundle: DataBundle | None = None,
+        render_mode: str | None = None,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        self.render_mode = render_mode  # nothing to render; accepted because SB3's make_vec_env passes one
+        cfg = make_config(config, **overrides)
+        self.config = cfg
+        self.device = resolve_device(cfg.device)
+        custom = bundle is not None
+        if bundle is None:
+            bundle = _bundle(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.split_seed)
+        else:
+            bundle = dataclasses.replace(bundle, test=_TestSplitRemoved())
+        self.bundle = bundle
+        x, y = balanced_batch(bundle.train, cfg.scoring_per_class, bundle.num_classes, seed=cfg.batch_seed)
+        self.batches = [(x.to(self.device), y.to(self.device))]
+        # Fail at construction, not at the first reset, on a model name that does not fit the data.
+        probe = build_model(cfg.model, bundle.num_classes, bundle.input_shape, seed=0, init=cfg.init)
+        self.num_prunable = Masks.ones(probe, exclude=cfg.exclude).num_total
+        self.K = len(cfg.indices)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(self.K + 1,), dtype=np.float32)
+        self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(observation_size(self.K),), dtype=np.float32)
+        self.feature_names = feature_names(cfg.indices)
+        # A caller's own bundle gets a private evaluator and reference cache: sharing them by object
+        # identity could hand one data set's results to another.
+        self.proxy = self._make_proxy() if custom else self._shared_proxy()
+        self._references = {} if custom else _REFERENCES
+        self._fingerprint = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+        self.episode: PruningEpisode | None = None
+        self.model: nn.Module | None = None
+        self._done = True
+
+    # -------------------------------------------------------------------------------- plumbing
+
+    def _make_proxy(self) -> ProxyEvaluator:
+        cfg = self.config
+        return ProxyEvaluator(
+            self.bundle, cfg.model, steps=cfg.proxy_steps, batch_size=cfg.proxy_batch_size, lr=cfg.proxy_lr,
+            momentum=cfg.proxy_momentum, weight_decay=cfg.proxy_weight_decay, schedule=cfg.proxy_schedule,
+            seed=cfg.proxy_seed, device=self.device,
+        )
+
+    def _shared_proxy(self) -> ProxyEvaluator:
+        cfg = self.config
+        key = (cfg.dataset, cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.model, str(self.device), cfg.proxy_steps,
+               cfg.proxy_batch_size, cfg.proxy_lr, cfg.proxy_momentum, cfg.proxy_weight_decay, cfg.proxy_schedule,
+               cfg.proxy_seed)
+        if key not in _PROXIES:
+            _PROXIES[key] = self._make_proxy()
+        return _PROXIES[key]
+
+    @property
+    def masks(self) -> Masks:
+        """The current masks of the episode."""
+        if self.episode is None:
+            raise RuntimeError("call reset() first")
+        return self.episode.masks
+
+    @property
+    def pruner(self) -> Pruner | None:
+        """The core pruner of the current episode."""
+        return None if self.episode is None else self.episode.pruner
+
+    def _draw_target(self) -> float:
+        cfg = self.config
+        if cfg.target_sparsity is not None:
+            return cfg.target_sparsity
+        lo, hi = (math.log(1.0 - s) for s in (cfg.target_range[1], cfg.target_range[0]))  # log-densities
+        if cfg.target_grid > 0:
+            grid = np.exp(np.linspace(lo, hi, cfg.target_grid)) if cfg.target_grid > 1 else np.exp([lo])
+            d = float(grid[int(self.np_random.integers(len(grid)))])
+        else:
+            d = math.exp(float(self.np_random.uniform(lo, hi)))
+        return round(1.0 - d, 6)  # a short float: a clean cache key, and printable
+
+    def _draw_init_seed(self) -> int:
+        cfg = self.config
+        if cfg.init_seeds == 0:
+            return int(self.np_random.integers(0, 2**31 - 1))
+        return cfg.init_seed_base + int(self.np_random.integers(cfg.init_seeds))
+
+    # ------------------------------------------------------------------------------- gym API
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        cfg = self.config
+        options = dict(options or {})
+        unknown = set(options) - {"target_sparsity", "init_seed"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; known: init_seed, target_sparsity")
+        target = self._draw_target()
+        init_seed = self._draw_init_seed()
+        if options.get("target_sparsity") is not None:
+            target = float(options["target_sparsity"])
+            if not 0.0 <= target < 1.0:
+                raise ValueError(f"target_sparsity must be in [0, 1), got {target}")
+        if options.get("init_seed") is not None:
+            init_seed = int(options["init_seed"])
+        self.target_sparsity = target
+        self.init_seed = init_seed
+        self.model = build_model(cfg.model, self.bundle.num_classes, self.bundle.input_shape, seed=init_seed,
+                                 init=cfg.init).to(self.device)
+        self.episode = PruningEpisode(
+            self.model, cfg.indices, self.batches, target_sparsity=target, steps=cfg.pruning_steps,
+            input_shape=self.bundle.input_shape, exclude=cfg.exclude, mode=cfg.mode,
+            normalisation=cfg.normalisation, seed=init_seed,
+        )
+        ep = self.episode
+        self.N = ep.N
+        self.final_keep = ep.final_keep
+        self.target_density = ep.target_density
+        self._done = False
+        self._phi = 0.0
+        obs = ep.observe()
+        info = {"target_sparsity": target, "init_seed": init_seed, "num_prunable": self.N,
+                "target_keep": self.final_keep, "sparsity": 0.0, "timing": dict(ep.timing)}
+        return obs, info
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self.episode is None or self._done:
+            raise RuntimeError("the episode is over (or never started): call reset() before step()")
+        cfg = self.config
+        ep = self.episode
+        s = ep.step(action)
+        terminated = ep.done or (bool(s.collapsed) and cfg.terminate_on_collapse)
+        self._done = terminated
+        phi = -(abs(s.loss_ratio) + abs(s.grad_ratio))
+        reward = cfg.shaping * (phi - self._phi)
+        self._phi = phi
+
+        info: dict[str, Any] = {
+            "step": s.step,
+            "target_sparsity": self.target_sparsity,
+            "sparsity": s.masks.sparsity,
+            "effective_sparsity": 1.0 - s.effective.num_kept / s.effective.num_total,
+            "index_weights": s.weights,
+            "step_share": s.share,
+            "keep": s.keep,
+            "removed": s.removed,
+            "layer_density": s.masks.layer_density(),
+            "collapsed_layers": s.collapsed,
+            "init_seed": self.init_seed,
+        }
+        if terminated:
+            if s.collapsed and cfg.terminate_on_collapse:
+                reward -= cfg.collapse_penalty
+                info["collapse"] = True
+            else:
+                reward += self._final_reward(s.masks, info) - (cfg.collapse_penalty if s.collapsed else 0.0)
+                info["collapse"] = bool(s.collapsed)
+        obs = ep.observe(score_indices=not terminated)
+        info["timing"] = dict(ep.timing)
+        return obs, float(reward), terminated, False, info
+
+    def close(self) -> None:
+        self.episode = None
+        self.model = None
+        self._done = True
+
+    # -------------------------------------------------------------------------------- reward
+
+    def _final_reward(self, masks: Masks, info: dict[str, Any]) -> float:
+        cfg = self.config
+        res: ProxyResult = self.proxy.evaluate(self.model, masks)
+        info.update(proxy_accuracy=res.accuracy, proxy_loss=res.loss, proxy_seconds=res.seconds, proxy_cached=res.cached)
+        ref = 0.0
+        if cfg.reward == "relative":
+            t0 = time.perf_counter()
+            ref, ref_index, _ = self.reference(self.target_sparsity, self.init_seed)
+            info.update(reference_accuracy=ref, reference_index=ref_index, reference_seconds=time.perf_counter() - t0)
+        return cfg.reward_scale * (res.accuracy - ref)
+
+    def reference(self, target_sparsity: float, init_seed: int) -> tuple[float, str, float]:
+        """(best proxy accuracy, its index, seconds it took) over the single indices at this target and init.
+
+        Each index prunes the same initialisation with the default exponential schedule over the
+        same T steps through the core pruner (what a one-hot action with ``b = 0`` does). Cached per
+        process by (settings, target, init seed).
+        """
+        key = (self._fingerprint, float(target_sparsity), int(init_seed))
+        if key in self._references:
+            return self._references[key]
+        cfg = self.config
+        t0 = time.perf_counter()
+        model = self.model
+        if model is None or int(init_seed) != self.init_seed:
+            model = build_model(cfg.model, self.bundle.num_classes, self.bundle.input_shape, seed=int(init_seed),
+                                init=cfg.init).to(self.device)
+        best = (-1.0, "")
+        for name in cfg.indices:
+            p = Pruner(model, [name], self.batches, input_shape=self.bundle.input_shape, exclude=cfg.exclude,
+                       mode=cfg.mode, normalisation=cfg.normalisation, seed=int(init_seed))
+            for keep in keep_schedule(p.num_total, target_sparsity, cfg.pruning_steps, "exponential"):
+                p.step([1.0], keep)
+            acc = self.proxy.evaluate(model, p.masks).accuracy
+            if acc > best[0]:
+                best = (acc, name)
+        self._references[key] = (best[0], best[1], time.perf_counter() - t0)
+        return self._references[key]
