@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
 
 
 def _prune_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", help="pruning method (see `panning list`)")
+    p.add_argument("--method", help="pruning method (see `panning list`); with --policy, a label for the results")
+    p.add_argument("--policy", help="prune with a trained agent (agent.zip from `panning train-agent`) instead of a method")
     p.add_argument("--sparsity", type=float, help="fraction of prunable weights removed, in [0, 1)")
     p.add_argument("--iterations", type=int, help="pruning steps (default: the method's own)")
     p.add_argument("--schedule", choices=["exponential", "linear"], help="density schedule over the steps")
@@ -83,7 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute")
     p.add_argument("--data-dir", help="dataset folder (default: $PANNING_DATA, else ~/.cache/panning)")
     p.add_argument("--epochs", type=int, help="override the training epochs of every cell")
+    p.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the grid (parallel processes, same --out)")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("train-agent", help="train the panning agent (PPO) in panning/Panning-v0; resumable")
+    p.add_argument("--config", type=Path, help="agent YAML (configs/agent/*.yaml)")
+    p.add_argument("--out", type=Path, help="new run directory (agent.zip, best_agent.zip, checkpoints/, tb/)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--timesteps", type=int, help="override n_timesteps (total env steps)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.set_defaults(func=cmd_train_agent)
 
     p = sub.add_parser("list", help="list models, datasets, methods and indices")
     p.set_defaults(func=cmd_list)
@@ -99,6 +109,11 @@ def _resolve(args: argparse.Namespace, base: Any = None) -> Any:
 
     cfg = config.load(args.config) if getattr(args, "config", None) else (base or config.RunConfig())
     get = lambda name: getattr(args, name, None)  # noqa: E731
+    if get("policy"):
+        # the agent brings its own steps, schedule, selection mode and normalisation
+        clash = [f"--{n.replace('_', '-')}" for n in ("iterations", "schedule", "mode", "min_per_layer") if get(n) is not None]
+        if clash:
+            raise UsageError(f"{', '.join(clash)} cannot be combined with --policy: the agent decides its own steps")
     cfg = config.override(
         cfg,
         {
@@ -108,7 +123,8 @@ def _resolve(args: argparse.Namespace, base: Any = None) -> Any:
             "download": get("download"),
             "seed": get("seed"),
             "device": get("device"),
-            "prune.method": get("method"),
+            "prune.method": get("method") or ("agent" if get("policy") else None),
+            "prune.policy": get("policy"),
             "prune.sparsity": get("sparsity"),
             "prune.iterations": get("iterations"),
             "prune.schedule": get("schedule"),
@@ -137,7 +153,13 @@ def _validate(cfg: Any) -> None:
         raise UsageError(f"unknown model {cfg.model!r}; valid models: {', '.join(available_models())}, tv:<torchvision name>")
     if cfg.dataset not in available_datasets():
         raise UsageError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(available_datasets())}")
-    if cfg.prune.method not in available_methods():
+    if cfg.prune.policy:
+        from agents.policy import check_agent_file
+
+        if not Path(cfg.prune.policy).is_file():
+            raise UsageError(f"--policy {cfg.prune.policy} does not exist (train one with `panning train-agent`)")
+        check_agent_file(cfg.prune.policy)  # metadata against the installed code, before anything is written
+    elif cfg.prune.method not in available_methods():
         raise UsageError(f"unknown method {cfg.prune.method!r}; valid methods: {', '.join(available_methods())}")
     if not 0.0 <= cfg.prune.sparsity < 1.0:
         raise UsageError(f"--sparsity must be in [0, 1), got {cfg.prune.sparsity}")
@@ -218,19 +240,69 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     _validate(cfg)
     from panning.pruner import available_methods
 
+    from agents.policy import check_agent_file
+
+    for name, path in sw.agents.items():
+        if not Path(path).is_file():
+            raise UsageError(f"{args.config}: agent {name!r}: {path} does not exist (train it with `panning train-agent`)")
+        check_agent_file(path)
+    for name in sw.agents:
+        if name in available_methods() or name == sweep.DENSE:
+            raise UsageError(f"{args.config}: agent name {name!r} is also a fixed method's name; call it e.g. 'agent_{name}'")
     for m in sw.methods:
-        if m not in available_methods():
-            raise UsageError(f"{args.config}: unknown method {m!r}; valid methods: {', '.join(available_methods())}")
+        if m not in available_methods() and m not in sw.agents:
+            raise UsageError(f"{args.config}: unknown method {m!r}; valid methods: {', '.join(available_methods())}"
+                             + (f", or the agents {', '.join(sw.agents)}" if sw.agents else ""))
     done = args.out / "sweep.yaml"
     if done.is_file() and config.load(done, sweep.SweepConfig) != sw:
         raise runs.RunDirError(f"{args.out} holds a different sweep; choose another --out (it is never overwritten)")
     from panning.data import load_dataset
 
     bundle = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.split_seed)
-    rows = sweep.run_sweep(sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle))
+    if args.seeds and not set(args.seeds) <= set(sw.seeds):
+        raise UsageError(f"--seeds {args.seeds} are not all in the sweep's seeds {sw.seeds}")
+    rows = sweep.run_sweep(sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, agents=sw.agents),
+                           seeds=args.seeds)
     print(sweep.markdown_table(rows), end="")
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'accuracy_vs_sparsity.png'}")
     return 0
+
+
+def cmd_train_agent(args: argparse.Namespace) -> int:
+    """``panning train-agent``: PPO on panning/Panning-v0, checkpointed, resumable."""
+    import dataclasses
+
+    from agents.config import load_agent_config
+    from agents.train import train_agent
+
+    if (args.out is None) == (args.resume is None):
+        raise UsageError("give either --out DIR (a new run) or --resume DIR (continue one)")
+    if args.resume is not None:
+        if args.config is not None or args.timesteps is not None:
+            raise UsageError("--resume continues a run with its saved agent.yaml; --config and --timesteps do not apply")
+        record = train_agent(None, args.resume, resume=True)
+    else:
+        if args.config is None:
+            raise UsageError("--config is required for a new run (e.g. configs/agent/digits_mlp.yaml)")
+        cfg = load_agent_config(args.config)
+        if args.timesteps is not None:
+            cfg = dataclasses.replace(cfg, n_timesteps=args.timesteps)
+        from agents.train import resolve_env_config
+
+        resolve_env_config(cfg, args.config)  # validates the env settings before anything is written
+        record = train_agent(_with_env_path(cfg, args.config), args.out, overwrite=args.overwrite)
+    print(f"trained {record['timesteps']} steps" + (f" in {record['wall_seconds'] / 60:.1f} min" if "wall_seconds" in record else ""))
+    return 0
+
+
+def _with_env_path(cfg: Any, config_file: Path) -> Any:
+    """Make the env path of ``cfg`` absolute-or-cwd-relative, as it was resolved next to its file."""
+    import dataclasses
+
+    from agents.config import resolve_env_path
+
+    p = resolve_env_path(cfg, config_file)
+    return dataclasses.replace(cfg, env=None if p is None else str(p))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -249,6 +321,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn bad input into exit code 2 with one line on stderr."""
+    import warnings
+
+    # one readable line per warning (layer collapse, ...), not a source excerpt
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"panning: warning: {msg}\n"
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ class PruneSettings:
     min_per_layer: int = 0
     exclude: list[str] = field(default_factory=list)  # layers left dense, e.g. ["fc3"]
     scoring_per_class: int = 10  # class-balanced scoring batch: this many samples per class
+    policy: str | None = None  # a trained agent (agent.zip): prune with it; ``method`` is then only a label
 
 
 @dataclass

@@ -322,6 +322,7 @@ class PruneResult:
     schedule: str
     seconds: float
     history: list[StepRecord] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific record, e.g. a policy's choices
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (the body of ``prune.json``)."""
@@ -341,6 +342,7 @@ class PruneResult:
                 {"step": r.step, "weights": r.weights, "keep": r.keep, "sparsity": r.sparsity}
                 for r in self.history
             ],
+            **self.extra,
         }
 
 

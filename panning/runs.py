@@ -6,6 +6,7 @@ trains a network the same way. A run directory holds ``config.yaml`` (resolved),
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -84,8 +85,15 @@ def scoring_batches(cfg: RunConfig, bundle: DataBundle, device: torch.device) ->
 
 
 def prune_model(cfg: RunConfig, s: Setup) -> PruneResult:
-    """Prune the set-up model with the configured fixed method."""
+    """Prune the set-up model with the configured fixed method, or with a trained policy (``prune.policy``)."""
     p = cfg.prune
+    if p.policy:
+        from agents.policy import apply_policy
+
+        return apply_policy(
+            p.policy, s.model, p.sparsity, batches=scoring_batches(cfg, s.bundle, s.device),
+            input_shape=s.bundle.input_shape, exclude=p.exclude or None, seed=cfg.seed, method=p.method,
+        )
     return prune(
         s.model,
         p.method,
@@ -168,12 +176,16 @@ def load_run_masks(masks_path: str | Path) -> tuple[RunConfig, Masks, dict[str, 
     return cfg, Masks.load(mp), info
 
 
-def run_cell(cfg: RunConfig, cell: Any, out: Path, bundle: DataBundle | None = None, progress: bool | None = False) -> dict[str, Any]:
-    """One sweep cell (:class:`panning.sweep.Cell`): prune with its method (or keep dense), train, evaluate."""
+def run_cell(cfg: RunConfig, cell: Any, out: Path, bundle: DataBundle | None = None, progress: bool | None = False,
+             agents: dict[str, str] | None = None) -> dict[str, Any]:
+    """One sweep cell (:class:`panning.sweep.Cell`): prune with its method, or the trained agent of that
+    name in ``agents`` (or keep dense), then train and evaluate."""
     from panning.sweep import DENSE
 
     method = cell.method
     c = _config.override(cfg, {"seed": cell.seed, "prune.sparsity": cell.sparsity, "prune.method": None if method == DENSE else method})
+    # set explicitly (override skips None): a policy in the base config must not leak into fixed-method cells
+    c = dataclasses.replace(c, prune=dataclasses.replace(c.prune, policy=(agents or {}).get(method)))
     s = setup(c, bundle)
     t0 = time.perf_counter()
     if method == DENSE:

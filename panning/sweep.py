@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -40,7 +41,8 @@ class SweepConfig:
     """A sweep: a base run config plus the grid."""
 
     base: str = "configs/digits_mlp.yaml"  # run config; relative paths are tried from the sweep file, then the cwd
-    methods: list[str] = field(default_factory=lambda: ["snip"])
+    methods: list[str] = field(default_factory=lambda: ["snip"])  # fixed methods and/or names from ``agents``
+    agents: dict = field(default_factory=dict)  # label -> agent.zip of a trained policy, e.g. {agent: runs/demo/agent/best_agent.zip}
     sparsities: list[float] = field(default_factory=lambda: [0.9])
     seeds: list[int] = field(default_factory=lambda: [0])
     dense: bool = True  # also train the unpruned network once per seed
@@ -121,12 +123,14 @@ def read_rows(out: Path) -> list[dict[str, Any]]:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """results.csv with exactly :data:`COLUMNS`."""
-    with path.open("w", newline="") as f:
+    """results.csv with exactly :data:`COLUMNS` (written whole, then moved into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(r)
+    os.replace(tmp, path)
 
 
 def _group(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[float]]:
@@ -183,9 +187,12 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
         pts = sorted((s, *_mean_std(v)) for (mm, s), v in groups.items() if mm == m)
         xs = [1 - s for s, _, _ in pts]
         ax.errorbar(xs, [100 * a for _, a, _ in pts], yerr=[100 * e for _, _, e in pts], marker="o", capsize=3, label=m)
-    ax.set_xscale("log")
-    ax.invert_xaxis()
     ticks = sorted({1 - s for (_, s) in groups if s > 0}, reverse=True)
+    if len(ticks) == 1:  # a single sparsity: give the log axis some width around it
+        ax.set_xlim(ticks[0] * 2, ticks[0] / 2)
+    ax.set_xscale("log")
+    if len(ticks) != 1:
+        ax.invert_xaxis()
     if ticks:
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{100 * (1 - d):g}%" for d in ticks])
@@ -204,9 +211,12 @@ def write_reports(out: Path, title: str = "") -> list[dict[str, Any]]:
     """Rebuild results.csv, results.md and the plot from the finished cells."""
     rows = read_rows(out)
     write_csv(rows, out / "results.csv")
-    (out / "results.md").write_text(f"# {title}\n\nTest accuracy (%), mean ± std over seeds.\n\n" + markdown_table(rows))
+    tmp = out / "results.md.tmp"
+    tmp.write_text(f"# {title}\n\nTest accuracy (%), mean ± std over seeds.\n\n" + markdown_table(rows))
+    os.replace(tmp, out / "results.md")
     if rows:
-        plot(rows, out / "accuracy_vs_sparsity.png", title)
+        plot(rows, out / "accuracy_vs_sparsity.tmp.png", title)
+        os.replace(out / "accuracy_vs_sparsity.tmp.png", out / "accuracy_vs_sparsity.png")
     return rows
 
 
@@ -219,13 +229,18 @@ def run_sweep(
     out: Path,
     run_cell: CellRunner,
     *,
+    seeds: list[int] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> list[dict[str, Any]]:
-    """Run every unfinished cell with ``run_cell`` (which writes prune.json + metrics.json into its folder)."""
+    """Run every unfinished cell with ``run_cell`` (which writes prune.json + metrics.json into its folder).
+
+    ``seeds`` runs only those seeds of the grid (e.g. one process per seed on the same sweep
+    directory); the reports always cover every finished cell.
+    """
     out.mkdir(parents=True, exist_ok=True)
     _config.dump(sweep, out / "sweep.yaml")
     title = f"{run_cfg.dataset} / {run_cfg.model}"
-    grid = cells(sweep)
+    grid = [c for c in cells(sweep) if seeds is None or c.seed in seeds]
     todo = [c for c in grid if not (out / "cells" / c.key / "metrics.json").is_file()]
     log(f"{len(grid) - len(todo)}/{len(grid)} cells already finished; {len(todo)} to run")
     spent: list[float] = []

@@ -52,12 +52,12 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path: Path, monkeypatch
     interrupt = [True]
     real = runs.run_cell
 
-    def flaky(c, cell, d, bundle=None, progress=False):  # type: ignore[no-untyped-def]
+    def flaky(c, cell, d, bundle=None, progress=False, agents=None):  # type: ignore[no-untyped-def]
         calls.append(cell.key)
         if len(calls) == 3 and interrupt[0]:
             interrupt[0] = False
             raise KeyboardInterrupt  # Ctrl-C in the middle of the third cell
-        return real(c, cell, d, bundle, progress)
+        return real(c, cell, d, bundle, progress, agents)
 
     monkeypatch.setattr(runs, "run_cell", flaky)
     assert main(["benchmark", "--config", str(cfg), "--out", str(out)]) == 130

@@ -1,0 +1,188 @@
+"""Agent hyperparameters: YAML in the style of rl-baselines3-zoo, mapped onto a typed dataclass.
+
+A file in ``configs/agent/`` names the environment settings (``env``: a ``configs/env/*.yaml`` file,
+with ``env_kwargs`` laid over it) and PPO's hyperparameters by their SB3 names. ``learning_rate``
+and ``clip_range`` accept a number or a zoo-style linear schedule ``"lin_3e-4"`` (decays linearly to
+0 over training). Unknown keys are errors that name the key and the file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from panning import config as _config
+from panning.config import ConfigError
+
+__all__ = ["AgentConfig", "load_agent_config", "parse_schedule", "policy_kwargs"]
+
+
+@dataclass
+class AgentConfig:
+    """Everything ``panning train-agent`` needs; the defaults are sized for ``mlp`` on ``digits``."""
+
+    env: str | None = "configs/env/digits_mlp.yaml"  # env YAML; relative paths: from this file, then the cwd
+    env_kwargs: dict = field(default_factory=dict)  # laid over the env YAML (PanningEnvConfig fields)
+    n_timesteps: int = 12_000  # total env steps (pruning steps, not episodes)
+    n_envs: int = 2
+    vec_env: str = "subproc"  # "subproc" (one process per env) or "dummy" (all in this process)
+    seed: int = 0
+    policy: str = "MlpPolicy"
+    # PPO, by SB3's names. One env step costs a pruning step (and a proxy training at episode end),
+    # so rollouts are short: n_steps * n_envs env steps per update, not SB3's 2048.
+    n_steps: int = 50
+    batch_size: int = 50
+    n_epochs: int = 10
+    learning_rate: float | str = 3e-4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_range: float | str = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    normalize_advantage: bool = True
+    target_kl: float | None = None
+    policy_kwargs: dict = field(default_factory=dict)  # net_arch, activation_fn ("tanh"/"relu"), log_std_init, ortho_init
+    device: str = "cpu"  # the policy network: an MLP this small runs best on the CPU; envs use env.device
+    # evaluation, checkpoints
+    eval_freq: int = 1_000  # env steps between deterministic evaluations (0: none)
+    eval_targets: list[float] = field(default_factory=lambda: [0.98, 0.99])
+    eval_init_seeds: list[int] = field(default_factory=lambda: [1000, 1001])  # held out from training's pool
+    # fixed methods (each as its paper runs it) evaluated by the proxy beside the agent; "best single" = best non-panning one
+    eval_methods: list[str] = field(default_factory=lambda: ["synflow", "snip", "grasp_abs", "fts", "panning"])
+    checkpoint_freq: int = 1_000  # env steps between checkpoints
+    keep_checkpoints: int = 3  # older periodic checkpoints are deleted
+    threads: int = 1  # torch threads per process
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(f"bad agent config: {msg}")
+
+        for name in ("n_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "threads"):
+            if getattr(self, name) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_freq", "checkpoint_freq", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.vec_env not in ("subproc", "dummy"):
+            bad(f"vec_env must be 'subproc' or 'dummy', got {self.vec_env!r}")
+        if self.policy != "MlpPolicy":
+            bad(f"policy must be 'MlpPolicy' (observations are flat vectors), got {self.policy!r}")
+        if (self.n_steps * self.n_envs) % self.batch_size:
+            # SB3 only warns and then drops a truncated mini-batch; say it up front instead
+            bad(f"batch_size ({self.batch_size}) must divide n_steps * n_envs ({self.n_steps * self.n_envs})")
+        parse_schedule(self.learning_rate, "learning_rate")
+        parse_schedule(self.clip_range, "clip_range")
+        if not 0 < self.gamma <= 1 or not 0 < self.gae_lambda <= 1:
+            bad("gamma and gae_lambda must lie in (0, 1]")
+        for s in self.eval_targets:
+            if not 0 <= s < 1:
+                bad(f"eval_targets must lie in [0, 1), got {s}")
+        if self.eval_freq and (not self.eval_targets or not self.eval_init_seeds):
+            bad("evaluation needs at least one eval_targets value and one eval_init_seeds value (or eval_freq: 0)")
+        policy_kwargs(self.policy_kwargs)
+
+
+def parse_schedule(value: float | str, name: str = "value") -> float | Callable[[float], float]:
+    """A constant, or ``"lin_X"``: X * progress_remaining (SB3 passes 1 -> 0 over training)."""
+    if isinstance(value, str) and not value.startswith("lin_"):
+        try:
+            value = float(value)  # PyYAML reads "3e-4" (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"bad agent config: {name} must be a number or 'lin_<number>', got {value!r}") from None
+    if isinstance(value, str):
+        try:
+            start = float(value[4:])
+        except ValueError:
+            raise ConfigError(f"bad agent config: {name}: cannot read a number in {value!r}") from None
+        if not (start > 0 and math.isfinite(start)):
+            raise ConfigError(f"bad agent config: {name} must be positive, got {value!r}")
+        return _Linear(start)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"bad agent config: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+class _Linear:
+    """Picklable linear schedule (SB3 saves schedules inside the agent's zip)."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+
+    def __call__(self, progress_remaining: float) -> float:
+        return self.start * progress_remaining
+
+    def __repr__(self) -> str:
+        return f"lin_{self.start:g}"
+
+
+_ACTIVATIONS = ("tanh", "relu", "elu", "leaky_relu")
+_POLICY_KEYS = ("net_arch", "activation_fn", "log_std_init", "ortho_init", "squash_output")
+
+
+def policy_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
+    """SB3 ``policy_kwargs`` from plain YAML (activation given by name rather than by Python object)."""
+    import torch.nn as nn
+
+    unknown = set(raw) - set(_POLICY_KEYS)
+    if unknown:
+        raise ConfigError(f"bad agent config: unknown policy_kwargs {sorted(unknown)}; known: {', '.join(_POLICY_KEYS)}")
+    out = dict(raw)
+    if "activation_fn" in out:
+        name = out["activation_fn"]
+        if name not in _ACTIVATIONS:
+            raise ConfigError(f"bad agent config: activation_fn must be one of {', '.join(_ACTIVATIONS)}, got {name!r}")
+        out["activation_fn"] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}[name]
+    return out
+
+
+def resolve_env_path(cfg: AgentConfig, config_file: Path | None) -> Path | None:
+    """The env YAML of ``cfg``: relative paths are tried next to the agent config, then from the cwd."""
+    if cfg.env is None:
+        return None
+    p = Path(cfg.env)
+    candidates = [p] if p.is_absolute() else ([config_file.parent / p] if config_file else []) + [p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"env config {cfg.env!r} not found (tried {', '.join(str(c) for c in candidates)})")
+
+
+_INT_FIELDS = ("n_timesteps", "n_envs", "seed", "n_steps", "batch_size", "n_epochs", "eval_freq", "checkpoint_freq",
+               "keep_checkpoints", "threads")
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Read ``configs/agent/*.yaml`` into :class:`AgentConfig` (unknown keys name the key and the file).
+
+    As in rl-baselines3-zoo files, whole numbers may be written as floats (``n_timesteps: !!float 1e4``)
+    and numbers in exponent notation without a dot (``3e-4``, which YAML reads as a string) are accepted.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: malformed YAML ({str(e).splitlines()[0] if str(e) else 'invalid YAML'})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of settings at the top level")
+    for key in _INT_FIELDS:
+        v = data.get(key)
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                continue  # left for the typed check to report
+        if isinstance(v, float) and v.is_integer():
+            data[key] = int(v)
+    for key in ("gamma", "gae_lambda", "ent_coef", "vf_coef", "max_grad_norm", "target_kl"):
+        if isinstance(data.get(key), str):
+            try:
+                data[key] = float(data[key])
+            except ValueError:
+                pass
+    return _config.from_dict(AgentConfig, data, str(p))

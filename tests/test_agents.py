@@ -1,0 +1,262 @@
+"""The panning agent: training, TensorBoard scalars, resume, saved metadata, applying a policy."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from agents.config import AgentConfig, load_agent_config, parse_schedule
+from agents.policy import META_MEMBER, AgentError, apply_policy, check_agent_file, load_agent
+from agents.train import AGENT_FILE, BEST_FILE, RunExists, train_agent
+from envs.panning_env import PanningEnv
+from panning.config import ConfigError
+from panning.masks import keep_count
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "agent" / "tiny.yaml"
+
+pytestmark = pytest.mark.filterwarnings("ignore:layer collapse", "ignore:Training and eval env")
+
+
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dirs = sorted((run / "tb").glob("PPO_*"))
+    assert [d.name for d in dirs] == ["PPO_1"], dirs  # one run folder, also after a resume
+    ea = EventAccumulator(str(dirs[0]), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("agent") / "run"
+    record = train_agent(TINY, out, log=lambda s: None)
+    assert record["timesteps"] == 120 and record["finished"]
+    return out
+
+
+def test_tiny_run_writes_a_loadable_agent_and_custom_scalars(trained: Path) -> None:
+    for name in (AGENT_FILE, BEST_FILE, "agent.yaml", "train.json", "eval.json"):
+        assert (trained / name).is_file(), name
+    agent = load_agent(trained / AGENT_FILE)
+    assert agent.indices == ["synflow", "snip", "grasp_abs"]
+    assert agent.pruning_steps == 3
+    assert agent.metadata["trained_timesteps"] == 120
+    assert agent.model.num_timesteps == 120
+    tags = _scalars(trained)
+    for tag in ("rollout/ep_rew_mean", "train/value_loss", "episode/proxy_accuracy", "episode/final_sparsity",
+                "episode/effective_sparsity", "policy/step01_weight_synflow", "policy/step03_share",
+                "eval/mean_reward", "eval/agent_proxy_accuracy", "eval/fixed_synflow_proxy_accuracy",
+                "eval/fixed_panning_proxy_accuracy", "eval/best_single_proxy_accuracy"):
+        assert tag in tags, tag
+    assert [s for s, _ in tags["eval/agent_proxy_accuracy"]] == [48, 96]
+    finals = [v for _, v in tags["episode/final_sparsity"]]
+    assert max(finals) == pytest.approx(0.9, abs=1e-3) and min(finals) > 0  # the tiny env's fixed target
+    best = load_agent(trained / BEST_FILE)
+    assert best.indices == agent.indices and "eval_mean_reward" in best.metadata
+    evals = json.loads((trained / "eval.json").read_text())
+    assert [e["timesteps"] for e in evals] == [48, 96]
+    assert {"agent", "fixed_synflow", "fixed_panning"} <= set(evals[0]["episodes"][0])
+
+
+def test_resume_continues_the_step_count(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    def interrupt(msg: str) -> None:  # Ctrl-C arriving just after the first evaluation
+        if "eval" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_agent(TINY, out, log=interrupt)
+    saved = [p.name for p in (out / "checkpoints").glob("*interrupted*")]
+    assert len(saved) == 1
+    first = json.loads((out / "train.json").read_text())
+    assert not first["finished"] and 48 <= first["timesteps"] < 120
+    assert not (out / AGENT_FILE).exists()
+    with pytest.raises(RunExists, match="--resume"):
+        train_agent(TINY, out, log=lambda s: None)
+    logs: list[str] = []
+    record = train_agent(None, out, resume=True, log=logs.append)
+    assert f"at {first['timesteps']} steps" in logs[0]  # continued from the Ctrl-C checkpoint
+    assert record["timesteps"] == 120 and record["finished"] and record["sessions"] == 2
+    assert load_agent(out / AGENT_FILE).model.num_timesteps == 120
+    steps = [s for s, _ in _scalars(out)["eval/agent_proxy_accuracy"]]
+    assert steps == [48, 96]  # one continuous curve, in the same tb/PPO_1
+    again = train_agent(None, out, resume=True, log=lambda s: None)  # finished: nothing to do
+    assert again["timesteps"] == 120
+
+
+def _rewrite_meta(src: Path, dst: Path, **changes) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.namelist():
+            data = zin.read(item)
+            if item == META_MEMBER:
+                meta = json.loads(data)
+                meta.update(changes)
+                data = json.dumps(meta).encode()
+            zout.writestr(item, data)
+
+
+def test_mismatched_agents_fail_with_a_clear_message(trained: Path, tmp_path: Path) -> None:
+    path = trained / AGENT_FILE
+    with pytest.raises(AgentError, match=r"trained with indices \['synflow', 'snip', 'grasp_abs'\].*requested"):
+        load_agent(path, indices=["snip", "synflow", "grasp_abs"])
+    old = tmp_path / "old.zip"
+    _rewrite_meta(path, old, obs_version=0)
+    with pytest.raises(AgentError, match="observation version 0.*retrain"):
+        load_agent(old)
+    gone = tmp_path / "gone.zip"
+    _rewrite_meta(path, gone, indices=["synflow", "snip", "no_such_index"])
+    with pytest.raises(AgentError, match="no_such_index"):
+        check_agent_file(gone)
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(plain, "w") as zout:
+        for item in zin.namelist():
+            if item != META_MEMBER:
+                zout.writestr(item, zin.read(item))
+    with pytest.raises(AgentError, match="not an agent saved by"):
+        load_agent(plain)
+    with pytest.raises(AgentError, match="does not exist"):
+        load_agent(tmp_path / "missing.zip")
+
+
+def test_policy_in_the_env_and_apply_policy_give_the_same_masks(trained: Path) -> None:
+    agent = load_agent(trained / AGENT_FILE)
+    env = PanningEnv(ROOT / "configs" / "env" / "tiny.yaml", target_sparsity=0.95)
+    obs, _ = env.reset(options={"init_seed": 7})
+    done = False
+    while not done:
+        action, _ = agent.model.predict(obs, deterministic=True)
+        obs, _, done, _, info = env.step(action)
+    result = apply_policy(agent, env.model, 0.95, batches=env.batches, seed=7)
+    assert result.masks.equal(env.masks)
+    assert result.masks.num_kept == keep_count(result.masks.num_total, 0.95)
+    record = result.extra["policy"]
+    assert len(record["steps"]) == 3 and record["indices"] == agent.indices
+    assert record["steps"][-1]["keep"] == result.masks.num_kept
+
+
+class _SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.fc1 = nn.Linear(6 * 8 * 8, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.97])
+def test_apply_policy_on_any_module_gives_exactly_the_requested_sparsity(trained: Path, sparsity: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 1, 8, 8, generator=g)
+    y = torch.arange(200) % 10
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    model = _SmallCNN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = apply_policy(trained / AGENT_FILE, model, sparsity, loader, scoring_per_class=4)
+    assert result.masks.num_kept == keep_count(result.masks.num_total, sparsity)
+    assert set(result.masks) == {"conv.weight", "fc1.weight", "fc2.weight"}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # model untouched
+    again = apply_policy(trained / AGENT_FILE, model, sparsity, loader, scoring_per_class=4)
+    assert again.masks.equal(result.masks) and len(again.history) == 3  # deterministic
+    with pytest.raises(ValueError, match="scoring data"):
+        apply_policy(trained / AGENT_FILE, model, sparsity)
+
+
+def test_cli_prune_with_policy_and_bad_agents(trained: Path, tmp_path: Path) -> None:
+    from panning.cli import main
+
+    out = tmp_path / "p"
+    assert main(["prune", "--policy", str(trained / AGENT_FILE), "--model", "mlp", "--dataset", "digits",
+                 "--sparsity", "0.96", "--out", str(out), "--no-progress"]) == 0
+    info = json.loads((out / "prune.json").read_text())
+    assert info["method"] == "agent" and info["sparsity"] == pytest.approx(0.96, abs=1e-4)
+    assert len(info["policy"]["steps"]) == 3
+    bad = tmp_path / "bad.zip"
+    _rewrite_meta(trained / AGENT_FILE, bad, obs_version=99)
+    r = subprocess.run([sys.executable, "-m", "panning.cli", "prune", "--policy", str(bad), "--sparsity", "0.9",
+                        "--out", str(tmp_path / "q")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "retrain" in r.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_train_agent_usage_errors(trained: Path, tmp_path: Path, capsys) -> None:
+    from panning.cli import main
+
+    def fails(*argv: str, match: str) -> None:
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+
+    fails("train-agent", "--config", str(TINY), match="--out DIR")  # neither --out nor --resume
+    fails("train-agent", "--config", str(TINY), "--out", str(trained), match="--resume")  # would overwrite
+    fails("train-agent", "--resume", str(tmp_path / "nothing"), match="no agent run")
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("n_timestep: 100\n")
+    fails("train-agent", "--config", str(cfg), "--out", str(tmp_path / "x"), match="n_timestep")
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    fails("train-agent", "--config", str(TINY), "--out", str(other), "--overwrite", match="no agent run")
+    assert (other / "notes.txt").read_text() == "keep me"  # --overwrite never empties a foreign folder
+    missing = tmp_path / "mnist.yaml"
+    missing.write_text(f"env: {ROOT / 'configs' / 'env' / 'tiny.yaml'}\nenv_kwargs: {{dataset: mnist, data_dir: {tmp_path / 'nodata'}}}\n")
+    fails("train-agent", "--config", str(missing), "--out", str(tmp_path / "y"), match="nodata")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing written
+
+
+def test_sweep_with_an_agent(trained: Path, tmp_path: Path) -> None:
+    from panning.cli import main
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        f"base: {ROOT / 'configs' / 'digits_mlp.yaml'}\nmethods: [snip, agent]\n"
+        f"agents: {{agent: {trained / AGENT_FILE}}}\nsparsities: [0.9]\nseeds: [0]\ndense: false\n"
+        "overrides: {train.epochs: 1}\n"
+    )
+    assert main(["benchmark", "--config", str(sweep), "--out", str(tmp_path / "b")]) == 0
+    rows = (tmp_path / "b" / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and any(r.split(",")[2] == "agent" for r in rows[1:])
+
+
+def test_subproc_training_and_overwrite(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(load_agent_config(TINY), vec_env="subproc", n_timesteps=24, eval_freq=0, checkpoint_freq=0,
+                              env=str(ROOT / "configs" / "env" / "tiny.yaml"))
+    out = tmp_path / "run"
+    assert train_agent(cfg, out, log=lambda s: None)["timesteps"] == 24
+    (out / "keep.txt").write_text("mine")
+    assert train_agent(cfg, out, overwrite=True, log=lambda s: None)["timesteps"] == 24
+    assert (out / "keep.txt").read_text() == "mine"  # only the run's own files were replaced
+    assert json.loads((out / "train.json").read_text())["sessions"] == 1
+
+
+def test_agent_config_validation(tmp_path: Path) -> None:
+    assert parse_schedule("lin_1e-3")(0.5) == pytest.approx(5e-4)
+    assert parse_schedule(0.2) == 0.2
+    assert parse_schedule("3e-4") == pytest.approx(3e-4)  # YAML reads 3e-4 as a string
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("n_timesteps: !!float 1e4\nlearning_rate: 3e-4\nent_coef: 1e-3\n")
+    z = load_agent_config(zoo)
+    assert z.n_timesteps == 10_000 and z.ent_coef == pytest.approx(1e-3)
+    for bad, match in [({"learning_rate": "exp_1"}, "lin_"), ({"n_steps": 10, "batch_size": 7}, "divide"),
+                       ({"vec_env": "ray"}, "vec_env"), ({"policy_kwargs": {"activation_fn": "gelu2"}}, "activation_fn"),
+                       ({"eval_targets": [1.0]}, "eval_targets")]:
+        with pytest.raises(ConfigError, match=match):
+            AgentConfig(**bad)
+    shipped = load_agent_config(ROOT / "configs" / "agent" / "digits_mlp.yaml")
+    assert shipped.n_envs * shipped.n_steps % shipped.batch_size == 0
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("n_timestep: 3\n")
+    with pytest.raises(ConfigError, match="n_timestep"):
+        load_agent_config(unknown)
