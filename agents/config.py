@@ -159,17 +159,7 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     As in rl-baselines3-zoo files, whole numbers may be written as floats (``n_timesteps: !!float 1e4``)
     and numbers in exponent notation without a dot (``3e-4``, which YAML reads as a string) are accepted.
     """
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: malformed YAML ({str(e).splitlines()[0] if str(e) else 'invalid YAML'})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of settings at the top level")
+    data = _config.read_yaml(path)
     for key in _INT_FIELDS:
         v = data.get(key)
         if isinstance(v, str):
@@ -185,4 +175,4 @@ def load_agent_config(path: str | Path) -> AgentConfig:
                 data[key] = float(data[key])
             except ValueError:
                 pass
-    return _config.from_dict(AgentConfig, data, str(p))
+    return _config.from_dict(AgentConfig, data, str(path))

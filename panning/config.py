@@ -109,8 +109,8 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
     return cls(**kwargs)
 
 
-def load(path: str | Path, cls: type = RunConfig) -> Any:
-    """Read a YAML config file into ``cls``."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (ConfigError if missing, malformed or not a mapping)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
@@ -121,7 +121,12 @@ def load(path: str | Path, cls: type = RunConfig) -> Any:
         raise ConfigError(f"{p}: malformed YAML ({first})") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{p}: expected a mapping of settings at the top level")
-    return from_dict(cls, data, str(p))
+    return dict(data)
+
+
+def load(path: str | Path, cls: type = RunConfig) -> Any:
+    """Read a YAML config file into ``cls``."""
+    return from_dict(cls, read_yaml(path), str(path))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

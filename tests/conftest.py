@@ -28,7 +28,8 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    # 2-core CI machine: oversubscription makes small ops slower, not faster.
-    torch.set_num_threads(2)
+def _one_thread():
+    # Small matrices on a shared 2-core machine: a second intra-op thread mostly adds synchronisation
+    # (and stalls whenever the other core is busy).
+    torch.set_num_threads(1)
     yield

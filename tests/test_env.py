@@ -8,7 +8,6 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import Dataset
@@ -22,15 +21,6 @@ from panning.pruner import prune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "env" / "tiny.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: a second intra-op thread only adds synchronisation (and stalls on a busy machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**overrides) -> PanningEnv:
