@@ -260,3 +260,35 @@ def test_agent_config_validation(tmp_path: Path) -> None:
     unknown.write_text("n_timestep: 3\n")
     with pytest.raises(ConfigError, match="n_timestep"):
         load_agent_config(unknown)
+
+
+def test_policy_flags_that_the_agent_decides_are_refused(trained: Path, tmp_path: Path, capsys) -> None:
+    from panning.cli import main
+
+    out = tmp_path / "p"
+    assert main(["prune", "--policy", str(trained / AGENT_FILE), "--sparsity", "0.9", "--iterations", "5",
+                 "--out", str(out)]) == 2
+    assert "--iterations cannot be combined with --policy" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sweep_refuses_an_agent_named_like_a_method(trained: Path, tmp_path: Path, capsys) -> None:
+    from panning.cli import main
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {ROOT / 'configs' / 'digits_mlp.yaml'}\nmethods: [snip]\n"
+                     f"agents: {{snip: {trained / AGENT_FILE}}}\nsparsities: [0.9]\n")
+    assert main(["benchmark", "--config", str(sweep), "--out", str(tmp_path / "b")]) == 2
+    assert "also a fixed method" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_evaluation_on_training_initialisations_is_refused(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(load_agent_config(TINY), env=str(ROOT / "configs" / "env" / "tiny.yaml"),
+                              eval_init_seeds=[1])  # the tiny env trains on inits 0 and 1
+    with pytest.raises(ConfigError, match="held-out"):
+        train_agent(cfg, tmp_path / "r", log=lambda s: None)
+    bad_method = dataclasses.replace(cfg, eval_init_seeds=[1000], eval_methods=["nope"])
+    with pytest.raises(ConfigError, match="unknown eval method"):
+        train_agent(bad_method, tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r").exists()
