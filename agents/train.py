@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -261,8 +262,6 @@ def _baseline_fn(env: Any, methods: list[str]) -> Callable[[float, int], dict[st
             model = build_model(cfg.model, env.bundle.num_classes, env.bundle.input_shape, seed=init, init=cfg.init).to(env.device)
             out = {}
             for m in methods:
-                import warnings
-
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # collapse is scored (low accuracy), not fatal
                     res = prune(model, m, target, env.batches, input_shape=env.bundle.input_shape, exclude=cfg.exclude,
@@ -417,8 +416,6 @@ def train_agent(
             f"update); TensorBoard: tensorboard --logdir {out / 'tb'}")
         t0 = time.perf_counter()
         interrupted = False
-        import warnings
-
         # the eval env is deliberately a DummyVecEnv in this process (its episode infos are read back)
         warnings.filterwarnings("ignore", "Training and eval env are not of the same type")
         try:
