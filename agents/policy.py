@@ -102,12 +102,12 @@ _REQUIRED = ("format", "obs_version", "observation_size", "feature_names", "acti
 
 
 def _check(meta: dict[str, Any], path: Path, indices: Sequence[str] | None) -> None:
-    missing = [k for k in _REQUIRED if k not in meta] if isinstance(meta, dict) else list(_REQUIRED)
-    if missing and isinstance(meta, dict) and meta.get("format") == FORMAT:
-        raise AgentError(f"{path}: its {META_MEMBER} lacks {', '.join(missing)}; the file is damaged")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise AgentError(f"{path} has agent format {found!r}; this panning reads {FORMAT!r}")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise AgentError(f"{path}: its {META_MEMBER} lacks {', '.join(missing)}; the file is damaged")
     if meta.get("obs_version") != OBS_VERSION:
         raise AgentError(
             f"{path} was trained on observation version {meta.get('obs_version')}; this panning "

@@ -312,11 +312,16 @@ def train_agent(
     config: AgentConfig | str | Path | None = None,
     out: str | Path = "runs/agent",
     *,
+    config_file: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] = _print,
 ) -> dict[str, Any]:
-    """Train (or, with ``resume``, continue training) a PPO agent; returns the ``train.json`` record."""
+    """Train (or, with ``resume``, continue training) a PPO agent; returns the ``train.json`` record.
+
+    ``config`` is an :class:`AgentConfig` or the path of its YAML; ``config_file`` says where a given
+    dataclass was read from, so that its relative ``env`` path resolves next to that file.
+    """
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.monitor import Monitor
@@ -333,9 +338,12 @@ def train_agent(
         cfg = load_agent_config(out / CONFIG_FILE)
         env_config = resolve_env_config(cfg)
     else:
-        config_file = Path(config) if isinstance(config, (str, Path)) else None
-        cfg = load_agent_config(config_file) if config_file else (config or AgentConfig())
-        env_config = resolve_env_config(cfg, config_file)
+        if isinstance(config, (str, Path)):
+            config_file = config
+            cfg = load_agent_config(config)
+        else:
+            cfg = config or AgentConfig()
+        env_config = resolve_env_config(cfg, Path(config_file) if config_file else None)
         if out.exists() and any(out.iterdir()):
             if not overwrite:
                 raise RunExists(f"{out} already holds files; use --resume {out} to continue that run, or --overwrite")

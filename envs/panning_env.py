@@ -337,14 +337,11 @@ class PanningEnv(gym.Env):
             normalisation=cfg.normalisation, seed=init_seed,
         )
         ep = self.episode
-        self.N = ep.N
-        self.final_keep = ep.final_keep
-        self.target_density = ep.target_density
         self._done = False
         self._phi = 0.0
         obs = ep.observe()
-        info = {"target_sparsity": target, "init_seed": init_seed, "num_prunable": self.N,
-                "target_keep": self.final_keep, "sparsity": 0.0, "timing": dict(ep.timing)}
+        info = {"target_sparsity": target, "init_seed": init_seed, "num_prunable": ep.N,
+                "target_keep": ep.final_keep, "sparsity": 0.0, "timing": dict(ep.timing)}
         return obs, info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:

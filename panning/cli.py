@@ -287,22 +287,9 @@ def cmd_train_agent(args: argparse.Namespace) -> int:
         cfg = load_agent_config(args.config)
         if args.timesteps is not None:
             cfg = dataclasses.replace(cfg, n_timesteps=args.timesteps)
-        from agents.train import resolve_env_config
-
-        resolve_env_config(cfg, args.config)  # validates the env settings before anything is written
-        record = train_agent(_with_env_path(cfg, args.config), args.out, overwrite=args.overwrite)
+        record = train_agent(cfg, args.out, config_file=args.config, overwrite=args.overwrite)
     print(f"trained {record['timesteps']} steps" + (f" in {record['wall_seconds'] / 60:.1f} min" if "wall_seconds" in record else ""))
     return 0
-
-
-def _with_env_path(cfg: Any, config_file: Path) -> Any:
-    """Make the env path of ``cfg`` absolute-or-cwd-relative, as it was resolved next to its file."""
-    import dataclasses
-
-    from agents.config import resolve_env_path
-
-    p = resolve_env_path(cfg, config_file)
-    return dataclasses.replace(cfg, env=None if p is None else str(p))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
