@@ -18,6 +18,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 __all__ = [
+    "keep_bits",
+    "as_numbers",
+    "zero_pruned",
     "preserved_modes",
     "masked_weights",
     "other_tensors",
@@ -26,6 +29,58 @@ __all__ = [
     "forward_probe",
     "output_taps",
 ]
+
+
+# Signed integer types of the same width as a float type, to AND its bit patterns with a mask.
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def keep_bits(mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """``mask`` as an integer tensor of ``dtype``'s width: every bit set where kept, 0 where pruned.
+
+    ANDing a float tensor's bits with it (:func:`zero_pruned`) zeroes pruned entries exactly, NaN and
+    inf included, and leaves kept entries bit for bit; on CPU it costs as little as a multiply, where
+    ``masked_fill`` or ``tensor * bool_mask`` take 6-12 times longer (LeNet-300-100's first layer:
+    33 us vs 410 us for ``masked_fill_``, measured on the 2-core CPU machine). None for a
+    dtype it cannot serve (non-float or complex); callers then fall back to ``masked_fill``.
+    """
+    if not dtype.is_floating_point:
+        return None
+    itype = _INT_OF_WIDTH.get(torch.empty((), dtype=dtype).element_size())
+    if itype is None:
+        return None
+    return as_numbers(mask, itype).neg_()  # True -> 1 -> -1, i.e. all bits set
+
+
+def as_numbers(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask as 0/1 in ``dtype``. Through a uint8 view: on CPU a bool->float conversion
+    is about 10x slower than uint8->float (375 vs 32 us for 235k entries, 2-core CPU machine)."""
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8).to(dtype)
+    return mask.to(dtype)
+
+
+def zero_pruned(t: Tensor, bits: Tensor | None, mask: Tensor, *, inplace: bool = False) -> Tensor:
+    """``t`` with its pruned entries set to exactly +0 (``bits`` from :func:`keep_bits` of ``mask``).
+
+    ``inplace=True`` writes into ``t``'s storage outside autograd (for parameters and optimiser
+    state, like ``p.data`` edits). Out of place, a tensor that requires grad goes through
+    differentiable ``masked_fill``, as does any ``t`` that ``bits`` does not fit (None, other width
+    or device).
+    """
+    fits = (bits is not None and bits.device == t.device and t.is_floating_point()
+            and t.element_size() == bits.element_size())
+    if fits and inplace:
+        t.detach().view(bits.dtype).bitwise_and_(bits)
+        return t
+    if fits and not t.requires_grad:
+        return t.view(bits.dtype).bitwise_and(bits).view(t.dtype)
+    pruned = ~mask.to(t.device)
+    if inplace:
+        with torch.no_grad():
+            t.masked_fill_(pruned, 0)
+        return t
+    return t.masked_fill(pruned, 0)
 
 
 @contextmanager
@@ -59,7 +114,7 @@ def masked_weights(
     out: dict[str, Tensor] = {}
     for name, mask in masks.items():
         p = params[name].detach()
-        w = p * mask.to(p.device)  # bool mask: one fused pass, result keeps p's dtype
+        w = p * as_numbers(mask.to(p.device), p.dtype)
         if absolute:
             w = w.abs()
         if dtype is not None:

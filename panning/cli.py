@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
         p.add_argument("--data-dir", help="dataset folder (default: $PANNING_DATA, else ~/.cache/panning)")
         p.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
         p.add_argument("--seed", type=int, help="seed for initialisation, scoring batch and training")
+        p.add_argument("--init", help="weight initialisation: kaiming_normal (default), kaiming_uniform, "
+                                      "xavier_normal, variance_scaling (SNIP's code), default (PyTorch's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default auto: CUDA if present)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -51,6 +53,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch-size", type=int, help="training batch size")
+    p.add_argument("--reinit", action="store_true", default=None,
+                   help="train from a fresh draw of the weights under the mask (SNIP's code; the reinitialisation check)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +126,8 @@ def _resolve(args: argparse.Namespace, base: Any = None) -> Any:
             "data_dir": get("data_dir"),
             "download": get("download"),
             "seed": get("seed"),
+            "init": get("init"),
+            "reinit": get("reinit"),
             "device": get("device"),
             "prune.method": get("method") or ("agent" if get("policy") else None),
             "prune.policy": get("policy"),
@@ -145,12 +151,14 @@ def _validate(cfg: Any) -> None:
     """Check names and ranges before any data is loaded or anything is written."""
     from panning.data import available_datasets
     from panning.masks import keep_count
-    from panning.models import available_models
+    from panning.models import INITS, available_models
     from panning.pruner import available_methods
     from panning.train import resolve_device
 
     if cfg.model not in available_models() and not cfg.model.startswith("tv:"):
         raise UsageError(f"unknown model {cfg.model!r}; valid models: {', '.join(available_models())}, tv:<torchvision name>")
+    if cfg.init not in INITS:
+        raise UsageError(f"unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
     if cfg.dataset not in available_datasets():
         raise UsageError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(available_datasets())}")
     if cfg.prune.policy:
@@ -296,13 +304,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     """``panning list``: the names every flag accepts."""
     from panning.data import available_datasets
     from panning.indices import available_indices
-    from panning.models import available_models
+    from panning.models import INITS, available_models
     from panning.pruner import available_methods
 
     print("models:   " + ", ".join(available_models()) + ", tv:<torchvision model>")
     print("datasets: " + ", ".join(available_datasets()))
     print("methods:  " + ", ".join(available_methods()))
     print("indices:  " + ", ".join(available_indices()))
+    print("inits:    " + ", ".join(INITS))
     return 0
 
 

@@ -50,6 +50,9 @@ class RunConfig:
     split_seed: int = 0  # the validation split is a property of the dataset, fixed across seeds
     device: str = "auto"
     init: str = "kaiming_normal"
+    # True: train from a fresh draw of the weights (same init, another seed) under the mask found on
+    # the first draw, as SNIP's public code does; False: train the very weights that were scored.
+    reinit: bool = False
     prune: PruneSettings = field(default_factory=PruneSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from panning._functional import keep_bits, zero_pruned
+
 __all__ = [
     "MaskError",
     "MaskHandle",
@@ -317,7 +319,8 @@ class Masks(Mapping[str, Tensor]):
         with torch.no_grad():
             for k, m in self._data.items():
                 p = params[k]
-                p.masked_fill_(~m.to(p.device), 0)
+                m = m.to(p.device)
+                zero_pruned(p, keep_bits(m, p.dtype), m, inplace=True)
         return model
 
 
@@ -515,10 +518,12 @@ def select_topk(
 
 
 class _DeviceMask:
-    """A mask cached per device, so hooks keep working after ``model.to(device)``."""
+    """A mask, and its bit form (:func:`panning._functional.keep_bits`), cached per device and dtype,
+    so hooks keep working after ``model.to(device)`` and pay the conversion once."""
 
     def __init__(self, mask: Tensor) -> None:
         self._by_device: dict[torch.device, Tensor] = {mask.device: mask}
+        self._bits: dict[tuple[torch.device, torch.dtype], Tensor | None] = {}
 
     def on(self, device: torch.device) -> Tensor:
         m = self._by_device.get(device)
@@ -526,6 +531,13 @@ class _DeviceMask:
             m = next(iter(self._by_device.values())).to(device)
             self._by_device[device] = m
         return m
+
+    def zero(self, t: Tensor, inplace: bool = False) -> Tensor:
+        """``t`` with pruned entries exactly 0 (NaN/inf included)."""
+        key = (t.device, t.dtype)
+        if key not in self._bits:
+            self._bits[key] = keep_bits(self.on(t.device), t.dtype)
+        return zero_pruned(t, self._bits[key], self.on(t.device), inplace=inplace)
 
 
 class MaskHandle:
@@ -573,23 +585,20 @@ def enforce(model: nn.Module, masks: Masks, optimizer: torch.optim.Optimizer | N
 
     def make_grad_hook(dm: _DeviceMask):
         def hook(grad: Tensor) -> Tensor:
-            # masked_fill, not multiply: a NaN/inf gradient times 0 would not be 0
-            return grad.masked_fill(~dm.on(grad.device), 0)
+            # exact zeros even for a NaN/inf gradient (a multiply by 0 would leave NaN)
+            return dm.zero(grad)
 
         return hook
 
     def zero_state() -> None:
         with torch.no_grad():
             for k, p in params.items():
-                keep = dm_on(k, p)
-                p.masked_fill_(~keep, 0)
+                dm = dev_masks[k]
+                dm.zero(p, inplace=True)
                 if optimizer is not None:
                     for v in optimizer.state.get(p, {}).values():
-                        if isinstance(v, Tensor) and v.shape == p.shape and v.device == p.device:
-                            v.masked_fill_(~keep, 0)
-
-    def dm_on(k: str, p: Tensor) -> Tensor:
-        return dev_masks[k].on(p.device)
+                        if isinstance(v, Tensor) and v.shape == p.shape:
+                            dm.zero(v, inplace=True)
 
     for k, p in params.items():
         if p.requires_grad:

@@ -23,6 +23,9 @@ Initialisation (``init``), applied to every Conv/Linear module:
   i.e. N(0, 2/fan_in);
 - ``"kaiming_uniform"``: ``kaiming_uniform_(w, mode="fan_in", nonlinearity="relu")``;
 - ``"xavier_normal"``: ``xavier_normal_(w)`` (gain 1);
+- ``"variance_scaling"``: TensorFlow 1's ``variance_scaling_initializer()`` defaults, which SNIP's public
+  code uses: a normal truncated at two standard deviations, scaled so that the variance is 1/fan_in
+  (std ``sqrt(1/fan_in) / 0.8796``, the truncation correction TF applies);
 - ``"default"``: PyTorch's (or torchvision's) own initialisation, untouched.
 
 With every option but ``"default"`` biases are set to 0 and norm layers to weight 1, bias 0.
@@ -45,6 +48,8 @@ __all__ = [
     "available_models",
     "build_model",
     "init_weights",
+    "reinit_weights",
+    "REINIT_SEED_OFFSET",
     "MLP",
     "LeNet5",
     "VGG",
@@ -52,7 +57,9 @@ __all__ = [
 ]
 
 TV_PREFIX = "tv:"
-INITS = ("kaiming_normal", "kaiming_uniform", "xavier_normal", "default")
+INITS = ("kaiming_normal", "kaiming_uniform", "xavier_normal", "variance_scaling", "default")
+# reinit_weights draws from seed + this, a stream no other seed of a sweep uses for its first draw
+REINIT_SEED_OFFSET = 1_000_003
 
 
 # --------------------------------------------------------------------------- architectures
@@ -260,6 +267,16 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     raise ValueError(f"no 3-channel Conv2d found to adapt to {in_channels} input channels")
 
 
+# std of a standard normal truncated to [-2, 2]; TF divides by it so the truncated draw keeps variance 1/fan_in
+_TRUNC_STD = 0.87962566103423978
+
+
+def _variance_scaling_(w: torch.Tensor) -> None:
+    fan_in = w[0].numel()  # Linear: in_features; Conv: in_channels/groups * kernel size
+    std = math.sqrt(1.0 / fan_in) / _TRUNC_STD
+    nn.init.trunc_normal_(w, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
 def init_weights(model: nn.Module, init: str = "kaiming_normal") -> nn.Module:
     """Re-initialise ``model`` in place (see module docstring for each option); uses the global RNG."""
     if init not in INITS:
@@ -275,6 +292,8 @@ def init_weights(model: nn.Module, init: str = "kaiming_normal") -> nn.Module:
                     nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 elif init == "kaiming_uniform":
                     nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
+                elif init == "variance_scaling":
+                    _variance_scaling_(m.weight)
                 else:
                     nn.init.xavier_normal_(m.weight)
                 if m.bias is not None:
@@ -284,6 +303,26 @@ def init_weights(model: nn.Module, init: str = "kaiming_normal") -> nn.Module:
                     nn.init.ones_(m.weight)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+    return model
+
+
+def reinit_weights(model: nn.Module, init: str, seed: int) -> nn.Module:
+    """Draw fresh weights for ``model`` in place (seeded by ``seed + REINIT_SEED_OFFSET``, global RNG untouched).
+
+    This is SNIP's public-code protocol (the mask comes from one draw, training starts from an
+    independent one) and the "reinitialisation" sanity check of Frankle et al. (2021). With
+    ``init="default"`` every module's own ``reset_parameters`` is called.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + REINIT_SEED_OFFSET)
+        if init == "default":
+            for m in model.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        else:
+            init_weights(model, init)
     return model
 
 

@@ -22,7 +22,7 @@ from panning import config as _config
 from panning.config import RunConfig
 from panning.data import DataBundle, balanced_batch, load_dataset
 from panning.masks import Masks
-from panning.models import build_model
+from panning.models import build_model, reinit_weights
 from panning.pruner import PruneResult, prune
 from panning.train import evaluate, resolve_device, train_masked
 
@@ -127,7 +127,12 @@ def save_prune(out: Path, cfg: RunConfig, s: Setup, result: PruneResult, extra: 
 def train_and_evaluate(
     cfg: RunConfig, s: Setup, masks: Masks, out: Path | None, progress: bool | None = None, method: str | None = None
 ) -> dict[str, Any]:
-    """Fully train the masked model, evaluate on validation and test, write metrics.json (if ``out``)."""
+    """Fully train the masked model, evaluate on validation and test, write metrics.json (if ``out``).
+
+    With ``cfg.reinit`` the weights are drawn afresh first (:func:`panning.models.reinit_weights`).
+    """
+    if cfg.reinit:
+        reinit_weights(s.model, cfg.init, cfg.seed)
     writer = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +159,7 @@ def train_and_evaluate(
         "val_accuracy": val["accuracy"],
         "per_class_recall": test["per_class_recall"],
         "epochs": cfg.train.epochs,
+        "reinit": cfg.reinit,
         "seconds": seconds,
         "history": history.get("epochs", history) if isinstance(history, dict) else history,
     }

@@ -84,7 +84,31 @@ def test_same_seed_same_masks(tiny: Path, tmp_path: Path, capsys: pytest.Capture
     assert Masks.load(tmp_path / "a" / "masks.pt").equal(Masks.load(tmp_path / "b" / "masks.pt"))
 
 
+def test_init_and_reinit_flags(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from panning import config
+    from panning.models import build_model
+
+    runs = {}
+    for name, extra in (("plain", []), ("reinit", ["--reinit"])):
+        out = tmp_path / name
+        code, _, err = run_cli(["run", "--config", str(tiny), "--init", "variance_scaling", "--epochs", "0", "--out", str(out), *extra], capsys)
+        assert code == 0, err
+        cfg = config.load(out / "config.yaml")
+        assert cfg.init == "variance_scaling" and cfg.reinit is (name == "reinit")
+        assert json.loads((out / "metrics.json").read_text())["reinit"] is (name == "reinit")
+        runs[name] = out
+    # same mask either way; with zero epochs the test accuracy is that of the (re)drawn weights
+    assert Masks.load(runs["plain"] / "masks.pt").equal(Masks.load(runs["reinit"] / "masks.pt"))
+    accs = [json.loads((runs[n] / "metrics.json").read_text())["test_accuracy"] for n in ("plain", "reinit")]
+    assert accs[0] != accs[1]
+    first = build_model("mlp", 10, (64,), seed=0, init="variance_scaling")
+    assert first.fc1.weight.abs().max() <= 2 / 8 / 0.8796 + 1e-6 and torch.count_nonzero(first.fc1.bias) == 0
+
+
 BAD = [
+    (["prune", "--init", "he", "--out", "{o}"], "unknown init 'he'"),
     (["prune", "--model", "nope", "--out", "{o}"], "valid models"),
     (["prune", "--dataset", "imagenet", "--out", "{o}"], "valid datasets"),
     (["prune", "--method", "nope", "--out", "{o}"], "valid methods"),

@@ -398,6 +398,70 @@ def test_enforce_grad_hooks_without_optimizer_and_state_already_there():
         assert torch.all(p.grad[~masks2[k]] == 0) and torch.all(p[~masks2[k]] == 0)
 
 
+def test_enforce_matches_masked_fill_reference_bit_for_bit():
+    # the bit-AND fast path must train exactly as the plain masked_fill formulation does
+    masks = _random_masks(_model(), 0.3, seed=5)
+
+    def train(fast: bool) -> dict[str, torch.Tensor]:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        params = prunable_parameters(model)
+        if fast:
+            enforce(model, masks, opt)
+        else:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.masked_fill_(~masks[k], 0)
+            for k, p in params.items():
+                p.register_hook(lambda g, m=masks[k]: g.masked_fill(~m, 0))
+        _train_steps(model, opt, 4)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    fast, ref = train(True), train(False)
+    assert all(torch.equal(fast[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_zero_pruned_is_exact_for_nan_inf_and_keeps_bits(dtype):
+    from panning._functional import keep_bits, zero_pruned
+
+    t = torch.tensor([float("nan"), float("inf"), -0.0, -1.5, float("-inf"), 3.25, float("nan")], dtype=dtype)
+    mask = torch.tensor([False, False, False, True, True, False, True])
+    bits = keep_bits(mask, dtype)
+    out = zero_pruned(t, bits, mask)
+    assert out.dtype == dtype and out.data_ptr() != t.data_ptr()
+    assert torch.equal(out[~mask], torch.zeros(4, dtype=dtype)) and not torch.signbit(out[~mask]).any()
+    assert out[3] == -1.5 and out[4] == float("-inf") and torch.isnan(out[6])
+    inplace = t.clone()
+    assert zero_pruned(inplace, bits, mask, inplace=True) is inplace
+    assert torch.equal(inplace.nan_to_num(), out.nan_to_num())
+
+
+def test_zero_pruned_falls_back_where_bits_do_not_apply():
+    from panning._functional import keep_bits, zero_pruned
+
+    mask = torch.tensor([True, False, True])
+    assert keep_bits(mask, torch.int64) is None
+    ints = torch.tensor([4, 5, 6])
+    assert zero_pruned(ints, None, mask).tolist() == [4, 0, 6]
+    # a tensor in an autograd graph keeps its gradient path (masked_fill, not a dtype view)
+    w = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    out = zero_pruned(w * 2, keep_bits(mask, torch.float32), mask)
+    out.sum().backward()
+    assert w.grad.tolist() == [2.0, 0.0, 2.0]
+
+
+def test_enforce_zeroes_nan_gradients_of_pruned_weights():
+    model = _model()
+    masks = _random_masks(model, 0.5, seed=6)
+    k0, p0 = next(iter(prunable_parameters(model).items()))
+    # registered first, so it runs before enforce's hook: pruned entries reach enforce as NaN
+    p0.register_hook(lambda g: g.masked_fill(~masks[k0], float("nan")))
+    enforce(model, masks)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    assert torch.all(p0.grad[~masks[k0]] == 0)
+
+
 def test_enforce_rejects_mismatched_masks():
     model = _model()
     with pytest.raises(MaskError):

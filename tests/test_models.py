@@ -117,6 +117,9 @@ def test_init_options(init):
         assert w.abs().max().item() <= bound and w.abs().max().item() > 0.95 * bound
     elif init == "xavier_normal":
         assert w.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.02)
+    elif init == "variance_scaling":  # TF's truncated normal: variance 1/fan_in after truncation at 2 std
+        assert w.std().item() == pytest.approx(math.sqrt(1 / fan_in), rel=0.02)
+        assert w.abs().max().item() <= 2 * math.sqrt(1 / fan_in) / 0.87962566103423978 + 1e-7
     if init == "default":
         assert model.fc1.bias.abs().sum() > 0  # PyTorch's own uniform bias init, untouched
     else:
@@ -127,3 +130,22 @@ def test_batchnorm_init():
     model = build_model("vgg11", 10, (3, 32, 32))
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in bns)
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_reinit_draws_fresh_seeded_weights_of_the_same_kind(init):
+    from panning.models import reinit_weights
+
+    a = build_model("lenet300", 10, (1, 28, 28), seed=0, init=init)
+    first = _flat_params(a).clone()
+    state = torch.get_rng_state()
+    reinit_weights(a, init, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(_flat_params(a), first)
+    b = build_model("lenet300", 10, (1, 28, 28), seed=0, init=init)
+    reinit_weights(b, init, seed=0)
+    assert torch.equal(_flat_params(a), _flat_params(b))  # seeded
+    # a fresh draw of the same distribution, not a copy of another seed's first draw
+    other = build_model("lenet300", 10, (1, 28, 28), seed=1, init=init)
+    assert not torch.equal(_flat_params(a), _flat_params(other))
+    assert a.fc1.weight.std().item() == pytest.approx(first[: 784 * 300].std().item(), rel=0.05)
