@@ -29,6 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from panning.indices import available_indices, compute_scores  # noqa: E402
+from panning.models import build_model  # noqa: E402
 
 INPUT_SHAPES = {
     "lenet300": (1, 28, 28),  # MNIST
@@ -38,72 +39,6 @@ INPUT_SHAPES = {
 }
 TARGETS = {"random": 2.0, "magnitude": 2.0, "snip": 2.0, "synflow": 2.0, "grasp": 5.0, "grasp_abs": 5.0, "fts": 3.0}
 NUM_CLASSES = 10
-
-
-# --------------------------------------------------------------------------- models
-
-try:
-    from panning.models import build_model
-except ImportError:  # models module not written yet: minimal stand-ins with the same layouts
-
-    class _Block(nn.Module):
-        def __init__(self, f_in: int, f_out: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(f_in, f_out, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(f_out)
-            self.conv2 = nn.Conv2d(f_out, f_out, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(f_out)
-            proj = stride != 1 or f_in != f_out
-            self.shortcut = (
-                nn.Sequential(nn.Conv2d(f_in, f_out, 1, stride, bias=False), nn.BatchNorm2d(f_out))
-                if proj
-                else nn.Identity()
-            )
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = F.relu(self.bn1(self.conv1(x)))
-            return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-    def _resnet20(c: int, k: int) -> nn.Module:
-        blocks, f_in = [], 16
-        for stage, f in enumerate((16, 32, 64)):
-            for b in range(3):
-                blocks.append(_Block(f_in, f, 2 if stage and not b else 1))
-                f_in = f
-        return nn.Sequential(
-            nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), *blocks,
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, k),
-        )
-
-    def _vgg16(c: int, k: int) -> nn.Module:
-        plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-        layers: list[nn.Module] = []
-        for s in plan:
-            if s == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(c, int(s), 3, padding=1), nn.BatchNorm2d(int(s)), nn.ReLU()]
-                c = int(s)
-        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, k))
-
-    def build_model(name: str, num_classes: int, input_shape, seed: int = 0, init: str = "kaiming_normal") -> nn.Module:
-        torch.manual_seed(seed)
-        c = input_shape[0]
-        if name == "lenet300":
-            flat = int(torch.tensor(input_shape).prod())
-            return nn.Sequential(
-                nn.Flatten(), nn.Linear(flat, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, num_classes)
-            )
-        if name == "lenet5":
-            return nn.Sequential(
-                nn.Conv2d(c, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Flatten(), nn.Linear(50 * 4 * 4, 500), nn.ReLU(), nn.Linear(500, num_classes),
-            )
-        if name == "resnet20":
-            return _resnet20(c, num_classes)
-        if name == "vgg16":
-            return _vgg16(c, num_classes)
-        raise ValueError(f"unknown model {name!r}")
 
 
 def prunable_masks(model: nn.Module) -> dict[str, torch.Tensor]:

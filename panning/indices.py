@@ -451,7 +451,9 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
     and ``a_i`` and the sums ``Σ g_i = δᵀa`` and ``Σ g_i² = (δ²)ᵀ(a²)`` are two matrix products:
     the same numbers without materialising a per-sample copy of the layer's weights. Other layers
     (convolutions: the weight is shared across positions) get their per-sample weight gradients
-    from vmap directly.
+    from vmap directly. When every scored weight is such a Linear layer (MLPs), no vmap is needed:
+    one ordinary batched backward of ``N * loss_fn`` gives all ``δ_i`` (``loss_fn`` must be a mean
+    of per-sample losses, as documented for :func:`compute_scores`).
 
     Model in train mode. BatchNorm: a per-sample gradient through train-mode BatchNorm is
     ill-defined (every sample's output depends on the whole batch). Each train-mode BatchNorm
@@ -490,7 +492,7 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
 
         per_sample = vmap(
             grad(sample_loss, argnums=(0, 1), has_aux=True), in_dims=(None, None, None, 0, 0), randomness="different"
-        )
+        ) if w_vmap else None
         per_sample_bytes = sum(w.numel() * w.element_size() for w in w_vmap.values()) + sum(
             (w.shape[0] + w.shape[1]) * w.element_size() for w in w_fixed.values()
         )
@@ -509,6 +511,24 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
                 for m in bns.values():
                     m.training = False
                 fixed.update(stats)
+            if not w_vmap:
+                # Every scored weight is a plain Linear and samples do not interact (train-mode
+                # BatchNorm runs on the frozen batch statistics above), so one batched backward of
+                # the summed loss yields every sample's output gradient δ_i exactly: no vmap.
+                n = x.shape[0]
+                e = {mod: w_fixed[k].new_zeros(n, w_fixed[k].shape[0]).requires_grad_(True) for k, mod in lin.items()}
+                tap["eps"], tap["inputs"] = e, {}
+                try:
+                    out = functional_call(model, fixed, (x,), strict=False, tie_weights=True)
+                    inputs = tap["inputs"]
+                finally:
+                    tap["eps"], tap["inputs"] = None, None
+                # loss_fn is a mean over samples, so n * loss_fn is the sum of the per-sample losses
+                ds = torch.autograd.grad(loss_fn(out, y) * n, list(e.values()))
+                for (k, mod), d in zip(lin.items(), ds):
+                    _accumulate_outer(sum_g, sum_g2, k, d, inputs[mod].detach())
+                del out, inputs, ds
+                continue
             for start in range(0, x.shape[0], chunk):
                 xc, yc = x[start : start + chunk], y[start : start + chunk]
                 (gw, geps), inputs = per_sample(w_vmap, eps, fixed, xc, yc)
@@ -516,16 +536,20 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
                     _accumulate(sum_g, k, g.sum(0))
                     _accumulate(sum_g2, k, g.square_().sum(0))  # g is ours: square in place
                 for k, mod in lin.items():
-                    d = geps[mod].reshape(xc.shape[0], -1)
-                    a = inputs[mod].reshape(xc.shape[0], -1)
-                    _accumulate(sum_g, k, d.T @ a)
-                    _accumulate(sum_g2, k, d.square().T @ a.square())
+                    _accumulate_outer(sum_g, sum_g2, k, geps[mod].reshape(xc.shape[0], -1),
+                                      inputs[mod].reshape(xc.shape[0], -1))
                 del gw, geps, inputs
     # |θ ⊙ Σg/N + ½ θ² ⊙ Σg²/N| = |θ ⊙ (Σg + ½ θ ⊙ Σg²)| / N, in four passes
     return {
         k: torch.addcmul(sum_g[k], w, sum_g2[k], value=0.5).mul_(w).abs_().div_(total)
         for k, w in w_all.items()
     }
+
+
+def _accumulate_outer(sum_g: dict[str, Tensor], sum_g2: dict[str, Tensor], key: str, d: Tensor, a: Tensor) -> None:
+    """Add ``Σ_i δ_i a_iᵀ`` and ``Σ_i (δ_i a_iᵀ)² = (δ²)ᵀ(a²)`` of a Linear layer (rows = samples)."""
+    _accumulate(sum_g, key, d.T @ a)
+    _accumulate(sum_g2, key, d.square().T @ a.square())
 
 
 def _accumulate(acc: dict[str, Tensor], key: str, value: Tensor) -> None:

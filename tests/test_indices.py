@@ -346,6 +346,25 @@ def test_fts_outer_product_route_equals_vmap_route(monkeypatch: pytest.MonkeyPat
             assert torch.allclose(fast[k], slow[k], rtol=1e-5, atol=1e-8), k
 
 
+def test_fts_on_mlps_needs_no_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    # all-Linear networks take one batched backward; the per-sample loop is the reference
+    import panning.indices as ind
+
+    def no_vmap(*a, **k):
+        raise AssertionError("vmap used on an all-Linear network")
+
+    monkeypatch.setattr(ind, "vmap", no_vmap)
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 4))
+    masks = weight_masks(net, density=0.5)
+    batches = batches_for("mlp", sizes=(6, 5))
+    s = compute_scores("fts", net, masks, batches)
+    ref = fts_by_loop(net, masks, batches)
+    assert all(torch.allclose(s[k], ref[k], rtol=1e-5, atol=1e-7) for k in masks)
+    with pytest.raises(AssertionError, match="vmap used"):  # a conv layer still goes through vmap
+        compute_scores("fts", small_conv_bn(), weight_masks(small_conv_bn()), batches_for("conv"))
+
+
 def test_fts_batchnorm_without_running_stats() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(),
