@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute")
     p.add_argument("--data-dir", help="dataset folder (default: $PANNING_DATA, else ~/.cache/panning)")
     p.add_argument("--epochs", type=int, help="override the training epochs of every cell")
-    p.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the grid (parallel processes, same --out)")
+    p.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the grid; any number of processes may share one --out (cells are claimed)")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("train-agent", help="train the panning agent (PPO) in panning/Panning-v0; resumable")

@@ -264,13 +264,17 @@ def _mean_gradient(
 ) -> list[Tensor]:
     """Gradient of the mean loss over all samples of all batches (batch weights n_b / N)."""
     total = sum(x.shape[0] for x, _ in batches)
-    acc = [torch.zeros_like(w) for w in ws.values()]
     tensors = {**rest, **ws}
+    acc: list[Tensor] | None = None
     for batch in batches:
         g = _grads(_batch_loss(model, tensors, batch, loss_fn), ws)
         frac = batch[0].shape[0] / total
-        for a, gi in zip(acc, g):
-            a.add_(gi, alpha=frac)
+        if acc is None:  # the gradients are fresh tensors: scale the first in place, no zero-filled sum
+            acc = [gi.mul_(frac) for gi in g] if frac != 1 else list(g)
+        else:
+            for a, gi in zip(acc, g):
+                a.add_(gi, alpha=frac)
+    assert acc is not None  # batches were checked to be non-empty
     return acc
 
 

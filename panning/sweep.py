@@ -4,6 +4,13 @@ A sweep directory holds one run directory per cell under ``cells/`` and, rebuilt
 ``results.csv`` (one row per finished cell), ``results.md`` (mean +- std per method and sparsity) and
 ``accuracy_vs_sparsity.png``. A cell whose ``metrics.json`` exists is finished and never rerun, so
 an interrupted sweep resumes where it stopped.
+
+Several processes may work on one sweep directory at once (``--seeds`` to split it by seed, or
+simply the same command started N times): a process claims a cell with an exclusive lock file
+(``cells/<key>/claim.lock`` holding its pid and host) before running it and removes the lock when
+the cell ends, finished or not. A lock whose process is gone (same host, pid not alive) is stale
+and taken over, so a killed run resumes; a lock held from another host is respected (delete it by
+hand if that machine died).
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import csv
 import json
 import math
 import os
+import socket
 import statistics
 import sys
 import time
@@ -124,7 +132,7 @@ def read_rows(out: Path) -> list[dict[str, Any]]:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """results.csv with exactly :data:`COLUMNS` (written whole, then moved into place)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -211,12 +219,13 @@ def write_reports(out: Path, title: str = "") -> list[dict[str, Any]]:
     """Rebuild results.csv, results.md and the plot from the finished cells."""
     rows = read_rows(out)
     write_csv(rows, out / "results.csv")
-    tmp = out / "results.md.tmp"
+    tmp = _tmp_name(out / "results.md")
     tmp.write_text(f"# {title}\n\nTest accuracy (%), mean ± std over seeds.\n\n" + markdown_table(rows))
     os.replace(tmp, out / "results.md")
     if rows:
-        plot(rows, out / "accuracy_vs_sparsity.tmp.png", title)
-        os.replace(out / "accuracy_vs_sparsity.tmp.png", out / "accuracy_vs_sparsity.png")
+        png = out / f"accuracy_vs_sparsity.{os.getpid()}.tmp.png"  # matplotlib picks the format by suffix
+        plot(rows, png, title)
+        os.replace(png, out / "accuracy_vs_sparsity.png")
     return rows
 
 
@@ -245,15 +254,75 @@ def run_sweep(
     log(f"{len(grid) - len(todo)}/{len(grid)} cells already finished; {len(todo)} to run")
     spent: list[float] = []
     for i, c in enumerate(todo):
-        t0 = time.perf_counter()
         d = out / "cells" / c.key
         d.mkdir(parents=True, exist_ok=True)
-        run_cell(run_cfg, c, d)
+        if (d / "metrics.json").is_file() or not claim_cell(d):
+            continue  # finished or being run by another process on this sweep
+        t0 = time.perf_counter()
+        try:
+            if (d / "metrics.json").is_file():  # finished between the check and the claim
+                continue
+            run_cell(run_cfg, c, d)
+        finally:
+            release_cell(d)
         spent.append(time.perf_counter() - t0)
         write_reports(out, title)
+        done = sum((out / "cells" / g.key / "metrics.json").is_file() for g in grid)
         eta = statistics.fmean(spent) * (len(todo) - i - 1)
-        log(f"[{len(grid) - len(todo) + i + 1}/{len(grid)}] {c.key} done in {spent[-1]:.0f} s; about {_fmt(eta)} left")
+        log(f"[{done}/{len(grid)}] {c.key} done in {spent[-1]:.0f} s; at most {_fmt(eta)} left for this process")
     return write_reports(out, title)
+
+
+_LOCK = "claim.lock"
+
+
+def _tmp_name(path: Path) -> Path:
+    # per process: two processes rebuilding the same report must not write into one temporary file
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _lock_owner_alive(lock: Path) -> bool:
+    try:
+        pid_s, host = lock.read_text().split(maxsplit=1)
+        pid = int(pid_s)
+    except (OSError, ValueError):
+        return True  # being written right now (or unreadable): treat as held
+    if host.strip() != socket.gethostname():
+        return True  # cannot check a process on another machine
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_cell(d: Path) -> bool:
+    """Atomically claim cell directory ``d`` for this process; False if a live process holds it."""
+    lock = d / _LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _lock_owner_alive(lock):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process died; try once more
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return True
+    return False
+
+
+def release_cell(d: Path) -> None:
+    """Remove this process's claim on ``d`` (a claim by another process is left alone)."""
+    lock = d / _LOCK
+    try:
+        if lock.read_text().split()[0] == str(os.getpid()):
+            lock.unlink()
+    except (OSError, IndexError):
+        pass
 
 
 def _fmt(seconds: float) -> str:
