@@ -2,8 +2,9 @@
 
 For every model and index, prints the median over repeats of the time of ``compute_scores``
 divided by the time of one ordinary training forward+backward pass (``loss.backward()``) on the
-same batch of random tensors (best of 3, measured right before each index run so that load drifts
-on a shared machine cancel), as a markdown table, plus the machine it ran on.
+same batch of random tensors, as a markdown table, plus the machine it ran on. Each repeat times the
+pass and then the index, each as the best of ``--inner`` runs (the same number for both, so noise
+on a shared machine does not favour either side), and takes their ratio.
 
 Targets (CPU): magnitude, SNIP, SynFlow <= 2x; GraSP <= 5x; FTS <= 3x.
 
@@ -62,20 +63,21 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def paired_ratio(
-    index_fn: Callable[[], object], base_fn: Callable[[], object], repeats: int, warmup: int = 2
+    index_fn: Callable[[], object], base_fn: Callable[[], object], repeats: int, warmup: int = 2, inner: int = 3
 ) -> tuple[float, float, float]:
     """Median over repeats of (index time / forward+backward time measured right before it).
 
     Pairing each index run with a fresh baseline makes the ratio robust to the load drifts of a
-    shared machine. Returns (median ratio, median index seconds, median baseline seconds).
+    shared machine; both sides are the best of ``inner`` runs. Returns (median ratio, median index
+    seconds, median baseline seconds).
     """
     for _ in range(warmup):
         base_fn()
         index_fn()
     ratios, its, bts = [], [], []
     for _ in range(repeats):
-        b = min(_timed(base_fn) for _ in range(3))
-        t = _timed(index_fn)
+        b = min(_timed(base_fn) for _ in range(inner))
+        t = min(_timed(index_fn) for _ in range(inner))
         ratios.append(t / b)
         its.append(t)
         bts.append(b)
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=128, help="samples per batch (default 128)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per index (median of paired ratios; default 5)")
+    p.add_argument("--inner", type=int, default=3, help="runs per timing, best taken, for both sides (default 3)")
     p.add_argument("--models", default=",".join(INPUT_SHAPES), help="comma-separated: " + ",".join(INPUT_SHAPES))
     p.add_argument("--indices", default=",".join(available_indices()), help="comma-separated index names")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown models {unknown}; choose from {list(INPUT_SHAPES)}")
 
-    print(f"# Saliency index cost / one forward+backward pass (batch {args.batch}, median of {args.repeats})\n")
+    print(f"# Saliency index cost / one forward+backward pass (batch {args.batch}, median of {args.repeats} "
+          f"paired ratios, each side best of {args.inner})\n")
     print(machine_info(device) + "\n")
     header = "| model | params | fwd+bwd (ms) | " + " | ".join(f"{i} (≤{TARGETS.get(i, 0):g}x)" for i in indices) + " |"
     print(header)
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         fb = forward_backward(model, x, y)
         cells, bases = [], []
         for idx in indices:
-            ratio, _, b = paired_ratio(lambda: compute_scores(idx, model, masks, [(x, y)]), fb, args.repeats)
+            ratio, _, b = paired_ratio(lambda: compute_scores(idx, model, masks, [(x, y)]), fb, args.repeats, inner=args.inner)
             bases.append(b)
             ok = ratio <= TARGETS.get(idx, float("inf"))
             if not ok:

@@ -225,15 +225,16 @@ def forward_probe(
 
 @contextmanager
 def output_taps(model: nn.Module, names: Sequence[str]) -> Iterator[dict]:
-    """Forward hooks that, while ``tap["eps"]`` is set, record each named module's input in
-    ``tap["inputs"]`` and add ``tap["eps"][name]`` to its output.
+    """Forward hooks that, while ``tap["eps"]`` is set (a dict), record each named module's input in
+    ``tap["inputs"]`` (and its output in ``tap["outputs"]`` when that is a dict) and add
+    ``tap["eps"][name]``, if present, to its output.
 
     Differentiating the loss with respect to a zero ``eps`` gives the gradient with respect to
     the module's output; together with the recorded input this yields per-sample weight
     gradients of a Linear layer (``δ_i a_iᵀ``) without materialising them. Hooks are removed on
     exit, even after an error.
     """
-    tap: dict = {"eps": None, "inputs": None}
+    tap: dict = {"eps": None, "inputs": None, "outputs": None}
     modules = dict(model.named_modules())
 
     def hook_for(name: str):
@@ -241,7 +242,10 @@ def output_taps(model: nn.Module, names: Sequence[str]) -> Iterator[dict]:
             if tap["eps"] is None:
                 return None
             tap["inputs"][name] = args[0]
-            return output + tap["eps"][name]
+            if tap["outputs"] is not None:
+                tap["outputs"][name] = output
+            eps = tap["eps"].get(name)
+            return None if eps is None else output + eps
 
         return hook
 

@@ -340,18 +340,18 @@ def test_fts_outer_product_route_equals_vmap_route(monkeypatch: pytest.MonkeyPat
         batches = batches_for(kind)
         fast = compute_scores("fts", model, masks, batches)
         with monkeypatch.context() as mp:
-            mp.setattr(ind, "_outer_product_linears", lambda *a, **k: {})
+            mp.setattr(ind, "_tap_layers", lambda *a, **k: {})
             slow = compute_scores("fts", model, masks, batches)
         for k in masks:
             assert torch.allclose(fast[k], slow[k], rtol=1e-5, atol=1e-8), k
 
 
-def test_fts_on_mlps_needs_no_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
-    # all-Linear networks take one batched backward; the per-sample loop is the reference
+def test_fts_on_linear_and_conv_networks_needs_no_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    # plain Linear/Conv2d networks take one batched backward; the per-sample loop is the reference
     import panning.indices as ind
 
     def no_vmap(*a, **k):
-        raise AssertionError("vmap used on an all-Linear network")
+        raise AssertionError("vmap used")
 
     monkeypatch.setattr(ind, "vmap", no_vmap)
     torch.manual_seed(2)
@@ -361,8 +361,35 @@ def test_fts_on_mlps_needs_no_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
     s = compute_scores("fts", net, masks, batches)
     ref = fts_by_loop(net, masks, batches)
     assert all(torch.allclose(s[k], ref[k], rtol=1e-5, atol=1e-7) for k in masks)
-    with pytest.raises(AssertionError, match="vmap used"):  # a conv layer still goes through vmap
-        compute_scores("fts", small_conv_bn(), weight_masks(small_conv_bn()), batches_for("conv"))
+    # strided, padded, dilated convolutions with BatchNorm: unfold route against the loop
+    conv = nn.Sequential(
+        nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 4, (3, 2), dilation=(1, 2), padding=(2, 0), bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+    gen = torch.Generator().manual_seed(3)
+    cb = [(torch.randn(n, 3, 9, 9, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (5, 4)]
+    cm = weight_masks(conv, density=0.7)
+    s = compute_scores("fts", conv, cm, cb)
+    ref = fts_by_loop(conv, cm, cb, bn_batch_stats=True)
+    assert all(torch.allclose(s[k], ref[k], rtol=1e-4, atol=1e-6) for k in cm), [
+        (k, (s[k] - ref[k]).abs().max().item()) for k in cm]
+    # a grouped convolution cannot take that route: vmap it is
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    grouped(torch.zeros(1, 4, 6, 6))
+    with pytest.raises(AssertionError, match="vmap used"):
+        compute_scores("fts", grouped, weight_masks(grouped), [(torch.randn(3, 4, 6, 6), torch.tensor([0, 1, 2]))])
+
+
+def test_fts_grouped_conv_falls_back_to_vmap_and_matches_loop() -> None:
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+    masks = weight_masks(net, density=0.6)
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(5, 4, 6, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen))]
+    s = compute_scores("fts", net, masks, batches)
+    ref = fts_by_loop(net, masks, batches)
+    assert all(torch.allclose(s[k], ref[k], rtol=1e-5, atol=1e-7) for k in masks)
 
 
 def test_fts_batchnorm_without_running_stats() -> None:
@@ -628,3 +655,11 @@ def test_non_finite_scores_rejected() -> None:
     x[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         compute_scores("snip", net, weight_masks(net), [(x, y)])
+
+
+@pytest.mark.parametrize("name", ["random", "magnitude", "snip", "grasp", "grasp_abs", "synflow", "fts"])
+def test_scores_are_plain_tensors_without_autograd_history(name: str) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 4))
+    scores = compute_scores(name, net, weight_masks(net), batches_for("mlp"))
+    assert all(not v.requires_grad and v.grad_fn is None for v in scores.values())
