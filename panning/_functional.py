@@ -178,7 +178,7 @@ def forward_probe(
     x: Tensor,
     bn_names: Sequence[str] = (),
     linear_names: Sequence[str] = (),
-) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+) -> tuple[dict[str, Tensor], dict[str, list[tuple[int, ...]]]]:
     """One no-grad forward of the functional model on ``x``, observing some layers' inputs.
 
     Returns ``(stats, linear_inputs)``:
@@ -187,12 +187,12 @@ def forward_probe(
       as ``{"<bn>.running_mean": mean, "<bn>.running_var": var}``. In train mode these are exactly
       the statistics the layer normalises with, so passing them as buffers to an eval-mode call
       reproduces the train-mode forward sample by sample.
-    - ``linear_inputs``: for each named module, the ``ndim`` of its input at every call (a
+    - ``linear_inputs``: for each named module, the shape of its input at every call (a
       Linear layer called once on a 2-D input has one row per sample).
     """
     modules = dict(model.named_modules())
     stats: dict[str, Tensor] = {}
-    calls: dict[str, list[int]] = {n: [] for n in linear_names}
+    calls: dict[str, list[tuple[int, ...]]] = {n: [] for n in linear_names}
     handles = []
 
     def bn_hook(name: str):
@@ -206,7 +206,7 @@ def forward_probe(
 
     def lin_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            calls[name].append(args[0].dim())
+            calls[name].append(tuple(args[0].shape))
 
         return hook
 

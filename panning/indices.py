@@ -458,11 +458,13 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
     (chunks bounded by :data:`FTS_CHUNK_BYTES`). For a plain ``nn.Linear`` layer applied once to
     a 2-D input, ``g_i = δ_i a_iᵀ`` (output gradient times input), so the vmap pass returns ``δ_i``
     and ``a_i`` and the sums ``Σ g_i = δᵀa`` and ``Σ g_i² = (δ²)ᵀ(a²)`` are two matrix products:
-    the same numbers without materialising a per-sample copy of the layer's weights. Other layers
-    (convolutions: the weight is shared across positions) get their per-sample weight gradients
-    from vmap directly. When every scored weight is such a Linear layer (MLPs), no vmap is needed:
-    one ordinary batched backward of ``N * loss_fn`` gives all ``δ_i`` (``loss_fn`` must be a mean
-    of per-sample losses, as documented for :func:`compute_scores`).
+    the same numbers without materialising a per-sample copy of the layer's weights. For a plain
+    ``nn.Conv2d`` (one group, zero padding) ``G_i = δ_i unfold(a_i)ᵀ``, one batched matmul per
+    chunk of samples. When every scored weight is such a Linear or Conv2d layer (MLPs, LeNets,
+    VGGs, ResNets), no vmap is needed at all: one ordinary batched backward of ``N * loss_fn``
+    gives every ``δ_i`` (``loss_fn`` must be a mean of per-sample losses, as documented for
+    :func:`compute_scores`). Other layers (grouped or shared convolutions, custom modules) get
+    their per-sample weight gradients from vmap.
 
     Model in train mode. BatchNorm: a per-sample gradient through train-mode BatchNorm is
     ill-defined (every sample's output depends on the whole batch). Each train-mode BatchNorm
@@ -477,22 +479,28 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
     bns = batch_norm_modules(model)  # train-mode BatchNorm layers only
     total = sum(x.shape[0] for x, _ in batches)
     candidates = _tap_layers(model, list(w_all))
+    modules_by_name = dict(model.named_modules())
 
     # the probe of the first batch settles which layers take the input x output-gradient route
     x0 = batches[0][0]
     stats0, calls = forward_probe(
         model, {**rest, **w_all}, x0 if bns else x0[:2], list(bns), [mod for mod, _ in candidates.values()]
     )
-    tapped = {k: mod for k, (mod, ndim) in candidates.items() if calls[mod] == [ndim]}
-    # one batched backward serves when every scored weight is tapped; otherwise vmap, where only
-    # the Linear layers keep their outer-product shortcut
-    batched = len(tapped) == len(w_all)
+    tapped = {k: mod for k, (mod, ndim) in candidates.items() if len(calls[mod]) == 1 and len(calls[mod][0]) == ndim}
+    # One batched backward serves when every scored weight is tapped; otherwise vmap, where only
+    # the Linear layers keep their outer-product shortcut. Convolutions whose unfolded inputs
+    # outweigh their per-sample gradients (wide images, few channels: ResNet-20's first stage) are
+    # cheaper through vmap's grouped convolutions, so the unfold route is taken only when the
+    # unfolded inputs are smaller than the per-sample gradients, summed over the network.
+    unfold_elems = sum(_unfold_numel(modules_by_name[mod], calls[mod][0]) for k, mod in tapped.items()
+                       if candidates[k][1] == 4)
+    grad_elems = sum(w_all[k].numel() for k, mod in tapped.items() if candidates[k][1] == 4)
+    batched = len(tapped) == len(w_all) and unfold_elems <= grad_elems
     lin = tapped if batched else {k: mod for k, mod in tapped.items() if candidates[k][1] == 2}
     w_vmap = {k: w for k, w in w_all.items() if k not in lin}
     # batched: the tapped weights need a graph for the output gradients (only those are computed)
     w_fixed = {k: w.requires_grad_(batched) for k, w in w_all.items() if k in lin}
     eps = {mod: w_all[k].new_zeros(1, w_all[k].shape[0]) for k, mod in lin.items()}
-    modules = dict(model.named_modules())
     workspace: dict[str, Tensor] = {}
 
     with output_taps(model, list(lin.values())) as tap:
@@ -544,7 +552,7 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
                     if a.dim() == 2:
                         _accumulate_outer(sum_g, sum_g2, k, d, a)
                     else:
-                        _accumulate_conv(sum_g, sum_g2, k, modules[mod], d, a, workspace)
+                        _accumulate_conv(sum_g, sum_g2, k, modules_by_name[mod], d, a, workspace)
                 del out, inputs, outputs, ds
                 continue
             for start in range(0, x.shape[0], chunk):
@@ -568,6 +576,15 @@ def _accumulate_outer(sum_g: dict[str, Tensor], sum_g2: dict[str, Tensor], key: 
     """Add ``Σ_i δ_i a_iᵀ`` and ``Σ_i (δ_i a_iᵀ)² = (δ²)ᵀ(a²)`` of a Linear layer (rows = samples)."""
     _accumulate(sum_g, key, d.T @ a)
     _accumulate(sum_g2, key, d.square().T @ a.square())
+
+
+def _unfold_numel(conv: nn.Conv2d, input_shape: tuple[int, ...]) -> int:
+    """Entries of ``unfold(a_i)`` for one sample: ``C_in * kh * kw`` times the output positions."""
+    size = 1
+    for i, n in enumerate(input_shape[2:]):
+        k, s, p, d = conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i]
+        size *= (n + 2 * p - d * (k - 1) - 1) // s + 1
+    return conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * size
 
 
 def _accumulate_conv(

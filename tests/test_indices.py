@@ -361,14 +361,15 @@ def test_fts_on_linear_and_conv_networks_needs_no_vmap(monkeypatch: pytest.Monke
     s = compute_scores("fts", net, masks, batches)
     ref = fts_by_loop(net, masks, batches)
     assert all(torch.allclose(s[k], ref[k], rtol=1e-5, atol=1e-7) for k in masks)
-    # strided, padded, dilated convolutions with BatchNorm: unfold route against the loop
+    # strided, padded, dilated convolutions with BatchNorm on small images (unfolded inputs smaller
+    # than the per-sample gradients, so the unfold route is taken): against the loop
     conv = nn.Sequential(
-        nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-        nn.Conv2d(5, 4, (3, 2), dilation=(1, 2), padding=(2, 0), bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 8, (3, 2), dilation=(1, 2), padding=(2, 0), bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
     )
     gen = torch.Generator().manual_seed(3)
-    cb = [(torch.randn(n, 3, 9, 9, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (5, 4)]
+    cb = [(torch.randn(n, 3, 5, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (5, 4)]
     cm = weight_masks(conv, density=0.7)
     s = compute_scores("fts", conv, cm, cb)
     ref = fts_by_loop(conv, cm, cb, bn_batch_stats=True)
@@ -379,6 +380,32 @@ def test_fts_on_linear_and_conv_networks_needs_no_vmap(monkeypatch: pytest.Monke
     grouped(torch.zeros(1, 4, 6, 6))
     with pytest.raises(AssertionError, match="vmap used"):
         compute_scores("fts", grouped, weight_masks(grouped), [(torch.randn(3, 4, 6, 6), torch.tensor([0, 1, 2]))])
+
+
+def test_unfold_size_matches_torch_unfold() -> None:
+    import torch.nn.functional as F
+
+    from panning.indices import _unfold_numel
+
+    for conv, hw in [(nn.Conv2d(3, 4, 3, stride=2, padding=1), (9, 7)), (nn.Conv2d(2, 5, (3, 2), dilation=(1, 2), padding=(2, 0)), (6, 8))]:
+        a = torch.zeros(1, conv.in_channels, *hw)
+        u = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+        assert _unfold_numel(conv, tuple(a.shape)) == u.numel()
+
+
+def test_fts_wide_images_take_vmap_and_match_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import panning.indices as ind
+
+    used = []
+    real = ind.vmap
+    monkeypatch.setattr(ind, "vmap", lambda *a, **k: used.append(1) or real(*a, **k))
+    net = small_conv_bn()  # few output channels: the unfolded inputs outweigh the per-sample gradients
+    masks = weight_masks(net, density=0.8)
+    batches = batches_for("conv", sizes=(5, 4))
+    s = compute_scores("fts", net, masks, batches)
+    assert used
+    ref = fts_by_loop(net, masks, batches, bn_batch_stats=True)
+    assert all(torch.allclose(s[k], ref[k], rtol=1e-4, atol=1e-6) for k in masks)
 
 
 def test_fts_grouped_conv_falls_back_to_vmap_and_matches_loop() -> None:
