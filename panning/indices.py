@@ -578,6 +578,32 @@ def _accumulate_outer(sum_g: dict[str, Tensor], sum_g2: dict[str, Tensor], key: 
     _accumulate(sum_g2, key, d.square().T @ a.square())
 
 
+# Up to this many output positions P, Σ_i G_i² is formed from position pairs (P(P+1)/2 matrix
+# products) instead of materialising every G_i: cheaper while P(P+1)/2 stays below about P + 20.
+_PAIRS_MAX_POSITIONS = 6
+
+
+def _accumulate_conv_pairs(
+    sum_g: dict[str, Tensor], sum_g2: dict[str, Tensor], key: str, conv: nn.Conv2d, d: Tensor, a: Tensor
+) -> None:
+    """``Σ_i G_i`` and ``Σ_i G_i²`` of a Conv2d with few output positions, without forming any G_i.
+
+    With ``G_i = Σ_p δ_ip u_ipᵀ`` (``u = unfold(a)``),
+    ``Σ_i G_i² = Σ_{p,q} Σ_i (δ_ip ∘ δ_iq)(u_ip ∘ u_iq)ᵀ``: one matrix product over the stacked
+    (sample, position pair) rows, off-diagonal pairs counted twice.
+    """
+    n, c_out, positions = d.shape
+    shape = conv.weight.shape
+    u = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)  # (n, ckk, P)
+    ckk = u.shape[1]
+    _accumulate(sum_g, key, (d.permute(1, 0, 2).reshape(c_out, -1) @ u.permute(0, 2, 1).reshape(-1, ckk)).reshape(shape))
+    p, q = torch.triu_indices(positions, positions, device=d.device)
+    twice = torch.where(p == q, 1.0, 2.0).to(d.dtype)
+    dd = d[:, :, p] * d[:, :, q] * twice  # (n, C_out, pairs)
+    uu = u[:, :, p] * u[:, :, q]  # (n, ckk, pairs)
+    _accumulate(sum_g2, key, (dd.permute(1, 0, 2).reshape(c_out, -1) @ uu.permute(0, 2, 1).reshape(-1, ckk)).reshape(shape))
+
+
 def _unfold_numel(conv: nn.Conv2d, input_shape: tuple[int, ...]) -> int:
     """Entries of ``unfold(a_i)`` for one sample: ``C_in * kh * kw`` times the output positions."""
     size = 1
@@ -601,6 +627,10 @@ def _accumulate_conv(
     n, c_out = d.shape[0], d.shape[1]
     shape = conv.weight.shape
     d = d.reshape(n, c_out, -1)
+    positions = d.shape[2]
+    if positions <= _PAIRS_MAX_POSITIONS:
+        _accumulate_conv_pairs(sum_g, sum_g2, key, conv, d, a)
+        return
     per_sample = (conv.weight.numel() + shape[1] * shape[2] * shape[3] * d.shape[2]) * d.element_size()
     step = min(n, max(1, FTS_CHUNK_BYTES // max(1, per_sample)))
     need = step * conv.weight.numel()

@@ -371,7 +371,13 @@ def test_fts_on_linear_and_conv_networks_needs_no_vmap(monkeypatch: pytest.Monke
     gen = torch.Generator().manual_seed(3)
     cb = [(torch.randn(n, 3, 5, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (5, 4)]
     cm = weight_masks(conv, density=0.7)
+    routes: list[str] = []
+    for fn in ("_accumulate_conv", "_accumulate_conv_pairs"):
+        real = getattr(ind, fn)
+        monkeypatch.setattr(ind, fn, lambda *a, _r=real, _n=fn, **k: routes.append(_n) or _r(*a, **k))
     s = compute_scores("fts", conv, cm, cb)
+    # 9 output positions: per-sample matmuls; 5: position pairs (each once per batch)
+    assert routes.count("_accumulate_conv") == 4 and routes.count("_accumulate_conv_pairs") == 2
     ref = fts_by_loop(conv, cm, cb, bn_batch_stats=True)
     assert all(torch.allclose(s[k], ref[k], rtol=1e-4, atol=1e-6) for k in cm), [
         (k, (s[k] - ref[k]).abs().max().item()) for k in cm]
