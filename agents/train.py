@@ -65,7 +65,10 @@ class _EnvFactory:
 
         from envs.panning_env import PanningEnv
 
+        from panning._alloc import tune_malloc
+
         torch.set_num_threads(self.threads)
+        tune_malloc()  # a worker is a fresh process: tune its allocator as the CLI's
         if self.worker:
             # Ctrl-C goes to the whole process group: let the main process handle it and save.
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -30,6 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from panning.indices import available_indices, compute_scores  # noqa: E402
+from panning._alloc import tune_malloc  # noqa: E402
 from panning.models import build_model  # noqa: E402
 
 INPUT_SHAPES = {
@@ -120,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(INPUT_SHAPES), help="comma-separated: " + ",".join(INPUT_SHAPES))
     p.add_argument("--indices", default=",".join(available_indices()), help="comma-separated index names")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-tune-malloc", action="store_true",
+                   help="leave glibc's allocator as it is (the panning command tunes it; see panning/_alloc.py)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="smoke test: batch 16, 3 repeats")
     args = p.parse_args(argv)
+    tuned = False if args.no_tune_malloc else tune_malloc()
     if args.quick:
         args.batch, args.repeats = 16, 3
     if args.threads:
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# Saliency index cost / one forward+backward pass (batch {args.batch}, median of {args.repeats} "
           f"paired ratios, each side best of {args.inner})\n")
-    print(machine_info(device) + "\n")
+    print(machine_info(device) + f"; glibc malloc tuned: {tuned}\n")
     header = "| model | params | fwd+bwd (ms) | " + " | ".join(f"{i} (≤{TARGETS.get(i, 0):g}x)" for i in indices) + " |"
     print(header)
     print("|" + "---|" * (3 + len(indices)))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from panning.masks import Masks, enforce, prunable_parameters  # noqa: E402
+from panning._alloc import tune_malloc  # noqa: E402
 from panning.models import build_model  # noqa: E402
 
 SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "mlp": (64,), "resnet20": (3, 32, 32)}
@@ -59,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median over them)")
     p.add_argument("--density", type=float, default=0.02)
+    p.add_argument("--no-tune-malloc", action="store_true",
+                   help="leave glibc's allocator as it is (the panning command tunes it; see panning/_alloc.py)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    tuned = False if args.no_tune_malloc else tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = SHAPES[args.model]
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             times[v].append(block(v))
     med = {v: statistics.median(t) for v, t in times.items()}
     print(f"# {args.model}, batch {args.batch}, density {args.density}, torch threads {torch.get_num_threads()}, "
-          f"median of {args.rounds} rounds x {args.steps} steps\n")
+          f"median of {args.rounds} rounds x {args.steps} steps, glibc malloc tuned: {tuned}\n")
     print("| variant | ms/step | over dense |")
     print("|---|---|---|")
     for v in variants:
