@@ -65,7 +65,7 @@ class _EnvFactory:
 
         from envs.panning_env import PanningEnv
 
-        from panning._alloc import tune_malloc
+        from panning.alloc import tune_malloc
 
         torch.set_num_threads(self.threads)
         tune_malloc()  # a worker is a fresh process: tune its allocator as the CLI's

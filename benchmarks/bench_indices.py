@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from panning.indices import available_indices, compute_scores  # noqa: E402
-from panning._alloc import tune_malloc  # noqa: E402
+from panning.alloc import tune_malloc  # noqa: E402
 from panning.models import build_model  # noqa: E402
 
 INPUT_SHAPES = {
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--indices", default=",".join(available_indices()), help="comma-separated index names")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-tune-malloc", action="store_true",
-                   help="leave glibc's allocator as it is (the panning command tunes it; see panning/_alloc.py)")
+                   help="leave glibc's allocator as it is (the panning command tunes it; see panning/alloc.py)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="smoke test: batch 16, 3 repeats")
     args = p.parse_args(argv)

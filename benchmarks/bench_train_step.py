@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from panning.masks import Masks, enforce, prunable_parameters  # noqa: E402
-from panning._alloc import tune_malloc  # noqa: E402
+from panning.alloc import tune_malloc  # noqa: E402
 from panning.models import build_model  # noqa: E402
 
 SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "mlp": (64,), "resnet20": (3, 32, 32)}
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median over them)")
     p.add_argument("--density", type=float, default=0.02)
     p.add_argument("--no-tune-malloc", action="store_true",
-                   help="leave glibc's allocator as it is (the panning command tunes it; see panning/_alloc.py)")
+                   help="leave glibc's allocator as it is (the panning command tunes it; see panning/alloc.py)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     tuned = False if args.no_tune_malloc else tune_malloc()

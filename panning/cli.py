@@ -321,9 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # one readable line per warning (layer collapse, ...), not a source excerpt
     warnings.formatwarning = lambda msg, cat, *a, **k: f"panning: warning: {msg}\n"
-    from panning._alloc import tune_malloc
+    from panning.alloc import tune_malloc
 
-    tune_malloc()  # we own this process: keep freed tensor memory for reuse (see panning/_alloc.py)
+    tune_malloc()  # we own this process: keep freed tensor memory for reuse (see panning/alloc.py)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -460,7 +460,9 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
     and ``a_i`` and the sums ``Σ g_i = δᵀa`` and ``Σ g_i² = (δ²)ᵀ(a²)`` are two matrix products:
     the same numbers without materialising a per-sample copy of the layer's weights. For a plain
     ``nn.Conv2d`` (one group, zero padding) ``G_i = δ_i unfold(a_i)ᵀ``, one batched matmul per
-    chunk of samples. When every scored weight is such a Linear or Conv2d layer (MLPs, LeNets,
+    chunk of samples, or, with at most six output positions, ``Σ G_i²`` from position pairs
+    without forming any ``G_i``; this route is taken when the unfolded inputs are smaller than
+    the per-sample gradients (VGG on CIFAR), otherwise vmap's grouped convolutions are cheaper. When every scored weight is such a Linear or Conv2d layer (MLPs, LeNets,
     VGGs, ResNets), no vmap is needed at all: one ordinary batched backward of ``N * loss_fn``
     gives every ``δ_i`` (``loss_fn`` must be a mean of per-sample losses, as documented for
     :func:`compute_scores`). Other layers (grouped or shared convolutions, custom modules) get

@@ -8,7 +8,7 @@ import sys
 
 def test_tune_malloc_is_idempotent_and_reports_glibc() -> None:
     code = (
-        "from panning._alloc import tune_malloc; a = tune_malloc(); b = tune_malloc(); "
+        "from panning.alloc import tune_malloc; a = tune_malloc(); b = tune_malloc(); "
         "import torch; x = torch.ones(1 << 20).sum(); print(a, b, int(x))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
