@@ -502,7 +502,6 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
     w_vmap = {k: w for k, w in w_all.items() if k not in lin}
     # batched: the tapped weights need a graph for the output gradients (only those are computed)
     w_fixed = {k: w.requires_grad_(batched) for k, w in w_all.items() if k in lin}
-    eps = {mod: w_all[k].new_zeros(1, w_all[k].shape[0]) for k, mod in lin.items()}
     workspace: dict[str, Tensor] = {}
 
     with output_taps(model, list(lin.values())) as tap:
@@ -516,13 +515,15 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
                 tap["eps"], tap["inputs"] = None, None
             return loss_fn(out, y.unsqueeze(0)).reshape(()), inputs
 
-        per_sample = vmap(
-            grad(sample_loss, argnums=(0, 1), has_aux=True), in_dims=(None, None, None, 0, 0), randomness="different"
-        ) if not batched else None
-        per_sample_bytes = sum(w.numel() * w.element_size() for w in w_vmap.values()) + sum(
-            (w.shape[0] + w.shape[1]) * w.element_size() for w in w_fixed.values()
-        )
-        chunk = max(1, FTS_CHUNK_BYTES // max(1, per_sample_bytes))
+        if not batched:  # the vmap route's pieces: per-sample gradients, eps taps, chunk size
+            per_sample = vmap(
+                grad(sample_loss, argnums=(0, 1), has_aux=True), in_dims=(None, None, None, 0, 0), randomness="different"
+            )
+            eps = {mod: w_all[k].new_zeros(1, w_all[k].shape[0]) for k, mod in lin.items()}
+            per_sample_bytes = sum(w.numel() * w.element_size() for w in w_vmap.values()) + sum(
+                (w.shape[0] + w.shape[1]) * w.element_size() for w in w_fixed.values()
+            )
+            chunk = max(1, FTS_CHUNK_BYTES // max(1, per_sample_bytes))
         sum_g: dict[str, Tensor] = {}
         sum_g2: dict[str, Tensor] = {}
         for b, (x, y) in enumerate(batches):
