@@ -499,33 +499,13 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
     grad_elems = sum(w_all[k].numel() for k, mod in tapped.items() if candidates[k][1] == 4)
     batched = len(tapped) == len(w_all) and unfold_elems <= grad_elems
     lin = tapped if batched else {k: mod for k, mod in tapped.items() if candidates[k][1] == 2}
-    w_vmap = {k: w for k, w in w_all.items() if k not in lin}
     # batched: the tapped weights need a graph for the output gradients (only those are computed)
     w_fixed = {k: w.requires_grad_(batched) for k, w in w_all.items() if k in lin}
-    workspace: dict[str, Tensor] = {}
+    w_vmap = {k: w for k, w in w_all.items() if k not in lin}
 
-    with output_taps(model, list(lin.values())) as tap:
-
-        def sample_loss(w: dict, e: dict, fixed: dict, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
-            tap["eps"], tap["inputs"] = e, {}
-            try:
-                out = functional_call(model, {**fixed, **w}, (x.unsqueeze(0),), strict=False, tie_weights=True)
-                inputs = tap["inputs"]
-            finally:
-                tap["eps"], tap["inputs"] = None, None
-            return loss_fn(out, y.unsqueeze(0)).reshape(()), inputs
-
-        if not batched:  # the vmap route's pieces: per-sample gradients, eps taps, chunk size
-            per_sample = vmap(
-                grad(sample_loss, argnums=(0, 1), has_aux=True), in_dims=(None, None, None, 0, 0), randomness="different"
-            )
-            eps = {mod: w_all[k].new_zeros(1, w_all[k].shape[0]) for k, mod in lin.items()}
-            per_sample_bytes = sum(w.numel() * w.element_size() for w in w_vmap.values()) + sum(
-                (w.shape[0] + w.shape[1]) * w.element_size() for w in w_fixed.values()
-            )
-            chunk = max(1, FTS_CHUNK_BYTES // max(1, per_sample_bytes))
-        sum_g: dict[str, Tensor] = {}
-        sum_g2: dict[str, Tensor] = {}
+    def frozen_batches() -> Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]]:
+        """Each batch with the tensors held fixed for it: buffers, tapped weights and, under
+        train-mode BatchNorm, that batch's statistics (the first batch's come from the probe)."""
         for b, (x, y) in enumerate(batches):
             fixed = {**rest, **w_fixed}
             if bns:
@@ -538,41 +518,98 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
                 for m in bns.values():
                     m.training = False
                 fixed.update(stats)
-            if batched:
-                # Samples do not interact (train-mode BatchNorm runs on the frozen batch statistics
-                # above), so one batched backward of the summed loss yields every sample's output
-                # gradient δ_i at each tapped layer exactly: no vmap.
-                tap["eps"], tap["inputs"], tap["outputs"] = {}, {}, {}
-                try:
-                    out = functional_call(model, fixed, (x,), strict=False, tie_weights=True)
-                    inputs, outputs = tap["inputs"], tap["outputs"]
-                finally:
-                    tap["eps"], tap["inputs"], tap["outputs"] = None, None, None
-                # loss_fn is a mean over samples, so n * loss_fn is the sum of the per-sample losses
-                ds = torch.autograd.grad(loss_fn(out, y) * x.shape[0], [outputs[mod] for mod in lin.values()])
-                for (k, mod), d in zip(lin.items(), ds):
-                    a = inputs[mod].detach()
-                    if a.dim() == 2:
-                        _accumulate_outer(sum_g, sum_g2, k, d, a)
-                    else:
-                        _accumulate_conv(sum_g, sum_g2, k, modules_by_name[mod], d, a, workspace)
-                del out, inputs, outputs, ds
-                continue
-            for start in range(0, x.shape[0], chunk):
-                xc, yc = x[start : start + chunk], y[start : start + chunk]
-                (gw, geps), inputs = per_sample(w_vmap, eps, fixed, xc, yc)
-                for k, g in gw.items():
-                    _accumulate(sum_g, k, g.sum(0))
-                    _accumulate(sum_g2, k, g.square_().sum(0))  # g is ours: square in place
-                for k, mod in lin.items():
-                    _accumulate_outer(sum_g, sum_g2, k, geps[mod].reshape(xc.shape[0], -1),
-                                      inputs[mod].reshape(xc.shape[0], -1))
-                del gw, geps, inputs
+            yield x, y, fixed
+
+    with output_taps(model, list(lin.values())) as tap:
+        if batched:
+            sum_g, sum_g2 = _fts_sums_batched(model, loss_fn, frozen_batches(), tap, lin, modules_by_name)
+        else:
+            sum_g, sum_g2 = _fts_sums_vmap(model, loss_fn, frozen_batches(), tap, lin, w_vmap, w_fixed)
     # |θ ⊙ Σg/N + ½ θ² ⊙ Σg²/N| = |θ ⊙ (Σg + ½ θ ⊙ Σg²)| / N, in four passes
     return {
         k: torch.addcmul(sum_g[k], w.detach(), sum_g2[k], value=0.5).mul_(w.detach()).abs_().div_(total)
         for k, w in w_all.items()
     }
+
+
+def _fts_sums_batched(
+    model: nn.Module,
+    loss_fn: LossFn,
+    frozen: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]],
+    tap: dict,
+    lin: Mapping[str, str],
+    modules_by_name: Mapping[str, nn.Module],
+) -> tuple[Scores, Scores]:
+    """``Σ_i g_i`` and ``Σ_i g_i²`` of every weight in ``lin`` (all Linear/Conv2d, tapped) from one
+    batched backward per batch. Samples do not interact (train-mode BatchNorm runs on frozen batch
+    statistics), so the backward of the summed loss yields every sample's output gradient ``δ_i``
+    at each tapped layer exactly."""
+    sum_g: Scores = {}
+    sum_g2: Scores = {}
+    workspace: dict[str, Tensor] = {}
+    for x, y, fixed in frozen:
+        tap["eps"], tap["inputs"], tap["outputs"] = {}, {}, {}
+        try:
+            out = functional_call(model, fixed, (x,), strict=False, tie_weights=True)
+            inputs, outputs = tap["inputs"], tap["outputs"]
+        finally:
+            tap["eps"], tap["inputs"], tap["outputs"] = None, None, None
+        # loss_fn is a mean over samples, so n * loss_fn is the sum of the per-sample losses
+        ds = torch.autograd.grad(loss_fn(out, y) * x.shape[0], [outputs[mod] for mod in lin.values()])
+        for (k, mod), d in zip(lin.items(), ds):
+            a = inputs[mod].detach()
+            if a.dim() == 2:
+                _accumulate_outer(sum_g, sum_g2, k, d, a)
+            else:
+                _accumulate_conv(sum_g, sum_g2, k, modules_by_name[mod], d, a, workspace)
+        del out, inputs, outputs, ds
+    return sum_g, sum_g2
+
+
+def _fts_sums_vmap(
+    model: nn.Module,
+    loss_fn: LossFn,
+    frozen: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]],
+    tap: dict,
+    lin: Mapping[str, str],
+    w_vmap: Mapping[str, Tensor],
+    w_fixed: Mapping[str, Tensor],
+) -> tuple[Scores, Scores]:
+    """``Σ_i g_i`` and ``Σ_i g_i²`` from per-sample gradients by ``vmap(grad(...))`` over chunks of
+    samples (bounded by :data:`FTS_CHUNK_BYTES`); the tapped Linear layers in ``lin`` return their
+    output gradients through zero ``eps`` offsets and are summed as outer products."""
+
+    def sample_loss(w: dict, e: dict, fixed: dict, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
+        tap["eps"], tap["inputs"] = e, {}
+        try:
+            out = functional_call(model, {**fixed, **w}, (x.unsqueeze(0),), strict=False, tie_weights=True)
+            inputs = tap["inputs"]
+        finally:
+            tap["eps"], tap["inputs"] = None, None
+        return loss_fn(out, y.unsqueeze(0)).reshape(()), inputs
+
+    per_sample = vmap(
+        grad(sample_loss, argnums=(0, 1), has_aux=True), in_dims=(None, None, None, 0, 0), randomness="different"
+    )
+    eps = {mod: w_fixed[k].new_zeros(1, w_fixed[k].shape[0]) for k, mod in lin.items()}
+    per_sample_bytes = sum(w.numel() * w.element_size() for w in w_vmap.values()) + sum(
+        (w.shape[0] + w.shape[1]) * w.element_size() for w in w_fixed.values()
+    )
+    chunk = max(1, FTS_CHUNK_BYTES // max(1, per_sample_bytes))
+    sum_g: Scores = {}
+    sum_g2: Scores = {}
+    for x, y, fixed in frozen:
+        for start in range(0, x.shape[0], chunk):
+            xc, yc = x[start : start + chunk], y[start : start + chunk]
+            (gw, geps), inputs = per_sample(dict(w_vmap), eps, fixed, xc, yc)
+            for k, g in gw.items():
+                _accumulate(sum_g, k, g.sum(0))
+                _accumulate(sum_g2, k, g.square_().sum(0))  # g is ours: square in place
+            for k, mod in lin.items():
+                _accumulate_outer(sum_g, sum_g2, k, geps[mod].reshape(xc.shape[0], -1),
+                                  inputs[mod].reshape(xc.shape[0], -1))
+            del gw, geps, inputs
+    return sum_g, sum_g2
 
 
 def _accumulate_outer(sum_g: dict[str, Tensor], sum_g2: dict[str, Tensor], key: str, d: Tensor, a: Tensor) -> None:
