@@ -270,7 +270,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.seeds and not set(args.seeds) <= set(sw.seeds):
         raise UsageError(f"--seeds {args.seeds} are not all in the sweep's seeds {sw.seeds}")
     rows = sweep.run_sweep(sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, agents=sw.agents),
-                           seeds=args.seeds)
+                           seeds=args.seeds, check=lambda cell, d: runs.cell_mismatch(cfg, cell, d, sw.agents))
     print(sweep.markdown_table(rows), end="")
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'accuracy_vs_sparsity.png'}")
     return 0

@@ -182,6 +182,66 @@ def load_run_masks(masks_path: str | Path) -> tuple[RunConfig, Masks, dict[str, 
     return cfg, Masks.load(mp), info
 
 
+#: RunConfig fields that say where a run ran, not what it computed: a sweep may resume elsewhere.
+PLACE_FIELDS = ("device", "data_dir", "download")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (agent policies are recorded by it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cell_config(cfg: RunConfig, cell: Any, agents: dict[str, str] | None = None) -> RunConfig:
+    """The resolved run config of sweep cell ``cell`` (:class:`panning.sweep.Cell`) over base ``cfg``."""
+    from panning.sweep import DENSE
+
+    method = cell.method
+    c = _config.override(cfg, {"seed": cell.seed, "prune.sparsity": cell.sparsity, "prune.method": None if method == DENSE else method})
+    # set explicitly (override skips None): a policy in the base config must not leak into fixed-method cells
+    return dataclasses.replace(c, prune=dataclasses.replace(c.prune, policy=(agents or {}).get(method)))
+
+
+def cell_mismatch(cfg: RunConfig, cell: Any, d: Path, agents: dict[str, str] | None = None) -> str | None:
+    """Why finished cell folder ``d`` does not hold what this sweep would compute for ``cell`` (None if
+    it does): its config differs beyond :data:`PLACE_FIELDS`, or its agent file has changed since."""
+    want = _config.to_dict(cell_config(cfg, cell, agents))
+    have_path = d / "config.yaml"
+    if not have_path.is_file():
+        return "it has no config.yaml"
+    have = _config.to_dict(_config.load(have_path))
+    diff = [k for k in _flat_diff(have, want) if k not in PLACE_FIELDS]
+    if diff:
+        k = diff[0]
+        return f"{k} was {_dig(have, k)!r}, this sweep asks for {_dig(want, k)!r}" + (f" (+{len(diff) - 1} more)" if len(diff) > 1 else "")
+    policy = want["prune"]["policy"]
+    recorded = json.loads((d / "prune.json").read_text()).get("policy_sha256") if (d / "prune.json").is_file() else None
+    # cells written before hashes were recorded cannot be checked; they are trusted
+    if policy and recorded and recorded != file_sha256(policy):
+        return f"agent file {policy} has changed since this cell was pruned with it"
+    return None
+
+
+def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _flat_diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix + k)
+    return out
+
+
+def _dig(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
 def run_cell(cfg: RunConfig, cell: Any, out: Path, bundle: DataBundle | None = None, progress: bool | None = False,
              agents: dict[str, str] | None = None) -> dict[str, Any]:
     """One sweep cell (:class:`panning.sweep.Cell`): prune with its method, or the trained agent of that
@@ -189,9 +249,7 @@ def run_cell(cfg: RunConfig, cell: Any, out: Path, bundle: DataBundle | None = N
     from panning.sweep import DENSE
 
     method = cell.method
-    c = _config.override(cfg, {"seed": cell.seed, "prune.sparsity": cell.sparsity, "prune.method": None if method == DENSE else method})
-    # set explicitly (override skips None): a policy in the base config must not leak into fixed-method cells
-    c = dataclasses.replace(c, prune=dataclasses.replace(c.prune, policy=(agents or {}).get(method)))
+    c = cell_config(cfg, cell, agents)
     s = setup(c, bundle)
     t0 = time.perf_counter()
     if method == DENSE:
@@ -204,5 +262,8 @@ def run_cell(cfg: RunConfig, cell: Any, out: Path, bundle: DataBundle | None = N
     else:
         result = prune_model(c, s)
         masks = result.masks
-        save_prune(out, c, s, result, extra={"target_sparsity": cell.sparsity})
+        extra: dict[str, Any] = {"target_sparsity": cell.sparsity}
+        if c.prune.policy:
+            extra["policy_sha256"] = file_sha256(c.prune.policy)
+        save_prune(out, c, s, result, extra=extra)
     return train_and_evaluate(c, s, masks, out, progress=progress, method=method)

@@ -3,7 +3,9 @@
 A sweep directory holds one run directory per cell under ``cells/`` and, rebuilt after every cell,
 ``results.csv`` (one row per finished cell), ``results.md`` (mean +- std per method and sparsity) and
 ``accuracy_vs_sparsity.png``. A cell whose ``metrics.json`` exists is finished and never rerun, so
-an interrupted sweep resumes where it stopped.
+an interrupted sweep resumes where it stopped. Before resuming, every finished cell is checked
+against the config this sweep would give it (``check`` in :func:`run_sweep`): a sweep folder never
+mixes cells computed under two settings.
 
 Several processes may work on one sweep directory at once (``--seeds`` to split it by seed, or
 simply the same command started N times): a process claims a cell with an exclusive lock file
@@ -42,6 +44,10 @@ COLUMNS = (
     "train_seconds",
 )
 DENSE = "dense"
+
+
+class SweepMismatch(ValueError):
+    """Finished cells of a sweep folder were computed under another config than the one given."""
 
 
 @dataclass
@@ -230,6 +236,8 @@ def write_reports(out: Path, title: str = "") -> list[dict[str, Any]]:
 
 
 CellRunner = Callable[[RunConfig, Cell, Path], None]
+#: ``(cell, folder) -> reason`` a finished cell does not match this sweep, or None when it does
+CellCheck = Callable[[Cell, Path], "str | None"]
 
 
 def run_sweep(
@@ -239,18 +247,30 @@ def run_sweep(
     run_cell: CellRunner,
     *,
     seeds: list[int] | None = None,
+    check: CellCheck | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell with ``run_cell`` (which writes prune.json + metrics.json into its folder).
 
     ``seeds`` runs only those seeds of the grid (e.g. one process per seed on the same sweep
-    directory); the reports always cover every finished cell.
+    directory); the reports always cover every finished cell. ``check`` vets every finished cell
+    of the grid first: a cell computed under another config (base file edited, --epochs given,
+    agent retrained) would mix into the table unseen, so any mismatch raises
+    :class:`SweepMismatch` before anything runs or is written.
     """
+    grid = [c for c in cells(sweep) if seeds is None or c.seed in seeds]
+    finished = [c for c in grid if (out / "cells" / c.key / "metrics.json").is_file()]
+    if check is not None:
+        bad = [(c, why) for c in finished if (why := check(c, out / "cells" / c.key))]
+        if bad:
+            c, why = bad[0]
+            more = f" and {len(bad) - 1} more cells" if len(bad) > 1 else ""
+            raise SweepMismatch(f"{out}/cells/{c.key}{more} were computed differently: {why}; "
+                                "use another --out, or delete those cells to recompute them")
     out.mkdir(parents=True, exist_ok=True)
     _config.dump(sweep, out / "sweep.yaml")
     title = f"{run_cfg.dataset} / {run_cfg.model}"
-    grid = [c for c in cells(sweep) if seeds is None or c.seed in seeds]
-    todo = [c for c in grid if not (out / "cells" / c.key / "metrics.json").is_file()]
+    todo = [c for c in grid if c not in finished]
     log(f"{len(grid) - len(todo)}/{len(grid)} cells already finished; {len(todo)} to run")
     spent: list[float] = []
     for i, c in enumerate(todo):

@@ -137,3 +137,51 @@ def test_sweep_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["benchmark", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_refuses_cells_computed_under_another_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "base.yaml").write_text(BASE)
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("base: base.yaml\nmethods: [magnitude]\nsparsities: [0.5]\nseeds: [0]\ndense: false\n")
+    out = tmp_path / "out"
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out)]) == 0
+    metrics = out / "cells" / "magnitude__s0.5__seed0" / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+    capsys.readouterr()
+
+    # --epochs changes what a cell computes: resuming must not mix the two in one table
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs was 1" in err and "2" in err and "another --out" in err
+    # so does editing the base file the sweep builds on
+    (tmp_path / "base.yaml").write_text(BASE.replace("lr: 0.05", "lr: 0.2"))
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out)]) == 2
+    assert "train.lr was 0.05" in capsys.readouterr().err
+    assert metrics.stat().st_mtime_ns == stamp, "a refused resume touched a finished cell"
+
+    # where it runs is not what it computes: another device still resumes
+    (tmp_path / "base.yaml").write_text(BASE)
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out), "--device", "cpu"]) == 0
+    assert metrics.stat().st_mtime_ns == stamp
+
+
+def test_cell_mismatch_notices_a_retrained_agent(tmp_path: Path) -> None:
+    from panning import config
+
+    (tmp_path / "base.yaml").write_text(BASE)
+    policy = tmp_path / "agent.zip"
+    policy.write_bytes(b"first policy")
+    agents = {"agent": str(policy)}
+    base = config.load(tmp_path / "base.yaml")
+    cell = sweep.Cell("agent", 0.9, 0)
+    d = tmp_path / "cell"
+    d.mkdir()
+    config.dump(runs.cell_config(base, cell, agents), d / "config.yaml")
+    runs.write_json(d / "prune.json", {"policy_sha256": runs.file_sha256(policy)})
+    assert runs.cell_mismatch(base, cell, d, agents) is None
+    policy.write_bytes(b"retrained policy")
+    assert "has changed" in (runs.cell_mismatch(base, cell, d, agents) or "")
+    # another agent file for the same label is a config difference
+    other = tmp_path / "other.zip"
+    other.write_bytes(b"first policy")
+    assert "prune.policy" in (runs.cell_mismatch(base, cell, d, {"agent": str(other)}) or "")
