@@ -7,7 +7,9 @@ Times one training step (forward, backward, SGD with momentum and weight decay) 
 - ``enforce``: :func:`panning.masks.enforce`, as training uses it (bit-AND zeroing, cached);
 - ``masked_fill``: the same guarantees written the plain way (a gradient hook returning
   ``grad.masked_fill(~mask, 0)`` and re-zeroing weights and momentum with ``masked_fill_`` after
-  each step), which is what ``enforce`` did before it switched to bit-AND zeroing.
+  each step), which is what ``enforce`` did before it switched to bit-AND zeroing;
+- ``enforce_nhwc`` (networks with convolutions): ``enforce`` on a channels_last model and input,
+  which is how :func:`panning.train.train_masked` and the proxy train conv nets on the CPU.
 
 Prints the median milliseconds per step and each variant's overhead over ``dense``.
 
@@ -31,7 +33,7 @@ from panning.masks import Masks, enforce, prunable_parameters  # noqa: E402
 from panning.alloc import tune_malloc  # noqa: E402
 from panning.models import build_model  # noqa: E402
 
-SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "mlp": (64,), "resnet20": (3, 32, 32)}
+SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "mlp": (64,), "resnet20": (3, 32, 32), "vgg16": (3, 32, 32)}
 
 
 def masked_fill_reference(model: torch.nn.Module, masks: Masks, opt: torch.optim.Optimizer) -> list:
@@ -77,20 +79,25 @@ def main(argv: list[str] | None = None) -> int:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         masks = Masks({k: torch.rand(q.shape, generator=torch.Generator().manual_seed(1)) < args.density
                        for k, q in prunable_parameters(model).items()})
-        if variant == "enforce":
+        if variant == "enforce_nhwc":
+            model.to(memory_format=torch.channels_last)  # what train_masked does on the CPU for conv nets
+        if variant.startswith("enforce"):
             enforce(model, masks, opt)
         elif variant == "masked_fill":
             masked_fill_reference(model, masks, opt)
         return model, opt
 
-    variants = ["dense", "enforce", "masked_fill"]
+    has_conv = len(shape) == 3 and any(isinstance(m, torch.nn.Conv2d) for m in build_model(args.model, 10, shape).modules())
+    variants = ["dense", "enforce", "masked_fill"] + (["enforce_nhwc"] if has_conv else [])
     setups = {v: setup(v) for v in variants}
+    x_nhwc = x.contiguous(memory_format=torch.channels_last) if has_conv else x
 
     def block(v: str) -> float:
         model, opt = setups[v]
+        xb = x_nhwc if v == "enforce_nhwc" else x
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(xb), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -110,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         print(f"| {v} | {med[v]:.2f} | {med[v] / med['dense']:.2f}x |")
     print(f"\nenforce vs masked_fill: {med['masked_fill'] / med['enforce']:.2f}x faster per step")
+    if has_conv:
+        print(f"enforce_nhwc (channels_last, as CPU training runs conv nets) vs enforce: "
+              f"{med['enforce'] / med['enforce_nhwc']:.2f}x faster per step")
     return 0
 
 

@@ -523,7 +523,7 @@ class _DeviceMask:
 
     def __init__(self, mask: Tensor) -> None:
         self._by_device: dict[torch.device, Tensor] = {mask.device: mask}
-        self._bits: dict[tuple[torch.device, torch.dtype], Tensor | None] = {}
+        self._bits: dict[tuple[torch.device, torch.dtype, tuple[int, ...]], Tensor | None] = {}
 
     def on(self, device: torch.device) -> Tensor:
         m = self._by_device.get(device)
@@ -534,9 +534,11 @@ class _DeviceMask:
 
     def zero(self, t: Tensor, inplace: bool = False) -> Tensor:
         """``t`` with pruned entries exactly 0 (NaN/inf included)."""
-        key = (t.device, t.dtype)
+        key = (t.device, t.dtype, t.stride())
         if key not in self._bits:
-            self._bits[key] = keep_bits(self.on(t.device), t.dtype)
+            bits = keep_bits(self.on(t.device), t.dtype)
+            # laid out like t (channels_last weights in CPU training): a strided AND is slower
+            self._bits[key] = bits if bits is None or bits.stride() == t.stride() else torch.empty_like(t, dtype=bits.dtype).copy_(bits)
         return zero_pruned(t, self._bits[key], self.on(t.device), inplace=inplace)
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from panning.data import DataBundle, make_loader
 from panning.masks import Masks, enforce
-from panning.train import resolve_device
+from panning.train import resolve_device, training_memory_format
 
 __all__ = ["ProxyResult", "ProxySettings", "ProxyEvaluator", "state_hash", "masks_hash"]
 
@@ -202,6 +202,9 @@ class ProxyEvaluator:
         """A trained copy of the masked network (pruned weights exactly zero); ``init`` is untouched."""
         s = self.settings
         net = self._fresh(init).to(self.device)
+        fmt = training_memory_format(net, self.device)
+        if fmt is not None:
+            net.to(memory_format=fmt)
         masks = masks if isinstance(masks, Masks) else Masks(dict(masks))
         masks.check(net)
         masks = masks.to(self.device)
@@ -220,7 +223,10 @@ class ProxyEvaluator:
                         for group in opt.param_groups:
                             group["lr"] = lr
                     idx = order[i]
-                    loss = F.cross_entropy(net(self._xtr[idx]), self._ytr[idx])
+                    x = self._xtr[idx]
+                    if fmt is not None and x.dim() == 4:
+                        x = x.contiguous(memory_format=fmt)
+                    loss = F.cross_entropy(net(x), self._ytr[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -125,6 +125,20 @@ def _as_device(device: str | torch.device) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(device)
 
 
+def training_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format | None:
+    """``torch.channels_last`` for a network with 2-D convolutions trained on the CPU, else None.
+
+    oneDNN's convolutions run faster on NHWC tensors: a masked SGD step is 1.35x faster on LeNet-5
+    and 1.15x on ResNet-20 (batch 100, one thread, 2-core CPU machine; BENCHMARKS.md). Results
+    differ from NCHW only by float rounding, and stay the same run to run. Not applied on CUDA,
+    where it has not been measured here.
+    """
+    if device.type != "cpu":
+        return None
+    has_conv = any(isinstance(m, nn.Conv2d) and m.weight.dim() == 4 for m in model.modules())
+    return torch.channels_last if has_conv else None
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -199,6 +213,9 @@ def train_masked(
 
     dev = _as_device(device)
     model.to(dev)
+    fmt = training_memory_format(model, dev)
+    if fmt is not None:
+        model.to(memory_format=fmt)  # swaps .data: the Parameter objects (and any hooks on them) stay
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
     )
@@ -241,6 +258,8 @@ def train_masked(
                 for i, (x, y) in enumerate(loader):
                     if i >= steps_per_epoch:
                         break
+                    if fmt is not None and x.dim() == 4:
+                        x = x.contiguous(memory_format=fmt)
                     out = model(x)
                     loss = F.cross_entropy(out, y)
                     optimizer.zero_grad(set_to_none=True)
@@ -278,6 +297,8 @@ def train_masked(
         bar.close()
         if handle is not None:
             handle.remove()
+        if fmt is not None:
+            model.to(memory_format=torch.contiguous_format)  # hand back the layout the caller gave
     if writer is not None:
         writer.flush()
     seconds = time.perf_counter() - t_start

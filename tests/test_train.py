@@ -147,3 +147,58 @@ def test_resolve_device():
 def test_resolve_device_cuda_without_gpu():
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def _digit_images(digits):
+    """digits as 1x8x8 images, for small convolutional tests."""
+    import dataclasses
+
+    def img(ds):
+        return InMemoryDataset(ds.tensors[0].reshape(-1, 1, 8, 8), ds.tensors[1])
+
+    return dataclasses.replace(digits, train=img(digits.train), val=img(digits.val), test=img(digits.test),
+                               input_shape=(1, 8, 8), augment=False)
+
+
+def _small_convnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 10),
+    )
+
+
+def test_training_memory_format_rule():
+    from panning.train import training_memory_format
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_memory_format(_small_convnet(), cpu) is torch.channels_last
+    assert training_memory_format(_small_convnet(), cuda) is None  # not measured on GPUs: left alone
+    assert training_memory_format(build_model("mlp", 10, (64,)), cpu) is None
+
+
+def test_conv_training_on_cpu_channels_last_matches_nchw(digits, monkeypatch):
+    """NHWC on the CPU changes speed, not the computation: the same weights up to float rounding,
+    pruned weights exactly zero, and the caller's NCHW layout handed back."""
+    import panning.train as train_mod
+
+    images = _digit_images(digits)
+
+    def run():
+        model = _small_convnet()
+        masks = _random_masks(model, 0.3)
+        hist = train_masked(model, masks, images, TrainConfig(epochs=1, batch_size=64, lr=0.05),
+                            device="cpu", seed=0, progress=False)
+        return model, masks, hist
+
+    nhwc, masks, hist = run()
+    assert hist["final_val"]["accuracy"] > 0.3  # chance is 0.1
+    params = dict(nhwc.named_parameters())
+    for name, m in masks.items():
+        assert params[name].is_contiguous(), name
+        assert torch.count_nonzero(params[name].detach()[~m]) == 0, name
+    monkeypatch.setattr(train_mod, "training_memory_format", lambda model, device: None)
+    nchw, _, hist_nchw = run()
+    for (name, a), b in zip(nhwc.named_parameters(), nchw.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert hist["final_val"]["accuracy"] == pytest.approx(hist_nchw["final_val"]["accuracy"], abs=0.01)
