@@ -185,37 +185,75 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the zoomed panel of :func:`plot` shows methods within this many points of each column's best
+ZOOM_POINTS = 3.0
+
+
+Series = dict[str, list[tuple[float, float, float]]]  # method -> [(sparsity, mean, std)], fractions
+
+
+def zoom_range(series: Series, dense: float | None = None) -> tuple[float, float] | None:
+    """Accuracy limits (%) of the zoomed panel: the means ± std of every point within
+    :data:`ZOOM_POINTS` of its column's best (and the dense line); None when nothing lies more
+    than that below them, so one panel shows everything."""
+    best: dict[float, float] = {}
+    for pts in series.values():
+        for s, mean, _ in pts:
+            best[s] = max(best.get(s, 0.0), 100 * mean)
+    near = [(100 * mean, 100 * std) for pts in series.values() for s, mean, std in pts
+            if 100 * mean >= best[s] - ZOOM_POINTS]
+    if not near:
+        return None
+    lowest = min(100 * mean for pts in series.values() for _, mean, _ in pts)
+    if lowest >= min(m for m, _ in near) - ZOOM_POINTS:
+        return None
+    top = max([m + e for m, e in near] + ([dense] if dense is not None else []))
+    return min(m - e for m, e in near) - 0.2, min(100.0, top + 0.2)
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Accuracy versus sparsity on a log-density axis, one line per method, std error bars."""
+    """Accuracy versus sparsity on a log-density axis, one line per method, std error bars (clipped
+    to 0-100%). When some method collapses far below the rest, a second panel zooms on the methods
+    within :data:`ZOOM_POINTS` of each column's best, where the choice between them is made."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = _group(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = [v for (m, _), vs in groups.items() if m == DENSE for v in vs]
-    if dense:
-        ax.axhline(100 * statistics.fmean(dense), color="grey", ls="--", lw=1, label="dense")
-    for m in sorted({m for m, _ in groups if m != DENSE}):
-        pts = sorted((s, *_mean_std(v)) for (mm, s), v in groups.items() if mm == m)
-        xs = [1 - s for s, _, _ in pts]
-        ax.errorbar(xs, [100 * a for _, a, _ in pts], yerr=[100 * e for _, _, e in pts], marker="o", capsize=3, label=m)
+    methods = sorted({m for m, _ in groups if m != DENSE})
+    series = {m: sorted((s, *_mean_std(v)) for (mm, s), v in groups.items() if mm == m) for m in methods}
+    dense_mean = 100 * statistics.fmean(dense) if dense else None
+    zoom = zoom_range(series, dense_mean)
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4.5), squeeze=False)
     ticks = sorted({1 - s for (_, s) in groups if s > 0}, reverse=True)
-    if len(ticks) == 1:  # a single sparsity: give the log axis some width around it
-        ax.set_xlim(ticks[0] * 2, ticks[0] / 2)
-    ax.set_xscale("log")
-    if len(ticks) != 1:
-        ax.invert_xaxis()
-    if ticks:
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{100 * (1 - d):g}%" for d in ticks])
-        ax.minorticks_off()
-    ax.set_xlabel("sparsity (log density axis)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for i, ax in enumerate(axes[0]):
+        if dense_mean is not None:
+            ax.axhline(dense_mean, color="grey", ls="--", lw=1, label="dense")
+        for m, pts in series.items():
+            means = [100 * a for _, a, _ in pts]
+            stds = [100 * e for _, _, e in pts]
+            yerr = [[min(e, a) for a, e in zip(means, stds)], [min(e, 100 - a) for a, e in zip(means, stds)]]
+            ax.errorbar([1 - s for s, _, _ in pts], means, yerr=yerr, marker="o", capsize=3, label=m)
+        if len(ticks) == 1:  # a single sparsity: give the log axis some width around it
+            ax.set_xlim(ticks[0] * 2, ticks[0] / 2)
+        ax.set_xscale("log")
+        if len(ticks) != 1:
+            ax.invert_xaxis()
+        if ticks:
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([f"{100 * (1 - d):g}%" for d in ticks])
+            ax.minorticks_off()
+        ax.set_xlabel("sparsity (log density axis)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        if i == 1 and zoom is not None:
+            ax.set_ylim(*zoom)
+            ax.set_title(f"zoom: within {ZOOM_POINTS:g} points of each column's best")
+        else:
+            ax.set_title(title)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

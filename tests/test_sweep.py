@@ -185,3 +185,11 @@ def test_cell_mismatch_notices_a_retrained_agent(tmp_path: Path) -> None:
     other = tmp_path / "other.zip"
     other.write_bytes(b"first policy")
     assert "prune.policy" in (runs.cell_mismatch(base, cell, d, {"agent": str(other)}) or "")
+
+
+def test_plot_zooms_only_when_a_method_collapses() -> None:
+    close = {"a": [(0.9, 0.97, 0.002), (0.99, 0.95, 0.004)], "b": [(0.9, 0.965, 0.001), (0.99, 0.948, 0.0)]}
+    assert sweep.zoom_range(close, dense=98.0) is None  # everything fits one readable panel
+    collapsed = {**close, "c": [(0.9, 0.96, 0.0), (0.99, 0.1135, 0.0)]}
+    lo, hi = sweep.zoom_range(collapsed, dense=98.0) or (None, None)
+    assert lo == pytest.approx(95.0 - 0.4 - 0.2) and hi == pytest.approx(98.0 + 0.2)  # c at 11.35% is left out
