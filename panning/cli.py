@@ -269,6 +269,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     bundle = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.split_seed)
     if args.seeds and not set(args.seeds) <= set(sw.seeds):
         raise UsageError(f"--seeds {args.seeds} are not all in the sweep's seeds {sw.seeds}")
+    runs.record_sweep_config(args.out, cfg)
     rows = sweep.run_sweep(sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, agents=sw.agents),
                            seeds=args.seeds, check=lambda cell, d: runs.cell_mismatch(cfg, cell, d, sw.agents))
     print(sweep.markdown_table(rows), end="")

@@ -518,8 +518,9 @@ def select_topk(
 
 
 class _DeviceMask:
-    """A mask, and its bit form (:func:`panning._functional.keep_bits`), cached per device and dtype,
-    so hooks keep working after ``model.to(device)`` and pay the conversion once."""
+    """A mask, and its bit form (:func:`panning._functional.keep_bits`), cached per device, dtype and
+    strides, so hooks keep working after ``model.to(device)`` or a change of memory layout and pay
+    each conversion once."""
 
     def __init__(self, mask: Tensor) -> None:
         self._by_device: dict[torch.device, Tensor] = {mask.device: mask}

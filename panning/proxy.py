@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from panning.data import DataBundle, make_loader
 from panning.masks import Masks, enforce
-from panning.train import resolve_device, training_memory_format
+from panning.train import cpu_channels_last, resolve_device
 
 __all__ = ["ProxyResult", "ProxySettings", "ProxyEvaluator", "state_hash", "masks_hash"]
 
@@ -202,9 +202,6 @@ class ProxyEvaluator:
         """A trained copy of the masked network (pruned weights exactly zero); ``init`` is untouched."""
         s = self.settings
         net = self._fresh(init).to(self.device)
-        fmt = training_memory_format(net, self.device)
-        if fmt is not None:
-            net.to(memory_format=fmt)
         masks = masks if isinstance(masks, Masks) else Masks(dict(masks))
         masks.check(net)
         masks = masks.to(self.device)
@@ -215,7 +212,8 @@ class ProxyEvaluator:
         order = self._order(self._xtr.shape[0])
         try:
             cuda = [torch.cuda.current_device() if self.device.index is None else self.device.index] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):
+            # the trained copy comes back in the usual layout: callers may score or save it
+            with cpu_channels_last(net, self.device, self._xtr) as nhwc, torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(s.seed)  # dropout and the like, without touching the caller's RNG
                 for i in range(s.steps):
                     if s.schedule == "cosine":
@@ -224,8 +222,8 @@ class ProxyEvaluator:
                             group["lr"] = lr
                     idx = order[i]
                     x = self._xtr[idx]
-                    if fmt is not None and x.dim() == 4:
-                        x = x.contiguous(memory_format=fmt)
+                    if nhwc and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
                     loss = F.cross_entropy(net(x), self._ytr[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

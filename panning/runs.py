@@ -205,24 +205,58 @@ def cell_config(cfg: RunConfig, cell: Any, agents: dict[str, str] | None = None)
     return dataclasses.replace(c, prune=dataclasses.replace(c.prune, policy=(agents or {}).get(method)))
 
 
+def config_diff(have: RunConfig, want: RunConfig, ignore: tuple[str, ...] = PLACE_FIELDS) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, have, want)`` for every field where two run configs differ, ``ignore``d keys
+    and their sub-keys left out."""
+    a, b = _config.to_dict(have), _config.to_dict(want)
+    keys = [k for k in _flat_diff(a, b) if not any(k == i or k.startswith(i + ".") for i in ignore)]
+    return [(k, _dig(a, k), _dig(b, k)) for k in keys]
+
+
+def _describe(diff: list[tuple[str, Any, Any]]) -> str:
+    k, have, want = diff[0]
+    return f"{k} was {have!r}, this run asks for {want!r}" + (f" (+{len(diff) - 1} more)" if len(diff) > 1 else "")
+
+
 def cell_mismatch(cfg: RunConfig, cell: Any, d: Path, agents: dict[str, str] | None = None) -> str | None:
     """Why finished cell folder ``d`` does not hold what this sweep would compute for ``cell`` (None if
     it does): its config differs beyond :data:`PLACE_FIELDS`, or its agent file has changed since."""
-    want = _config.to_dict(cell_config(cfg, cell, agents))
+    from panning.sweep import DENSE
+
+    want = cell_config(cfg, cell, agents)
     have_path = d / "config.yaml"
     if not have_path.is_file():
         return "it has no config.yaml"
-    have = _config.to_dict(_config.load(have_path))
-    diff = [k for k in _flat_diff(have, want) if k not in PLACE_FIELDS]
+    # nothing is pruned in a dense cell: the base's pruning settings do not reach its result
+    diff = config_diff(_config.load(have_path), want, PLACE_FIELDS + (("prune",) if cell.method == DENSE else ()))
     if diff:
-        k = diff[0]
-        return f"{k} was {_dig(have, k)!r}, this sweep asks for {_dig(want, k)!r}" + (f" (+{len(diff) - 1} more)" if len(diff) > 1 else "")
-    policy = want["prune"]["policy"]
+        return _describe(diff)
+    policy = want.prune.policy
     recorded = json.loads((d / "prune.json").read_text()).get("policy_sha256") if (d / "prune.json").is_file() else None
     # cells written before hashes were recorded cannot be checked; they are trusted
     if policy and recorded and recorded != file_sha256(policy):
         return f"agent file {policy} has changed since this cell was pruned with it"
     return None
+
+
+def record_sweep_config(out: Path, cfg: RunConfig) -> None:
+    """Write ``out/run_config.yaml`` (the resolved base config of a sweep) if absent, else check that
+    ``cfg`` computes the same: two processes started on one folder with different flags would
+    otherwise each finish cells of their own setting. Raises :class:`RunDirError` on a difference."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run_config.yaml"
+    if not path.is_file():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        _config.dump(cfg, tmp)
+        try:
+            os.link(tmp, path)  # atomic and exclusive: the first process to start sets the config
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    diff = config_diff(_config.load(path), cfg)
+    if diff:
+        raise RunDirError(f"{out} is a sweep started with another config: {_describe(diff)}; use another --out")
 
 
 def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -196,15 +196,15 @@ def zoom_range(series: Series, dense: float | None = None) -> tuple[float, float
     """Accuracy limits (%) of the zoomed panel: the means ± std of every point within
     :data:`ZOOM_POINTS` of its column's best (and the dense line); None when nothing lies more
     than that below them, so one panel shows everything."""
+    finite = [(s, 100 * mean, 100 * std) for pts in series.values() for s, mean, std in pts
+              if math.isfinite(mean) and math.isfinite(std)]
     best: dict[float, float] = {}
-    for pts in series.values():
-        for s, mean, _ in pts:
-            best[s] = max(best.get(s, 0.0), 100 * mean)
-    near = [(100 * mean, 100 * std) for pts in series.values() for s, mean, std in pts
-            if 100 * mean >= best[s] - ZOOM_POINTS]
+    for s, mean, _ in finite:
+        best[s] = max(best.get(s, 0.0), mean)
+    near = [(mean, std) for s, mean, std in finite if mean >= best[s] - ZOOM_POINTS]
     if not near:
         return None
-    lowest = min(100 * mean for pts in series.values() for _, mean, _ in pts)
+    lowest = min(mean for _, mean, _ in finite)
     if lowest >= min(m for m, _ in near) - ZOOM_POINTS:
         return None
     top = max([m + e for m, e in near] + ([dense] if dense is not None else []))
@@ -297,7 +297,8 @@ def run_sweep(
     :class:`SweepMismatch` before anything runs or is written.
     """
     grid = [c for c in cells(sweep) if seeds is None or c.seed in seeds]
-    finished = [c for c in grid if (out / "cells" / c.key / "metrics.json").is_file()]
+    # every seed's finished cells are vetted, not only --seeds': the reports cover them all
+    finished = [c for c in cells(sweep) if (out / "cells" / c.key / "metrics.json").is_file()]
     if check is not None:
         bad = [(c, why) for c in finished if (why := check(c, out / "cells" / c.key))]
         if bad:
@@ -308,7 +309,7 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     _config.dump(sweep, out / "sweep.yaml")
     title = f"{run_cfg.dataset} / {run_cfg.model}"
-    todo = [c for c in grid if c not in finished]
+    todo = [c for c in grid if c not in set(finished)]
     log(f"{len(grid) - len(todo)}/{len(grid)} cells already finished; {len(todo)} to run")
     spent: list[float] = []
     for i, c in enumerate(todo):

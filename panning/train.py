@@ -8,9 +8,11 @@ the same result, and the caller's global RNG state is left untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from panning._functional import preserved_modes
 from panning.data import DataBundle, make_loader
 
 if TYPE_CHECKING:  # masks.py is imported lazily at run time
@@ -125,18 +128,43 @@ def _as_device(device: str | torch.device) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(device)
 
 
-def training_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format | None:
-    """``torch.channels_last`` for a network with 2-D convolutions trained on the CPU, else None.
+@contextlib.contextmanager
+def cpu_channels_last(model: nn.Module, device: torch.device, example: torch.Tensor | None) -> Iterator[bool]:
+    """Run the model's 2-D convolutions in the channels_last layout for training on the CPU; yields
+    whether it did (then feed 4-D inputs as channels_last too).
 
-    oneDNN's convolutions run faster on NHWC tensors: a masked SGD step is 1.35x faster on LeNet-5
-    and 1.15x on ResNet-20 (batch 100, one thread, 2-core CPU machine; BENCHMARKS.md). Results
-    differ from NCHW only by float rounding, and stay the same run to run. Not applied on CUDA,
-    where it has not been measured here.
+    oneDNN's convolutions are faster on NHWC tensors: a masked SGD step is about 1.4x faster on
+    LeNet-5 (benchmarks/bench_train_step.py, BENCHMARKS.md). Results differ from NCHW only by float
+    rounding and stay the same run to run. Only ``nn.Conv2d`` weights in the NCHW layout are
+    converted (Parameters keep their identity, so optimisers and hooks stay attached), and on exit
+    they are converted back. Left alone (yields False): CUDA devices (not measured here), models
+    without Conv2d, 4-D ``example`` missing, torch's swap-on-conversion mode (which would drop
+    hooks registered on the parameters), and models whose forward fails on channels_last
+    activations (a ``.view`` after a convolution), found by a no-grad eval-mode probe on
+    ``example[:2]``.
     """
-    if device.type != "cpu":
-        return None
-    has_conv = any(isinstance(m, nn.Conv2d) and m.weight.dim() == 4 for m in model.modules())
-    return torch.channels_last if has_conv else None
+    convs = [m for m in model.modules()
+             if isinstance(m, nn.Conv2d) and m.weight.dim() == 4 and m.weight.is_contiguous()]
+    if (device.type != "cpu" or not convs or example is None or example.dim() != 4
+            or torch.__future__.get_swap_module_params_on_conversion()):
+        yield False
+        return
+    for m in convs:
+        m.to(memory_format=torch.channels_last)
+    try:
+        ok = True
+        try:
+            with torch.no_grad(), preserved_modes(model):
+                model.eval()  # no BatchNorm statistics updated, no dropout randomness consumed
+                model(example[:2].contiguous(memory_format=torch.channels_last))
+        except RuntimeError:
+            ok = False
+            for m in convs:
+                m.to(memory_format=torch.contiguous_format)
+        yield ok
+    finally:
+        for m in convs:
+            m.to(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
@@ -213,9 +241,6 @@ def train_masked(
 
     dev = _as_device(device)
     model.to(dev)
-    fmt = training_memory_format(model, dev)
-    if fmt is not None:
-        model.to(memory_format=fmt)  # swaps .data: the Parameter objects (and any hooks on them) stay
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
     )
@@ -243,7 +268,9 @@ def train_masked(
     steps = 0
     t_start = time.perf_counter()
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train", unit="step", disable=not progress, leave=False)
+    layout = contextlib.ExitStack()
     try:
+        nhwc = layout.enter_context(cpu_channels_last(model, dev, loader.x))
         # Forked RNG: dropout etc. are seeded by ``seed`` and the caller's RNG stream is not consumed.
         with torch.random.fork_rng(devices=_rng_devices(dev)):
             torch.manual_seed(seed)
@@ -258,8 +285,8 @@ def train_masked(
                 for i, (x, y) in enumerate(loader):
                     if i >= steps_per_epoch:
                         break
-                    if fmt is not None and x.dim() == 4:
-                        x = x.contiguous(memory_format=fmt)
+                    if nhwc and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
                     out = model(x)
                     loss = F.cross_entropy(out, y)
                     optimizer.zero_grad(set_to_none=True)
@@ -297,8 +324,7 @@ def train_masked(
         bar.close()
         if handle is not None:
             handle.remove()
-        if fmt is not None:
-            model.to(memory_format=torch.contiguous_format)  # hand back the layout the caller gave
+        layout.close()  # the convolutions back in the layout the caller gave
     if writer is not None:
         writer.flush()
     seconds = time.perf_counter() - t_start

@@ -164,6 +164,42 @@ def test_resume_refuses_cells_computed_under_another_config(tmp_path: Path, caps
     assert main(["benchmark", "--config", str(cfg), "--out", str(out), "--device", "cpu"]) == 0
     assert metrics.stat().st_mtime_ns == stamp
 
+    # a folder from before run_config.yaml existed: each finished cell is still checked
+    (out / "run_config.yaml").unlink()
+    capsys.readouterr()
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cells/magnitude__s0.5__seed0 were computed differently: train.epochs was 1" in err
+    assert metrics.stat().st_mtime_ns == stamp
+
+
+def test_resume_checks_other_seeds_cells_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "base.yaml").write_text(BASE)
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("base: base.yaml\nmethods: [magnitude]\nsparsities: [0.5]\nseeds: [0, 1]\ndense: false\n")
+    out = tmp_path / "out"
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out), "--seeds", "1"]) == 0
+    (out / "run_config.yaml").unlink()  # leave only the per-cell check
+    capsys.readouterr()
+    # no seed-0 cell exists yet, but the seed-1 cell would land in the same table
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out), "--seeds", "0", "--epochs", "2"]) == 2
+    assert "seed1 were computed differently" in capsys.readouterr().err
+    assert not (out / "cells" / "magnitude__s0.5__seed0" / "metrics.json").exists()
+
+
+def test_dense_cells_ignore_the_base_pruning_settings(tmp_path: Path) -> None:
+    from panning import config
+
+    (tmp_path / "base.yaml").write_text(BASE)
+    base = config.load(tmp_path / "base.yaml")
+    d = tmp_path / "cell"
+    d.mkdir()
+    dense = sweep.Cell(sweep.DENSE, 0.0, 0)
+    config.dump(runs.cell_config(base, dense), d / "config.yaml")
+    edited = config.override(base, {"prune.scoring_per_class": 3, "prune.method": "synflow"})
+    assert runs.cell_mismatch(edited, dense, d) is None
+    assert "train.lr" in (runs.cell_mismatch(config.override(base, {"train.lr": 0.3}), dense, d) or "")
+
 
 def test_cell_mismatch_notices_a_retrained_agent(tmp_path: Path) -> None:
     from panning import config
@@ -193,3 +229,6 @@ def test_plot_zooms_only_when_a_method_collapses() -> None:
     collapsed = {**close, "c": [(0.9, 0.96, 0.0), (0.99, 0.1135, 0.0)]}
     lo, hi = sweep.zoom_range(collapsed, dense=98.0) or (None, None)
     assert lo == pytest.approx(95.0 - 0.4 - 0.2) and hi == pytest.approx(98.0 + 0.2)  # c at 11.35% is left out
+    nan = float("nan")
+    for order in ({"n": [(0.9, nan, nan)], **close}, {**close, "n": [(0.9, nan, nan)]}):
+        assert sweep.zoom_range(order, dense=98.0) is None  # a diverged cell neither adds nor skews a zoom

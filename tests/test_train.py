@@ -1,6 +1,7 @@
 """Training of masked networks: convergence, masks held at zero, seeding, schedules, logging, devices."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -168,13 +169,72 @@ def _small_convnet() -> torch.nn.Module:
     )
 
 
-def test_training_memory_format_rule():
-    from panning.train import training_memory_format
+class _ViewNet(torch.nn.Module):
+    """Flattens with ``.view``, which channels_last activations do not allow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+class _Conv3dToo(torch.nn.Module):
+    """A Conv2d beside a 5-D weight, which a whole-model channels_last conversion rejects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.conv3 = torch.nn.Conv3d(1, 1, 1)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv3(x.unsqueeze(1)).squeeze(1)
+        return self.fc(torch.relu(self.conv(h)).flatten(1))
+
+
+def test_cpu_channels_last_rule():
+    from panning.train import cpu_channels_last
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert training_memory_format(_small_convnet(), cpu) is torch.channels_last
-    assert training_memory_format(_small_convnet(), cuda) is None  # not measured on GPUs: left alone
-    assert training_memory_format(build_model("mlp", 10, (64,)), cpu) is None
+    x = torch.randn(4, 1, 8, 8)
+    net = _small_convnet()
+    with cpu_channels_last(net, cpu, x) as on:
+        assert on and net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert net[0].weight.is_contiguous()  # handed back NCHW
+    with cpu_channels_last(net, cuda, x) as on:  # not measured on GPUs: left alone (no GPU needed to decide)
+        assert not on
+    with cpu_channels_last(build_model("mlp", 10, (64,)), cpu, torch.randn(4, 64)) as on:
+        assert not on
+    view = _ViewNet()
+    with cpu_channels_last(view, cpu, x) as on:
+        assert not on and view.conv.weight.is_contiguous()
+        view(x)  # still works, in NCHW
+    both = _Conv3dToo()
+    with cpu_channels_last(both, cpu, x) as on:
+        assert on and both.conv3.weight.is_contiguous()
+        both(x.contiguous(memory_format=torch.channels_last))
+
+
+def test_user_model_with_view_still_trains(digits):
+    images = _digit_images(digits)
+    model = _ViewNet()
+    masks = _random_masks(model, 0.5)
+    hist = train_masked(model, masks, images, TrainConfig(epochs=1, batch_size=64, lr=0.05), device="cpu",
+                        seed=0, progress=False)
+    assert not hist["diverged"]
+
+
+def test_proxy_hands_back_nchw(digits):
+    from panning.proxy import ProxyEvaluator
+
+    images = _digit_images(digits)
+    model = _small_convnet()
+    net = ProxyEvaluator(images, steps=3, batch_size=32, device="cpu", cache_size=0).train(model, _random_masks(model, 0.5))
+    assert all(p.is_contiguous() for p in net.parameters())
 
 
 def test_conv_training_on_cpu_channels_last_matches_nchw(digits, monkeypatch):
@@ -197,7 +257,7 @@ def test_conv_training_on_cpu_channels_last_matches_nchw(digits, monkeypatch):
     for name, m in masks.items():
         assert params[name].is_contiguous(), name
         assert torch.count_nonzero(params[name].detach()[~m]) == 0, name
-    monkeypatch.setattr(train_mod, "training_memory_format", lambda model, device: None)
+    monkeypatch.setattr(train_mod, "cpu_channels_last", lambda model, device, example: contextlib.nullcontext(False))
     nchw, _, hist_nchw = run()
     for (name, a), b in zip(nhwc.named_parameters(), nchw.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
