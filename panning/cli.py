@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="sweep directory; rerun the same command to resume")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute")
     p.add_argument("--data-dir", help="dataset folder (default: $PANNING_DATA, else ~/.cache/panning)")
+    p.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
     p.add_argument("--epochs", type=int, help="override the training epochs of every cell")
     p.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the grid; any number of processes may share one --out (cells are claimed)")
     p.set_defaults(func=cmd_benchmark)
@@ -244,7 +245,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from panning import config, runs, sweep
 
     sw, cfg = sweep.load_sweep(args.config)
-    cfg = config.override(cfg, {"device": args.device, "data_dir": args.data_dir, "train.epochs": args.epochs})
+    cfg = config.override(cfg, {"device": args.device, "data_dir": args.data_dir, "download": args.download,
+                                "train.epochs": args.epochs})
     _validate(cfg)
     from panning.pruner import available_methods
 

@@ -232,3 +232,18 @@ def test_plot_zooms_only_when_a_method_collapses() -> None:
     nan = float("nan")
     for order in ({"n": [(0.9, nan, nan)], **close}, {**close, "n": [(0.9, nan, nan)]}):
         assert sweep.zoom_range(order, dense=98.0) is None  # a diverged cell neither adds nor skews a zoom
+
+
+def test_missing_data_names_flags_the_benchmark_has(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "base.yaml").write_text("model: resnet20\ndataset: cifar10\n")
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("base: base.yaml\nmethods: [snip]\nsparsities: [0.9]\n")
+    out = tmp_path / "out"
+    args = ["benchmark", "--config", str(cfg), "--out", str(out), "--data-dir", str(tmp_path / "empty")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR10 not found" in err and "--download" in err and "Traceback" not in err
+    assert not out.exists()
+    from panning.cli import build_parser
+
+    assert build_parser().parse_args(args + ["--download"]).download is True  # the fix it names exists here
