@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,9 +161,16 @@ def train_and_evaluate(
         "per_class_recall": test["per_class_recall"],
         "epochs": cfg.train.epochs,
         "reinit": cfg.reinit,
+        # every validation sample in one class: training collapsed (a dense net: the recipe does not
+        # fit the model; a pruned one: see effective sparsity for layer collapse). Reported, not hidden.
+        "single_class": sum(r > 0 for r in val["per_class_recall"]) <= 1,
         "seconds": seconds,
         "history": history.get("epochs", history) if isinstance(history, dict) else history,
     }
+    if metrics["single_class"]:
+        print(f"warning: the trained {metrics['method']} network predicts a single class (validation accuracy "
+              f"{100 * val['accuracy']:.2f}%): training collapsed. Dense: lower train.lr or try another --init; "
+              "pruned: check effective sparsity (layer collapse).", file=sys.stderr, flush=True)
     if out is not None:
         write_json(out / "metrics.json", metrics)
     return metrics

@@ -177,3 +177,21 @@ def test_console_script_help_and_exit_code() -> None:
         assert sub in r.stdout
     r = subprocess.run([sys.executable, "-m", "panning.cli", "prune", "--sparsity", "2", "--out", "/tmp/x"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_collapsed_training_is_flagged(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A network that ends up predicting one class says so (metrics and stderr), instead of a quiet 10%."""
+    import torch
+
+    from panning import config, runs
+
+    cfg = config.load(tiny)
+    s = runs.setup(cfg)
+    every_weight_pruned = Masks({k: torch.zeros_like(v) for k, v in Masks.ones(s.model).items()})
+    m = runs.train_and_evaluate(cfg, s, every_weight_pruned, None, progress=False, method="snip")
+    assert m["single_class"] is True
+    assert "predicts a single class" in capsys.readouterr().err
+    s = runs.setup(cfg)
+    m = runs.train_and_evaluate(cfg, s, Masks.ones(s.model), None, progress=False, method="dense")
+    assert m["single_class"] is False and m["test_accuracy"] > 0.5
+    assert "single class" not in capsys.readouterr().err
