@@ -271,9 +271,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     bundle = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.split_seed)
     if args.seeds and not set(args.seeds) <= set(sw.seeds):
         raise UsageError(f"--seeds {args.seeds} are not all in the sweep's seeds {sw.seeds}")
+    # vet the finished cells before recording this run's config: a refused resume must leave nothing behind
+    sweep.check_finished_cells(sw, args.out, lambda cell, d: runs.cell_mismatch(cfg, cell, d, sw.agents))
     runs.record_sweep_config(args.out, cfg)
-    rows = sweep.run_sweep(sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, agents=sw.agents),
-                           seeds=args.seeds, check=lambda cell, d: runs.cell_mismatch(cfg, cell, d, sw.agents))
+    rows = sweep.run_sweep(sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, progress=None, agents=sw.agents),
+                           seeds=args.seeds)
     print(sweep.markdown_table(rows), end="")
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'accuracy_vs_sparsity.png'}")
     return 0

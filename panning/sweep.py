@@ -278,6 +278,21 @@ CellRunner = Callable[[RunConfig, Cell, Path], None]
 CellCheck = Callable[[Cell, Path], "str | None"]
 
 
+def check_finished_cells(sweep: SweepConfig, out: Path, check: CellCheck | None) -> list[Cell]:
+    """The grid's finished cells under ``out``, each vetted by ``check`` (when given): raises
+    :class:`SweepMismatch` naming the first one computed under another config. Every seed's cells
+    are vetted, not only those a process was asked to run: the reports cover them all."""
+    finished = [c for c in cells(sweep) if (out / "cells" / c.key / "metrics.json").is_file()]
+    if check is not None:
+        bad = [(c, why) for c in finished if (why := check(c, out / "cells" / c.key))]
+        if bad:
+            c, why = bad[0]
+            more = f" and {len(bad) - 1} more cells" if len(bad) > 1 else ""
+            raise SweepMismatch(f"{out}/cells/{c.key}{more} were computed differently: {why}; "
+                                "use another --out, or delete those cells to recompute them")
+    return finished
+
+
 def run_sweep(
     sweep: SweepConfig,
     run_cfg: RunConfig,
@@ -297,15 +312,7 @@ def run_sweep(
     :class:`SweepMismatch` before anything runs or is written.
     """
     grid = [c for c in cells(sweep) if seeds is None or c.seed in seeds]
-    # every seed's finished cells are vetted, not only --seeds': the reports cover them all
-    finished = [c for c in cells(sweep) if (out / "cells" / c.key / "metrics.json").is_file()]
-    if check is not None:
-        bad = [(c, why) for c in finished if (why := check(c, out / "cells" / c.key))]
-        if bad:
-            c, why = bad[0]
-            more = f" and {len(bad) - 1} more cells" if len(bad) > 1 else ""
-            raise SweepMismatch(f"{out}/cells/{c.key}{more} were computed differently: {why}; "
-                                "use another --out, or delete those cells to recompute them")
+    finished = check_finished_cells(sweep, out, check)
     out.mkdir(parents=True, exist_ok=True)
     _config.dump(sweep, out / "sweep.yaml")
     title = f"{run_cfg.dataset} / {run_cfg.model}"

@@ -171,6 +171,9 @@ def test_resume_refuses_cells_computed_under_another_config(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert "cells/magnitude__s0.5__seed0 were computed differently: train.epochs was 1" in err
     assert metrics.stat().st_mtime_ns == stamp
+    assert not (out / "run_config.yaml").exists(), "a refused resume recorded its config"
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out)]) == 0  # the right config still resumes
+    assert metrics.stat().st_mtime_ns == stamp
 
 
 def test_resume_checks_other_seeds_cells_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
