@@ -312,11 +312,11 @@ def run_sweep(
     :class:`SweepMismatch` before anything runs or is written.
     """
     grid = [c for c in cells(sweep) if seeds is None or c.seed in seeds]
-    finished = check_finished_cells(sweep, out, check)
+    finished = set(check_finished_cells(sweep, out, check))
     out.mkdir(parents=True, exist_ok=True)
     _config.dump(sweep, out / "sweep.yaml")
     title = f"{run_cfg.dataset} / {run_cfg.model}"
-    todo = [c for c in grid if c not in set(finished)]
+    todo = [c for c in grid if c not in finished]
     log(f"{len(grid) - len(todo)}/{len(grid)} cells already finished; {len(todo)} to run")
     spent: list[float] = []
     for i, c in enumerate(todo):
