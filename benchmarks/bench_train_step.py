@@ -19,6 +19,7 @@ Prints the median milliseconds per step and each variant's overhead over ``dense
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from panning.masks import Masks, enforce, prunable_parameters  # noqa: E402
+from panning.train import cpu_channels_last  # noqa: E402
 from panning.alloc import tune_malloc  # noqa: E402
 from panning.models import build_model  # noqa: E402
 
@@ -79,17 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         masks = Masks({k: torch.rand(q.shape, generator=torch.Generator().manual_seed(1)) < args.density
                        for k, q in prunable_parameters(model).items()})
-        if variant == "enforce_nhwc":
-            model.to(memory_format=torch.channels_last)  # what train_masked does on the CPU for conv nets
+        if variant == "enforce_nhwc" and not layouts.enter_context(cpu_channels_last(model, torch.device("cpu"), x)):
+            return None  # the library would train this model in NCHW: nothing to compare
         if variant.startswith("enforce"):
             enforce(model, masks, opt)
         elif variant == "masked_fill":
             masked_fill_reference(model, masks, opt)
         return model, opt
 
-    has_conv = len(shape) == 3 and any(isinstance(m, torch.nn.Conv2d) for m in build_model(args.model, 10, shape).modules())
-    variants = ["dense", "enforce", "masked_fill"] + (["enforce_nhwc"] if has_conv else [])
-    setups = {v: setup(v) for v in variants}
+    # the same rule and conversion as train_masked, held open for the whole benchmark
+    layouts = contextlib.ExitStack()
+    setups = {v: setup(v) for v in ["dense", "enforce", "masked_fill"]}
+    nhwc = setup("enforce_nhwc")
+    has_conv = nhwc is not None
+    if nhwc is not None:
+        setups["enforce_nhwc"] = nhwc
+    variants = list(setups)
     x_nhwc = x.contiguous(memory_format=torch.channels_last) if has_conv else x
 
     def block(v: str) -> float:
