@@ -6,46 +6,56 @@ pruning steps and the environment settings it was trained with. :func:`load_agen
 it against the installed code (and, if given, the requested indices) before SB3 ever builds a
 network, so a mismatch is a clear message rather than a shape error.
 
-:func:`apply_policy` prunes any ``torch.nn.Module`` with a trained policy: it drives
-:class:`envs.episode.PruningEpisode` (the environment's own episode core, hence the same
-:meth:`panning.pruner.Pruner.step` calls) with deterministic actions, and returns the same
-:class:`panning.pruner.PruneResult` a fixed method does, with the chosen index weights and step
-sizes recorded.
+:func:`load_policy` turns an agent file into the library's :class:`panning.policy.Policy`, and
+:func:`apply_policy` prunes any ``torch.nn.Module`` with it through
+:func:`panning.policy.run_policy` (the environment's own episode core, hence the same
+:meth:`panning.pruner.Pruner.step` calls), returning the same :class:`panning.pruner.PruneResult`
+a fixed method does, with the chosen index weights and step sizes recorded.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
-import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import panning
-from envs.episode import ACTION_MAPPING, OBS_VERSION, PruningEpisode, feature_names, observation_size
 from panning import indices as _indices
-from panning.data import balanced_batch, dataset_labels
-from panning.pruner import PruneResult, finish
+from panning.episode import ACTION_MAPPING, OBS_VERSION, feature_names, observation_size
+from panning.errors import AgentError
+from panning.hashing import file_digest
+from panning.io import atomic_path
+from panning.policy import Policy, run_policy
+from panning.pruner import PruneResult
 
-__all__ = ["AgentError", "LoadedAgent", "FORMAT", "META_MEMBER", "agent_metadata", "save_agent", "read_metadata", "check_agent_file",
-           "load_agent", "apply_policy"]
+__all__ = [
+    "FORMAT",
+    "META_MEMBER",
+    "AgentError",
+    "LoadedAgent",
+    "agent_metadata",
+    "apply_policy",
+    "as_policy",
+    "check_agent_file",
+    "load_agent",
+    "load_policy",
+    "read_metadata",
+    "save_agent",
+]
 
 FORMAT = "panning-agent/1"
 META_MEMBER = "panning.json"
 
 
-class AgentError(ValueError):
-    """An agent file is missing, not a panning agent, or does not fit the installed code or the request."""
-
-
 def agent_metadata(env_config: Any, trained_timesteps: int = 0, **extra: Any) -> dict[str, Any]:
     """What a saved agent needs to be used elsewhere, from the env settings it was trained with."""
-    import dataclasses
-
     env = dataclasses.asdict(env_config) if dataclasses.is_dataclass(env_config) else dict(env_config)
     idx = list(env["indices"])
     return {
@@ -73,11 +83,10 @@ def save_agent(model: Any, path: str | Path, metadata: dict[str, Any]) -> Path:
     """``model.save(path)`` then add ``panning.json`` to the zip; written to a temporary file first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.zip")
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as zf:
-        zf.writestr(META_MEMBER, json.dumps(metadata, indent=2, default=str))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as zf:
+            zf.writestr(META_MEMBER, json.dumps(metadata, indent=2, default=str))
     return path
 
 
@@ -162,18 +171,32 @@ def load_agent(path: str | Path, indices: Sequence[str] | None = None, device: s
     n_obs, n_act = model.observation_space.shape, model.action_space.shape
     if n_obs != (meta["observation_size"],) or n_act != (meta["action_size"],):
         raise AgentError(f"{p}: the policy's spaces {n_obs}/{n_act} disagree with its own metadata; the file is damaged")
-    return LoadedAgent(model, meta, p, hashlib.sha256(p.read_bytes()).hexdigest())
+    return LoadedAgent(model, meta, p, file_digest(p))
 
 
-def _batches_from(data: Dataset | DataLoader, per_class: int, num_classes: int | None, seed: int) -> list[tuple[Tensor, Tensor]]:
-    dataset = data.dataset if isinstance(data, DataLoader) else data
-    if num_classes is None:
-        num_classes = int(dataset_labels(dataset).max()) + 1
-    return [balanced_batch(dataset, per_class, num_classes, seed=seed)]
+class _Deterministic:
+    """``observation -> action`` of an SB3 model, deterministic (picklable, unlike a lambda)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self, observation: np.ndarray) -> np.ndarray:
+        action, _ = self.model.predict(observation, deterministic=True)
+        return np.asarray(action)
+
+
+def as_policy(agent: LoadedAgent) -> Policy:
+    """The library's :class:`panning.policy.Policy` of a loaded agent (its metadata and deterministic actions)."""
+    return Policy.from_metadata(_Deterministic(agent.model), agent.metadata, path=str(agent.path), sha256=agent.sha256)
+
+
+def load_policy(path: str | Path, indices: Sequence[str] | None = None, device: str = "cpu") -> Policy:
+    """:func:`load_agent`, as a :class:`panning.policy.Policy` ready for :func:`panning.policy.run_policy`."""
+    return as_policy(load_agent(path, indices, device))
 
 
 def apply_policy(
-    agent: LoadedAgent | str | Path,
+    agent: Policy | LoadedAgent | str | Path,
     model: nn.Module,
     sparsity: float,
     data: Dataset | DataLoader | None = None,
@@ -186,45 +209,14 @@ def apply_policy(
     seed: int = 0,
     method: str = "agent",
 ) -> PruneResult:
-    """Prune ``model`` to ``sparsity`` with a trained policy, deterministically; the model is not modified.
-
-    Scoring data is either ``batches`` (list of ``(x, y)``) or ``data`` (a labelled Dataset or a
-    DataLoader over one), from which a class-balanced batch of ``scoring_per_class`` examples per
-    class is drawn with ``seed`` (default: the agent's training setting). The policy's indices,
-    number of steps, normalisation and selection mode come from the agent's metadata; ``exclude``
-    defaults to the agent's too. Returns the masks with ``extra["policy"]`` holding the per-step
-    index weights and step shares.
-    """
-    loaded = agent if isinstance(agent, LoadedAgent) else load_agent(agent)
-    meta = loaded.metadata
-    if batches is None:
-        if data is None:
-            raise ValueError("apply_policy needs scoring data: pass data= (a Dataset or DataLoader) or batches=")
-        batches = _batches_from(data, scoring_per_class or meta["scoring_per_class"], num_classes, seed)
-    if not batches or len(batches[0][0]) == 0:
-        raise ValueError("the scoring batch is empty")
-    device = next(model.parameters()).device
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
-    t0 = time.perf_counter()
-    ep = PruningEpisode(
-        model, loaded.indices, batches, target_sparsity=sparsity, steps=loaded.pruning_steps,
-        input_shape=input_shape, exclude=meta["exclude"] if exclude is None else exclude, mode=meta["mode"],
-        normalisation=meta["normalisation"], seed=seed,
-    )
-    chosen = []
-    while not ep.done:
-        action, _ = loaded.model.predict(ep.observe(), deterministic=True)
-        s = ep.step(action)
-        chosen.append({"step": s.step, "weights": s.weights, "share": s.share, "keep": s.keep,
-                       "sparsity": s.masks.sparsity, "action": [float(a) for a in action]})
-    result = finish(ep.pruner, method, "policy", time.perf_counter() - t0)
-    result.extra["policy"] = {
-        "path": str(loaded.path),
-        "sha256": loaded.sha256,
-        "indices": loaded.indices,
-        "pruning_steps": loaded.pruning_steps,
-        "obs_version": meta["obs_version"],
-        "trained_timesteps": meta.get("trained_timesteps"),
-        "steps": chosen,
-    }
-    return result
+    """Prune ``model`` to ``sparsity`` with a trained agent (a file, a loaded agent or a policy),
+    deterministically; the model is not modified. See :func:`panning.policy.run_policy` for the
+    arguments: scoring data is ``batches`` or ``data``, the rest defaults to the agent's settings."""
+    if isinstance(agent, (str, Path)):
+        policy = load_policy(agent)
+    elif isinstance(agent, LoadedAgent):
+        policy = as_policy(agent)
+    else:
+        policy = agent
+    return run_policy(policy, model, sparsity, data, batches=batches, num_classes=num_classes, input_shape=input_shape,
+                      exclude=exclude, scoring_per_class=scoring_per_class, seed=seed, method=method)

@@ -27,8 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from agents.config import AgentConfig, load_agent_config, parse_schedule, policy_kwargs, resolve_env_path
-from agents.policy import agent_metadata, read_metadata, save_agent
+from panning.agents.config import AgentConfig, load_agent_config, parse_schedule, policy_kwargs, resolve_env_path
+from panning.agents.policy import agent_metadata, read_metadata, save_agent
 from panning import config as _config
 from panning.runs import write_json
 
@@ -47,7 +47,7 @@ class RunExists(ValueError):
 
 def resolve_env_config(cfg: AgentConfig, config_file: Path | None = None) -> Any:
     """The env settings of ``cfg``: its env YAML with ``env_kwargs`` laid over it."""
-    from envs.panning_env import make_config
+    from panning.envs.panning_env import make_config
 
     return make_config(resolve_env_path(cfg, config_file), **cfg.env_kwargs)
 
@@ -63,7 +63,7 @@ class _EnvFactory:
     def __call__(self) -> Any:
         from stable_baselines3.common.monitor import Monitor
 
-        from envs.panning_env import PanningEnv
+        from panning.envs.panning_env import PanningEnv
 
         from panning.alloc import tune_malloc
 
@@ -330,7 +330,7 @@ def train_agent(
     from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from envs.panning_env import PanningEnv
+    from panning.envs.panning_env import PanningEnv
 
     out = Path(out)
     if out.exists() and not out.is_dir():

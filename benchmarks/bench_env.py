@@ -30,9 +30,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from envs.panning_env import PanningEnv  # noqa: E402
+from panning.envs.panning_env import PanningEnv
 
 STAGES = ("reset", "score", "select", "connectivity", "signal", "features", "proxy", "reference")
 

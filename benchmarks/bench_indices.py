@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from panning.indices import available_indices, compute_scores  # noqa: E402
-from panning.alloc import tune_malloc  # noqa: E402
-from panning.models import build_model  # noqa: E402
+from panning.indices import available_indices, compute_scores
+from panning.alloc import tune_malloc
+from panning.models import build_model
 
 INPUT_SHAPES = {
     "lenet300": (1, 28, 28),  # MNIST

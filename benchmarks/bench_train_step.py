@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from panning.masks import Masks, enforce, prunable_parameters  # noqa: E402
-from panning.train import cpu_channels_last  # noqa: E402
-from panning.alloc import tune_malloc  # noqa: E402
-from panning.models import build_model  # noqa: E402
+from panning.masks import Masks, enforce, prunable_parameters
+from panning.train import cpu_channels_last
+from panning.alloc import tune_malloc
+from panning.models import build_model
 
 SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "mlp": (64,), "resnet20": (3, 32, 32), "vgg16": (3, 32, 32)}
 

@@ -29,17 +29,16 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from panning import config as _config  # noqa: E402
-from panning.config import RunConfig  # noqa: E402
-from panning.data import balanced_batch, load_dataset  # noqa: E402
-from panning.masks import Masks  # noqa: E402
-from panning.models import build_model  # noqa: E402
-from panning.proxy import ProxyEvaluator  # noqa: E402
-from panning.pruner import Pruner  # noqa: E402
-from panning.schedules import keep_schedule  # noqa: E402
-from panning.train import evaluate, train_masked  # noqa: E402
+from panning import config as _config
+from panning.config import RunConfig
+from panning.data import balanced_batch, load_dataset
+from panning.masks import Masks
+from panning.models import build_model
+from panning.proxy import ProxyEvaluator
+from panning.pruner import Pruner
+from panning.schedules import keep_schedule
+from panning.train import evaluate, train_masked
 
 MIX = "mix"
 

@@ -62,7 +62,7 @@ from torch.utils.data import Dataset
 
 from panning import config as _config
 from panning import indices as _indices
-from envs.episode import GLOBAL_FEATURES, INDEX_FEATURES, OBS_LIMIT, PruningEpisode, feature_names, observation_size
+from panning.episode import GLOBAL_FEATURES, INDEX_FEATURES, OBS_LIMIT, PruningEpisode, feature_names, observation_size
 from panning.config import ConfigError
 from panning.data import DataBundle, balanced_batch, load_dataset
 from panning.masks import Masks

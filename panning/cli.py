@@ -163,7 +163,7 @@ def _validate(cfg: Any) -> None:
     if cfg.dataset not in available_datasets():
         raise UsageError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(available_datasets())}")
     if cfg.prune.policy:
-        from agents.policy import check_agent_file
+        from panning.agents.policy import check_agent_file
 
         if not Path(cfg.prune.policy).is_file():
             raise UsageError(f"--policy {cfg.prune.policy} does not exist (train one with `panning train-agent`)")
@@ -178,6 +178,15 @@ def _validate(cfg: Any) -> None:
     if cfg.train.epochs < 0:
         raise UsageError(f"--epochs must be >= 0, got {cfg.train.epochs}")
     resolve_device(cfg.device)
+
+
+def _load_policy(cfg: Any) -> Any:
+    """The trained agent ``prune.policy`` names, as a library policy (None for a fixed method)."""
+    if not cfg.prune.policy:
+        return None
+    from panning.agents.policy import load_policy
+
+    return load_policy(cfg.prune.policy)
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -195,8 +204,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     cfg = _resolve(args)
     runs.prepare_out(args.out, args.overwrite, results=runs.RESULT_FILES)
+    policy = _load_policy(cfg)
     s = runs.setup(cfg)
-    result = runs.prune_model(cfg, s)
+    result = runs.prune_model(cfg, s, policy)
     runs.save_prune(args.out, cfg, s, result)
     _print_row(cfg.prune.method, result.sparsity, result.effective_sparsity)
     print(f"wrote {args.out / 'masks.pt'} and {args.out / 'prune.json'} ({result.seconds:.1f} s)")
@@ -231,8 +241,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _resolve(args)
     runs.prepare_out(args.out, args.overwrite)
+    policy = _load_policy(cfg)
     s = runs.setup(cfg)
-    result = runs.prune_model(cfg, s)
+    result = runs.prune_model(cfg, s, policy)
     runs.save_prune(args.out, cfg, s, result)
     metrics = runs.train_and_evaluate(cfg, s, result.masks, args.out, progress=_progress(args))
     _print_row(cfg.prune.method, result.sparsity, result.effective_sparsity, metrics["test_accuracy"])
@@ -250,7 +261,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     _validate(cfg)
     from panning.pruner import available_methods
 
-    from agents.policy import check_agent_file
+    from panning.agents.policy import check_agent_file
 
     for name, path in sw.agents.items():
         if not Path(path).is_file():
@@ -272,9 +283,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.seeds and not set(args.seeds) <= set(sw.seeds):
         raise UsageError(f"--seeds {args.seeds} are not all in the sweep's seeds {sw.seeds}")
     # vet the finished cells before recording this run's config: a refused resume must leave nothing behind
-    sweep.check_finished_cells(sw, args.out, lambda cell, d: runs.cell_mismatch(cfg, cell, d, sw.agents))
+    from panning.agents.policy import load_policy
+
+    policies = {name: load_policy(path) for name, path in sw.agents.items()}
+    sweep.check_finished_cells(sw, args.out, lambda cell, d: runs.cell_mismatch(cfg, cell, d, policies))
     runs.record_sweep_config(args.out, cfg)
-    rows = sweep.run_sweep(sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, progress=None, agents=sw.agents),
+    rows = sweep.run_sweep(sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, progress=None, agents=policies),
                            seeds=args.seeds)
     print(sweep.markdown_table(rows), end="")
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'accuracy_vs_sparsity.png'}")
@@ -285,8 +299,8 @@ def cmd_train_agent(args: argparse.Namespace) -> int:
     """``panning train-agent``: PPO on panning/Panning-v0, checkpointed, resumable."""
     import dataclasses
 
-    from agents.config import load_agent_config
-    from agents.train import train_agent
+    from panning.agents.config import load_agent_config
+    from panning.agents.train import train_agent
 
     if (args.out is None) == (args.resume is None):
         raise UsageError("give either --out DIR (a new run) or --resume DIR (continue one)")

@@ -7,14 +7,14 @@ trains a network the same way. A run directory holds ``config.yaml`` (resolved),
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,16 +22,34 @@ from torch import nn
 from panning import config as _config
 from panning.config import RunConfig
 from panning.data import DataBundle, balanced_batch, load_dataset
+from panning.errors import ConfigError, RunDirError
+from panning.hashing import state_digest
+from panning.io import write_json
 from panning.masks import Masks
 from panning.models import build_model, reinit_weights
+from panning.policy import Policy, run_policy
 from panning.pruner import PruneResult, prune
 from panning.train import evaluate, resolve_device, train_masked
 
+__all__ = [
+    "RESULT_FILES",
+    "RunDirError",
+    "Setup",
+    "cell_config",
+    "cell_mismatch",
+    "load_run_masks",
+    "prepare_out",
+    "prune_model",
+    "record_sweep_config",
+    "run_cell",
+    "save_prune",
+    "setup",
+    "state_digest",
+    "train_and_evaluate",
+    "write_json",
+]
+
 RESULT_FILES = ("masks.pt", "prune.json", "metrics.json")
-
-
-class RunDirError(ValueError):
-    """A run directory would be overwritten, or does not hold what was expected."""
 
 
 def prepare_out(out: str | Path, overwrite: bool = False, results: Iterable[str] = RESULT_FILES) -> Path:
@@ -43,22 +61,6 @@ def prepare_out(out: str | Path, overwrite: bool = False, results: Iterable[str]
     if found and not overwrite:
         raise RunDirError(f"{p} already holds results ({', '.join(found)}); pass --overwrite or choose another --out")
     return p
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically, so an interruption never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def state_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's parameters and buffers: proves a rebuilt model is the one that was pruned."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass
@@ -85,14 +87,15 @@ def scoring_batches(cfg: RunConfig, bundle: DataBundle, device: torch.device) ->
     return [(x.to(device), y.to(device))]
 
 
-def prune_model(cfg: RunConfig, s: Setup) -> PruneResult:
-    """Prune the set-up model with the configured fixed method, or with a trained policy (``prune.policy``)."""
+def prune_model(cfg: RunConfig, s: Setup, policy: Policy | None = None) -> PruneResult:
+    """Prune the set-up model with the configured fixed method, or with ``policy``: the trained agent
+    that ``prune.policy`` names, loaded by the caller (``panning.agents.policy.load_policy``)."""
     p = cfg.prune
-    if p.policy:
-        from agents.policy import apply_policy
-
-        return apply_policy(
-            p.policy, s.model, p.sparsity, batches=scoring_batches(cfg, s.bundle, s.device),
+    if p.policy and policy is None:
+        raise ConfigError(f"prune.policy is {p.policy}: load it (panning.agents.policy.load_policy) and pass policy=")
+    if policy is not None:
+        return run_policy(
+            policy, s.model, p.sparsity, batches=scoring_batches(cfg, s.bundle, s.device),
             input_shape=s.bundle.input_shape, exclude=p.exclude or None, seed=cfg.seed, method=p.method,
         )
     return prune(
@@ -115,9 +118,7 @@ def save_prune(out: Path, cfg: RunConfig, s: Setup, result: PruneResult, extra: 
     """Write config.yaml, masks.pt and prune.json for a finished pruning."""
     out.mkdir(parents=True, exist_ok=True)
     _config.dump(cfg, out / "config.yaml")
-    tmp = out / "masks.pt.tmp"
-    result.masks.cpu().save(tmp)
-    os.replace(tmp, out / "masks.pt")
+    result.masks.cpu().save(out / "masks.pt")
     summary = {"model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, **result.summary()}
     summary["init_sha256"] = state_digest(s.model)
     summary.update(extra or {})
@@ -194,17 +195,9 @@ def load_run_masks(masks_path: str | Path) -> tuple[RunConfig, Masks, dict[str, 
 PLACE_FIELDS = ("device", "data_dir", "download")
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (agent policies are recorded by it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cell_config(cfg: RunConfig, cell: Any, agents: dict[str, str] | None = None) -> RunConfig:
-    """The resolved run config of sweep cell ``cell`` (:class:`panning.sweep.Cell`) over base ``cfg``."""
+def cell_config(cfg: RunConfig, cell: Any, agents: Mapping[str, str] | None = None) -> RunConfig:
+    """The resolved run config of sweep cell ``cell`` (:class:`panning.sweep.Cell`) over base ``cfg``;
+    ``agents`` maps agent labels to agent file paths."""
     from panning.sweep import DENSE
 
     method = cell.method
@@ -226,12 +219,13 @@ def _describe(diff: list[tuple[str, Any, Any]]) -> str:
     return f"{k} was {have!r}, this run asks for {want!r}" + (f" (+{len(diff) - 1} more)" if len(diff) > 1 else "")
 
 
-def cell_mismatch(cfg: RunConfig, cell: Any, d: Path, agents: dict[str, str] | None = None) -> str | None:
+def cell_mismatch(cfg: RunConfig, cell: Any, d: Path, agents: Mapping[str, Policy] | None = None) -> str | None:
     """Why finished cell folder ``d`` does not hold what this sweep would compute for ``cell`` (None if
-    it does): its config differs beyond :data:`PLACE_FIELDS`, or its agent file has changed since."""
+    it does): its config differs beyond :data:`PLACE_FIELDS`, or its agent has changed since
+    (``agents``: label -> loaded policy, whose ``info`` holds the file's path and SHA-256)."""
     from panning.sweep import DENSE
 
-    want = cell_config(cfg, cell, agents)
+    want = cell_config(cfg, cell, _agent_paths(agents))
     have_path = d / "config.yaml"
     if not have_path.is_file():
         return "it has no config.yaml"
@@ -242,7 +236,8 @@ def cell_mismatch(cfg: RunConfig, cell: Any, d: Path, agents: dict[str, str] | N
     policy = want.prune.policy
     recorded = json.loads((d / "prune.json").read_text()).get("policy_sha256") if (d / "prune.json").is_file() else None
     # cells written before hashes were recorded cannot be checked; they are trusted
-    if policy and recorded and recorded != file_sha256(policy):
+    sha = (agents or {})[cell.method].info.get("sha256") if policy else None
+    if policy and recorded and sha and recorded != sha:
         return f"agent file {policy} has changed since this cell was pruned with it"
     return None
 
@@ -284,14 +279,18 @@ def _dig(d: dict[str, Any], dotted: str) -> Any:
     return d
 
 
+def _agent_paths(agents: Mapping[str, Policy] | None) -> dict[str, str]:
+    return {name: str(p.info.get("path", name)) for name, p in (agents or {}).items()}
+
+
 def run_cell(cfg: RunConfig, cell: Any, out: Path, bundle: DataBundle | None = None, progress: bool | None = False,
-             agents: dict[str, str] | None = None) -> dict[str, Any]:
+             agents: Mapping[str, Policy] | None = None) -> dict[str, Any]:
     """One sweep cell (:class:`panning.sweep.Cell`): prune with its method, or the trained agent of that
-    name in ``agents`` (or keep dense), then train and evaluate."""
+    name in ``agents`` (label -> loaded policy), or keep dense; then train and evaluate."""
     from panning.sweep import DENSE
 
     method = cell.method
-    c = cell_config(cfg, cell, agents)
+    c = cell_config(cfg, cell, _agent_paths(agents))
     s = setup(c, bundle)
     t0 = time.perf_counter()
     if method == DENSE:
@@ -302,10 +301,11 @@ def run_cell(cfg: RunConfig, cell: Any, out: Path, bundle: DataBundle | None = N
         masks.save(out / "masks.pt")
         write_json(out / "prune.json", {**summary, "target_sparsity": 0.0})
     else:
-        result = prune_model(c, s)
+        policy = (agents or {}).get(method)
+        result = prune_model(c, s, policy)
         masks = result.masks
         extra: dict[str, Any] = {"target_sparsity": cell.sparsity}
-        if c.prune.policy:
-            extra["policy_sha256"] = file_sha256(c.prune.policy)
+        if policy is not None and policy.info.get("sha256"):
+            extra["policy_sha256"] = policy.info["sha256"]
         save_prune(out, c, s, result, extra=extra)
     return train_and_evaluate(c, s, masks, out, progress=progress, method=method)

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from agents.config import AgentConfig, load_agent_config, parse_schedule
-from agents.policy import META_MEMBER, AgentError, apply_policy, check_agent_file, load_agent
-from agents.train import AGENT_FILE, BEST_FILE, RunExists, train_agent
-from envs.panning_env import PanningEnv
+from panning.agents.config import AgentConfig, load_agent_config, parse_schedule
+from panning.agents.policy import META_MEMBER, AgentError, apply_policy, check_agent_file, load_agent
+from panning.agents.train import AGENT_FILE, BEST_FILE, RunExists, train_agent
+from panning.envs.panning_env import PanningEnv
 from panning.config import ConfigError
 from panning.masks import keep_count
 

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import Dataset
 
-import envs
-from envs.panning_env import GLOBAL_FEATURES, INDEX_FEATURES, PanningEnv, PanningEnvConfig, clear_caches, make_config
+from panning import envs
+from panning.envs.panning_env import GLOBAL_FEATURES, INDEX_FEATURES, PanningEnv, PanningEnvConfig, clear_caches, make_config
 from panning.config import ConfigError
 from panning.data import load_dataset
 from panning.masks import keep_count
@@ -340,8 +340,8 @@ def test_runs_under_subproc_vec_env(start_method: str) -> None:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
-    # "envs:" makes gymnasium import the registering module inside each fresh worker process.
-    venv = make_vec_env("envs:panning/Panning-v0", n_envs=2, seed=0, vec_env_cls=SubprocVecEnv,
+    # "panning.envs:" makes gymnasium import the registering module inside each fresh worker process.
+    venv = make_vec_env("panning.envs:panning/Panning-v0", n_envs=2, seed=0, vec_env_cls=SubprocVecEnv,
                         vec_env_kwargs=dict(start_method=start_method), env_kwargs=dict(config=str(TINY), render_mode=None))
     try:
         venv.reset()

@@ -290,7 +290,7 @@ def test_fts_batchnorm_uses_frozen_batch_statistics() -> None:
 
 
 def test_fts_small_chunks_give_same_scores(monkeypatch: pytest.MonkeyPatch) -> None:
-    import panning.indices as ind
+    import panning.fts as ind
 
     net = small_conv_bn()
     masks = weight_masks(net)
@@ -330,7 +330,7 @@ def test_fts_weight_shared_linears_match_loop() -> None:
 
 
 def test_fts_outer_product_route_equals_vmap_route(monkeypatch: pytest.MonkeyPatch) -> None:
-    import panning.indices as ind
+    import panning.fts as ind
 
     net = small_conv_bn()
     net2 = small_mlp()
@@ -348,7 +348,7 @@ def test_fts_outer_product_route_equals_vmap_route(monkeypatch: pytest.MonkeyPat
 
 def test_fts_on_linear_and_conv_networks_needs_no_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
     # plain Linear/Conv2d networks take one batched backward; the per-sample loop is the reference
-    import panning.indices as ind
+    import panning.fts as ind
 
     def no_vmap(*a, **k):
         raise AssertionError("vmap used")
@@ -391,7 +391,7 @@ def test_fts_on_linear_and_conv_networks_needs_no_vmap(monkeypatch: pytest.Monke
 def test_unfold_size_matches_torch_unfold() -> None:
     import torch.nn.functional as F
 
-    from panning.indices import _unfold_numel
+    from panning.fts import _unfold_numel
 
     for conv, hw in [(nn.Conv2d(3, 4, 3, stride=2, padding=1), (9, 7)), (nn.Conv2d(2, 5, (3, 2), dilation=(1, 2), padding=(2, 0)), (6, 8))]:
         a = torch.zeros(1, conv.in_channels, *hw)
@@ -400,7 +400,7 @@ def test_unfold_size_matches_torch_unfold() -> None:
 
 
 def test_fts_wide_images_take_vmap_and_match_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    import panning.indices as ind
+    import panning.fts as ind
 
     used = []
     real = ind.vmap

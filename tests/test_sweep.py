@@ -208,22 +208,28 @@ def test_cell_mismatch_notices_a_retrained_agent(tmp_path: Path) -> None:
     from panning import config
 
     (tmp_path / "base.yaml").write_text(BASE)
+    from panning.hashing import file_digest
+    from panning.io import write_json
+    from panning.policy import Policy
+
+    def loaded(path: Path) -> dict[str, Policy]:  # what the CLI hands the sweep: label -> loaded policy
+        return {"agent": Policy(lambda o: o, ["snip"], 1, info={"path": str(path), "sha256": file_digest(path)})}
+
     policy = tmp_path / "agent.zip"
     policy.write_bytes(b"first policy")
-    agents = {"agent": str(policy)}
     base = config.load(tmp_path / "base.yaml")
     cell = sweep.Cell("agent", 0.9, 0)
     d = tmp_path / "cell"
     d.mkdir()
-    config.dump(runs.cell_config(base, cell, agents), d / "config.yaml")
-    runs.write_json(d / "prune.json", {"policy_sha256": runs.file_sha256(policy)})
-    assert runs.cell_mismatch(base, cell, d, agents) is None
+    config.dump(runs.cell_config(base, cell, {"agent": str(policy)}), d / "config.yaml")
+    write_json(d / "prune.json", {"policy_sha256": file_digest(policy)})
+    assert runs.cell_mismatch(base, cell, d, loaded(policy)) is None
     policy.write_bytes(b"retrained policy")
-    assert "has changed" in (runs.cell_mismatch(base, cell, d, agents) or "")
+    assert "has changed" in (runs.cell_mismatch(base, cell, d, loaded(policy)) or "")
     # another agent file for the same label is a config difference
     other = tmp_path / "other.zip"
     other.write_bytes(b"first policy")
-    assert "prune.policy" in (runs.cell_mismatch(base, cell, d, {"agent": str(other)}) or "")
+    assert "prune.policy" in (runs.cell_mismatch(base, cell, d, loaded(other)) or "")
 
 
 def test_plot_zooms_only_when_a_method_collapses() -> None:

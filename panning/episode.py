@@ -3,9 +3,10 @@
 :class:`PruningEpisode` holds a network, its :class:`panning.pruner.Pruner` and the episode's
 progress towards a target sparsity. :meth:`PruningEpisode.step` maps an action onto index weights
 and a step size and calls :meth:`Pruner.step` once; :meth:`PruningEpisode.observe` builds the
-fixed-size observation. The environment (:mod:`envs.panning_env`) wraps it with a reward, and
-:func:`agents.apply.apply_policy` drives it with a trained policy on any model, so what the agent
-learned and what a user applies cannot drift apart. It needs no proxy, no labels beyond the scoring
+fixed-size observation. The Gymnasium environment (:mod:`panning.envs.panning_env`) wraps it with a
+reward, and :func:`panning.policy.run_policy` drives it with a trained policy on any model, so what
+the agent learned and what a user applies cannot drift apart. This module is part of the library:
+it imports neither Gymnasium nor Stable-Baselines3. It needs no proxy, no labels beyond the scoring
 batch, and no data set object.
 
 Action (float32 ``Box(-1, 1, (K + 1,))`` for K indices; out-of-range values are clipped, NaN raises)
