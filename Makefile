@@ -1,12 +1,13 @@
 # The two commands of the README: `make demo` and `make test`. Each creates the virtual
 # environment on first use (torch is large: the first run takes a few minutes to install).
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.panning-installed
 DEMO_AGENT := runs/demo/agent
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench-indices clean
+.PHONY: demo test test-all lint typecheck imports layout bench-indices clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,14 +25,35 @@ demo: $(STAMP)
 	fi
 	$(VENV)/bin/panning benchmark --config configs/bench/demo.yaml --out runs/demo/bench
 
-# The default run: everything but tests marked slow. CI runs this.
-# pytest exits 5 when it selected no test: say so, rather than let an empty run look like a pass.
-test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+# The default run: lint, types and the import contract first, then every test not marked slow. CI runs this.
+# pytest exits 5 when it selected no test: say so, rather than let an empty run look like a pass. The pytest
+# script (not `python -m pytest`) keeps the repository root off sys.path: tests import the installed package.
+test: lint typecheck imports
+	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check panning envs agents tests benchmarks
+
+# mypy and the import contract read the installed layout (envs/ and agents/ become panning.envs and
+# panning.agents there), built fresh from the working tree into build/layout; errors name the source files.
+LAYOUT := build/layout
+
+layout: $(STAMP)
+	rm -rf $(LAYOUT) build/lib build/bdist.*
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation --no-compile \
+		--target $(LAYOUT) . 2>&1 | grep -v "^WARNING: Location" || true
+	test -f $(LAYOUT)/panning/envs/panning_env.py
+
+typecheck: layout
+	cd $(LAYOUT) && ../../$(VENV)/bin/mypy -p panning --config-file ../../pyproject.toml \
+		| sed -e 's#^panning/envs/#envs/#' -e 's#^panning/agents/#agents/#'; exit $${PIPESTATUS[0]}
+
+imports: layout
+	cd build && PYTHONPATH=$(CURDIR)/$(LAYOUT) $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/pyproject.toml --no-cache
+
 test-all: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench-indices: $(STAMP)
 	$(PY) benchmarks/bench_indices.py

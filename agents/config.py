@@ -1,28 +1,31 @@
 """Agent hyperparameters: YAML in the style of rl-baselines3-zoo, mapped onto a typed dataclass.
 
 A file in ``configs/agent/`` names the environment settings (``env``: a ``configs/env/*.yaml`` file,
-with ``env_kwargs`` laid over it) and PPO's hyperparameters by their SB3 names. ``learning_rate``
-and ``clip_range`` accept a number or a zoo-style linear schedule ``"lin_3e-4"`` (decays linearly to
-0 over training). Unknown keys are errors that name the key and the file.
+relative to the agent file like every path in a YAML file, with ``env_kwargs`` laid over it) and
+PPO's hyperparameters by their SB3 names. ``learning_rate`` and ``clip_range`` accept a number or a
+zoo-style linear schedule ``"lin_3e-4"`` (decays linearly to 0 over training). Unknown keys are
+errors that name the key and the file.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from panning import config as _config
-from panning.config import ConfigError
+from panning.errors import ConfigError
 
-__all__ = ["AgentConfig", "load_agent_config", "parse_schedule", "policy_kwargs"]
+__all__ = ["AgentConfig", "load_agent_config", "parse_schedule", "policy_kwargs", "sb3_schedules"]
 
 
 @dataclass
 class AgentConfig:
     """Everything ``panning train-agent`` needs; the defaults are sized for ``mlp`` on ``digits``."""
 
-    env: str | None = "configs/env/digits_mlp.yaml"  # env YAML; relative paths: from this file, then the cwd
+    # env YAML; in a YAML file relative to that file (the one loader's rule), in code relative to the cwd
+    env: str | None = field(default="configs/env/digits_mlp.yaml", metadata={"path": True})
     env_kwargs: dict = field(default_factory=dict)  # laid over the env YAML (PanningEnvConfig fields)
     n_timesteps: int = 12_000  # total env steps (pruning steps, not episodes)
     n_envs: int = 2
@@ -43,17 +46,24 @@ class AgentConfig:
     max_grad_norm: float = 0.5
     normalize_advantage: bool = True
     target_kl: float | None = None
-    policy_kwargs: dict = field(default_factory=dict)  # net_arch, activation_fn ("tanh"/"relu"), log_std_init, ortho_init
+    # net_arch, activation_fn ("tanh"/"relu"), log_std_init, ortho_init
+    policy_kwargs: dict = field(default_factory=dict)
     device: str = "cpu"  # the policy network: an MLP this small runs best on the CPU; envs use env.device
     # evaluation, checkpoints
     eval_freq: int = 1_000  # env steps between deterministic evaluations (0: none)
     eval_targets: list[float] = field(default_factory=lambda: [0.98, 0.99])
     eval_init_seeds: list[int] = field(default_factory=lambda: [1000, 1001])  # held out from training's pool
-    # fixed methods (each as its paper runs it) evaluated by the proxy beside the agent; "best single" = best non-panning one
+    # fixed methods (each as its paper runs it) evaluated by the proxy beside the agent;
+    # "best single" = best non-panning one
     eval_methods: list[str] = field(default_factory=lambda: ["synflow", "snip", "grasp_abs", "fts", "panning"])
     checkpoint_freq: int = 1_000  # env steps between checkpoints
     keep_checkpoints: int = 3  # older periodic checkpoints are deleted
     threads: int = 1  # torch threads per process
+
+    @staticmethod
+    def normalise_yaml(data: dict[str, Any]) -> dict[str, Any]:
+        """rl-baselines3-zoo's number spellings (see :func:`normalise_zoo_numbers`), for the loader."""
+        return normalise_zoo_numbers(data)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -104,6 +114,21 @@ def parse_schedule(value: float | str, name: str = "value") -> float | Callable[
     return float(value)
 
 
+def sb3_schedules(cfg: AgentConfig | None = None) -> dict[str, Any]:
+    """``custom_objects`` for SB3's ``PPO.load``: the schedules, built from ``cfg`` instead of unpickled.
+
+    An agent file pickles its schedules by reference to the class that made them; files written
+    before 0.2 name ``agents.config._Linear``, a module that is now ``panning.agents.config``. SB3
+    rebuilds ``lr_schedule`` from ``learning_rate`` on load, so giving these three keys loads any
+    agent file whatever its schedules were pickled from: with ``cfg`` exactly (to resume training),
+    without it with constants (enough to predict).
+    """
+    if cfg is None:
+        return {"learning_rate": 0.0, "clip_range": 0.0, "lr_schedule": None}
+    return {"learning_rate": parse_schedule(cfg.learning_rate, "learning_rate"),
+            "clip_range": parse_schedule(cfg.clip_range, "clip_range"), "lr_schedule": None}
+
+
 class _Linear:
     """Picklable linear schedule (SB3 saves schedules inside the agent's zip)."""
 
@@ -127,7 +152,8 @@ def policy_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
 
     unknown = set(raw) - set(_POLICY_KEYS)
     if unknown:
-        raise ConfigError(f"bad agent config: unknown policy_kwargs {sorted(unknown)}; known: {', '.join(_POLICY_KEYS)}")
+        raise ConfigError(f"bad agent config: unknown policy_kwargs {sorted(unknown)}; "
+                          f"known: {', '.join(_POLICY_KEYS)}")
     out = dict(raw)
     if "activation_fn" in out:
         name = out["activation_fn"]
@@ -137,29 +163,25 @@ def policy_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_env_path(cfg: AgentConfig, config_file: Path | None) -> Path | None:
-    """The env YAML of ``cfg``: relative paths are tried next to the agent config, then from the cwd."""
+def resolve_env_path(cfg: AgentConfig) -> Path | None:
+    """The env YAML of ``cfg`` (None when the env settings are inlined in ``env_kwargs``)."""
     if cfg.env is None:
         return None
     p = Path(cfg.env)
-    candidates = [p] if p.is_absolute() else ([config_file.parent / p] if config_file else []) + [p]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ConfigError(f"env config {cfg.env!r} not found (tried {', '.join(str(c) for c in candidates)})")
+    if not p.is_file():
+        raise ConfigError(f"env config {p} not found")
+    return p
 
 
 _INT_FIELDS = ("n_timesteps", "n_envs", "seed", "n_steps", "batch_size", "n_epochs", "eval_freq", "checkpoint_freq",
                "keep_checkpoints", "threads")
+_FLOAT_FIELDS = ("gamma", "gae_lambda", "ent_coef", "vf_coef", "max_grad_norm", "target_kl")
 
 
-def load_agent_config(path: str | Path) -> AgentConfig:
-    """Read ``configs/agent/*.yaml`` into :class:`AgentConfig` (unknown keys name the key and the file).
-
-    As in rl-baselines3-zoo files, whole numbers may be written as floats (``n_timesteps: !!float 1e4``)
-    and numbers in exponent notation without a dot (``3e-4``, which YAML reads as a string) are accepted.
-    """
-    data = _config.read_yaml(path)
+def normalise_zoo_numbers(data: dict[str, Any]) -> dict[str, Any]:
+    """rl-baselines3-zoo's spellings: whole numbers written as floats (``n_timesteps: !!float 1e4``)
+    and numbers in exponent notation without a dot (``3e-4``, which YAML reads as a string)."""
+    data = dict(data)
     for key in _INT_FIELDS:
         v = data.get(key)
         if isinstance(v, str):
@@ -169,10 +191,15 @@ def load_agent_config(path: str | Path) -> AgentConfig:
                 continue  # left for the typed check to report
         if isinstance(v, float) and v.is_integer():
             data[key] = int(v)
-    for key in ("gamma", "gae_lambda", "ent_coef", "vf_coef", "max_grad_norm", "target_kl"):
+    for key in _FLOAT_FIELDS:
         if isinstance(data.get(key), str):
             try:
                 data[key] = float(data[key])
             except ValueError:
                 pass
-    return _config.from_dict(AgentConfig, data, str(path))
+    return data
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Read ``configs/agent/*.yaml`` into :class:`AgentConfig` (unknown keys name the key and the file)."""
+    return _config.load(path, AgentConfig)

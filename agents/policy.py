@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import panning
 from panning import indices as _indices
+from panning.agents.config import sb3_schedules
 from panning.episode import ACTION_MAPPING, OBS_VERSION, feature_names, observation_size
 from panning.errors import AgentError
 from panning.hashing import file_digest
@@ -56,7 +57,8 @@ META_MEMBER = "panning.json"
 
 def agent_metadata(env_config: Any, trained_timesteps: int = 0, **extra: Any) -> dict[str, Any]:
     """What a saved agent needs to be used elsewhere, from the env settings it was trained with."""
-    env = dataclasses.asdict(env_config) if dataclasses.is_dataclass(env_config) else dict(env_config)
+    is_config = dataclasses.is_dataclass(env_config) and not isinstance(env_config, type)
+    env = dataclasses.asdict(env_config) if is_config else dict(env_config)
     idx = list(env["indices"])
     return {
         "format": FORMAT,
@@ -130,8 +132,10 @@ def _check(meta: dict[str, Any], path: Path, indices: Sequence[str] | None) -> N
     if unknown:
         raise AgentError(f"{path} was trained with indices {unknown} that this panning does not provide "
                          f"(known: {', '.join(_indices.available_indices())})")
-    if meta.get("observation_size") != observation_size(len(trained)) or meta.get("feature_names") != feature_names(trained):
-        raise AgentError(f"{path}: its observation layout does not match this panning's for indices {trained}; retrain the agent")
+    if (meta.get("observation_size") != observation_size(len(trained))
+            or meta.get("feature_names") != feature_names(trained)):
+        raise AgentError(f"{path}: its observation layout does not match this panning's for indices {trained}; "
+                         "retrain the agent")
     if indices is not None and list(indices) != trained:
         raise AgentError(f"{path} was trained with indices {trained} (in this order); requested {list(indices)}")
 
@@ -167,10 +171,11 @@ def load_agent(path: str | Path, indices: Sequence[str] | None = None, device: s
 
     p = Path(path)
     meta = check_agent_file(p, indices)
-    model = PPO.load(p, device=device)
+    model = PPO.load(p, device=device, custom_objects=sb3_schedules())  # predicting needs no schedule
     n_obs, n_act = model.observation_space.shape, model.action_space.shape
     if n_obs != (meta["observation_size"],) or n_act != (meta["action_size"],):
-        raise AgentError(f"{p}: the policy's spaces {n_obs}/{n_act} disagree with its own metadata; the file is damaged")
+        raise AgentError(f"{p}: the policy's spaces {n_obs}/{n_act} disagree with its own metadata; "
+                         "the file is damaged")
     return LoadedAgent(model, meta, p, file_digest(p))
 
 

@@ -22,21 +22,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 from panning.envs.panning_env import PanningEnv
 
+ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("reset", "score", "select", "connectivity", "signal", "features", "proxy", "reference")
 
 
 def shared_data_dir() -> str | None:
-    for c in ([os.environ["PANNING_DATA"]] if os.environ.get("PANNING_DATA") else []) + [str(ROOT.parent / "shared" / "data")]:
+    for c in (([os.environ["PANNING_DATA"]] if os.environ.get("PANNING_DATA") else [])
+              + [str(ROOT.parent / "shared" / "data")]):
         if (Path(c) / "MNIST" / "raw").is_dir():
             return c
     return None
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(bench(c, args.episodes, args.device, args.reward, args.seed))
     print(f"device {args.device}, {args.threads} thread(s), {args.episodes} episodes each, random actions\n")
     cols = ["steps_per_s", "s_per_episode"] + [f"{k}_s" for k in STAGES] + ["other_s"]
-    print(f"{'model/data':<18} {'T':>3} {'weights':>8} {'proxy':>6} " + " ".join(f"{c[:-2] if c.endswith('_s') else c:>12}" for c in cols))
+    print(f"{'model/data':<18} {'T':>3} {'weights':>8} {'proxy':>6} "
+          + " ".join(f"{c[:-2] if c.endswith('_s') else c:>12}" for c in cols))
     for r in rows:
         print(f"{r['model'] + '/' + r['dataset']:<18} {r['T']:>3} {r['prunable']:>8} {r['proxy_steps']:>6} "
               + " ".join(f"{r[c]:>12.3f}" for c in cols))

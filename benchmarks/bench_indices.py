@@ -18,18 +18,16 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-from panning.indices import available_indices, compute_scores
 from panning.alloc import tune_malloc
+from panning.indices import available_indices, compute_scores
 from panning.models import build_model
 
 INPUT_SHAPES = {
@@ -115,7 +113,8 @@ def machine_info(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=128, help="samples per batch (default 128)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per index (median of paired ratios; default 5)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repeats per index (median of paired ratios; default 5)")
     p.add_argument("--inner", type=int, default=3, help="runs per timing, best taken, for both sides (default 3)")
     p.add_argument("--models", default=",".join(INPUT_SHAPES), help="comma-separated: " + ",".join(INPUT_SHAPES))
     p.add_argument("--indices", default=",".join(available_indices()), help="comma-separated index names")
@@ -155,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         fb = forward_backward(model, x, y)
         cells, bases = [], []
         for idx in indices:
-            ratio, _, b = paired_ratio(lambda: compute_scores(idx, model, masks, [(x, y)]), fb, args.repeats, inner=args.inner)
+            ratio, _, b = paired_ratio(
+                lambda idx=idx, model=model, masks=masks, x=x, y=y: compute_scores(idx, model, masks, [(x, y)]),
+                fb, args.repeats, inner=args.inner
+            )
             bases.append(b)
             ok = ratio <= TARGETS.get(idx, float("inf"))
             if not ok:

@@ -21,18 +21,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
-from panning.masks import Masks, enforce, prunable_parameters
-from panning.train import cpu_channels_last
 from panning.alloc import tune_malloc
+from panning.masks import Masks, enforce, prunable_parameters
 from panning.models import build_model
+from panning.train import cpu_channels_last
 
 SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "mlp": (64,), "resnet20": (3, 32, 32), "vgg16": (3, 32, 32)}
 

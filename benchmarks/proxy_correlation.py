@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-
 
 from panning import config as _config
 from panning.config import RunConfig

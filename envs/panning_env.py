@@ -50,9 +50,10 @@ import functools
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -62,12 +63,12 @@ from torch.utils.data import Dataset
 
 from panning import config as _config
 from panning import indices as _indices
-from panning.episode import GLOBAL_FEATURES, INDEX_FEATURES, OBS_LIMIT, PruningEpisode, feature_names, observation_size
 from panning.config import ConfigError
 from panning.data import DataBundle, balanced_batch, load_dataset
+from panning.episode import GLOBAL_FEATURES, INDEX_FEATURES, OBS_LIMIT, PruningEpisode, feature_names, observation_size
 from panning.masks import Masks
 from panning.models import build_model
-from panning.proxy import ProxyEvaluator, ProxyResult
+from panning.proxy import ProxyEvaluator, ProxyResult, ProxySettings
 from panning.pruner import NORMALISATIONS, Pruner
 from panning.schedules import keep_schedule
 from panning.train import resolve_device
@@ -84,7 +85,7 @@ class PanningEnvConfig:
     # network and data
     model: str = "mlp"
     dataset: str = "digits"
-    data_dir: str | None = None
+    data_dir: str | None = field(default=None, metadata={"path": True})
     val_size: int | float | None = None  # None: the data set's default validation split
     split_seed: int = 0
     init: str = "kaiming_normal"
@@ -102,14 +103,8 @@ class PanningEnvConfig:
     init_seed_base: int = 0  # pool = init_seed_base + 0..init_seeds-1 (use another base for held-out inits)
     scoring_per_class: int = 10  # fixed class-balanced scoring batch from the training split
     batch_seed: int = 0
-    # proxy training (panning.proxy.ProxyEvaluator)
-    proxy_steps: int = 200
-    proxy_batch_size: int = 128
-    proxy_lr: float = 0.1
-    proxy_momentum: float = 0.9
-    proxy_weight_decay: float = 5e-4
-    proxy_schedule: str = "cosine"
-    proxy_seed: int = 0
+    # the reward's short training run (panning.proxy.ProxyEvaluator); YAML: a nested mapping ``proxy:``
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     # reward
     reward: str = "relative"  # "absolute" | "relative" (minus the best single index)
     reward_scale: float = 1.0
@@ -143,9 +138,9 @@ class PanningEnvConfig:
         if len(rng) != 2 or not all(isinstance(v, (int, float)) and 0.0 <= v < 1.0 for v in rng) or rng[0] > rng[1]:
             bad(f"target_range must be [low, high] with 0 <= low <= high < 1, got {self.target_range!r}")
         self.target_range = [float(v) for v in rng]
-        for name in ("target_grid", "init_seeds", "scoring_per_class", "proxy_steps", "proxy_batch_size"):
+        for name in ("target_grid", "init_seeds", "scoring_per_class"):
             v = getattr(self, name)
-            minimum = 1 if name in ("scoring_per_class", "proxy_steps", "proxy_batch_size") else 0
+            minimum = 1 if name == "scoring_per_class" else 0
             if not is_int(v) or v < minimum:
                 bad(f"{name} must be an integer >= {minimum}, got {v!r}")
         if self.normalisation not in NORMALISATIONS:
@@ -158,33 +153,50 @@ class PanningEnvConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 bad(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.proxy_schedule not in ("cosine", "constant"):
-            bad(f"proxy_schedule must be 'cosine' or 'constant', got {self.proxy_schedule!r}")
+        if isinstance(self.proxy, Mapping):
+            try:
+                self.proxy = ProxySettings(**self.proxy)
+            except TypeError as e:
+                bad(f"proxy: {e}")
+        if not isinstance(self.proxy, ProxySettings):
+            bad(f"proxy must be the proxy's settings (steps, batch_size, lr, ...), got {self.proxy!r}")
+
+    @classmethod
+    def normalise_yaml(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Accept the flat ``proxy_steps``-style keys of configs and agents written before the proxy
+        settings were nested (``proxy_steps: 200`` -> ``proxy: {steps: 200}``)."""
+        out = dict(data)
+        legacy = {k: out.pop(k) for k in list(out) if k.startswith("proxy_")}
+        if legacy:
+            nested = dict(out.get("proxy") or {})
+            for k, v in legacy.items():
+                nested.setdefault(k[len("proxy_"):], v)
+            out["proxy"] = nested
+        return out
 
 
-def make_config(config: PanningEnvConfig | Mapping[str, Any] | str | Path | None = None, **overrides: Any) -> PanningEnvConfig:
-    """Resolve a config: a dataclass, a mapping or a YAML path (or defaults), then keyword overrides."""
-    if config is None:
-        data: dict[str, Any] = {}
-        where = "Panning env settings"
+def make_config(config: PanningEnvConfig | Mapping[str, Any] | str | Path | None = None,
+                **overrides: Any) -> PanningEnvConfig:
+    """Resolve a config: a dataclass, a mapping or a YAML path (or defaults), then keyword overrides.
+
+    A YAML file goes through :func:`panning.config.load` (its relative paths are relative to the
+    file). Overrides replace top-level settings; a ``proxy`` mapping is merged into the proxy's
+    settings, so ``proxy={"steps": 50}`` changes only the budget.
+    """
+    if isinstance(config, (str, Path)):
+        base = _config.load(config, PanningEnvConfig)
+        data, where = dataclasses.asdict(base), str(config)
     elif isinstance(config, PanningEnvConfig):
-        data = dataclasses.asdict(config)
-        where = "Panning env settings"
-    elif isinstance(config, Mapping):
-        data = dict(config)
-        where = "Panning env settings"
+        data, where = dataclasses.asdict(config), "Panning env settings"
     else:
-        p = Path(config)
-        if not p.is_file():
-            raise ConfigError(f"env config file {p} does not exist")
-        import yaml
-
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{p}: expected a mapping of settings at the top level")
-        data = dict(loaded)
-        where = str(p)
-    data.update(overrides)
+        data, where = PanningEnvConfig.normalise_yaml(dict(config or {})), "Panning env settings"
+    for key, value in PanningEnvConfig.normalise_yaml(overrides).items():
+        if key == "proxy" and isinstance(value, Mapping) and isinstance(data.get("proxy"), Mapping):
+            data["proxy"] = {**data["proxy"], **value}
+        elif key == "proxy" and isinstance(value, ProxySettings):
+            data["proxy"] = dataclasses.asdict(value)
+        else:
+            data[key] = value
     return _config.from_dict(PanningEnvConfig, data, where)
 
 
@@ -265,17 +277,11 @@ class PanningEnv(gym.Env):
 
     def _make_proxy(self) -> ProxyEvaluator:
         cfg = self.config
-        return ProxyEvaluator(
-            self.bundle, cfg.model, steps=cfg.proxy_steps, batch_size=cfg.proxy_batch_size, lr=cfg.proxy_lr,
-            momentum=cfg.proxy_momentum, weight_decay=cfg.proxy_weight_decay, schedule=cfg.proxy_schedule,
-            seed=cfg.proxy_seed, device=self.device,
-        )
+        return ProxyEvaluator(self.bundle, cfg.model, settings=cfg.proxy, device=self.device)
 
     def _shared_proxy(self) -> ProxyEvaluator:
         cfg = self.config
-        key = (cfg.dataset, cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.model, str(self.device), cfg.proxy_steps,
-               cfg.proxy_batch_size, cfg.proxy_lr, cfg.proxy_momentum, cfg.proxy_weight_decay, cfg.proxy_schedule,
-               cfg.proxy_seed)
+        key = (cfg.dataset, cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.model, str(self.device), cfg.proxy)
         if key not in _PROXIES:
             _PROXIES[key] = self._make_proxy()
         return _PROXIES[key]
@@ -312,7 +318,8 @@ class PanningEnv(gym.Env):
 
     # ------------------------------------------------------------------------------- gym API
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         cfg = self.config
         options = dict(options or {})
@@ -389,8 +396,10 @@ class PanningEnv(gym.Env):
 
     def _final_reward(self, masks: Masks, info: dict[str, Any]) -> float:
         cfg = self.config
+        assert self.model is not None  # an episode is running
         res: ProxyResult = self.proxy.evaluate(self.model, masks)
-        info.update(proxy_accuracy=res.accuracy, proxy_loss=res.loss, proxy_seconds=res.seconds, proxy_cached=res.cached)
+        info.update(proxy_accuracy=res.accuracy, proxy_loss=res.loss, proxy_seconds=res.seconds,
+                    proxy_cached=res.cached)
         ref = 0.0
         if cfg.reward == "relative":
             t0 = time.perf_counter()

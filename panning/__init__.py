@@ -1,3 +1,3 @@
 """panning: pruning neural networks before training with combined, scheduled saliency indices."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

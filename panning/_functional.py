@@ -68,13 +68,13 @@ def zero_pruned(t: Tensor, bits: Tensor | None, mask: Tensor, *, inplace: bool =
     differentiable ``masked_fill``, as does any ``t`` that ``bits`` does not fit (None, other width
     or device).
     """
-    fits = (bits is not None and bits.device == t.device and t.is_floating_point()
-            and t.element_size() == bits.element_size())
-    if fits and inplace:
-        t.detach().view(bits.dtype).bitwise_and_(bits)
-        return t
-    if fits and not t.requires_grad:
-        return t.view(bits.dtype).bitwise_and(bits).view(t.dtype)
+    if (bits is not None and bits.device == t.device and t.is_floating_point()
+            and t.element_size() == bits.element_size()):
+        if inplace:
+            t.detach().view(bits.dtype).bitwise_and_(bits)
+            return t
+        if not t.requires_grad:
+            return t.view(bits.dtype).bitwise_and(bits).view(t.dtype)
     pruned = ~mask.to(t.device)
     if inplace:
         with torch.no_grad():

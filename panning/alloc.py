@@ -43,5 +43,6 @@ def tune_malloc(mmap_threshold: int = 64 * 2**20, trim_threshold: int = 256 * 2*
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    _done = (bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))
+             and bool(mallopt(_M_TRIM_THRESHOLD, int(trim_threshold))))
     return _done

@@ -1,20 +1,31 @@
-"""The ``panning`` command.
+"""The ``panning`` command: the top layer, which may import every other (library, envs, agents).
 
-Every bad input ends with exit code 2 and one line on stderr (``panning: error: ...``), and nothing
-is written before the inputs have been checked.
+Bad input ends with exit code 2 and one line on stderr (``panning: error: ...``): any
+:class:`panning.errors.PanningError`, and the OS errors a user causes (a missing file, a folder
+that cannot be written). Nothing is written before the inputs have been checked. Any other
+exception is a bug in panning: its traceback is printed, with a line asking to report it, and the
+exit code is 1.
+
+The flags of ``prune``, ``train`` and ``run`` are generated from the run config's dataclasses
+(:func:`panning.config.cli_options`): a setting is declared once, with its flag and help, and its
+value reaches the config under the field's dotted name.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn
+
+import panning
+from panning.errors import PanningError, UsageError
 
 EXIT_USAGE = 2
-
-
-class UsageError(ValueError):
-    """Bad command-line input."""
+EXIT_BUG = 1
+#: OS errors that come from what the user asked for (a path), not from a bug: one line, exit 2
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,74 +33,69 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
-    p.add_argument("--config", type=Path, help="YAML run config (configs/*.yaml); flags override it")
-    if model:
-        p.add_argument("--model", help="model name (see `panning list`)")
-        p.add_argument("--dataset", help="dataset name (see `panning list`)")
-        p.add_argument("--data-dir", help="dataset folder (default: $PANNING_DATA, else ~/.cache/panning)")
-        p.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
-        p.add_argument("--seed", type=int, help="seed for initialisation, scoring batch and training")
-        p.add_argument("--init", help="weight initialisation: kaiming_normal (default), kaiming_uniform, "
-                                      "xavier_normal, variance_scaling (SNIP's code), default (PyTorch's)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default auto: CUDA if present)")
+def _add_config_flags(p: argparse.ArgumentParser, groups: Sequence[str]) -> None:
+    """The flags of every run-config field in ``groups`` (see :func:`panning.config.cli_options`)."""
+    from panning import config
+
+    for opt in config.cli_options():
+        if opt.group not in groups:
+            continue
+        kw: dict[str, Any] = {"help": opt.help, "dest": opt.dest}
+        if opt.kind == "bool":
+            kw.update(action="store_true", default=None)
+        elif opt.kind == "list":
+            kw.update(nargs="+")
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}[opt.kind]
+        if opt.choices:
+            kw["choices"] = list(opt.choices)
+        p.add_argument(opt.flag, **kw)
+
+
+def _run_parser(sub: Any, name: str, help: str, groups: Sequence[str], *,
+                config: bool = True) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    if config:
+        p.add_argument("--config", type=Path, help="YAML run config (configs/*.yaml); flags override it")
+    _add_config_flags(p, groups)
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _prune_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", help="pruning method (see `panning list`); with --policy, a label for the results")
-    p.add_argument("--policy", help="prune with a trained agent (agent.zip from `panning train-agent`) instead of a method")
-    p.add_argument("--sparsity", type=float, help="fraction of prunable weights removed, in [0, 1)")
-    p.add_argument("--iterations", type=int, help="pruning steps (default: the method's own)")
-    p.add_argument("--schedule", choices=["exponential", "linear"], help="density schedule over the steps")
-    p.add_argument("--mode", choices=["global", "layerwise"], help="top-k over all layers or per layer")
-    p.add_argument("--min-per-layer", type=int, help="keep at least this many weights in every layer")
-    p.add_argument("--exclude", nargs="+", help="layers left dense, e.g. fc3")
-    p.add_argument("--scoring-per-class", type=int, help="scoring batch size per class")
-
-
-def _train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, help="training epochs")
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--batch-size", type=int, help="training batch size")
-    p.add_argument("--reinit", action="store_true", default=None,
-                   help="train from a fresh draw of the weights under the mask (SNIP's code; the reinitialisation check)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``panning`` command."""
     parser = _Parser(prog="panning", description="Prune neural networks before training.")
+    parser.add_argument("--version", action="version", version=f"panning {panning.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("prune", help="compute masks for a freshly initialised network")
-    _common(p)
-    _prune_flags(p)
+    p = _run_parser(sub, "prune", "compute masks for a freshly initialised network",
+                    ("model", "data", "device", "prune"))
     p.add_argument("--out", type=Path, required=True, help="run directory (masks.pt, prune.json)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("train", help="train and evaluate a network under masks from `panning prune`")
     p.add_argument("--masks", type=Path, required=True, help="masks.pt inside a prune run directory")
-    _common(p, model=False)
-    _train_flags(p)
+    p.add_argument("--config", type=Path, help="YAML run config; flags override it (default: the prune run's)")
+    _add_config_flags(p, ("data", "device", "train"))
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, required=True, help="run directory (metrics.json, tb/)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("run", help="prune, then train and evaluate, in one run directory")
-    _common(p)
-    _prune_flags(p)
-    _train_flags(p)
+    p = _run_parser(sub, "run", "prune, then train and evaluate, in one run directory",
+                    ("model", "data", "device", "prune", "train"))
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("benchmark", help="sweep methods x sparsities x seeds; resumable; table, CSV and plot")
     p.add_argument("--config", type=Path, required=True, help="sweep YAML (configs/bench/*.yaml)")
     p.add_argument("--out", type=Path, required=True, help="sweep directory; rerun the same command to resume")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute")
-    p.add_argument("--data-dir", help="dataset folder (default: $PANNING_DATA, else ~/.cache/panning)")
-    p.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
+    _add_config_flags(p, ("data", "device"))
     p.add_argument("--epochs", type=int, help="override the training epochs of every cell")
-    p.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the grid; any number of processes may share one --out (cells are claimed)")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="run only these seeds of the grid; any number of processes may share one --out "
+                        "(cells are claimed)")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("train-agent", help="train the panning agent (PPO) in panning/Panning-v0; resumable")
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--timesteps", type=int, help="override n_timesteps (total env steps)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_agent)
 
     p = sub.add_parser("list", help="list models, datasets, methods and indices")
@@ -108,42 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``{dotted setting: value}`` of every generated flag given on the command line."""
+    from panning import config
+
+    return {opt.dotted: getattr(args, opt.dest, None) for opt in config.cli_options()}
+
+
 def _resolve(args: argparse.Namespace, base: Any = None) -> Any:
     """Config from --config (or ``base``), with flags laid over it, validated by name."""
     from panning import config
 
     cfg = config.load(args.config) if getattr(args, "config", None) else (base or config.RunConfig())
-    get = lambda name: getattr(args, name, None)  # noqa: E731
-    if get("policy"):
+    given = _overrides(args)
+    if given.get("prune.policy"):
         # the agent brings its own steps, schedule, selection mode and normalisation
-        clash = [f"--{n.replace('_', '-')}" for n in ("iterations", "schedule", "mode", "min_per_layer") if get(n) is not None]
+        clash = [opt.flag for opt in config.cli_options()
+                 if opt.dotted in ("prune.iterations", "prune.schedule", "prune.mode", "prune.min_per_layer")
+                 and given[opt.dotted] is not None]
         if clash:
             raise UsageError(f"{', '.join(clash)} cannot be combined with --policy: the agent decides its own steps")
-    cfg = config.override(
-        cfg,
-        {
-            "model": get("model"),
-            "dataset": get("dataset"),
-            "data_dir": get("data_dir"),
-            "download": get("download"),
-            "seed": get("seed"),
-            "init": get("init"),
-            "reinit": get("reinit"),
-            "device": get("device"),
-            "prune.method": get("method") or ("agent" if get("policy") else None),
-            "prune.policy": get("policy"),
-            "prune.sparsity": get("sparsity"),
-            "prune.iterations": get("iterations"),
-            "prune.schedule": get("schedule"),
-            "prune.mode": get("mode"),
-            "prune.min_per_layer": get("min_per_layer"),
-            "prune.exclude": get("exclude"),
-            "prune.scoring_per_class": get("scoring_per_class"),
-            "train.epochs": get("epochs"),
-            "train.lr": get("lr"),
-            "train.batch_size": get("batch_size"),
-        },
-    )
+        if given.get("prune.method") is None:
+            given["prune.method"] = "agent"
+    cfg = config.override(cfg, given)
     _validate(cfg)
     return cfg
 
@@ -157,7 +151,8 @@ def _validate(cfg: Any) -> None:
     from panning.train import resolve_device
 
     if cfg.model not in available_models() and not cfg.model.startswith("tv:"):
-        raise UsageError(f"unknown model {cfg.model!r}; valid models: {', '.join(available_models())}, tv:<torchvision name>")
+        raise UsageError(f"unknown model {cfg.model!r}; valid models: {', '.join(available_models())}, "
+                         "tv:<torchvision name>")
     if cfg.init not in INITS:
         raise UsageError(f"unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
     if cfg.dataset not in available_datasets():
@@ -215,7 +210,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``panning train``: metrics.json + tb/ for masks from a prune run."""
-    from panning import runs
+    from panning import config, runs
 
     base, masks, info = runs.load_run_masks(args.masks)
     cfg = _resolve(args, base)
@@ -223,10 +218,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     s = runs.setup(cfg)
     masks.check(s.model)
     if info.get("init_sha256") and info["init_sha256"] != runs.state_digest(s.model.cpu()):
-        raise runs.RunDirError("the rebuilt initial weights differ from the ones that were pruned (different machine or library version)")
+        raise runs.RunDirError("the rebuilt initial weights differ from the ones that were pruned "
+                               "(different machine or library version)")
     s.model.to(s.device)
-    from panning import config
-
     args.out.mkdir(parents=True, exist_ok=True)
     config.dump(cfg, args.out / "config.yaml")
     metrics = runs.train_and_evaluate(cfg, s, masks, args.out, progress=_progress(args))
@@ -254,42 +248,40 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """``panning benchmark``: a resumable sweep with results.csv, results.md and a plot."""
     from panning import config, runs, sweep
-
-    sw, cfg = sweep.load_sweep(args.config)
-    cfg = config.override(cfg, {"device": args.device, "data_dir": args.data_dir, "download": args.download,
-                                "train.epochs": args.epochs})
-    _validate(cfg)
+    from panning.agents.policy import check_agent_file, load_policy
+    from panning.data import load_dataset
     from panning.pruner import available_methods
 
-    from panning.agents.policy import check_agent_file
-
+    sw, cfg = sweep.load_sweep(args.config)
+    given = {k: v for k, v in _overrides(args).items() if k in ("device", "data_dir", "download")}
+    cfg = config.override(cfg, {**given, "train.epochs": args.epochs})
+    _validate(cfg)
     for name, path in sw.agents.items():
         if not Path(path).is_file():
-            raise UsageError(f"{args.config}: agent {name!r}: {path} does not exist (train it with `panning train-agent`)")
+            raise UsageError(f"{args.config}: agent {name!r}: {path} does not exist "
+                             "(train it with `panning train-agent`)")
         check_agent_file(path)
     for name in sw.agents:
         if name in available_methods() or name == sweep.DENSE:
-            raise UsageError(f"{args.config}: agent name {name!r} is also a fixed method's name; call it e.g. 'agent_{name}'")
+            raise UsageError(f"{args.config}: agent name {name!r} is also a fixed method's name; "
+                             f"call it e.g. 'agent_{name}'")
     for m in sw.methods:
         if m not in available_methods() and m not in sw.agents:
             raise UsageError(f"{args.config}: unknown method {m!r}; valid methods: {', '.join(available_methods())}"
                              + (f", or the agents {', '.join(sw.agents)}" if sw.agents else ""))
-    done = args.out / "sweep.yaml"
-    if done.is_file() and config.load(done, sweep.SweepConfig) != sw:
-        raise runs.RunDirError(f"{args.out} holds a different sweep; choose another --out (it is never overwritten)")
-    from panning.data import load_dataset
-
-    bundle = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.split_seed)
     if args.seeds and not set(args.seeds) <= set(sw.seeds):
         raise UsageError(f"--seeds {args.seeds} are not all in the sweep's seeds {sw.seeds}")
-    # vet the finished cells before recording this run's config: a refused resume must leave nothing behind
-    from panning.agents.policy import load_policy
-
+    done = args.out / "sweep.yaml"
+    if done.is_file() and config.load(done, sweep.SweepConfig).grid() != sw.grid():
+        raise runs.RunDirError(f"{args.out} holds a different sweep; choose another --out (it is never overwritten)")
+    bundle = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.split_seed)
     policies = {name: load_policy(path) for name, path in sw.agents.items()}
+    # vet the finished cells before recording this run's config: a refused resume must leave nothing behind
     sweep.check_finished_cells(sw, args.out, lambda cell, d: runs.cell_mismatch(cfg, cell, d, policies))
     runs.record_sweep_config(args.out, cfg)
-    rows = sweep.run_sweep(sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, progress=None, agents=policies),
-                           seeds=args.seeds)
+    rows = sweep.run_sweep(
+        sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, progress=None, agents=policies),
+        seeds=args.seeds)
     print(sweep.markdown_table(rows), end="")
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'accuracy_vs_sparsity.png'}")
     return 0
@@ -302,20 +294,25 @@ def cmd_train_agent(args: argparse.Namespace) -> int:
     from panning.agents.config import load_agent_config
     from panning.agents.train import train_agent
 
+    bar = False if args.no_progress else None
     if (args.out is None) == (args.resume is None):
         raise UsageError("give either --out DIR (a new run) or --resume DIR (continue one)")
     if args.resume is not None:
         if args.config is not None or args.timesteps is not None:
-            raise UsageError("--resume continues a run with its saved agent.yaml; --config and --timesteps do not apply")
-        record = train_agent(None, args.resume, resume=True)
+            raise UsageError("--resume continues a run with its saved agent.yaml; "
+                             "--config and --timesteps do not apply")
+        record = train_agent(None, args.resume, resume=True, progress_bar=bar)
     else:
         if args.config is None:
             raise UsageError("--config is required for a new run (e.g. configs/agent/digits_mlp.yaml)")
+        if args.timesteps is not None and args.timesteps < 1:
+            raise UsageError(f"--timesteps must be >= 1, got {args.timesteps}")
         cfg = load_agent_config(args.config)
         if args.timesteps is not None:
             cfg = dataclasses.replace(cfg, n_timesteps=args.timesteps)
-        record = train_agent(cfg, args.out, config_file=args.config, overwrite=args.overwrite)
-    print(f"trained {record['timesteps']} steps" + (f" in {record['wall_seconds'] / 60:.1f} min" if "wall_seconds" in record else ""))
+        record = train_agent(cfg, args.out, overwrite=args.overwrite, progress_bar=bar)
+    wall = f" in {record['wall_seconds'] / 60:.1f} min" if "wall_seconds" in record else ""
+    print(f"trained {record['timesteps']} steps{wall}")
     return 0
 
 
@@ -334,8 +331,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+        msg = f"{msg}: {e.filename}"
+    return msg if msg.startswith("panning") else f"panning: error: {msg}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, run, and turn bad input into exit code 2 with one line on stderr."""
+    """Entry point: parse and run; bad input is one line and exit 2, a bug a traceback and exit 1."""
     import warnings
 
     # one readable line per warning (layer collapse, ...), not a source excerpt
@@ -351,15 +355,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
-    except (ValueError, FileNotFoundError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not msg.startswith("panning"):
-            msg = f"panning: error: {msg}"
-        print(msg, file=sys.stderr)
+    except (PanningError, *USER_OS_ERRORS) as e:
+        print(_one_line(e), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("panning: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # anything else is a bug: keep everything a report needs
+        traceback.print_exc()
+        print(f"panning: internal error: this is a bug in panning {panning.__version__}, not a problem with your "
+              "input; please report it on the project's issue tracker with the traceback above and the command "
+              "you ran", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

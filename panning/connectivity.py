@@ -53,13 +53,15 @@ _ACTIVATIONS = frozenset(
             "rrelu", "rrelu_", "sigmoid", "tanh",
         ],
     )
-    + _existing(torch, ["relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "selu", "selu_", "celu", "celu_", "rrelu", "rrelu_"])
+    + _existing(torch, ["relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "selu", "selu_", "celu", "celu_",
+                        "rrelu", "rrelu_"])
     + _existing(
         torch.Tensor,
         ["relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"],
     )
     + _existing(torch._C._nn, ["gelu", "silu", "silu_", "mish", "mish_", "hardswish", "hardswish_", "hardsigmoid",
-                               "hardsigmoid_", "softplus", "elu", "elu_", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_"])
+                               "hardsigmoid_", "softplus", "elu", "elu_", "leaky_relu", "leaky_relu_", "hardtanh",
+                               "hardtanh_"])
 )
 _PRELU = frozenset(_existing(F, ["prelu"]) + _existing(torch, ["prelu"]))
 _NORMS_AND_DROPOUT = frozenset(
@@ -78,7 +80,8 @@ for _d in (1, 2, 3):
         _MAXPOOL[_f] = _d
 _ADAPTIVE_MAXPOOL = {}
 for _d in (1, 2, 3):
-    for _f in _existing(F, [f"adaptive_max_pool{_d}d", f"_adaptive_max_pool{_d}d"]) + _existing(torch, [f"adaptive_max_pool{_d}d"]):
+    for _f in (_existing(F, [f"adaptive_max_pool{_d}d", f"_adaptive_max_pool{_d}d"])
+               + _existing(torch, [f"adaptive_max_pool{_d}d"])):
         _ADAPTIVE_MAXPOOL[_f] = _d
 _AVGPOOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _ADAPTIVE_AVGPOOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -93,7 +96,7 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
 class _PathCountMode(TorchFunctionMode):
     """Replaces sign-preserving non-linearities by linear stand-ins; see the module docstring."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _ACTIVATIONS or func in _NORMS_AND_DROPOUT:
             return args[0] if args else next(iter(kwargs.values()))
@@ -148,7 +151,8 @@ def _derived_tensor_memo(model: nn.Module) -> dict[int, Any]:
     return memo
 
 
-def _path_grads(model: nn.Module, masks: Masks, input_shape: Sequence[int], scaled: bool) -> tuple[dict[str, Tensor], float]:
+def _path_grads(model: nn.Module, masks: Masks, input_shape: Sequence[int],
+                scaled: bool) -> tuple[dict[str, Tensor], float]:
     """dR/d(mask) for every key of ``masks`` on a path-counting copy of ``model``; also R."""
     net = copy.deepcopy(model, _derived_tensor_memo(model))
     net.eval()
@@ -182,12 +186,13 @@ def _path_grads(model: nn.Module, masks: Masks, input_shape: Sequence[int], scal
     leaves = [t for t in _tensor_leaves(out) if t.is_floating_point()]
     if not leaves:
         raise ValueError(f"{type(model).__name__} returned no floating-point tensor; cannot count paths")
-    r = sum(t.sum() for t in leaves)
+    r = torch.stack([t.sum() for t in leaves]).sum()
     if not r.requires_grad:  # output does not depend on any masked weight
         return {k: torch.zeros_like(masks[k], dtype=torch.float64) for k in masks}, float(r)
     grads = torch.autograd.grad(r, params, allow_unused=True)
     return {
-        k: (g.detach() if g is not None else torch.zeros_like(p, dtype=torch.float64)) for k, p, g in zip(masks, params, grads)
+        k: (g.detach() if g is not None else torch.zeros_like(p, dtype=torch.float64))
+        for k, p, g in zip(masks, params, grads, strict=True)
     }, float(r.detach())
 
 
@@ -201,7 +206,8 @@ def effective_masks(model: nn.Module, masks: Masks, input_shape: Sequence[int]) 
         masks = Masks(masks)
     masks.check(model)
     if any(int(d) <= 0 for d in input_shape):
-        raise ValueError(f"input_shape must hold positive sizes (without the batch dimension), got {tuple(input_shape)}")
+        raise ValueError("input_shape must hold positive sizes (without the batch dimension), "
+                         f"got {tuple(input_shape)}")
     grads, r = None, float("nan")
     for scaled in (False, True):
         grads, r = _path_grads(model, masks, input_shape, scaled)

@@ -23,13 +23,15 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
+
+from panning.errors import ConfigError, DataError
 
 __all__ = [
     "DataError",
@@ -45,10 +47,6 @@ __all__ = [
     "TensorLoader",
     "dataset_labels",
 ]
-
-
-class DataError(ValueError):
-    """A data set cannot be found, read or downloaded; the message says where it looked and what to do."""
 
 
 class InMemoryDataset(TensorDataset):
@@ -81,7 +79,7 @@ class InMemoryDataset(TensorDataset):
     def y(self) -> torch.Tensor:
         return self.tensors[1]
 
-    def subset(self, indices: torch.Tensor | np.ndarray | Sequence[int]) -> "InMemoryDataset":
+    def subset(self, indices: torch.Tensor | np.ndarray | Sequence[int]) -> InMemoryDataset:
         """A new in-memory data set holding the given rows (copied, so loaders can index it directly)."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return InMemoryDataset(self.x[idx], self.y[idx], self.fill, self.indices[idx])
@@ -292,13 +290,13 @@ def _normalise(x: np.ndarray, mean: Sequence[float], std: Sequence[float], scale
 
 def _val_count(val_size: int | float, n: int) -> int:
     if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
-        raise ValueError(f"val_size must be an int count or a float fraction, got {val_size!r}")
+        raise ConfigError(f"val_size must be an int count or a float fraction, got {val_size!r}")
     if isinstance(val_size, float):
         if not 0.0 <= val_size < 1.0:
-            raise ValueError(f"a fractional val_size must be in [0, 1), got {val_size}")
+            raise ConfigError(f"a fractional val_size must be in [0, 1), got {val_size}")
         return int(round(val_size * n))
     if not 0 <= val_size < n:
-        raise ValueError(f"val_size must be in [0, {n}) for a training set of {n}, got {val_size}")
+        raise ConfigError(f"val_size must be in [0, {n}) for a training set of {n}, got {val_size}")
     return int(val_size)
 
 
@@ -331,7 +329,7 @@ def load_dataset(
     """
     key = str(name).strip().lower().replace("-", "").replace("_", "")
     if key not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; valid: {', '.join(available_datasets())}")
+        raise ConfigError(f"unknown data set {name!r}; valid: {', '.join(available_datasets())}")
     spec = DATASETS[key]
     root: Path | None = None
     if spec.needs_dir:
@@ -345,12 +343,13 @@ def load_dataset(
 
     if key == "digits":
         # Standardise with the train+val pool, which the fixed test split keeps constant across seeds.
-        mean, std = (float(xtr.mean()),), (float(xtr.std()),)
+        mean: tuple[float, ...] = (float(xtr.mean()),)
+        std: tuple[float, ...] = (float(xtr.std()),)
         scale = 1.0
     else:
         mean, std = spec.mean, spec.std
         scale = 255.0
-    fill = tuple(-m / s for m, s in zip(mean, std)) if len(spec.input_shape) == 3 else None
+    fill = tuple(-m / s for m, s in zip(mean, std, strict=True)) if len(spec.input_shape) == 3 else None
     x_all = _normalise(xtr, mean, std, scale)
     y_all = torch.from_numpy(ytr)
     pool = InMemoryDataset(x_all, y_all, fill)
@@ -394,7 +393,7 @@ def balanced_batch(
     """``n_per_class`` examples of each of ``num_classes`` classes, drawn without replacement (seeded),
     returned in a seeded shuffled order as (inputs, labels). ValueError if a class has too few."""
     if n_per_class < 1:
-        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+        raise ConfigError(f"n_per_class must be >= 1, got {n_per_class}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     labels = dataset_labels(dataset)
@@ -403,7 +402,7 @@ def balanced_batch(
     for c in range(num_classes):
         idx = torch.nonzero(labels == c, as_tuple=False).flatten()
         if idx.numel() < n_per_class:
-            raise ValueError(f"class {c} has {idx.numel()} examples, fewer than n_per_class={n_per_class}")
+            raise DataError(f"class {c} has {idx.numel()} examples, fewer than n_per_class={n_per_class}")
         chosen.append(idx[torch.randperm(idx.numel(), generator=g)[:n_per_class]])
     order = torch.cat(chosen)
     order = order[torch.randperm(order.numel(), generator=g)]
@@ -458,11 +457,11 @@ class TensorLoader:
         drop_last: bool = False,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         t = _tensors(dataset)
         if t is None:
             # Anything else is materialised once; these sets are small enough to hold in memory.
-            xs, ys = zip(*(dataset[i] for i in range(len(dataset))))  # type: ignore[arg-type]
+            xs, ys = zip(*(dataset[i] for i in range(len(dataset))), strict=True)  # type: ignore[arg-type]
             t = (torch.stack([torch.as_tensor(v) for v in xs]), torch.as_tensor([int(v) for v in ys]))
         self.device = torch.device(device) if device is not None else t[0].device
         self.x = t[0].to(self.device)

@@ -67,8 +67,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,7 +119,7 @@ def map_action(action: Any, indices: Sequence[str]) -> tuple[dict[str, float], f
     w = (a[:K] + 1.0) / 2.0
     if not (w > 0).any():
         w = np.ones(K)
-    return {name: float(v) for name, v in zip(indices, w)}, float(a[K])
+    return {name: float(v) for name, v in zip(indices, w, strict=True)}, float(a[K])
 
 
 def _log_density_feature(d: float) -> float:
@@ -256,7 +257,7 @@ class PruningEpisode:
             loss = F.cross_entropy(functional_forward(self.model, {**rest, **ws}, x), y)
             grads = torch.autograd.grad(loss, list(ws.values()), allow_unused=True, materialize_grads=True)
         sq = torch.zeros((), dtype=torch.float64, device=x.device)
-        for g, m in zip(grads, masks.values()):
+        for g, m in zip(grads, masks.values(), strict=True):
             sq += (g.double() * m).pow(2).sum()
         return float(loss.detach()), float(sq.sqrt())
 

@@ -75,11 +75,12 @@ def fts(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, 
     ``nn.Conv2d`` (one group, zero padding) ``G_i = δ_i unfold(a_i)ᵀ``, one batched matmul per
     chunk of samples, or, with at most six output positions, ``Σ G_i²`` from position pairs
     without forming any ``G_i``; this route is taken when the unfolded inputs are smaller than
-    the per-sample gradients (VGG on CIFAR), otherwise vmap's grouped convolutions are cheaper. When every scored weight is such a Linear or Conv2d layer (MLPs, LeNets,
-    VGGs, ResNets), no vmap is needed at all: one ordinary batched backward of ``N * loss_fn``
-    gives every ``δ_i`` (``loss_fn`` must be a mean of per-sample losses, as documented for
-    :func:`compute_scores`). Other layers (grouped or shared convolutions, custom modules) get
-    their per-sample weight gradients from vmap.
+    the per-sample gradients (VGG on CIFAR), otherwise vmap's grouped convolutions are cheaper.
+    When every scored weight is such a Linear or Conv2d layer (MLPs, LeNets, VGGs, ResNets), no
+    vmap is needed at all: one ordinary batched backward of ``N * loss_fn`` gives every ``δ_i``
+    (``loss_fn`` must be a mean of per-sample losses, as documented for :func:`compute_scores`).
+    Other layers (grouped or shared convolutions, custom modules) get their per-sample weight
+    gradients from vmap.
 
     Model in train mode. BatchNorm: a per-sample gradient through train-mode BatchNorm is
     ill-defined (every sample's output depends on the whole batch). Each train-mode BatchNorm
@@ -169,12 +170,14 @@ def _fts_sums_batched(
             tap["eps"], tap["inputs"], tap["outputs"] = None, None, None
         # loss_fn is a mean over samples, so n * loss_fn is the sum of the per-sample losses
         ds = torch.autograd.grad(loss_fn(out, y) * x.shape[0], [outputs[mod] for mod in lin.values()])
-        for (k, mod), d in zip(lin.items(), ds):
+        for (k, mod), d in zip(lin.items(), ds, strict=True):
             a = inputs[mod].detach()
             if a.dim() == 2:
                 _accumulate_outer(sum_g, sum_g2, k, d, a)
             else:
-                _accumulate_conv(sum_g, sum_g2, k, modules_by_name[mod], d, a, workspace)
+                conv = modules_by_name[mod]
+                assert isinstance(conv, nn.Conv2d)  # _tap_layers admits only Linear and Conv2d
+                _accumulate_conv(sum_g, sum_g2, k, conv, d, a, workspace)
         del out, inputs, outputs, ds
     return sum_g, sum_g2
 
@@ -247,21 +250,29 @@ def _accumulate_conv_pairs(
     """
     n, c_out, positions = d.shape
     shape = conv.weight.shape
-    u = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)  # (n, ckk, P)
+    u = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=_padding(conv), stride=conv.stride)  # (n, ckk, P)
     ckk = u.shape[1]
-    _accumulate(sum_g, key, (d.permute(1, 0, 2).reshape(c_out, -1) @ u.permute(0, 2, 1).reshape(-1, ckk)).reshape(shape))
+    _accumulate(sum_g, key,
+                (d.permute(1, 0, 2).reshape(c_out, -1) @ u.permute(0, 2, 1).reshape(-1, ckk)).reshape(shape))
     p, q = torch.triu_indices(positions, positions, device=d.device)
     twice = torch.where(p == q, 1.0, 2.0).to(d.dtype)
     dd = d[:, :, p] * d[:, :, q] * twice  # (n, C_out, pairs)
     uu = u[:, :, p] * u[:, :, q]  # (n, ckk, pairs)
-    _accumulate(sum_g2, key, (dd.permute(1, 0, 2).reshape(c_out, -1) @ uu.permute(0, 2, 1).reshape(-1, ckk)).reshape(shape))
+    _accumulate(sum_g2, key,
+                (dd.permute(1, 0, 2).reshape(c_out, -1) @ uu.permute(0, 2, 1).reshape(-1, ckk)).reshape(shape))
+
+
+def _padding(conv: nn.Conv2d) -> tuple[int, ...]:
+    """The numeric padding of a convolution on the unfold route (string paddings never take it: see _tap_layers)."""
+    assert not isinstance(conv.padding, str)
+    return conv.padding
 
 
 def _unfold_numel(conv: nn.Conv2d, input_shape: tuple[int, ...]) -> int:
     """Entries of ``unfold(a_i)`` for one sample: ``C_in * kh * kw`` times the output positions."""
     size = 1
     for i, n in enumerate(input_shape[2:]):
-        k, s, p, d = conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i]
+        k, s, p, d = conv.kernel_size[i], conv.stride[i], _padding(conv)[i], conv.dilation[i]
         size *= (n + 2 * p - d * (k - 1) - 1) // s + 1
     return conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * size
 
@@ -291,7 +302,8 @@ def _accumulate_conv(
     if buf is None or buf.numel() < need or buf.dtype != d.dtype or buf.device != d.device:
         buf = workspace["g"] = d.new_empty(need)
     for s in range(0, n, step):
-        u = F.unfold(a[s : s + step], conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+        u = F.unfold(a[s : s + step], conv.kernel_size, dilation=conv.dilation, padding=_padding(conv),
+                     stride=conv.stride)
         m = u.shape[0]
         g = buf[: m * conv.weight.numel()].view(m, c_out, -1)
         torch.bmm(d[s : s + step], u.transpose(1, 2), out=g)  # (chunk, C_out, C_in * kh * kw)

@@ -257,7 +257,7 @@ def _mean_gradient(
         if acc is None:  # the gradients are fresh tensors: scale the first in place, no zero-filled sum
             acc = [gi.mul_(frac) for gi in g] if frac != 1 else list(g)
         else:
-            for a, gi in zip(acc, g):
+            for a, gi in zip(acc, g, strict=True):
                 a.add_(gi, alpha=frac)
     assert acc is not None  # batches were checked to be non-empty
     return acc
@@ -279,13 +279,13 @@ def _hessian_gradient(
     for batch in batches:
         gf = _grads(_batch_loss(model, tensors, batch, loss_fn), ws, create_graph=True)
         frac = batch[0].shape[0] / total
-        for a, h in zip(hg, _grads(_dot(gf, g), ws)):
+        for a, h in zip(hg, _grads(_dot(gf, g), ws), strict=True):
             a.add_(h, alpha=frac)
     return hg
 
 
 def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return torch.stack([(x * y).sum() for x, y in zip(a, b)]).sum()
+    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
 
 
 # --------------------------------------------------------------------------- indices
@@ -331,7 +331,7 @@ def snip(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *,
     ws = masked_weights(model, masks)
     rest = other_tensors(model, masks)
     g = _mean_gradient(model, ws, rest, batches, loss_fn)
-    return {k: (w.detach() * gk).abs_() for (k, w), gk in zip(ws.items(), g)}
+    return {k: (w.detach() * gk).abs_() for (k, w), gk in zip(ws.items(), g, strict=True)}
 
 
 @register_index("grasp", needs_data=True)
@@ -353,7 +353,7 @@ def grasp(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *
     ws = masked_weights(model, masks)
     rest = other_tensors(model, masks)
     hg = _hessian_gradient(model, ws, rest, batches, loss_fn)
-    return {k: w.detach() * h for (k, w), h in zip(ws.items(), hg)}
+    return {k: w.detach() * h for (k, w), h in zip(ws.items(), hg, strict=True)}
 
 
 @register_index("grasp_abs", needs_data=True)
@@ -397,7 +397,7 @@ def synflow(
     x = torch.ones((1, *shape), dtype=torch.float64, device=_device(model, masks))
     r = functional_forward(model, {**rest, **ws}, x).sum()
     g = _grads(r, ws)
-    return {k: (w.detach() * gk).abs_() for (k, w), gk in zip(ws.items(), g)}
+    return {k: (w.detach() * gk).abs_() for (k, w), gk in zip(ws.items(), g, strict=True)}
 
 
 # FTS lives in its own module (several exact per-sample gradient routes); importing it registers "fts".

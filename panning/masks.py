@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from panning._functional import keep_bits, zero_pruned
+from panning.errors import ConfigError, MaskError
 
 __all__ = [
     "MaskError",
@@ -37,10 +38,6 @@ __all__ = [
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _FORMAT = "panning.masks"
 _FORMAT_VERSION = 1
-
-
-class MaskError(ValueError):
-    """Masks that do not fit a model, are not binary, or a model with nothing to prune."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,7 +101,7 @@ def keep_count(total: int, sparsity: float) -> int:
         raise ValueError(f"total must be a non-negative integer, got {total!r}")
     s = float(sparsity)
     if not (0.0 <= s < 1.0):  # also rejects NaN
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
     return int(round((1.0 - s) * int(total)))
 
 
@@ -165,7 +162,8 @@ class Masks(Mapping[str, Tensor]):
     def ones(cls, model: nn.Module, exclude: Iterable[str] = ()) -> Masks:
         """All-kept masks for every prunable weight of ``model`` (on the weights' devices)."""
         return cls._trusted(
-            {k: torch.ones(p.shape, dtype=torch.bool, device=p.device) for k, p in prunable_parameters(model, exclude).items()}
+            {k: torch.ones(p.shape, dtype=torch.bool, device=p.device)
+             for k, p in prunable_parameters(model, exclude).items()}
         )
 
     # Mapping protocol
@@ -220,7 +218,8 @@ class Masks(Mapping[str, Tensor]):
 
     def report(self) -> str:
         """Plain-text table: name, shape, kept/total, density per tensor, then the total."""
-        rows = [(k, "x".join(map(str, m.shape)) or "scalar", int(torch.count_nonzero(m)), m.numel()) for k, m in self._data.items()]
+        rows = [(k, "x".join(map(str, m.shape)) or "scalar", int(torch.count_nonzero(m)), m.numel())
+                for k, m in self._data.items()]
         w_name = max(len("layer"), max(len(r[0]) for r in rows), len("total"))
         w_shape = max(len("shape"), max(len(r[1]) for r in rows))
         w_num = max(len(f"{r[2]}/{r[3]}") for r in rows + [("", "", self.num_kept, self.num_total)])
@@ -261,7 +260,8 @@ class Masks(Mapping[str, Tensor]):
             raise MaskError("masks have extra keys " + "; ".join(parts))
         for k, m in self._data.items():
             if tuple(m.shape) != tuple(params[k].shape):
-                raise MaskError(f"mask {k!r} has shape {tuple(m.shape)} but the parameter has shape {tuple(params[k].shape)}")
+                raise MaskError(f"mask {k!r} has shape {tuple(m.shape)} "
+                                f"but the parameter has shape {tuple(params[k].shape)}")
         if exclude is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -309,7 +309,8 @@ class Masks(Mapping[str, Tensor]):
         if set(self._data) != set(other):
             return False
         return all(
-            self._data[k].shape == other[k].shape and torch.equal(self._data[k].cpu(), other[k].cpu()) for k in self._data
+            self._data[k].shape == other[k].shape and torch.equal(self._data[k].cpu(), other[k].cpu())
+            for k in self._data
         )
 
     def apply_(self, model: nn.Module) -> nn.Module:
@@ -420,7 +421,7 @@ def select_topk(
     NaN/inf, ``keep`` is negative or above the alive count, or the guarantees exceed ``keep``.
     """
     if mode not in ("global", "layerwise"):
-        raise ValueError(f"mode must be 'global' or 'layerwise', got {mode!r}")
+        raise ConfigError(f"mode must be 'global' or 'layerwise', got {mode!r}")
     try:
         if isinstance(keep, bool):
             raise TypeError
@@ -428,7 +429,7 @@ def select_topk(
     except TypeError:
         raise ValueError(f"keep must be an integer, got {keep!r}") from None
     if isinstance(min_per_layer, bool) or int(min_per_layer) != min_per_layer or min_per_layer < 0:
-        raise ValueError(f"min_per_layer must be a non-negative integer, got {min_per_layer!r}")
+        raise ConfigError(f"min_per_layer must be a non-negative integer, got {min_per_layer!r}")
     min_per_layer = int(min_per_layer)
     if not isinstance(scores, Mapping) or not scores:
         raise ValueError("scores must be a non-empty mapping name -> tensor")
@@ -445,10 +446,12 @@ def select_topk(
         if set(current) != set(keys):
             missing = [k for k in current if k not in scores]
             extra = [k for k in keys if k not in current]
-            raise MaskError(f"scores and current masks disagree on keys: missing scores {missing}, extra scores {extra}")
+            raise MaskError(f"scores and current masks disagree on keys: missing scores {missing}, "
+                            f"extra scores {extra}")
         for k in keys:
             if tuple(scores[k].shape) != tuple(current[k].shape):
-                raise MaskError(f"score {k!r} has shape {tuple(scores[k].shape)} but its mask has {tuple(current[k].shape)}")
+                raise MaskError(f"score {k!r} has shape {tuple(scores[k].shape)} "
+                                f"but its mask has {tuple(current[k].shape)}")
 
     dtype = scores[keys[0]].dtype
     for k in keys[1:]:
@@ -468,7 +471,7 @@ def select_topk(
         # one reduction suffices in the common case: a finite sum means every entry is finite
         if not bool(torch.isfinite(flat.sum())):
             counts = [int(torch.count_nonzero(~torch.isfinite(v))) for v in vals]
-            where = {k: c for k, c in zip(keys, counts) if c}
+            where = {k: c for k, c in zip(keys, counts, strict=True) if c}
             if where:
                 raise ValueError(f"non-finite (NaN/inf) scores for kept weights: {where}")
         total_alive = sum(n_alive)
@@ -477,7 +480,8 @@ def select_topk(
         lower = [min(min_per_layer, a) for a in n_alive]
         if sum(lower) > keep:
             raise ValueError(
-                f"min_per_layer={min_per_layer} needs {sum(lower)} weights over {len(keys)} layers, more than keep={keep}"
+                f"min_per_layer={min_per_layer} needs {sum(lower)} weights over {len(keys)} layers, "
+                f"more than keep={keep}"
             )
         offsets = [0]
         for a in n_alive:
@@ -539,7 +543,8 @@ class _DeviceMask:
         if key not in self._bits:
             bits = keep_bits(self.on(t.device), t.dtype)
             # laid out like t (channels_last weights in CPU training): a strided AND is slower
-            self._bits[key] = bits if bits is None or bits.stride() == t.stride() else torch.empty_like(t, dtype=bits.dtype).copy_(bits)
+            self._bits[key] = (bits if bits is None or bits.stride() == t.stride()
+                               else torch.empty_like(t, dtype=bits.dtype).copy_(bits))
         return zero_pruned(t, self._bits[key], self.on(t.device), inplace=inplace)
 
 
@@ -629,11 +634,12 @@ def to_torch_prune(model: nn.Module, masks: Masks) -> None:
     for k, m in masks.items():
         module, param = found[k]
         mask = m.to(device=param.device, dtype=param.dtype)
-        if hasattr(module, "weight_orig") and isinstance(getattr(module, "weight_mask", None), Tensor):
+        orig, old_mask = getattr(module, "weight_orig", None), getattr(module, "weight_mask", None)
+        if isinstance(orig, Tensor) and isinstance(old_mask, Tensor):
             with torch.no_grad():
-                module.weight_mask.copy_(mask)
+                old_mask.copy_(mask)
             # the pre-forward hook recomputes weight on the next call; refresh it now for direct reads
-            setattr(module, "weight", module.weight_orig * module.weight_mask)
+            module.weight = orig * old_mask
         else:
             prune.custom_from_mask(module, name="weight", mask=mask)
 

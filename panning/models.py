@@ -35,11 +35,13 @@ weights and the caller's global RNG state is left as it was.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from panning.errors import ConfigError
 
 __all__ = [
     "MODELS",
@@ -72,7 +74,7 @@ class MLP(nn.Module):
         super().__init__()
         sizes = [in_features, *hidden, num_classes]
         # Named fc1..fcK so users can exclude e.g. "fc3" (the classifier) by module name.
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
             self.add_module(f"fc{i}", nn.Linear(a, b))
         self.num_layers = len(sizes) - 1
         self.in_features = in_features
@@ -96,7 +98,7 @@ class LeNet5(nn.Module):
         self.conv2 = nn.Conv2d(20, 50, kernel_size=5)
         h2, w2 = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
         if h2 < 1 or w2 < 1:
-            raise ValueError(f"lenet5 needs images of at least 16x16, got input_shape {tuple(input_shape)}")
+            raise ConfigError(f"lenet5 needs images of at least 16x16, got input_shape {tuple(input_shape)}")
         self.fc1 = nn.Linear(50 * h2 * w2, 500)
         self.fc2 = nn.Linear(500, num_classes)
 
@@ -164,7 +166,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, in_channels: int, num_classes: int, width: int = 16) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+            raise ConfigError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         self.conv = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(width)
@@ -191,14 +193,14 @@ class CifarResNet(nn.Module):
 def _image_shape(input_shape: Sequence[int], name: str) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"{name} needs an image input_shape (C, H, W), got {shape}")
-    return shape  # type: ignore[return-value]
+        raise ConfigError(f"{name} needs an image input_shape (C, H, W), got {shape}")
+    return shape
 
 
 def _flat(input_shape: Sequence[int]) -> int:
     shape = tuple(int(s) for s in input_shape)
     if not shape or min(shape) < 1:
-        raise ValueError(f"input_shape must be non-empty positive sizes, got {shape}")
+        raise ConfigError(f"input_shape must be non-empty positive sizes, got {shape}")
     return math.prod(shape)
 
 
@@ -233,12 +235,12 @@ def _build_torchvision(name: str, num_classes: int, input_shape: Sequence[int]) 
 
     valid = _torchvision_names()
     if name not in valid:
-        raise ValueError(f"unknown torchvision classification model {name!r}; valid: {', '.join(valid)}")
+        raise ConfigError(f"unknown torchvision classification model {name!r}; valid: {', '.join(valid)}")
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     shape = tuple(int(s) for s in input_shape)
     in_ch = shape[0] if len(shape) == 3 else None
     if in_ch is None:
-        raise ValueError(f"tv:{name} needs an image input_shape (C, H, W), got {shape}")
+        raise ConfigError(f"tv:{name} needs an image input_shape (C, H, W), got {shape}")
     if in_ch != 3:
         _replace_first_conv(model, in_ch)
     return model
@@ -249,7 +251,7 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
             if module.groups != 1:
-                raise ValueError(f"cannot adapt grouped first conv {name!r} to {in_channels} input channels")
+                raise ConfigError(f"cannot adapt grouped first conv {name!r} to {in_channels} input channels")
             new = nn.Conv2d(
                 in_channels,
                 module.out_channels,
@@ -264,7 +266,7 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, new)
             return
-    raise ValueError(f"no 3-channel Conv2d found to adapt to {in_channels} input channels")
+    raise ConfigError(f"no 3-channel Conv2d found to adapt to {in_channels} input channels")
 
 
 # std of a standard normal truncated to [-2, 2]; TF divides by it so the truncated draw keeps variance 1/fan_in
@@ -280,7 +282,7 @@ def _variance_scaling_(w: torch.Tensor) -> None:
 def init_weights(model: nn.Module, init: str = "kaiming_normal") -> nn.Module:
     """Re-initialise ``model`` in place (see module docstring for each option); uses the global RNG."""
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+        raise ConfigError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     if init == "default":
         return model
     conv_linear = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -314,13 +316,14 @@ def reinit_weights(model: nn.Module, init: str, seed: int) -> nn.Module:
     ``init="default"`` every module's own ``reset_parameters`` is called.
     """
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+        raise ConfigError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + REINIT_SEED_OFFSET)
         if init == "default":
             for m in model.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+                reset = getattr(m, "reset_parameters", None)
+                if callable(reset):
+                    reset()
         else:
             init_weights(model, init)
     return model
@@ -339,14 +342,14 @@ def build_model(
     Raises ValueError for an unknown name or init, or an input shape the architecture cannot take.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+        raise ConfigError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     if not isinstance(name, str):
-        raise ValueError(f"model name must be a string, got {name!r}")
+        raise ConfigError(f"model name must be a string, got {name!r}")
     key = name.strip().lower()
     if not key.startswith(TV_PREFIX) and key not in MODELS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model {name!r}; valid: {', '.join(available_models())}, "
             f"or 'tv:<name>' for any torchvision classification model (e.g. tv:resnet18)"
         )

@@ -15,23 +15,24 @@ indexing them with a seeded, precomputed order; the loop makes no host synchroni
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from panning.data import DataBundle, make_loader
+from panning.errors import ConfigError, DataError
+from panning.hashing import masks_digest, state_digest
 from panning.masks import Masks, enforce
 from panning.train import cpu_channels_last, resolve_device
 
-__all__ = ["ProxyResult", "ProxySettings", "ProxyEvaluator", "state_hash", "masks_hash"]
+__all__ = ["ProxyEvaluator", "ProxyResult", "ProxySettings"]
 
 ModelSpec = str | Callable[[], nn.Module] | None
 
@@ -78,32 +79,12 @@ class ProxySettings:
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if problems:
-            raise ValueError("bad proxy settings: " + "; ".join(problems))
+            raise ConfigError("bad proxy settings: " + "; ".join(problems))
 
 
-def state_hash(model_or_state: nn.Module | Mapping[str, Tensor]) -> str:
-    """SHA-256 of a model's parameters and buffers (names, shapes, dtypes and bytes)."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    h = hashlib.sha256()
-    for name, t in state.items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def masks_hash(masks: Mapping[str, Tensor]) -> str:
-    """SHA-256 of mask names, shapes and bits (bit-packed: cheap even for large networks)."""
-    h = hashlib.sha256()
-    for name, m in masks.items():
-        h.update(f"{name}|{tuple(m.shape)}".encode())
-        h.update(np.packbits(m.detach().cpu().reshape(-1).numpy().astype(bool)).tobytes())
-    return h.hexdigest()
-
-
-def _split_tensors(dataset, what: str) -> tuple[Tensor, Tensor]:
+def _split_tensors(dataset: Dataset, what: str) -> tuple[Tensor, Tensor]:
     if len(dataset) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"the {what} split is empty; the proxy needs training and validation data")
+        raise DataError(f"the {what} split is empty; the proxy needs training and validation data")
     loader = make_loader(dataset, 1, shuffle=False)  # materialises (x, y) tensors once
     return loader.x, loader.y
 
@@ -115,7 +96,8 @@ class ProxyEvaluator:
     instead of a module: a registered model name (built with ``panning.models.build_model`` for
     the bundle's classes and input shape) or a zero-argument factory. It is not needed when a
     module is passed. ``steps`` is the budget in SGD steps; ``epochs`` (a float) may be given
-    instead and is converted to ``ceil(epochs * n_train / batch_size)`` steps.
+    instead and is converted to ``ceil(epochs * n_train / batch_size)`` steps. ``settings`` (a
+    :class:`ProxySettings`) gives every training setting at once, in place of the keywords.
     """
 
     def __init__(
@@ -134,15 +116,20 @@ class ProxyEvaluator:
         seed: int = 0,
         device: str | torch.device = "auto",
         cache_size: int = 4096,
+        settings: ProxySettings | None = None,
     ) -> None:
         xtr, ytr = _split_tensors(bundle.train, "training")
         # Only train and val are kept: the reward can never reach the test split through us.
         xva, yva = _split_tensors(bundle.val, "validation")
+        if settings is not None:
+            steps, batch_size, lr, momentum = settings.steps, settings.batch_size, settings.lr, settings.momentum
+            weight_decay, nesterov, schedule, seed = (settings.weight_decay, settings.nesterov, settings.schedule,
+                                                      settings.seed)
         if steps is not None and epochs is not None:
             raise ValueError("give the proxy budget as steps or as epochs, not both")
         if epochs is not None:
             if not (isinstance(epochs, (int, float)) and epochs > 0 and math.isfinite(epochs)):
-                raise ValueError(f"epochs must be a positive number, got {epochs!r}")
+                raise ConfigError(f"epochs must be a positive number, got {epochs!r}")
             if isinstance(batch_size, int) and batch_size >= 1:
                 steps = max(1, math.ceil(float(epochs) * xtr.shape[0] / min(batch_size, xtr.shape[0])))
         self.settings = ProxySettings(
@@ -211,7 +198,8 @@ class ProxyEvaluator:
         handle = enforce(net, masks, opt)
         order = self._order(self._xtr.shape[0])
         try:
-            cuda = [torch.cuda.current_device() if self.device.index is None else self.device.index] if self.device.type == "cuda" else []
+            cuda = ([torch.cuda.current_device() if self.device.index is None else self.device.index]
+                    if self.device.type == "cuda" else [])
             # the trained copy comes back in the usual layout: callers may score or save it
             with cpu_channels_last(net, self.device, self._xtr) as nhwc, torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(s.seed)  # dropout and the like, without touching the caller's RNG
@@ -252,7 +240,7 @@ class ProxyEvaluator:
 
     def key(self, init: nn.Module | Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> tuple:
         """Cache key: initial weights, mask bits and every training setting."""
-        return (state_hash(init), masks_hash(masks), tuple(sorted(asdict(self.settings).items())))
+        return (state_digest(init), masks_digest(masks), tuple(sorted(asdict(self.settings).items())))
 
     def evaluate(self, init: nn.Module | Mapping[str, Tensor], masks: Masks) -> ProxyResult:
         """Train a copy of ``init`` under ``masks`` for the budget; accuracy and loss on the validation split."""

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from panning import indices as _indices
 from panning.connectivity import effective_masks
+from panning.errors import ConfigError
 from panning.masks import Masks, keep_count, prunable_parameters, select_topk
 from panning.schedules import keep_schedule
 
@@ -66,7 +68,7 @@ def normalise(score: Tensor, alive: Tensor, how: str = "mean") -> Tensor:
         out = torch.zeros_like(s)
         out[alive] = ranks / a.numel()
     else:
-        raise ValueError(f"unknown normalisation {how!r}; known: {', '.join(NORMALISATIONS)}")
+        raise ConfigError(f"unknown normalisation {how!r}; known: {', '.join(NORMALISATIONS)}")
     return torch.where(alive, out, torch.zeros_like(out))
 
 
@@ -108,13 +110,13 @@ class Pruner:
         known = _indices.available_indices()
         for name in indices:
             if name not in known:
-                raise ValueError(f"unknown index {name!r}; known indices: {', '.join(known)}")
+                raise ConfigError(f"unknown index {name!r}; known indices: {', '.join(known)}")
         if len(set(indices)) != len(indices):
-            raise ValueError(f"indices must be distinct, got {list(indices)}")
+            raise ConfigError(f"indices must be distinct, got {list(indices)}")
         if normalisation not in NORMALISATIONS:
-            raise ValueError(f"unknown normalisation {normalisation!r}; known: {', '.join(NORMALISATIONS)}")
+            raise ConfigError(f"unknown normalisation {normalisation!r}; known: {', '.join(NORMALISATIONS)}")
         if mode not in ("global", "layerwise"):
-            raise ValueError(f"unknown selection mode {mode!r}; use 'global' or 'layerwise'")
+            raise ConfigError(f"unknown selection mode {mode!r}; use 'global' or 'layerwise'")
         needs_data = [n for n in indices if _indices.INDICES[n].needs_data]
         if needs_data and (batches is None or len(batches) == 0 or any(len(x) == 0 for x, _ in batches)):
             raise ValueError(f"indices {needs_data} need a non-empty scoring batch")
@@ -184,7 +186,7 @@ class Pruner:
             values = list(weights)
             if len(values) != len(self.indices):
                 raise ValueError(f"expected {len(self.indices)} index weights for {self.indices}, got {len(values)}")
-            w = {n: float(v) for n, v in zip(self.indices, values)}
+            w = {n: float(v) for n, v in zip(self.indices, values, strict=True)}
         for n, v in w.items():
             if not (v >= 0.0 and v < float("inf")):
                 raise ValueError(f"index weights must be finite and non-negative; {n} got {v}")
@@ -304,7 +306,7 @@ def available_methods() -> list[str]:
 def get_method(name: str) -> Method:
     """Look up a fixed method, with an error that lists the known ones."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(available_methods())}")
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(available_methods())}")
     return METHODS[name]
 
 
@@ -357,7 +359,8 @@ def finish(pruner: Pruner, method: str, schedule: str, seconds: float) -> PruneR
         where = f"fully pruned: {empty}" if empty else "no path from input to output"
         warnings.warn(f"layer collapse in {dead} ({where})", RuntimeWarning, stacklevel=3)
     return PruneResult(
-        masks, method, masks.sparsity, 1.0 - eff.num_kept / eff.num_total, dead, empty, pruner.steps_done, schedule, seconds, pruner.history
+        masks, method, masks.sparsity, 1.0 - eff.num_kept / eff.num_total, dead, empty, pruner.steps_done, schedule,
+        seconds, pruner.history
     )
 
 

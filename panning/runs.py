@@ -81,7 +81,8 @@ def setup(cfg: RunConfig, bundle: DataBundle | None = None) -> Setup:
     return Setup(model.to(device), bundle, device)
 
 
-def scoring_batches(cfg: RunConfig, bundle: DataBundle, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def scoring_batches(cfg: RunConfig, bundle: DataBundle,
+                    device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One class-balanced scoring batch from the training split (never validation or test)."""
     x, y = balanced_batch(bundle.train, cfg.prune.scoring_per_class, bundle.num_classes, seed=cfg.seed)
     return [(x.to(device), y.to(device))]
@@ -114,7 +115,8 @@ def prune_model(cfg: RunConfig, s: Setup, policy: Policy | None = None) -> Prune
     )
 
 
-def save_prune(out: Path, cfg: RunConfig, s: Setup, result: PruneResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def save_prune(out: Path, cfg: RunConfig, s: Setup, result: PruneResult,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write config.yaml, masks.pt and prune.json for a finished pruning."""
     out.mkdir(parents=True, exist_ok=True)
     _config.dump(cfg, out / "config.yaml")
@@ -143,7 +145,8 @@ def train_and_evaluate(
         writer = SummaryWriter(str(out / "tb"))
     t0 = time.perf_counter()
     try:
-        history = train_masked(s.model, masks, s.bundle, cfg.train, device=s.device, seed=cfg.seed, writer=writer, progress=progress)
+        history = train_masked(s.model, masks, s.bundle, cfg.train, device=s.device, seed=cfg.seed, writer=writer,
+                               progress=progress)
     finally:
         if writer is not None:
             writer.close()
@@ -184,7 +187,8 @@ def load_run_masks(masks_path: str | Path) -> tuple[RunConfig, Masks, dict[str, 
         raise RunDirError(f"masks file {mp} does not exist")
     cfg_path = mp.parent / "config.yaml"
     if not cfg_path.is_file():
-        raise RunDirError(f"{cfg_path} is missing: --masks must point at masks.pt inside a `panning prune` run directory")
+        raise RunDirError(f"{cfg_path} is missing: "
+                          "--masks must point at masks.pt inside a `panning prune` run directory")
     cfg = _config.load(cfg_path)
     info_path = mp.parent / "prune.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
@@ -192,7 +196,8 @@ def load_run_masks(masks_path: str | Path) -> tuple[RunConfig, Masks, dict[str, 
 
 
 #: RunConfig fields that say where a run ran, not what it computed: a sweep may resume elsewhere.
-PLACE_FIELDS = ("device", "data_dir", "download")
+#: An agent is identified by its file's SHA-256 (checked separately), not by where the file lies.
+PLACE_FIELDS = ("device", "data_dir", "download", "prune.policy")
 
 
 def cell_config(cfg: RunConfig, cell: Any, agents: Mapping[str, str] | None = None) -> RunConfig:
@@ -201,7 +206,8 @@ def cell_config(cfg: RunConfig, cell: Any, agents: Mapping[str, str] | None = No
     from panning.sweep import DENSE
 
     method = cell.method
-    c = _config.override(cfg, {"seed": cell.seed, "prune.sparsity": cell.sparsity, "prune.method": None if method == DENSE else method})
+    c = _config.override(cfg, {"seed": cell.seed, "prune.sparsity": cell.sparsity,
+                               "prune.method": None if method == DENSE else method})
     # set explicitly (override skips None): a policy in the base config must not leak into fixed-method cells
     return dataclasses.replace(c, prune=dataclasses.replace(c.prune, policy=(agents or {}).get(method)))
 
@@ -238,7 +244,7 @@ def cell_mismatch(cfg: RunConfig, cell: Any, d: Path, agents: Mapping[str, Polic
     # cells written before hashes were recorded cannot be checked; they are trusted
     sha = (agents or {})[cell.method].info.get("sha256") if policy else None
     if policy and recorded and sha and recorded != sha:
-        return f"agent file {policy} has changed since this cell was pruned with it"
+        return f"agent file {policy} is not the one this cell was pruned with (its SHA-256 differs)"
     return None
 
 
@@ -273,7 +279,7 @@ def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[s
     return out
 
 
-def _dig(d: dict[str, Any], dotted: str) -> Any:
+def _dig(d: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d

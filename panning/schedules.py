@@ -5,8 +5,9 @@ the target: the last entry is always ``round(density * N)`` weights.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
+from panning.errors import ConfigError
 from panning.masks import keep_count
 
 SCHEDULES: dict[str, Callable[[float, int, int], float]] = {
@@ -29,9 +30,9 @@ def keep_schedule(total: int, sparsity: float, steps: int, kind: str = "exponent
     The counts never increase, so iterative masks are monotone.
     """
     if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule {kind!r}; known schedules: {', '.join(available_schedules())}")
+        raise ConfigError(f"unknown schedule {kind!r}; known schedules: {', '.join(available_schedules())}")
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"the number of pruning steps must be an integer >= 1, got {steps!r}")
+        raise ConfigError(f"the number of pruning steps must be an integer >= 1, got {steps!r}")
     final = keep_count(total, sparsity)
     density = final / total if total else 1.0
     counts: list[int] = []

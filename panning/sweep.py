@@ -24,12 +24,14 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from panning import config as _config
-from panning.config import ConfigError, RunConfig
+from panning.config import RunConfig
+from panning.errors import ConfigError, RunDirError
 
 COLUMNS = (
     "dataset",
@@ -46,21 +48,28 @@ COLUMNS = (
 DENSE = "dense"
 
 
-class SweepMismatch(ValueError):
+class SweepMismatch(RunDirError):
     """Finished cells of a sweep folder were computed under another config than the one given."""
 
 
 @dataclass
 class SweepConfig:
-    """A sweep: a base run config plus the grid."""
+    """A sweep: a base run config plus the grid. Relative paths are relative to the sweep file."""
 
-    base: str = "configs/digits_mlp.yaml"  # run config; relative paths are tried from the sweep file, then the cwd
+    base: str = field(default="configs/digits_mlp.yaml", metadata={"path": True})  # the run config
     methods: list[str] = field(default_factory=lambda: ["snip"])  # fixed methods and/or names from ``agents``
-    agents: dict = field(default_factory=dict)  # label -> agent.zip of a trained policy, e.g. {agent: runs/demo/agent/best_agent.zip}
+    # label -> agent.zip of a trained policy, e.g. {agent: ../../runs/demo/agent/best_agent.zip}
+    agents: dict = field(default_factory=dict, metadata={"path": "values"})
     sparsities: list[float] = field(default_factory=lambda: [0.9])
     seeds: list[int] = field(default_factory=lambda: [0])
     dense: bool = True  # also train the unpruned network once per seed
     overrides: dict = field(default_factory=dict)  # dotted keys laid over the base, e.g. {"train.epochs": 5}
+
+    def grid(self) -> dict[str, Any]:
+        """What defines the sweep's cells, without where its files live: two sweeps with the same grid
+        may share a folder (the config each cell computes is checked separately)."""
+        return {"methods": list(self.methods), "agents": sorted(self.agents), "sparsities": list(self.sparsities),
+                "seeds": list(self.seeds), "dense": self.dense, "overrides": dict(self.overrides)}
 
 
 @dataclass(frozen=True)
@@ -81,14 +90,9 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, RunConfig]:
     """Read a sweep file and the run config it builds on, validating the grid."""
     p = Path(path)
     sweep = _config.load(p, SweepConfig)
-    base = Path(sweep.base)
-    for candidate in (p.parent / base, base):
-        if candidate.is_file():
-            base = candidate
-            break
-    else:
-        raise ConfigError(f"{p}: base config {sweep.base!r} not found (relative to {p.parent} or the current folder)")
-    run_cfg = _config.override(_config.load(base), sweep.overrides)
+    if not Path(sweep.base).is_file():
+        raise ConfigError(f"{p}: base config {sweep.base} not found (relative paths are taken from {p.parent})")
+    run_cfg = _config.override(_config.load(sweep.base), sweep.overrides)
     for s in sweep.sparsities:
         if not 0.0 <= s < 1.0:
             raise ConfigError(f"{p}: sparsities must lie in [0, 1), got {s}")
@@ -234,7 +238,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
         for m, pts in series.items():
             means = [100 * a for _, a, _ in pts]
             stds = [100 * e for _, _, e in pts]
-            yerr = [[min(e, a) for a, e in zip(means, stds)], [min(e, 100 - a) for a, e in zip(means, stds)]]
+            yerr = [[min(e, a) for a, e in zip(means, stds, strict=True)],
+                    [min(e, 100 - a) for a, e in zip(means, stds, strict=True)]]
             ax.errorbar([1 - s for s, _, _ in pts], means, yerr=yerr, marker="o", capsize=3, label=m)
         if len(ticks) == 1:  # a single sparsity: give the log axis some width around it
             ax.set_xlim(ticks[0] * 2, ticks[0] / 2)
@@ -273,7 +278,8 @@ def write_reports(out: Path, title: str = "") -> list[dict[str, Any]]:
     return rows
 
 
-CellRunner = Callable[[RunConfig, Cell, Path], None]
+#: ``(run config, cell, folder)``: computes the cell and writes its prune.json and metrics.json
+CellRunner = Callable[[RunConfig, Cell, Path], object]
 #: ``(cell, folder) -> reason`` a finished cell does not match this sweep, or None when it does
 CellCheck = Callable[[Cell, Path], "str | None"]
 

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from panning._functional import preserved_modes
 from panning.data import DataBundle, make_loader
+from panning.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # masks.py is imported lazily at run time
     from panning.masks import Masks
@@ -42,9 +43,10 @@ class TrainConfig:
     passes. ``augment`` uses the data set's augmentation (CIFAR crop+flip) when it has one.
     """
 
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
+    epochs: int = field(default=10, metadata={"flag": "--epochs", "help": "training epochs", "group": "train"})
+    batch_size: int = field(default=128, metadata={"flag": "--batch-size", "help": "training batch size",
+                                                    "group": "train"})
+    lr: float = field(default=0.1, metadata={"flag": "--lr", "help": "learning rate", "group": "train"})
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
@@ -80,7 +82,7 @@ class TrainConfig:
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             problems.append(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch!r}")
         if problems:
-            raise ValueError("bad TrainConfig: " + "; ".join(problems))
+            raise ConfigError("bad TrainConfig: " + "; ".join(problems))
         self.milestones = sorted(self.milestones)
 
 
@@ -98,14 +100,14 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         try:
             dev = torch.device(s)
         except RuntimeError as e:
-            raise ValueError(f"unknown device {spec!r}; use 'auto', 'cpu' or 'cuda[:N]'") from e
+            raise ConfigError(f"unknown device {spec!r}; use 'auto', 'cpu' or 'cuda[:N]'") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
+            raise ConfigError(f"device {spec!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+            raise ConfigError(f"device {spec!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
     elif dev.type not in ("cpu", "mps"):
-        raise ValueError(f"unsupported device {spec!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+        raise ConfigError(f"unsupported device {spec!r}; use 'auto', 'cpu' or 'cuda[:N]'")
     return dev
 
 
@@ -182,7 +184,7 @@ def evaluate(
     """
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
-        raise ValueError("cannot evaluate on an empty data set")
+        raise DataError("cannot evaluate on an empty data set")
     dev = _as_device(device)
     model.to(dev)
     was_training = model.training
@@ -199,7 +201,8 @@ def evaluate(
     finally:
         model.train(was_training)
     counts_c, hits_c = counts.cpu(), hits.cpu()
-    recall = [float(h) / float(c) if c > 0 else float("nan") for h, c in zip(hits_c.tolist(), counts_c.tolist())]
+    recall = [float(h) / float(c) if c > 0 else float("nan")
+              for h, c in zip(hits_c.tolist(), counts_c.tolist(), strict=True)]
     return {
         "accuracy": float(hits_c.sum()) / n,
         "loss": float(loss_sum) / n,
@@ -216,7 +219,7 @@ def _rng_devices(dev: torch.device) -> list[int]:
 
 def train_masked(
     model: nn.Module,
-    masks: "Masks | None",
+    masks: Masks | None,
     bundle: DataBundle,
     cfg: TrainConfig,
     *,

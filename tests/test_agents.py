@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from panning.agents.config import AgentConfig, load_agent_config, parse_schedule
 from panning.agents.policy import META_MEMBER, AgentError, apply_policy, check_agent_file, load_agent
 from panning.agents.train import AGENT_FILE, BEST_FILE, RunExists, train_agent
-from panning.envs.panning_env import PanningEnv
 from panning.config import ConfigError
+from panning.envs.panning_env import PanningEnv
 from panning.masks import keep_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +130,60 @@ def test_mismatched_agents_fail_with_a_clear_message(trained: Path, tmp_path: Pa
         load_agent(tmp_path / "missing.zip")
 
 
+def test_agents_saved_before_the_packages_moved_still_load(trained: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agent files of 0.1 pickled their schedules from ``agents.config``, a module that no longer exists."""
+    import base64
+    import sys
+    import types
+
+    # the repository's own agents/ folder must not pass for the old top-level package
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p and Path(p).resolve() != ROOT])
+
+    import cloudpickle
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.utils import FloatSchedule
+
+    old_module = types.ModuleType("agents.config")
+    old_module.__file__ = "/site-packages/agents/config.py"  # an installed module: pickled by reference
+
+    class _Linear:  # what 0.1 pickled, by reference to its module
+        def __init__(self, start: float) -> None:
+            self.start = start
+
+        def __call__(self, progress_remaining: float) -> float:
+            return self.start * progress_remaining
+
+    _Linear.__module__, _Linear.__qualname__ = "agents.config", "_Linear"
+    old_module._Linear = _Linear  # type: ignore[attr-defined]
+    parent = types.ModuleType("agents")
+    parent.__path__, parent.__file__ = [], "/site-packages/agents/__init__.py"  # type: ignore[attr-defined]
+    sys.modules["agents"], sys.modules["agents.config"] = parent, old_module
+    try:
+        stale = {"learning_rate": _Linear(1e-3), "lr_schedule": FloatSchedule(_Linear(1e-3))}
+        stale = {k: base64.b64encode(cloudpickle.dumps(v)).decode() for k, v in stale.items()}
+    finally:
+        del sys.modules["agents.config"], sys.modules["agents"]
+    old = tmp_path / "old_agent.zip"
+    with zipfile.ZipFile(trained / AGENT_FILE) as zin, zipfile.ZipFile(old, "w") as zout:
+        for item in zin.namelist():
+            data = zin.read(item)
+            if item == "data":
+                d = json.loads(data)
+                for key, blob in stale.items():
+                    d[key] = {":type:": "<class 'agents.config._Linear'>", ":serialized:": blob}
+                data = json.dumps(d).encode()
+            zout.writestr(item, data)
+    with pytest.raises(ModuleNotFoundError, match="agents"):
+        PPO.load(old)  # SB3 alone cannot read it
+    agent = load_agent(old)
+    ref = load_agent(trained / AGENT_FILE)
+    obs = np.zeros(ref.model.observation_space.shape, np.float32)
+    assert np.array_equal(agent.model.predict(obs, deterministic=True)[0],
+                          ref.model.predict(obs, deterministic=True)[0])
+
+
 def test_policy_in_the_env_and_apply_policy_give_the_same_masks(trained: Path) -> None:
     agent = load_agent(trained / AGENT_FILE)
     env = PanningEnv(ROOT / "configs" / "env" / "tiny.yaml", target_sparsity=0.95)
@@ -211,7 +266,8 @@ def test_cli_train_agent_usage_errors(trained: Path, tmp_path: Path, capsys) -> 
     fails("train-agent", "--config", str(TINY), "--out", str(other), "--overwrite", match="no agent run")
     assert (other / "notes.txt").read_text() == "keep me"  # --overwrite never empties a foreign folder
     missing = tmp_path / "mnist.yaml"
-    missing.write_text(f"env: {ROOT / 'configs' / 'env' / 'tiny.yaml'}\nenv_kwargs: {{dataset: mnist, data_dir: {tmp_path / 'nodata'}}}\n")
+    missing.write_text(f"env: {ROOT / 'configs' / 'env' / 'tiny.yaml'}\n"
+                       f"env_kwargs: {{dataset: mnist, data_dir: {tmp_path / 'nodata'}}}\n")
     fails("train-agent", "--config", str(missing), "--out", str(tmp_path / "y"), match="nodata")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing written
 
@@ -231,8 +287,8 @@ def test_sweep_with_an_agent(trained: Path, tmp_path: Path) -> None:
 
 
 def test_subproc_training_and_overwrite(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(load_agent_config(TINY), vec_env="subproc", n_timesteps=24, eval_freq=0, checkpoint_freq=0,
-                              env=str(ROOT / "configs" / "env" / "tiny.yaml"))
+    cfg = dataclasses.replace(load_agent_config(TINY), vec_env="subproc", n_timesteps=24, eval_freq=0,
+                              checkpoint_freq=0, env=str(ROOT / "configs" / "env" / "tiny.yaml"))
     out = tmp_path / "run"
     assert train_agent(cfg, out, log=lambda s: None)["timesteps"] == 24
     (out / "keep.txt").write_text("mine")
@@ -250,7 +306,8 @@ def test_agent_config_validation(tmp_path: Path) -> None:
     z = load_agent_config(zoo)
     assert z.n_timesteps == 10_000 and z.ent_coef == pytest.approx(1e-3)
     for bad, match in [({"learning_rate": "exp_1"}, "lin_"), ({"n_steps": 10, "batch_size": 7}, "divide"),
-                       ({"vec_env": "ray"}, "vec_env"), ({"policy_kwargs": {"activation_fn": "gelu2"}}, "activation_fn"),
+                       ({"vec_env": "ray"}, "vec_env"),
+                       ({"policy_kwargs": {"activation_fn": "gelu2"}}, "activation_fn"),
                        ({"eval_targets": [1.0]}, "eval_targets")]:
         with pytest.raises(ConfigError, match=match):
             AgentConfig(**bad)

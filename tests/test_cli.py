@@ -44,7 +44,8 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 def test_prune_train_run_happy_paths(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = tmp_path / "p"
-    code, out, _ = run_cli(["prune", "--config", str(tiny), "--method", "synflow", "--iterations", "5", "--sparsity", "0.95", "--out", str(p)], capsys)
+    code, out, _ = run_cli(["prune", "--config", str(tiny), "--method", "synflow", "--iterations", "5",
+                            "--sparsity", "0.95", "--out", str(p)], capsys)
     assert code == 0, out
     info = json.loads((p / "prune.json").read_text())
     assert info["method"] == "synflow" and abs(info["sparsity"] - 0.95) < 1e-3
@@ -62,7 +63,8 @@ def test_prune_train_run_happy_paths(tiny: Path, tmp_path: Path, capsys: pytest.
     assert list((t / "tb").glob("events.out.tfevents.*"))
 
     r = tmp_path / "r"
-    code, out, err = run_cli(["run", "--config", str(tiny), "--method", "magnitude", "--sparsity", "0.5", "--out", str(r)], capsys)
+    code, out, err = run_cli(["run", "--config", str(tiny), "--method", "magnitude", "--sparsity", "0.5",
+                              "--out", str(r)], capsys)
     assert code == 0, err
     assert "test accuracy" in out
     for f in ("config.yaml", "masks.pt", "prune.json", "metrics.json"):
@@ -71,10 +73,12 @@ def test_prune_train_run_happy_paths(tiny: Path, tmp_path: Path, capsys: pytest.
 
     # a run directory holding results is never overwritten silently
     before = (r / "metrics.json").read_bytes()
-    code, _, err = run_cli(["run", "--config", str(tiny), "--method", "snip", "--sparsity", "0.5", "--out", str(r)], capsys)
+    code, _, err = run_cli(["run", "--config", str(tiny), "--method", "snip", "--sparsity", "0.5", "--out", str(r)],
+                           capsys)
     assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert (r / "metrics.json").read_bytes() == before
-    code, _, _ = run_cli(["run", "--config", str(tiny), "--method", "snip", "--sparsity", "0.5", "--out", str(r), "--overwrite", "--epochs", "1"], capsys)
+    code, _, _ = run_cli(["run", "--config", str(tiny), "--method", "snip", "--sparsity", "0.5", "--out", str(r),
+                          "--overwrite", "--epochs", "1"], capsys)
     assert code == 0 and json.loads((r / "prune.json").read_text())["method"] == "snip"
 
 
@@ -93,7 +97,8 @@ def test_init_and_reinit_flags(tiny: Path, tmp_path: Path, capsys: pytest.Captur
     runs = {}
     for name, extra in (("plain", []), ("reinit", ["--reinit"])):
         out = tmp_path / name
-        code, _, err = run_cli(["run", "--config", str(tiny), "--init", "variance_scaling", "--epochs", "0", "--out", str(out), *extra], capsys)
+        code, _, err = run_cli(["run", "--config", str(tiny), "--init", "variance_scaling", "--epochs", "0",
+                                "--out", str(out), *extra], capsys)
         assert code == 0, err
         cfg = config.load(out / "config.yaml")
         assert cfg.init == "variance_scaling" and cfg.reinit is (name == "reinit")
@@ -117,7 +122,8 @@ BAD = [
     (["prune", "--sparsity", "abc", "--out", "{o}"], "invalid float"),
     (["prune", "--iterations", "0", "--out", "{o}"], "iterations"),
     (["prune", "--device", "tpu", "--out", "{o}"], "invalid choice"),
-    (["prune", "--dataset", "cifar10", "--model", "resnet20", "--data-dir", "{o}/nodata", "--out", "{o}"], "--download"),
+    (["prune", "--dataset", "cifar10", "--model", "resnet20", "--data-dir", "{o}/nodata", "--out", "{o}"],
+     "--download"),
     (["prune", "--config", "{o}/missing.yaml", "--out", "{o}"], "does not exist"),
     (["prune", "--config", "{bad_yaml}", "--out", "{o}"], "malformed YAML"),
     (["prune", "--config", "{bad_key}", "--out", "{o}"], "unknown key 'epochz'"),
@@ -130,7 +136,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,expected", BAD, ids=[" ".join(a[:3]) for a, _ in BAD])
-def test_bad_input_exits_2_with_one_line(args: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exits_2_with_one_line(args: list[str], expected: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     (tmp_path / "key.yaml").write_text("model: mlp\ntrain:\n  epochz: 3\n")
     (tmp_path / "type.yaml").write_text("prune:\n  sparsity: lots\n")
@@ -175,7 +182,8 @@ def test_console_script_help_and_exit_code() -> None:
     assert r.returncode == 0
     for sub in ("prune", "train", "run", "benchmark", "list"):
         assert sub in r.stdout
-    r = subprocess.run([sys.executable, "-m", "panning.cli", "prune", "--sparsity", "2", "--out", "/tmp/x"], capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "panning.cli", "prune", "--sparsity", "2", "--out", "/tmp/x"],
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 

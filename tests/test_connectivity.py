@@ -101,7 +101,8 @@ def test_residual_shortcut_keeps_network_connected_when_branch_dies():
 
 def test_dead_shortcut_free_chain_without_residual_collapses():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 2 * 2, 2))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(2 * 2 * 2, 2))
     m = _ones(model)
     m["2.weight"][:, 0] = False  # input channel 0 of conv 2 unused -> conv 0's filter 0 is dead
     eff = effective_masks(model, Masks(m), (1, 6, 6))
@@ -136,7 +137,8 @@ def test_max_pool_credits_every_element_of_a_window():
     eff = effective_masks(model, Masks(m), (4,))
     assert not eff["fc1.weight"][:2].any() and eff["fc1.weight"][2:].all()
 
-    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 3 * 3, 2))
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(2 * 3 * 3, 2))
     assert effective_sparsity(seq, Masks(_ones(seq)), (1, 6, 6)) == 0.0
 
 

@@ -13,9 +13,16 @@ from hypothesis import strategies as st
 from torch.utils.data import Dataset
 
 from panning import envs
-from panning.envs.panning_env import GLOBAL_FEATURES, INDEX_FEATURES, PanningEnv, PanningEnvConfig, clear_caches, make_config
 from panning.config import ConfigError
 from panning.data import load_dataset
+from panning.envs.panning_env import (
+    GLOBAL_FEATURES,
+    INDEX_FEATURES,
+    PanningEnv,
+    PanningEnvConfig,
+    clear_caches,
+    make_config,
+)
 from panning.masks import keep_count
 from panning.pruner import prune
 
@@ -80,7 +87,8 @@ def test_shipped_yaml_files_load(name: str) -> None:
         (dict(target_range=[0.5, 1.0]), "target_range"),
         (dict(reward="accuracy"), "reward"),
         (dict(normalisation="max"), "normalisation"),
-        (dict(proxy_steps=0), "proxy_steps"),
+        (dict(proxy={"steps": 0}), "proxy: bad proxy settings: steps must be an int >= 1"),
+        (dict(proxy_steps=0), "steps must be an int >= 1"),  # the flat spelling of older configs still reads
         (dict(pruning_stepz=3), "unknown key 'pruning_stepz'"),
     ],
 )
@@ -110,13 +118,13 @@ def test_observation_layout_and_info() -> None:
     K = len(env.config.indices)
     assert obs.shape == (len(GLOBAL_FEATURES) + len(INDEX_FEATURES) * K,) == env.observation_space.shape
     assert obs.dtype == np.float32 and len(env.feature_names) == obs.size
-    f = dict(zip(env.feature_names, obs))
+    f = dict(zip(env.feature_names, obs, strict=True))
     assert f["progress"] == 0 and f["density"] == 1 and f["budget_left"] == 1
     assert f["loss_ratio"] == 0 and f["grad_norm_ratio"] == 0
     assert f["target_density"] == pytest.approx(1 + 2 * math.log10(0.1) / 3, abs=1e-5)
     assert info["target_sparsity"] == 0.9 and info["sparsity"] == 0.0
     steps = run(env, [np.zeros(K + 1, np.float32)] * 3)
-    for t, (obs, r, term, trunc, info) in enumerate(steps, start=1):
+    for t, (obs, _, term, trunc, info) in enumerate(steps, start=1):
         assert env.observation_space.contains(obs)
         for key in ("sparsity", "effective_sparsity", "index_weights", "step_share", "keep", "layer_density",
                     "timing", "collapsed_layers", "target_sparsity"):
@@ -128,7 +136,7 @@ def test_observation_layout_and_info() -> None:
     final = steps[-1][4]
     assert {"proxy_accuracy", "proxy_seconds", "proxy_cached"} <= set(final)
     assert steps[-1][1] == pytest.approx(final["proxy_accuracy"])  # absolute reward, no shaping
-    assert dict(zip(env.feature_names, steps[-1][0]))["progress"] == 1
+    assert dict(zip(env.feature_names, steps[-1][0], strict=True))["progress"] == 1
 
 
 _ENV_CACHE: dict[str, PanningEnv] = {}
@@ -157,7 +165,7 @@ def test_episode_ends_exactly_at_target_whatever_the_actions(actions, seed) -> N
     assert 0.5 - 1e-9 <= target <= 0.99 + 1e-9
     assert env.masks.num_kept == keep_count(env.masks.num_total, target)
     kept = [s[4]["keep"] for s in steps]
-    assert all(a >= b for a, b in zip(kept, kept[1:]))  # monotone
+    assert all(a >= b for a, b in zip(kept, kept[1:], strict=False))  # monotone
 
 
 @pytest.mark.filterwarnings("ignore:layer collapse")  # magnitude disconnects this MLP at 97%
@@ -256,7 +264,7 @@ def test_same_seed_and_actions_give_same_masks_and_reward() -> None:
     assert env_a.masks.equal(env_b.masks)
     assert not a[-1][4]["proxy_cached"] and not b[-1][4]["proxy_cached"]
     assert [s[1] for s in a] == [s[1] for s in b]
-    for (oa, *_), (ob, *_) in zip(a, b):
+    for (oa, *_), (ob, *_) in zip(a, b, strict=True):
         np.testing.assert_array_equal(oa, ob)
 
 
@@ -303,14 +311,14 @@ def test_collapse_ends_the_episode_with_a_penalty() -> None:
     assert term and info["collapse"] and info["collapsed_layers"]
     assert r == pytest.approx(-0.7)
     assert "proxy_accuracy" not in info  # a collapsed network is not trained
-    assert dict(zip(env.feature_names, obs))["layers_collapsed"] > 0
+    assert dict(zip(env.feature_names, obs, strict=True))["layers_collapsed"] > 0
 
 
 def test_potential_based_shaping_telescopes() -> None:
     env = tiny(shaping=0.5)
     K = len(env.config.indices)
     steps = run(env, [np.array([1.0, -1.0, 0.0, 0.3], np.float32)] * 3, seed=2)
-    obs = dict(zip(env.feature_names, steps[-1][0]))
+    obs = dict(zip(env.feature_names, steps[-1][0], strict=True))
     phi = -(abs(float(obs["loss_ratio"])) + abs(float(obs["grad_norm_ratio"])))
     total = sum(s[1] for s in steps)
     assert total == pytest.approx(steps[-1][4]["proxy_accuracy"] + 0.5 * phi, abs=1e-5)
@@ -328,7 +336,7 @@ def test_runs_under_dummy_vec_env() -> None:
                         env_kwargs=dict(config=str(TINY), render_mode=None))
     obs = venv.reset()
     assert obs.shape == (2, venv.observation_space.shape[0])
-    for t in range(3):
+    for _ in range(3):
         obs, rewards, dones, infos = venv.step(np.stack([venv.action_space.sample() for _ in range(2)]))
     assert dones.all() and all("proxy_accuracy" in i for i in infos)
     assert all("terminal_observation" in i for i in infos)
@@ -342,10 +350,11 @@ def test_runs_under_subproc_vec_env(start_method: str) -> None:
 
     # "panning.envs:" makes gymnasium import the registering module inside each fresh worker process.
     venv = make_vec_env("panning.envs:panning/Panning-v0", n_envs=2, seed=0, vec_env_cls=SubprocVecEnv,
-                        vec_env_kwargs=dict(start_method=start_method), env_kwargs=dict(config=str(TINY), render_mode=None))
+                        vec_env_kwargs=dict(start_method=start_method),
+                        env_kwargs=dict(config=str(TINY), render_mode=None))
     try:
         venv.reset()
-        for t in range(3):
+        for _ in range(3):
             obs, rewards, dones, infos = venv.step(np.zeros((2, venv.action_space.shape[0]), np.float32))
         assert dones.all() and all(0.0 <= i["proxy_accuracy"] <= 1.0 for i in infos)
         assert obs.shape == (2, venv.observation_space.shape[0])

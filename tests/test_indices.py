@@ -98,7 +98,7 @@ def assert_same(model: nn.Module, snap: dict) -> None:
     assert now["param_ids"] == snap["param_ids"]
     assert now["grad_ids"] == snap["grad_ids"]
     assert now["hooks"] == snap["hooks"]
-    for a, b in zip(now["grads"], snap["grads"]):
+    for a, b in zip(now["grads"], snap["grads"], strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
@@ -227,7 +227,9 @@ def fts_by_loop(model: nn.Module, masks: dict, batches: list, bn_batch_stats: bo
             stats = []
             hooks = [
                 bn.register_forward_pre_hook(
-                    lambda mod, a: stats.append((a[0].mean((0, 2, 3)), a[0].var((0, 2, 3), unbiased=False)))
+                    lambda mod, a, stats=stats: stats.append(
+                        (a[0].mean((0, 2, 3)), a[0].var((0, 2, 3), unbiased=False))
+                    )
                 )
                 for bn in bns
             ]
@@ -237,19 +239,19 @@ def fts_by_loop(model: nn.Module, masks: dict, batches: list, bn_batch_stats: bo
             net.eval()
             for h in hooks:
                 h.remove()
-            for bn, (mu, var) in zip(bns, stats):
+            for bn, (mu, var) in zip(bns, stats, strict=True):
                 bn.running_mean.copy_(mu)
                 bn.running_var.copy_(var)
         for i in range(x.shape[0]):
             loss = F.cross_entropy(net(x[i : i + 1]), y[i : i + 1])
             gs = torch.autograd.grad(loss, params)
-            for a, a2, gi in zip(sum_g, sum_g2, gs):
+            for a, a2, gi in zip(sum_g, sum_g2, gs, strict=True):
                 a += gi
                 a2 += gi**2
             total += 1
     return {
         k: (p.detach() * a / total + 0.5 * p.detach() ** 2 * a2 / total).abs()
-        for k, p, a, a2 in zip(names, params, sum_g, sum_g2)
+        for k, p, a, a2 in zip(names, params, sum_g, sum_g2, strict=True)
     }
 
 
@@ -393,7 +395,8 @@ def test_unfold_size_matches_torch_unfold() -> None:
 
     from panning.fts import _unfold_numel
 
-    for conv, hw in [(nn.Conv2d(3, 4, 3, stride=2, padding=1), (9, 7)), (nn.Conv2d(2, 5, (3, 2), dilation=(1, 2), padding=(2, 0)), (6, 8))]:
+    for conv, hw in [(nn.Conv2d(3, 4, 3, stride=2, padding=1), (9, 7)),
+                     (nn.Conv2d(2, 5, (3, 2), dilation=(1, 2), padding=(2, 0)), (6, 8))]:
         a = torch.zeros(1, conv.in_channels, *hw)
         u = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
         assert _unfold_numel(conv, tuple(a.shape)) == u.numel()

@@ -168,7 +168,8 @@ def test_save_load_round_trip(tmp_path):
 def _reference_global(scores: dict[str, torch.Tensor], keep: int, current: Masks | None) -> dict[str, torch.Tensor]:
     """Specification: stable descending sort over the concatenation, dead weights excluded."""
     flat = torch.cat([s.reshape(-1).double() for s in scores.values()])
-    alive = torch.cat([current[k].reshape(-1) for k in scores]) if current is not None else torch.ones_like(flat, dtype=torch.bool)
+    alive = (torch.cat([current[k].reshape(-1) for k in scores]) if current is not None
+             else torch.ones_like(flat, dtype=torch.bool))
     order = torch.sort(flat.masked_fill(~alive, float("-inf")), descending=True, stable=True).indices
     chosen = torch.zeros_like(alive)
     chosen[order[:keep]] = True

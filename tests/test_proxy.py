@@ -8,9 +8,11 @@ import torch
 from torch.utils.data import Dataset
 
 from panning.data import load_dataset
+from panning.hashing import masks_digest as masks_hash
+from panning.hashing import state_digest as state_hash
 from panning.masks import Masks, prunable_parameters
 from panning.models import build_model
-from panning.proxy import ProxyEvaluator, masks_hash, state_hash
+from panning.proxy import ProxyEvaluator
 
 
 class Poisoned(Dataset):

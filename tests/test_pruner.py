@@ -32,13 +32,14 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- schedules
 
 
-@given(total=st.integers(1, 5000), s=st.floats(0.0, 0.999), steps=st.integers(1, 120), kind=st.sampled_from(["exponential", "linear"]))
+@given(total=st.integers(1, 5000), s=st.floats(0.0, 0.999), steps=st.integers(1, 120),
+       kind=st.sampled_from(["exponential", "linear"]))
 @settings(max_examples=60, deadline=None)
 def test_schedule_ends_exactly_and_never_grows(total: int, s: float, steps: int, kind: str) -> None:
     counts = keep_schedule(total, s, steps, kind)
     assert len(counts) == steps
     assert counts[-1] == keep_count(total, s)
-    assert all(a >= b for a, b in zip([total] + counts, counts))
+    assert all(a >= b for a, b in zip([total] + counts, counts, strict=False))
 
 
 def test_exponential_schedule_matches_synflow() -> None:
@@ -118,10 +119,10 @@ def test_iterative_masks_are_monotone_and_reproducible() -> None:
         return out
 
     a, b = run(0), run(0)
-    for prev, cur in zip(a, a[1:]):
+    for prev, cur in zip(a, a[1:], strict=False):
         for k in cur:
             assert not (cur[k] & ~prev[k]).any(), "a pruned weight came back"
-    assert all(x.equal(y) for x, y in zip(a, b))
+    assert all(x.equal(y) for x, y in zip(a, b, strict=True))
     assert not run(1)[-1].equal(a[-1])
 
 

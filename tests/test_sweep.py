@@ -225,11 +225,14 @@ def test_cell_mismatch_notices_a_retrained_agent(tmp_path: Path) -> None:
     write_json(d / "prune.json", {"policy_sha256": file_digest(policy)})
     assert runs.cell_mismatch(base, cell, d, loaded(policy)) is None
     policy.write_bytes(b"retrained policy")
-    assert "has changed" in (runs.cell_mismatch(base, cell, d, loaded(policy)) or "")
-    # another agent file for the same label is a config difference
+    assert "SHA-256 differs" in (runs.cell_mismatch(base, cell, d, loaded(policy)) or "")
+    # an agent is its bytes, not its path: the same file elsewhere is the same agent, another file is not
+    moved = tmp_path / "moved.zip"
+    moved.write_bytes(b"first policy")
+    assert runs.cell_mismatch(base, cell, d, loaded(moved)) is None
     other = tmp_path / "other.zip"
-    other.write_bytes(b"first policy")
-    assert "prune.policy" in (runs.cell_mismatch(base, cell, d, loaded(other)) or "")
+    other.write_bytes(b"another policy")
+    assert "SHA-256 differs" in (runs.cell_mismatch(base, cell, d, loaded(other)) or "")
 
 
 def test_plot_zooms_only_when_a_method_collapses() -> None:

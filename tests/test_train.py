@@ -66,7 +66,7 @@ def test_dense_training_and_zero_epochs(digits):
     before = [p.detach().clone() for p in model.parameters()]
     hist = train_masked(model, None, digits, TrainConfig(epochs=0), device="cpu", progress=False)
     assert hist["epochs"] == [] and hist["steps"] == 0 and hist["sparsity"] == 0.0
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     hist = train_masked(model, None, digits, TrainConfig(epochs=1, batch_size=128, max_steps_per_epoch=3,
                                                          schedule="constant"), device="cpu", progress=True)
     assert hist["steps"] == 3
@@ -233,7 +233,8 @@ def test_proxy_hands_back_nchw(digits):
 
     images = _digit_images(digits)
     model = _small_convnet()
-    net = ProxyEvaluator(images, steps=3, batch_size=32, device="cpu", cache_size=0).train(model, _random_masks(model, 0.5))
+    net = ProxyEvaluator(images, steps=3, batch_size=32, device="cpu",
+                         cache_size=0).train(model, _random_masks(model, 0.5))
     assert all(p.is_contiguous() for p in net.parameters())
 
 
@@ -259,6 +260,6 @@ def test_conv_training_on_cpu_channels_last_matches_nchw(digits, monkeypatch):
         assert torch.count_nonzero(params[name].detach()[~m]) == 0, name
     monkeypatch.setattr(train_mod, "cpu_channels_last", lambda model, device, example: contextlib.nullcontext(False))
     nchw, _, hist_nchw = run()
-    for (name, a), b in zip(nhwc.named_parameters(), nchw.parameters()):
+    for (name, a), b in zip(nhwc.named_parameters(), nchw.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     assert hist["final_val"]["accuracy"] == pytest.approx(hist_nchw["final_val"]["accuracy"], abs=0.01)
