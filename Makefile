@@ -7,7 +7,7 @@ STAMP := $(VENV)/.panning-installed
 DEMO_AGENT := runs/demo/agent
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint typecheck imports layout bench-indices clean
+.PHONY: demo test test-all lint typecheck imports layout mutation bench-indices clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -55,8 +55,14 @@ imports: layout
 test-all: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
+# Mutation testing of the core modules (configured in pyproject.toml, [tool.mutmut]); not part of `make test`.
+# Resumable: a rerun only tests mutants of functions that changed. Prints the score per module.
+mutation: $(STAMP)
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(PY) benchmarks/mutation_score.py
+
 bench-indices: $(STAMP)
 	$(PY) benchmarks/bench_indices.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs .pytest_cache .hypothesis mutants build

@@ -1,10 +1,11 @@
 """Saved agents: SB3's zip with panning's metadata inside, validated loading, and applying a policy.
 
-An agent file is the zip ``PPO.save`` writes plus one extra member, ``panning.json``: the indices
-and their order, the observation version and feature names, the action mapping, the number of
-pruning steps and the environment settings it was trained with. :func:`load_agent` checks all of
-it against the installed code (and, if given, the requested indices) before SB3 ever builds a
-network, so a mismatch is a clear message rather than a shape error.
+An agent file is the zip ``PPO.save`` writes plus one extra member, ``panning.json``: the policy
+metadata of :func:`panning.policy.policy_metadata` (the indices and their order, the observation
+version and feature names, the action mapping, the number of pruning steps and the environment
+settings it was trained with). :func:`load_agent` checks all of it against the installed code
+(:func:`panning.policy.check_metadata`; and, if given, the requested indices) before SB3 ever builds
+a network, so a mismatch is a clear message rather than a shape error.
 
 :func:`load_policy` turns an agent file into the library's :class:`panning.policy.Policy`, and
 :func:`apply_policy` prunes any ``torch.nn.Module`` with it through
@@ -14,7 +15,6 @@ a fixed method does, with the chosen index weights and step sizes recorded.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import zipfile
 from collections.abc import Sequence
@@ -26,14 +26,11 @@ import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-import panning
-from panning import indices as _indices
 from panning.agents.config import sb3_schedules
-from panning.episode import ACTION_MAPPING, OBS_VERSION, feature_names, observation_size
 from panning.errors import AgentError
 from panning.hashing import file_digest
 from panning.io import atomic_path
-from panning.policy import Policy, run_policy
+from panning.policy import FORMAT, Policy, check_metadata, check_spaces, policy_metadata, run_policy
 from panning.pruner import PruneResult
 
 __all__ = [
@@ -51,34 +48,12 @@ __all__ = [
     "save_agent",
 ]
 
-FORMAT = "panning-agent/1"
 META_MEMBER = "panning.json"
 
 
 def agent_metadata(env_config: Any, trained_timesteps: int = 0, **extra: Any) -> dict[str, Any]:
-    """What a saved agent needs to be used elsewhere, from the env settings it was trained with."""
-    is_config = dataclasses.is_dataclass(env_config) and not isinstance(env_config, type)
-    env = dataclasses.asdict(env_config) if is_config else dict(env_config)
-    idx = list(env["indices"])
-    return {
-        "format": FORMAT,
-        "panning_version": panning.__version__,
-        "algorithm": "PPO",
-        "obs_version": OBS_VERSION,
-        "observation_size": observation_size(len(idx)),
-        "feature_names": feature_names(idx),
-        "action_mapping": ACTION_MAPPING,
-        "action_size": len(idx) + 1,
-        "indices": idx,
-        "pruning_steps": int(env["pruning_steps"]),
-        "normalisation": env["normalisation"],
-        "mode": env["mode"],
-        "exclude": list(env["exclude"]),
-        "scoring_per_class": int(env["scoring_per_class"]),
-        "trained_timesteps": int(trained_timesteps),
-        "env": env,
-        **extra,
-    }
+    """What a saved PPO agent needs to be used elsewhere (:func:`panning.policy.policy_metadata`)."""
+    return policy_metadata(env_config, trained_timesteps, algorithm="PPO", **extra)
 
 
 def save_agent(model: Any, path: str | Path, metadata: dict[str, Any]) -> Path:
@@ -108,42 +83,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise AgentError(f"{p}: unreadable {META_MEMBER} ({e})") from None
 
 
-_REQUIRED = ("format", "obs_version", "observation_size", "feature_names", "action_mapping", "action_size", "indices",
-             "pruning_steps", "normalisation", "mode", "exclude", "scoring_per_class")
-
-
-def _check(meta: dict[str, Any], path: Path, indices: Sequence[str] | None) -> None:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise AgentError(f"{path} has agent format {found!r}; this panning reads {FORMAT!r}")
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        raise AgentError(f"{path}: its {META_MEMBER} lacks {', '.join(missing)}; the file is damaged")
-    if meta.get("obs_version") != OBS_VERSION:
-        raise AgentError(
-            f"{path} was trained on observation version {meta.get('obs_version')}; this panning "
-            f"(v{panning.__version__}) builds version {OBS_VERSION}: retrain the agent"
-        )
-    if meta.get("action_mapping") != ACTION_MAPPING:
-        raise AgentError(f"{path} uses action mapping {meta.get('action_mapping')!r}; this panning uses "
-                         f"{ACTION_MAPPING!r}: retrain the agent")
-    trained = list(meta.get("indices", []))
-    unknown = [n for n in trained if n not in _indices.available_indices()]
-    if unknown:
-        raise AgentError(f"{path} was trained with indices {unknown} that this panning does not provide "
-                         f"(known: {', '.join(_indices.available_indices())})")
-    if (meta.get("observation_size") != observation_size(len(trained))
-            or meta.get("feature_names") != feature_names(trained)):
-        raise AgentError(f"{path}: its observation layout does not match this panning's for indices {trained}; "
-                         "retrain the agent")
-    if indices is not None and list(indices) != trained:
-        raise AgentError(f"{path} was trained with indices {trained} (in this order); requested {list(indices)}")
-
-
 def check_agent_file(path: str | Path, indices: Sequence[str] | None = None) -> dict[str, Any]:
     """Validate an agent file's metadata against the installed code without loading the policy."""
     meta = read_metadata(path)
-    _check(meta, Path(path), indices)
+    check_metadata(meta, str(path), indices)
     return meta
 
 
@@ -172,10 +115,7 @@ def load_agent(path: str | Path, indices: Sequence[str] | None = None, device: s
     p = Path(path)
     meta = check_agent_file(p, indices)
     model = PPO.load(p, device=device, custom_objects=sb3_schedules())  # predicting needs no schedule
-    n_obs, n_act = model.observation_space.shape, model.action_space.shape
-    if n_obs != (meta["observation_size"],) or n_act != (meta["action_size"],):
-        raise AgentError(f"{p}: the policy's spaces {n_obs}/{n_act} disagree with its own metadata; "
-                         "the file is damaged")
+    check_spaces(meta, model.observation_space.shape, model.action_space.shape, str(p))
     return LoadedAgent(model, meta, p, file_digest(p))
 
 

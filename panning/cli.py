@@ -201,6 +201,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     runs.prepare_out(args.out, args.overwrite, results=runs.RESULT_FILES)
     policy = _load_policy(cfg)
     s = runs.setup(cfg)
+    runs.check_sparsity(s.model, cfg.prune.sparsity, cfg.prune.exclude)
     result = runs.prune_model(cfg, s, policy)
     runs.save_prune(args.out, cfg, s, result)
     _print_row(cfg.prune.method, result.sparsity, result.effective_sparsity)
@@ -237,6 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     runs.prepare_out(args.out, args.overwrite)
     policy = _load_policy(cfg)
     s = runs.setup(cfg)
+    runs.check_sparsity(s.model, cfg.prune.sparsity, cfg.prune.exclude)
     result = runs.prune_model(cfg, s, policy)
     runs.save_prune(args.out, cfg, s, result)
     metrics = runs.train_and_evaluate(cfg, s, result.masks, args.out, progress=_progress(args))
@@ -275,6 +277,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if done.is_file() and config.load(done, sweep.SweepConfig).grid() != sw.grid():
         raise runs.RunDirError(f"{args.out} holds a different sweep; choose another --out (it is never overwritten)")
     bundle = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.split_seed)
+    probe = runs.setup(cfg, bundle).model
+    for s in sw.sparsities:
+        runs.check_sparsity(probe, s, cfg.prune.exclude)
     policies = {name: load_policy(path) for name, path in sw.agents.items()}
     # vet the finished cells before recording this run's config: a refused resume must leave nothing behind
     sweep.check_finished_cells(sw, args.out, lambda cell, d: runs.cell_mismatch(cfg, cell, d, policies))
@@ -342,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse and run; bad input is one line and exit 2, a bug a traceback and exit 1."""
     import warnings
 
-    # one readable line per warning (layer collapse, ...), not a source excerpt
+    # one readable line per warning (layer collapse, ...), not a source excerpt; restored on return
+    original_format = warnings.formatwarning
     warnings.formatwarning = lambda msg, cat, *a, **k: f"panning: warning: {msg}\n"
     from panning.alloc import tune_malloc
 
@@ -367,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "input; please report it on the project's issue tracker with the traceback above and the command "
               "you ran", file=sys.stderr)
         return EXIT_BUG
+    finally:
+        warnings.formatwarning = original_format
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Loading an agent file (a Stable-Baselines3 zip) is the agents layer's job
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,11 +22,19 @@ import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+import panning
+from panning import indices as _indices
 from panning.data import balanced_batch, dataset_labels
-from panning.episode import PruningEpisode
+from panning.episode import ACTION_MAPPING, OBS_VERSION, PruningEpisode, feature_names, observation_size
+from panning.errors import AgentError
 from panning.pruner import PruneResult, finish
 
-__all__ = ["Policy", "Predict", "run_policy"]
+__all__ = ["FORMAT", "Policy", "Predict", "check_metadata", "check_spaces", "policy_metadata", "run_policy"]
+
+#: format tag of policy metadata (the ``panning.json`` inside an agent file)
+FORMAT = "panning-agent/1"
+_REQUIRED = ("format", "obs_version", "observation_size", "feature_names", "action_mapping", "action_size", "indices",
+             "pruning_steps", "normalisation", "mode", "exclude", "scoring_per_class")
 
 #: observation (float32 vector) -> action (float vector in [-1, 1]), deterministic
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -57,6 +66,71 @@ class Policy:
             str(meta["normalisation"]), list(meta["exclude"]), int(meta["scoring_per_class"]),
             {"obs_version": meta.get("obs_version"), "trained_timesteps": meta.get("trained_timesteps"), **info},
         )
+
+
+def policy_metadata(env_config: Any, trained_timesteps: int = 0, **extra: Any) -> dict[str, Any]:
+    """What a trained policy needs to be applied elsewhere, from the env settings it was trained with
+    (a :class:`panning.envs.panning_env.PanningEnvConfig` or its dict): the indices and their order,
+    the observation version and layout, the action mapping, the steps and selection settings."""
+    is_config = dataclasses.is_dataclass(env_config) and not isinstance(env_config, type)
+    env = dataclasses.asdict(env_config) if is_config else dict(env_config)
+    idx = list(env["indices"])
+    return {
+        "format": FORMAT,
+        "panning_version": panning.__version__,
+        "obs_version": OBS_VERSION,
+        "observation_size": observation_size(len(idx)),
+        "feature_names": feature_names(idx),
+        "action_mapping": ACTION_MAPPING,
+        "action_size": len(idx) + 1,
+        "indices": idx,
+        "pruning_steps": int(env["pruning_steps"]),
+        "normalisation": env["normalisation"],
+        "mode": env["mode"],
+        "exclude": list(env["exclude"]),
+        "scoring_per_class": int(env["scoring_per_class"]),
+        "trained_timesteps": int(trained_timesteps),
+        "env": env,
+        **extra,
+    }
+
+
+def check_metadata(meta: Any, where: str, indices: Sequence[str] | None = None) -> None:
+    """Raise :class:`AgentError` unless ``meta`` is policy metadata this panning can apply: the format
+    tag, every required key, the observation version, the action mapping, indices it provides and the
+    observation layout they imply; and, if ``indices`` is given, exactly those indices in that order.
+    ``where`` (a file name) starts every message."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise AgentError(f"{where} has agent format {found!r}; this panning reads {FORMAT!r}")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise AgentError(f"{where}: its metadata lacks {', '.join(missing)}; the file is damaged")
+    if meta["obs_version"] != OBS_VERSION:
+        raise AgentError(f"{where} was trained on observation version {meta['obs_version']}; this panning "
+                         f"(v{panning.__version__}) builds version {OBS_VERSION}: retrain the agent")
+    if meta["action_mapping"] != ACTION_MAPPING:
+        raise AgentError(f"{where} uses action mapping {meta['action_mapping']!r}; this panning uses "
+                         f"{ACTION_MAPPING!r}: retrain the agent")
+    trained = list(meta["indices"])
+    unknown = [n for n in trained if n not in _indices.available_indices()]
+    if unknown:
+        raise AgentError(f"{where} was trained with indices {unknown} that this panning does not provide "
+                         f"(known: {', '.join(_indices.available_indices())})")
+    if meta["observation_size"] != observation_size(len(trained)) or meta["feature_names"] != feature_names(trained):
+        raise AgentError(f"{where}: its observation layout does not match this panning's for indices {trained}; "
+                         "retrain the agent")
+    if indices is not None and list(indices) != trained:
+        raise AgentError(f"{where} was trained with indices {trained} (in this order); requested {list(indices)}")
+
+
+def check_spaces(meta: Mapping[str, Any], observation_shape: Any, action_shape: Any, where: str) -> None:
+    """Raise :class:`AgentError` unless a loaded policy's observation and action shapes are those its
+    metadata states (a mismatch means a damaged or hand-edited file)."""
+    obs, act = tuple(int(d) for d in observation_shape), tuple(int(d) for d in action_shape)
+    if obs != (meta["observation_size"],) or act != (meta["action_size"],):
+        raise AgentError(f"{where}: the policy's spaces {obs}/{act} disagree with its own metadata; "
+                         "the file is damaged")
 
 
 def _batches_from(

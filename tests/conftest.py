@@ -19,12 +19,23 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+#: set by .ci/run: where the real data is expected, a missing folder fails the data tests instead of skipping them
+REQUIRE_DATA = os.environ.get("PANNING_REQUIRE_DATA") == "1"
+
+
+def require_data(found: Path | None) -> Path:
+    """``found``, or skip the test (fail it where PANNING_REQUIRE_DATA=1: CI expects the data)."""
+    if found is None:
+        why = "real MNIST files not found: set PANNING_DATA to a folder holding MNIST/raw"
+        if REQUIRE_DATA:
+            pytest.fail(f"{why} (PANNING_REQUIRE_DATA=1: this run expects the data)")
+        pytest.skip(why)
+    return found
+
+
 @pytest.fixture
 def data_dir() -> Path:
-    d = shared_data_dir()
-    if d is None:
-        pytest.skip("real MNIST files not found: set PANNING_DATA to a folder holding MNIST/raw")
-    return d
+    return require_data(shared_data_dir())
 
 
 @pytest.fixture(autouse=True)

@@ -272,6 +272,36 @@ def test_cli_train_agent_usage_errors(trained: Path, tmp_path: Path, capsys) -> 
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing written
 
 
+def test_cli_train_agent_then_resume_with_more_steps(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from panning.cli import main
+
+    out = tmp_path / "run"
+    # 24 steps = one rollout of the tiny config (2 envs x 12 steps): no evaluation or checkpoint yet
+    assert main(["train-agent", "--config", str(TINY), "--out", str(out), "--timesteps", "24", "--no-progress"]) == 0
+    assert "trained 24 steps" in capsys.readouterr().out
+    record = json.loads((out / "train.json").read_text())
+    assert record["timesteps"] == record["n_timesteps"] == 24 and record["finished"] and record["sessions"] == 1
+    assert (out / AGENT_FILE).is_file()
+    assert load_agent(out / AGENT_FILE).metadata["trained_timesteps"] == 24
+    saved = yaml.safe_load((out / "agent.yaml").read_text())
+    assert saved["n_timesteps"] == 24  # the override is what the run directory records
+
+    saved["n_timesteps"] = 48
+    (out / "agent.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert main(["train-agent", "--resume", str(out), "--no-progress"]) == 0
+    assert "trained 48 steps" in capsys.readouterr().out
+    record = json.loads((out / "train.json").read_text())
+    assert record["timesteps"] == record["n_timesteps"] == 48 and record["finished"] and record["sessions"] == 2
+    assert record["episodes"] == 48 // 3  # the tiny env's episodes are 3 steps long
+    agent = load_agent(out / AGENT_FILE)
+    assert agent.model.num_timesteps == 48 and agent.metadata["trained_timesteps"] == 48
+    assert [d.name for d in (out / "tb").iterdir()] == ["PPO_1"]  # the resumed session appended to the same run
+    # SB3 logs once per 24-step rollout, at the step count it ended on: one curve over both sessions
+    assert [step for step, _ in _scalars(out)["rollout/ep_rew_mean"]] == [24, 48]
+
+
 def test_sweep_with_an_agent(trained: Path, tmp_path: Path) -> None:
     from panning.cli import main
 

@@ -226,3 +226,15 @@ def test_augmenting_loader_needs_images():
     img = InMemoryDataset(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long), fill=(0.0, 0.0, 0.0))
     xb, _ = next(iter(make_loader(img, 4, shuffle=True, augment=True)))
     assert xb.shape == (4, 3, 32, 32)
+
+
+def test_missing_data_skips_here_and_fails_where_it_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    import conftest
+
+    monkeypatch.setattr(conftest, "REQUIRE_DATA", False)
+    with pytest.raises(pytest.skip.Exception, match="PANNING_DATA"):
+        conftest.require_data(None)
+    monkeypatch.setattr(conftest, "REQUIRE_DATA", True)
+    with pytest.raises(pytest.fail.Exception, match="PANNING_REQUIRE_DATA=1"):
+        conftest.require_data(None)
+    assert conftest.require_data(Path("/x")) == Path("/x")

@@ -8,6 +8,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import Dataset
@@ -24,6 +25,8 @@ from panning.envs.panning_env import (
     make_config,
 )
 from panning.masks import keep_count
+from panning.models import build_model
+from panning.proxy import ProxyEvaluator, ProxySettings
 from panning.pruner import prune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +73,23 @@ def test_registered_and_made_from_yaml_and_kwargs() -> None:
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "digits_mlp.yaml", "mnist_lenet300.yaml"])
 def test_shipped_yaml_files_load(name: str) -> None:
-    cfg = make_config(ROOT / "configs" / "env" / name)
+    """Every setting the file gives is the config's value; every other one is the documented default."""
+    path = ROOT / "configs" / "env" / name
+    raw = yaml.safe_load(path.read_text())
+    cfg = make_config(path)
     assert isinstance(cfg, PanningEnvConfig)
+    default = PanningEnvConfig()
+    for f in dataclasses.fields(PanningEnvConfig):
+        have = getattr(cfg, f.name)
+        if f.name == "proxy":
+            given = raw.get("proxy", {})
+            for p in dataclasses.fields(ProxySettings):
+                assert getattr(have, p.name) == given.get(p.name, getattr(ProxySettings(), p.name)), f"proxy.{p.name}"
+        elif f.name in raw:
+            assert have == raw[f.name], f.name
+        else:
+            assert have == getattr(default, f.name), f.name
+    assert set(raw) <= {f.name for f in dataclasses.fields(PanningEnvConfig)}
 
 
 @pytest.mark.parametrize(
@@ -103,10 +121,14 @@ def test_bad_yaml_path() -> None:
 
 
 def test_check_env_passes() -> None:
+    import warnings
+
     from stable_baselines3.common.env_checker import check_env
 
     env = tiny()
-    check_env(env, warn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any complaint of SB3's checker fails the test
+        check_env(env, warn=True)
 
 
 # ------------------------------------------------------------------------------------------ episode
@@ -137,6 +159,32 @@ def test_observation_layout_and_info() -> None:
     assert {"proxy_accuracy", "proxy_seconds", "proxy_cached"} <= set(final)
     assert steps[-1][1] == pytest.approx(final["proxy_accuracy"])  # absolute reward, no shaping
     assert dict(zip(env.feature_names, steps[-1][0], strict=True))["progress"] == 1
+
+
+def independent_proxy_accuracy(env: PanningEnv) -> float:
+    """The proxy accuracy of the env's current masks, computed apart from the env: the same network
+    rebuilt from the episode's init seed, pruned by the masks, trained by a fresh evaluator with the
+    env's proxy settings on the same data (no cache)."""
+    net = build_model(env.config.model, env.bundle.num_classes, env.bundle.input_shape, seed=env.init_seed,
+                      init=env.config.init)
+    env.masks.apply_(net)
+    evaluator = ProxyEvaluator(env.bundle, settings=env.proxy.settings, device=env.device, cache_size=0)
+    return evaluator.evaluate(net, env.masks).accuracy
+
+
+def test_final_proxy_accuracy_is_the_proxy_of_the_final_masks() -> None:
+    clear_caches()
+    env = tiny()
+    assert env.proxy.settings == ProxySettings(steps=10, batch_size=64)  # configs/env/tiny.yaml
+    rng = np.random.default_rng(1)
+    steps = run(env, [rng.uniform(-1, 1, env.K + 1).astype(np.float32) for _ in range(3)], seed=2)
+    info = steps[-1][4]
+    assert not info["proxy_cached"]
+    acc = info["proxy_accuracy"]
+    assert acc == independent_proxy_accuracy(env)
+    n_val = len(env.bundle.val)
+    assert n_val == 135 and acc * n_val == pytest.approx(round(acc * n_val), abs=1e-9)  # a count of digits
+    assert steps[-1][1] == acc  # reward: absolute, no shaping
 
 
 _ENV_CACHE: dict[str, PanningEnv] = {}
@@ -356,10 +404,16 @@ def test_runs_under_subproc_vec_env(start_method: str) -> None:
         venv.reset()
         for _ in range(3):
             obs, rewards, dones, infos = venv.step(np.zeros((2, venv.action_space.shape[0]), np.float32))
-        assert dones.all() and all(0.0 <= i["proxy_accuracy"] <= 1.0 for i in infos)
-        assert obs.shape == (2, venv.observation_space.shape[0])
+        assert dones.all() and obs.shape == (2, venv.observation_space.shape[0])
     finally:
         venv.close()
+    # the workers' rewards are those of the same episodes played here (target fixed, zero actions: the
+    # masks depend on the initialisation alone), and those are the proxy of the final masks
+    env = tiny()
+    for info in infos:
+        steps = run(env, [np.zeros(env.K + 1, np.float32)] * 3, options={"init_seed": info["init_seed"]})
+        assert steps[-1][4]["proxy_accuracy"] == info["proxy_accuracy"]
+        assert info["proxy_accuracy"] == independent_proxy_accuracy(env)
 
 
 def test_observation_size_does_not_depend_on_the_architecture(data_dir) -> None:

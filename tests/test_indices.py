@@ -439,8 +439,8 @@ def test_fts_batchnorm_without_running_stats() -> None:
 
 
 def test_all_indices_on_resnet20_and_masks_class() -> None:
-    models = pytest.importorskip("panning.models")
-    masks_mod = pytest.importorskip("panning.masks")
+    from panning import masks as masks_mod
+    from panning import models
     net = models.build_model("resnet20", 10, (3, 32, 32), seed=0)
     masks = masks_mod.Masks.ones(net)
     gen = torch.Generator().manual_seed(0)
@@ -699,3 +699,17 @@ def test_scores_are_plain_tensors_without_autograd_history(name: str) -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 4))
     scores = compute_scores(name, net, weight_masks(net), batches_for("mlp"))
     assert all(not v.requires_grad and v.grad_fn is None for v in scores.values())
+
+
+def test_snip_takes_the_absolute_value_by_hand() -> None:
+    """SNIP = |θ ⊙ ∂L/∂θ|: with L = Σ w·x and x = (1, 1), ∂L/∂w = (1, 1), so θ = (1, -2) scores (1, 2)."""
+    model = nn.Sequential(nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0]]))
+    masks = {"0.weight": torch.ones(1, 2, dtype=torch.bool)}
+    batches = [(torch.ones(1, 2), torch.zeros(1, dtype=torch.long))]
+    scores = compute_scores("snip", model, masks, batches, loss_fn=lambda out, y: out.sum())
+    assert scores["0.weight"].tolist() == [[1.0, 2.0]]
+    # GraSP keeps its sign; for this linear loss H = 0, so θ ⊙ Hg = 0 exactly
+    assert compute_scores("grasp", model, masks, batches, loss_fn=lambda out, y: out.sum())["0.weight"].tolist() \
+        == [[0.0, 0.0]]

@@ -249,6 +249,17 @@ def test_topk_ties_are_deterministic_earliest_first():
     assert lw["a"].tolist() == [True] * 3 + [False] * 3 == lw["b"].tolist()
 
 
+def test_layerwise_tied_remainders_go_to_the_earlier_layer():
+    """Largest-remainder rounding: equal remainders give the extra weight to the earlier layer."""
+    lw = select_topk({"a": torch.zeros(3), "b": torch.zeros(3)}, 3, mode="layerwise")  # 1.5 each
+    assert lw["a"].tolist() == [True, True, False] and lw["b"].tolist() == [True, False, False]
+    three = select_topk({"a": torch.zeros(1), "b": torch.zeros(1), "c": torch.zeros(1)}, 2, mode="layerwise")
+    assert [bool(three[k]) for k in "abc"] == [True, True, False]
+    # a larger remainder wins over an earlier layer: 7 of (4, 6) weights -> 2.8 and 4.2 -> 3 and 4
+    uneven = select_topk({"a": torch.zeros(4), "b": torch.zeros(6)}, 7, mode="layerwise")
+    assert (int(uneven["a"].sum()), int(uneven["b"].sum())) == (3, 4)
+
+
 @FEW
 @given(
     scores=score_dicts(),
@@ -319,20 +330,17 @@ def test_topk_bad_arguments():
         select_topk({"a": torch.ones(4), "b": torch.ones(2)}, 1, current=cur)
 
 
-def test_topk_large_is_fast():
-    # VGG-16-sized (~15M weights) selection must take seconds, not minutes
+@pytest.mark.slow
+def test_topk_at_vgg16_scale():
+    # VGG-16-sized (~15M weights): exact counts at scale (its speed is benchmarked, not tested)
     g = torch.Generator().manual_seed(0)
     sizes = [1728, 36864, 73728, 147456, 294912, 589824, 589824, 1179648] + [2359296] * 5 + [262144, 5120]
     scores = {f"l{i}.weight": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
     total = sum(sizes)
-    import time
-
-    t0 = time.perf_counter()
     m = select_topk(scores, total // 10)
     m2 = select_topk(scores, total // 100, current=m, min_per_layer=10)
-    elapsed = time.perf_counter() - t0
     assert m.num_kept == total // 10 and m2.num_kept == total // 100
-    assert elapsed < 20, elapsed
+    assert all(int(m2[k].sum()) >= 10 for k in m2) and all(bool((m2[k] <= m[k]).all()) for k in m)
 
 
 # ---------------------------------------------------------------- enforce
@@ -461,6 +469,28 @@ def test_enforce_zeroes_nan_gradients_of_pruned_weights():
     enforce(model, masks)
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     assert torch.all(p0.grad[~masks[k0]] == 0)
+
+
+def test_enforce_step_guard_rezeros_what_bypasses_the_gradient():
+    """The optimizer post-step hook re-zeros pruned weights and their optimizer state even when the
+    update did not come through the hooked gradient (here: a gradient assigned after backward)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    mask = torch.tensor([[True, False, True, False], [False, True, True, True], [True, True, False, False]])
+    for guarded in (True, False):
+        net = copy.deepcopy(lin)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        handle = enforce(net, Masks({"weight": mask}), opt if guarded else None)
+        net(torch.randn(5, 4)).sum().backward()
+        net.weight.grad = torch.ones_like(net.weight)  # replaces the masked gradient: bypasses the hook
+        opt.step()
+        pruned = net.weight.detach()[~mask]
+        if guarded:
+            assert torch.equal(pruned, torch.zeros_like(pruned))
+            assert torch.equal(opt.state[net.weight]["momentum_buffer"][~mask], torch.zeros_like(pruned))
+        else:  # without the optimizer, enforce cannot see the step: the documented limit
+            assert (pruned != 0).all()
+        handle.remove()
 
 
 def test_enforce_rejects_mismatched_masks():

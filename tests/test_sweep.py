@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 
 from panning import runs, sweep
 from panning.cli import main
+from panning.data import load_dataset
 
 BASE = """\
 model: mlp
@@ -39,7 +41,17 @@ def test_tiny_benchmark_writes_table_csv_plot(tmp_path: Path, capsys: pytest.Cap
     assert tuple(reader.fieldnames or ()) == sweep.COLUMNS
     assert len(rows) == 2 * (1 + 2 * 2)  # per seed: dense + 2 methods x 2 sparsities
     assert {r["method"] for r in rows} == {"dense", "magnitude", "snip"}
-    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
+    # every row is its cell's metrics.json, and an accuracy is a count over the 450 test digits
+    n_test = len(load_dataset("digits").test)
+    assert n_test == 450  # scikit-learn's 1797 digits, 25% held out
+    csv_acc = {(r["method"], int(r["seed"]), float(r["sparsity"])): float(r["test_accuracy"]) for r in rows}
+    cell_acc = {}
+    for mp in (out / "cells").glob("*/metrics.json"):
+        m = json.loads(mp.read_text())
+        cell_acc[(m["method"], m["seed"], m["sparsity"])] = m["test_accuracy"]
+    assert csv_acc == cell_acc
+    for acc in csv_acc.values():
+        assert acc * n_test == pytest.approx(round(acc * n_test), abs=1e-9)
     assert (out / "accuracy_vs_sparsity.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "± " in md and "**" in md
@@ -259,3 +271,55 @@ def test_missing_data_names_flags_the_benchmark_has(tmp_path: Path, capsys: pyte
     from panning.cli import build_parser
 
     assert build_parser().parse_args(args + ["--download"]).download is True  # the fix it names exists here
+
+
+TINY_SWEEP = "base: base.yaml\nmethods: [magnitude]\nsparsities: {sparsities}\nseeds: [0]\ndense: false\n"
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_benchmark_refuses_a_different_sweep_in_the_same_out(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "base.yaml").write_text(BASE)
+    first, other = tmp_path / "first.yaml", tmp_path / "other.yaml"
+    first.write_text(TINY_SWEEP.format(sparsities="[0.5]"))
+    other.write_text(TINY_SWEEP.format(sparsities="[0.8]"))
+    out = tmp_path / "out"
+    assert main(["benchmark", "--config", str(first), "--out", str(out)]) == 0
+    before = _files(out)
+    capsys.readouterr()
+    assert main(["benchmark", "--config", str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "different sweep" in lines[0] and "Traceback" not in err
+    assert _files(out) == before, "a refused sweep changed the folder"
+    assert main(["benchmark", "--config", str(first), "--out", str(out)]) == 0  # the same sweep still resumes
+    cell = "cells/magnitude__s0.5__seed0/metrics.json"
+    assert _files(out)[cell] == before[cell]
+
+
+def test_benchmark_refuses_seeds_outside_the_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "base.yaml").write_text(BASE)
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(TINY_SWEEP.format(sparsities="[0.5]"))
+    out = tmp_path / "out"
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out), "--seeds", "0", "3"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--seeds" in lines[0] and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_benchmark_refuses_a_sparsity_that_empties_a_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "base.yaml").write_text(BASE)
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(TINY_SWEEP.format(sparsities="[0.5, 0.999999]"))
+    out = tmp_path / "out"
+    assert main(["benchmark", "--config", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    # mlp on digits: 50 200 prunable weights in 3 layers; (1 - 0.99995) * 50 200 = 2.51 rounds to 3 kept
+    assert len(lines) == 1 and "largest sparsity" in lines[0] and "0.999950" in lines[0], err
+    assert not out.exists(), "nothing may be written before the grid is checked"
