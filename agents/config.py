@@ -29,7 +29,9 @@ class AgentConfig:
     env_kwargs: dict = field(default_factory=dict)  # laid over the env YAML (PanningEnvConfig fields)
     n_timesteps: int = 12_000  # total env steps (pruning steps, not episodes)
     n_envs: int = 2
-    vec_env: str = "subproc"  # "subproc" (one process per env) or "dummy" (all in this process)
+    # "subproc" (one process per env), "dummy" (all in this process, one after the other) or "batched"
+    # (all in this process as one stacked computation: panning.envs.vec_env.BatchedPanningVecEnv)
+    vec_env: str = "subproc"
     seed: int = 0
     policy: str = "MlpPolicy"
     # PPO, by SB3's names. One env step costs a pruning step (and a proxy training at episode end),
@@ -75,8 +77,8 @@ class AgentConfig:
         for name in ("eval_freq", "checkpoint_freq", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.vec_env not in ("subproc", "dummy"):
-            bad(f"vec_env must be 'subproc' or 'dummy', got {self.vec_env!r}")
+        if self.vec_env not in VEC_ENVS:
+            bad(f"vec_env must be one of {', '.join(VEC_ENVS)}, got {self.vec_env!r}")
         if self.policy != "MlpPolicy":
             bad(f"policy must be 'MlpPolicy' (observations are flat vectors), got {self.policy!r}")
         if (self.n_steps * self.n_envs) % self.batch_size:
@@ -143,6 +145,7 @@ class _Linear:
 
 
 _ACTIVATIONS = ("tanh", "relu", "elu", "leaky_relu")
+VEC_ENVS = ("subproc", "dummy", "batched")
 _POLICY_KEYS = ("net_arch", "activation_fn", "log_std_init", "ortho_init", "squash_output")
 
 

@@ -35,7 +35,7 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecMonitor
 
 from panning import config as _config
 from panning.agents.callbacks import (
@@ -57,6 +57,7 @@ from panning.agents.config import (
 from panning.agents.policy import agent_metadata, read_metadata, save_agent
 from panning.alloc import tune_malloc
 from panning.envs.panning_env import PanningEnv, PanningEnvConfig, make_config
+from panning.envs.vec_env import BatchedPanningVecEnv
 from panning.envs.wrappers import FixedEpisodes
 from panning.errors import ConfigError, RunDirError
 from panning.io import write_json
@@ -100,6 +101,9 @@ class _EnvFactory:
 
 
 def _make_vec_env(cfg: AgentConfig, env_config: PanningEnvConfig) -> VecEnv:
+    if cfg.vec_env == "batched":
+        # one process, N episodes stepped as one computation; VecMonitor records the episode returns
+        return VecMonitor(BatchedPanningVecEnv(env_config, cfg.n_envs))
     if cfg.vec_env == "subproc" and cfg.n_envs > 1:
         return SubprocVecEnv([_EnvFactory(env_config, cfg.threads, True) for _ in range(cfg.n_envs)])
     return DummyVecEnv([_EnvFactory(env_config, cfg.threads, False) for _ in range(cfg.n_envs)])

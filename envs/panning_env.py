@@ -50,7 +50,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,6 +320,12 @@ class PanningEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        self.begin(seed=seed, options=options)
+        return self.first_observation()
+
+    def begin(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> None:
+        """:meth:`reset` up to, not including, the first observation (which scores the indices): a
+        vectorised env scores all its episodes at once in between."""
         super().reset(seed=seed)
         cfg = self.config
         options = dict(options or {})
@@ -343,15 +349,34 @@ class PanningEnv(gym.Env):
             input_shape=self.bundle.input_shape, exclude=cfg.exclude, mode=cfg.mode,
             normalisation=cfg.normalisation, seed=init_seed,
         )
-        ep = self.episode
         self._done = False
         self._phi = 0.0
+
+    def first_observation(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """The observation and info :meth:`reset` returns, after :meth:`begin`."""
+        ep = self.episode
+        assert ep is not None
         obs = ep.observe()
-        info = {"target_sparsity": target, "init_seed": init_seed, "num_prunable": ep.N,
+        info = {"target_sparsity": self.target_sparsity, "init_seed": self.init_seed, "num_prunable": ep.N,
                 "target_keep": ep.final_keep, "sparsity": 0.0, "timing": dict(ep.timing)}
         return obs, info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        pending = self.advance(action)
+        result = reference = None
+        if pending.needs_proxy:
+            assert self.model is not None
+            result = self.proxy.evaluate(self.model, pending.masks)
+            if self.config.reward == "relative":
+                t0 = time.perf_counter()
+                reference = self.reference(self.target_sparsity, self.init_seed)
+                pending.info["reference_seconds"] = time.perf_counter() - t0
+        return self.conclude(pending, result, reference)
+
+    def advance(self, action: Any) -> PendingStep:
+        """The pruning step of :meth:`step` and its shaping reward; whether the final reward still needs
+        the proxy (then :meth:`conclude` takes its result). A vectorised env evaluates the proxies of all
+        its finishing episodes at once in between."""
         if self.episode is None or self._done:
             raise RuntimeError("the episode is over (or never started): call reset() before step()")
         cfg = self.config
@@ -362,7 +387,6 @@ class PanningEnv(gym.Env):
         phi = -(abs(s.loss_ratio) + abs(s.grad_ratio))
         reward = cfg.shaping * (phi - self._phi)
         self._phi = phi
-
         info: dict[str, Any] = {
             "step": s.step,
             "target_sparsity": self.target_sparsity,
@@ -376,16 +400,37 @@ class PanningEnv(gym.Env):
             "collapsed_layers": s.collapsed,
             "init_seed": self.init_seed,
         }
+        needs_proxy, penalty = False, 0.0
         if terminated:
             if s.collapsed and cfg.terminate_on_collapse:
                 reward -= cfg.collapse_penalty
                 info["collapse"] = True
             else:
-                reward += self._final_reward(s.masks, info) - (cfg.collapse_penalty if s.collapsed else 0.0)
+                needs_proxy = True
+                penalty = cfg.collapse_penalty if s.collapsed else 0.0
                 info["collapse"] = bool(s.collapsed)
-        obs = ep.observe(score_indices=not terminated)
+        return PendingStep(s.masks, reward, terminated, needs_proxy, info, penalty)
+
+    def conclude(self, pending: PendingStep, result: ProxyResult | None,
+                 reference: tuple[float, str, float] | None) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Finish :meth:`step`: add the final reward (the proxy ``result`` and, for ``reward: relative``,
+        the ``reference`` of :meth:`reference`) and observe."""
+        cfg, ep, info, reward = self.config, self.episode, pending.info, pending.reward
+        assert ep is not None
+        if pending.needs_proxy:
+            assert result is not None
+            info.update(proxy_accuracy=result.accuracy, proxy_loss=result.loss, proxy_seconds=result.seconds,
+                        proxy_cached=result.cached)
+            ref = 0.0
+            if cfg.reward == "relative":
+                assert reference is not None
+                ref = reference[0]
+                info.update(reference_accuracy=ref, reference_index=reference[1])
+                info.setdefault("reference_seconds", reference[2])
+            reward += cfg.reward_scale * (result.accuracy - ref) - pending.penalty
+        obs = ep.observe(score_indices=not pending.terminated)
         info["timing"] = dict(ep.timing)
-        return obs, float(reward), terminated, False, info
+        return obs, float(reward), pending.terminated, False, info
 
     def close(self) -> None:
         self.episode = None
@@ -394,18 +439,40 @@ class PanningEnv(gym.Env):
 
     # -------------------------------------------------------------------------------- reward
 
-    def _final_reward(self, masks: Masks, info: dict[str, Any]) -> float:
+    def reference_key(self, target_sparsity: float, init_seed: int) -> tuple:
+        """The reference cache's key: these settings, the target and the initialisation."""
+        return self._fingerprint, float(target_sparsity), int(init_seed)
+
+    def cached_reference(self, target_sparsity: float, init_seed: int) -> tuple[float, str, float] | None:
+        """The cached reference of :meth:`reference`, or None."""
+        return self._references.get(self.reference_key(target_sparsity, init_seed))
+
+    def reference_masks(self, target_sparsity: float, init_seed: int) -> tuple[nn.Module, list[tuple[str, Masks]]]:
+        """(the initialisation, the masks of each single index on it): what :meth:`reference` trains."""
         cfg = self.config
-        assert self.model is not None  # an episode is running
-        res: ProxyResult = self.proxy.evaluate(self.model, masks)
-        info.update(proxy_accuracy=res.accuracy, proxy_loss=res.loss, proxy_seconds=res.seconds,
-                    proxy_cached=res.cached)
-        ref = 0.0
-        if cfg.reward == "relative":
-            t0 = time.perf_counter()
-            ref, ref_index, _ = self.reference(self.target_sparsity, self.init_seed)
-            info.update(reference_accuracy=ref, reference_index=ref_index, reference_seconds=time.perf_counter() - t0)
-        return cfg.reward_scale * (res.accuracy - ref)
+        model = self.model
+        if model is None or int(init_seed) != self.init_seed:
+            model = build_model(cfg.model, self.bundle.num_classes, self.bundle.input_shape, seed=int(init_seed),
+                                init=cfg.init).to(self.device)
+        out = []
+        for name in cfg.indices:
+            p = Pruner(model, [name], self.batches, input_shape=self.bundle.input_shape, exclude=cfg.exclude,
+                       mode=cfg.mode, normalisation=cfg.normalisation, seed=int(init_seed))
+            for keep in keep_schedule(p.num_total, target_sparsity, cfg.pruning_steps, "exponential"):
+                p.step([1.0], keep)
+            out.append((name, p.masks))
+        return model, out
+
+    def record_reference(self, target_sparsity: float, init_seed: int, accuracies: Sequence[float],
+                         seconds: float) -> tuple[float, str, float]:
+        """Cache and return the reference from the proxy accuracies of :meth:`reference_masks`' masks."""
+        best = (-1.0, "")
+        for name, acc in zip(self.config.indices, accuracies, strict=True):
+            if acc > best[0]:
+                best = (acc, name)
+        entry = (best[0], best[1], seconds)
+        self._references[self.reference_key(target_sparsity, init_seed)] = entry
+        return entry
 
     def reference(self, target_sparsity: float, init_seed: int) -> tuple[float, str, float]:
         """(best proxy accuracy, its index, seconds it took) over the single indices at this target and init.
@@ -414,23 +481,22 @@ class PanningEnv(gym.Env):
         same T steps through the core pruner (what a one-hot action with ``b = 0`` does). Cached per
         process by (settings, target, init seed).
         """
-        key = (self._fingerprint, float(target_sparsity), int(init_seed))
-        if key in self._references:
-            return self._references[key]
-        cfg = self.config
+        hit = self.cached_reference(target_sparsity, init_seed)
+        if hit is not None:
+            return hit
         t0 = time.perf_counter()
-        model = self.model
-        if model is None or int(init_seed) != self.init_seed:
-            model = build_model(cfg.model, self.bundle.num_classes, self.bundle.input_shape, seed=int(init_seed),
-                                init=cfg.init).to(self.device)
-        best = (-1.0, "")
-        for name in cfg.indices:
-            p = Pruner(model, [name], self.batches, input_shape=self.bundle.input_shape, exclude=cfg.exclude,
-                       mode=cfg.mode, normalisation=cfg.normalisation, seed=int(init_seed))
-            for keep in keep_schedule(p.num_total, target_sparsity, cfg.pruning_steps, "exponential"):
-                p.step([1.0], keep)
-            acc = self.proxy.evaluate(model, p.masks).accuracy
-            if acc > best[0]:
-                best = (acc, name)
-        self._references[key] = (best[0], best[1], time.perf_counter() - t0)
-        return self._references[key]
+        model, masks = self.reference_masks(target_sparsity, init_seed)
+        accs = [self.proxy.evaluate(model, m).accuracy for _, m in masks]
+        return self.record_reference(target_sparsity, init_seed, accs, time.perf_counter() - t0)
+
+
+@dataclass
+class PendingStep:
+    """A step of :meth:`PanningEnv.advance` whose final reward may still wait for the proxy."""
+
+    masks: Masks
+    reward: float
+    terminated: bool
+    needs_proxy: bool
+    info: dict[str, Any]
+    penalty: float = 0.0  # collapse penalty still to subtract with the final reward

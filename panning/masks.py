@@ -12,7 +12,7 @@ import fnmatch
 import math
 import operator
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "MaskHandle",
     "Masks",
     "enforce",
+    "enforce_tensors",
     "from_torch_prune",
     "keep_count",
     "prunable_parameters",
@@ -551,7 +552,7 @@ class _DeviceMask:
 class MaskHandle:
     """Hooks installed by :func:`enforce`; :meth:`remove` detaches them (also as a context manager)."""
 
-    def __init__(self, masks: Masks, params: dict[str, nn.Parameter], handles: list[Any]) -> None:
+    def __init__(self, masks: Masks, params: dict[str, Tensor], handles: list[Any]) -> None:
         self.masks = masks
         self._params = params
         self._handles = handles
@@ -588,10 +589,20 @@ def enforce(model: nn.Module, masks: Masks, optimizer: torch.optim.Optimizer | N
     masks.check(model)
     all_params = prunable_parameters(model)
     params = {k: all_params[k] for k in masks}
+    handle = enforce_tensors(params, dict(masks.items()), optimizer)
+    handle.masks = masks
+    return handle
+
+
+def enforce_tensors(params: Mapping[str, Tensor], masks: Mapping[str, Tensor],
+                    optimizer: torch.optim.Optimizer | None = None) -> MaskHandle:
+    """:func:`enforce` on bare tensors: ``masks[k]`` (bool, the shape of ``params[k]``) for each masked
+    leaf tensor, e.g. the weights of N networks stacked along a leading axis (the batched proxy)."""
+    params = dict(params)
     dev_masks = {k: _DeviceMask(masks[k].to(params[k].device)) for k in masks}
     handles: list[Any] = []
 
-    def make_grad_hook(dm: _DeviceMask):
+    def make_grad_hook(dm: _DeviceMask) -> Callable[[Tensor], Tensor]:
         def hook(grad: Tensor) -> Tensor:
             # exact zeros even for a NaN/inf gradient (a multiply by 0 would leave NaN)
             return dm.zero(grad)
@@ -600,21 +611,21 @@ def enforce(model: nn.Module, masks: Masks, optimizer: torch.optim.Optimizer | N
 
     def zero_state() -> None:
         with torch.no_grad():
-            for k, p in params.items():
-                dm = dev_masks[k]
+            for k, dm in dev_masks.items():
+                p = params[k]
                 dm.zero(p, inplace=True)
                 if optimizer is not None:
                     for v in optimizer.state.get(p, {}).values():
                         if isinstance(v, Tensor) and v.shape == p.shape:
                             dm.zero(v, inplace=True)
 
-    for k, p in params.items():
-        if p.requires_grad:
-            handles.append(p.register_hook(make_grad_hook(dev_masks[k])))
+    for k in dev_masks:
+        if params[k].requires_grad:
+            handles.append(params[k].register_hook(make_grad_hook(dev_masks[k])))
     zero_state()
     if optimizer is not None:
         handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: zero_state()))
-    return MaskHandle(masks, params, handles)
+    return MaskHandle(Masks._trusted({k: masks[k] for k in dev_masks}), {k: params[k] for k in dev_masks}, handles)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import copy
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,8 +29,8 @@ from torch.utils.data import Dataset
 from panning.data import DataBundle, make_loader
 from panning.errors import ConfigError, DataError
 from panning.hashing import masks_digest, state_digest
-from panning.masks import Masks, enforce
-from panning.train import cpu_channels_last, resolve_device
+from panning.masks import Masks
+from panning.train import cpu_channels_last, masked_sgd_steps, resolve_device
 
 __all__ = ["ProxyEvaluator", "ProxyResult", "ProxySettings"]
 
@@ -117,6 +117,7 @@ class ProxyEvaluator:
         device: str | torch.device = "auto",
         cache_size: int = 4096,
         settings: ProxySettings | None = None,
+        max_candidates: int | None = None,
     ) -> None:
         xtr, ytr = _split_tensors(bundle.train, "training")
         # Only train and val are kept: the reward can never reach the test split through us.
@@ -145,6 +146,10 @@ class ProxyEvaluator:
         self._xtr, self._ytr = xtr.to(self.device), ytr.to(self.device)
         self._xva, self._yva = xva.to(self.device), yva.to(self.device)
         self.cache_size = int(cache_size)
+        if max_candidates is not None and max_candidates < 1:
+            raise ConfigError(f"max_candidates must be >= 1, got {max_candidates}")
+        self.max_candidates = max_candidates
+        self._bytes_per_candidate: int | None = None
         self._cache: OrderedDict[tuple, ProxyResult] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -185,6 +190,18 @@ class ProxyEvaluator:
         perms = [torch.randperm(n, generator=g)[: per_pass * bs] for _ in range(passes)]
         return torch.cat(perms)[: s.steps * bs].view(s.steps, bs).to(self.device)
 
+    def lr_at(self, step: int) -> float:
+        """Learning rate of SGD step ``step`` (from 0): cosine from ``lr`` to 0 over the budget, or constant."""
+        s = self.settings
+        if s.schedule == "cosine":
+            return 0.5 * s.lr * (1.0 + math.cos(math.pi * step / s.steps))
+        return s.lr
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The training batches of the budget, in the seeded order every candidate sees."""
+        for idx in self._order(self._xtr.shape[0]):
+            yield self._xtr[idx], self._ytr[idx]
+
     def train(self, init: nn.Module | Mapping[str, Tensor], masks: Masks) -> nn.Module:
         """A trained copy of the masked network (pruned weights exactly zero); ``init`` is untouched."""
         s = self.settings
@@ -193,32 +210,160 @@ class ProxyEvaluator:
         masks.check(net)
         masks = masks.to(self.device)
         net.train()
-        opt = torch.optim.SGD(net.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
-                              nesterov=s.nesterov)
-        handle = enforce(net, masks, opt)
-        order = self._order(self._xtr.shape[0])
-        try:
-            cuda = ([torch.cuda.current_device() if self.device.index is None else self.device.index]
-                    if self.device.type == "cuda" else [])
-            # the trained copy comes back in the usual layout: callers may score or save it
-            with cpu_channels_last(net, self.device, self._xtr) as nhwc, torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(s.seed)  # dropout and the like, without touching the caller's RNG
-                for i in range(s.steps):
-                    if s.schedule == "cosine":
-                        lr = 0.5 * s.lr * (1.0 + math.cos(math.pi * i / s.steps))
-                        for group in opt.param_groups:
-                            group["lr"] = lr
-                    idx = order[i]
-                    x = self._xtr[idx]
-                    if nhwc and x.dim() == 4:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    loss = F.cross_entropy(net(x), self._ytr[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-        finally:
-            handle.remove()
+        cuda = ([torch.cuda.current_device() if self.device.index is None else self.device.index]
+                if self.device.type == "cuda" else [])
+        # the trained copy comes back in the usual layout: callers may score or save it
+        with cpu_channels_last(net, self.device, self._xtr) as nhwc, torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(s.seed)  # dropout and the like, without touching the caller's RNG
+
+            def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+                if nhwc and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = net(x)
+                return F.cross_entropy(out, y), out
+
+            masked_sgd_steps(dict(net.named_parameters()), dict(masks.items()), s, self.batches(), loss_fn, self.lr_at)
         return net
+
+    # ----------------------------------------------------------------------------- N at once
+
+    def _stack(self, inits: Sequence[nn.Module | Mapping[str, Tensor]],
+               masks_list: Sequence[Masks | Mapping[str, Tensor]]) -> tuple[nn.Module, dict, dict, dict]:
+        """(template module, stacked parameters, stacked buffers, stacked masks) of N candidates."""
+        nets = [self._fresh(i).to(self.device) for i in inits]
+        template = nets[0]
+        shapes = {k: v.shape for k, v in template.state_dict().items()}
+        for net in nets[1:]:
+            if {k: v.shape for k, v in net.state_dict().items()} != shapes:
+                raise ValueError("evaluate_many trains candidates of one architecture; got different state shapes")
+        masks = [m if isinstance(m, Masks) else Masks(dict(m)) for m in masks_list]
+        for net, m in zip(nets, masks, strict=True):
+            m.check(net)
+        named = [dict(n.named_parameters()) for n in nets]
+        params = {k: torch.stack([p[k].detach() for p in named]).requires_grad_(True) for k in named[0]}
+        bufs = [dict(n.named_buffers()) for n in nets]
+        buffers = {k: torch.stack([b[k].detach() for b in bufs]).clone() for k in bufs[0]}
+        stacked_masks = {k: torch.stack([m[k].to(self.device) for m in masks]) for k in masks[0]}
+        return template, params, buffers, stacked_masks
+
+    def train_many(self, inits: Sequence[nn.Module | Mapping[str, Tensor]],
+                   masks_list: Sequence[Masks | Mapping[str, Tensor]]) -> tuple[nn.Module, dict, dict]:
+        """Train N candidates (an initialisation and masks each) of one architecture as one stacked
+        computation: ``torch.func.functional_call`` + ``vmap`` over parameters and buffers stacked along
+        a leading axis, through the same :func:`panning.train.masked_sgd_steps` (pruned weights exactly
+        zero), data order, learning rates and seed as :meth:`train`. BatchNorm keeps running statistics
+        per candidate. Returns (template module, trained stacked parameters, stacked buffers)."""
+        from torch.func import functional_call, vmap
+
+        s = self.settings
+        template, params, buffers, masks = self._stack(inits, masks_list)
+        template.train()
+
+        def forward(p: dict, b: dict, x: Tensor) -> Tensor:
+            return functional_call(template, (p, b), (x,))
+
+        batched = vmap(forward, in_dims=(0, 0, None), randomness="same")
+
+        def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            out = batched(params, buffers, x)  # (N, batch, classes)
+            n, b, c = out.shape
+            per = F.cross_entropy(out.reshape(n * b, c), y.repeat(n), reduction="none").view(n, b).mean(1)
+            return per.sum(), out  # candidates are independent: each gets the gradient of its own mean loss
+
+        cuda = ([torch.cuda.current_device() if self.device.index is None else self.device.index]
+                if self.device.type == "cuda" else [])
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(s.seed)
+            masked_sgd_steps(params, masks, s, self.batches(), loss_fn, self.lr_at)
+        return template, {k: v.detach() for k, v in params.items()}, buffers
+
+    @torch.no_grad()
+    def score_many(self, template: nn.Module, params: dict, buffers: dict,
+                   chunk: int = 2048) -> list[tuple[float, float]]:
+        """(accuracy, mean cross-entropy) on the validation split of each of N stacked candidates, eval mode."""
+        from torch.func import functional_call, vmap
+
+        was = template.training
+        template.eval()
+        n_cand = next(iter(params.values())).shape[0]
+        correct = torch.zeros(n_cand, device=self.device, dtype=torch.long)
+        loss = torch.zeros(n_cand, device=self.device, dtype=torch.float64)
+        batched = vmap(lambda p, b, x: functional_call(template, (p, b), (x,)), in_dims=(0, 0, None))
+        try:
+            for lo in range(0, self._xva.shape[0], chunk):
+                out = batched(params, buffers, self._xva[lo : lo + chunk])
+                y = self._yva[lo : lo + chunk]
+                correct += (out.argmax(2) == y).sum(1)
+                n, b, c = out.shape
+                loss += F.cross_entropy(out.double().reshape(n * b, c), y.repeat(n), reduction="none").view(n, b).sum(1)
+        finally:
+            template.train(was)
+        n = self._xva.shape[0]
+        return [(float(c) / n, float(v) / n) for c, v in zip(correct.cpu(), loss.cpu(), strict=True)]
+
+    def chunk_size(self, example: nn.Module | Mapping[str, Tensor] | None = None) -> int:
+        """How many candidates :meth:`evaluate_many` trains at once: ``max_candidates`` if set; on CUDA
+        what 70% of the free memory holds, measured per candidate (a one-candidate probe step of
+        ``example``); on the CPU 64."""
+        if self.max_candidates is not None:
+            return self.max_candidates
+        if self.device.type != "cuda" or example is None:
+            return 64
+        if self._bytes_per_candidate is None:
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            template, params, buffers, masks = self._stack([example], [Masks.ones(self._fresh(example))])
+            x, y = next(self.batches())
+            from torch.func import functional_call, vmap
+
+            fwd = vmap(lambda p, b, x: functional_call(template, (p, b), (x,)), in_dims=(0, 0, None))
+            out = fwd(params, buffers, x)
+            F.cross_entropy(out[0], y).backward()
+            # parameters, buffers and masks resident, plus gradients, momentum and activations at the peak
+            self._bytes_per_candidate = max(1, torch.cuda.max_memory_allocated(self.device) - base
+                                            + sum(p.numel() * p.element_size() for p in params.values()))
+            del template, params, buffers, masks, out
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, int(0.7 * free // self._bytes_per_candidate))
+
+    def evaluate_many(self, inits: Sequence[nn.Module | Mapping[str, Tensor]],
+                      masks_list: Sequence[Masks | Mapping[str, Tensor]]) -> list[ProxyResult]:
+        """:meth:`evaluate` for N candidates of one architecture, trained together (:meth:`train_many`)
+        in chunks of :meth:`chunk_size`; cached results are not retrained. Accuracies agree with
+        one-at-a-time :meth:`evaluate` up to float rounding (at most one validation example apart)."""
+        if len(inits) != len(masks_list):
+            raise ValueError(f"got {len(inits)} initialisations for {len(masks_list)} masks")
+        results: list[ProxyResult | None] = [None] * len(inits)
+        todo: list[tuple[int, tuple | None]] = []
+        for i, (init, masks) in enumerate(zip(inits, masks_list, strict=True)):
+            key = self.key(init, masks) if self.cache_size else None
+            if key is not None and key in self._cache:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                hit = self._cache[key]
+                results[i] = ProxyResult(hit.accuracy, hit.loss, 0.0, True, hit.steps)
+            else:
+                todo.append((i, key))
+        if todo:
+            size = self.chunk_size(inits[todo[0][0]])
+            for lo in range(0, len(todo), size):
+                part = todo[lo : lo + size]
+                t0 = time.perf_counter()
+                template, params, buffers = self.train_many([inits[i] for i, _ in part],
+                                                            [masks_list[i] for i, _ in part])
+                scores = self.score_many(template, params, buffers)
+                seconds = (time.perf_counter() - t0) / len(part)
+                for (i, key), (acc, loss) in zip(part, scores, strict=True):
+                    self.misses += 1
+                    result = ProxyResult(acc, loss if math.isfinite(loss) else float("inf"), seconds, False,
+                                         self.settings.steps)
+                    results[i] = result
+                    if key is not None:
+                        self._cache[key] = result
+                        while len(self._cache) > self.cache_size:
+                            self._cache.popitem(last=False)
+        return [r for r in results if r is not None]
 
     @torch.no_grad()
     def score(self, net: nn.Module, chunk: int = 2048) -> tuple[float, float]:

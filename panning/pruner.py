@@ -160,9 +160,28 @@ class Pruner:
                     self.masks,
                     self.batches if _indices.INDICES[name].needs_data else None,
                     input_shape=self.input_shape,
-                    seed=self.seed * 100_003 + self.steps_done,
+                    seed=self.score_seed(),
                 )
         return {n: self._scores[n] for n in (names if names is not None else self.indices)}
+
+    def needs_scores(self, name: str) -> bool:
+        """True if index ``name`` has not been scored on the current masks yet."""
+        return self._scores is None or name not in self._scores
+
+    def provide_scores(self, name: str, scores: Mapping[str, Tensor]) -> None:
+        """Use ``scores`` as index ``name``'s scores of the current masks (a vectorised caller computed
+        them for many pruners at once); they must be what :meth:`scores` would compute."""
+        if name not in self.indices:
+            raise ValueError(f"index {name!r} is not one of this pruner's {self.indices}")
+        if list(scores) != list(self.masks) or any(scores[k].shape != m.shape for k, m in self.masks.items()):
+            raise ValueError(f"scores for {name!r} do not have the masks' keys and shapes")
+        if self._scores is None:
+            self._scores = {}
+        self._scores[name] = dict(scores)
+
+    def score_seed(self) -> int:
+        """The seed :meth:`scores` gives the indices at this step."""
+        return self.seed * 100_003 + self.steps_done
 
     def alive_flat(self) -> Tensor:
         """The current masks as one flat boolean vector, in key order."""

@@ -9,12 +9,14 @@ the same result, and the caller's global RNG state is left untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -28,7 +30,8 @@ from panning.errors import ConfigError, DataError
 if TYPE_CHECKING:  # masks.py is imported lazily at run time
     from panning.masks import Masks
 
-__all__ = ["TrainConfig", "SCHEDULES", "resolve_device", "train_masked", "evaluate", "lr_factor"]
+__all__ = ["SCHEDULES", "SGDSettings", "TrainConfig", "evaluate", "lr_factor", "masked_sgd_steps", "resolve_device",
+           "train_masked"]
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -169,6 +172,72 @@ def cpu_channels_last(model: nn.Module, device: torch.device, example: torch.Ten
             m.to(memory_format=torch.contiguous_format)
 
 
+class SGDSettings(Protocol):
+    """What the optimiser needs of a training config (:class:`TrainConfig`, the proxy's settings)."""
+
+    @property
+    def lr(self) -> float: ...
+
+    @property
+    def momentum(self) -> float: ...
+
+    @property
+    def weight_decay(self) -> float: ...
+
+    @property
+    def nesterov(self) -> bool: ...
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+#: ``(inputs, targets) -> (mean loss, outputs)`` of one step; for N stacked networks the sum of their losses
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def masked_sgd_steps(
+    params: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor] | None,
+    settings: SGDSettings,
+    batches: Iterable[Batch],
+    loss_fn: LossFn,
+    lr_at: Callable[[int], float],
+    *,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> int:
+    """The one masked-SGD loop of the project: full training, the proxy and the batched proxy run it.
+
+    ``torch.optim.SGD`` (momentum, weight decay, Nesterov from ``settings``) over the leaf tensors
+    ``params``: one network's parameters, or N networks' stacked along a leading axis (SGD is
+    elementwise, so stacking changes nothing per network). ``masks[k]`` holds the pruned entries of
+    ``params[k]`` at exactly zero throughout (:func:`panning.masks.enforce_tensors`: zeroed gradients,
+    weights and momentum re-zeroed after every step). Step ``i`` (counted from 0 over ``batches``)
+    uses learning rate ``lr_at(i)``; ``on_step(i, x, y, outputs, loss)`` sees each step after the
+    update (loss detached). Returns the number of steps taken. Seeding, the data order and the layout
+    are the caller's: they come with ``batches`` and ``loss_fn``.
+    """
+    from panning.masks import enforce_tensors
+
+    opt = torch.optim.SGD(list(params.values()), lr=settings.lr, momentum=settings.momentum,
+                          weight_decay=settings.weight_decay, nesterov=settings.nesterov)
+    handle = enforce_tensors(params, masks, opt) if masks else None
+    steps = 0
+    try:
+        for i, (x, y) in enumerate(batches):
+            lr = lr_at(i)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss, out = loss_fn(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if on_step is not None:
+                on_step(i, x, y, out, loss.detach())
+    finally:
+        if handle is not None:
+            handle.remove()
+    return steps
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -211,6 +280,27 @@ def evaluate(
     }
 
 
+def _lr_at(cfg: TrainConfig, first: int, steps_per_epoch: int, i: int) -> float:
+    """Learning rate of step ``i`` of an epoch that starts at overall step ``first``."""
+    return cfg.lr * lr_factor(cfg, first + i, steps_per_epoch)
+
+
+class _Tally:
+    """Per-epoch training loss and accuracy, summed on the device (no per-step host sync)."""
+
+    def __init__(self, dev: torch.device, bar: Any) -> None:
+        self.loss_sum = torch.zeros((), device=dev)
+        self.correct = torch.zeros((), device=dev, dtype=torch.long)
+        self.seen = 0
+        self.bar = bar
+
+    def __call__(self, i: int, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, loss: torch.Tensor) -> None:
+        self.loss_sum += loss * y.shape[0]
+        self.correct += (out.detach().argmax(1) == y).sum()
+        self.seen += y.shape[0]
+        self.bar.update(1)
+
+
 def _rng_devices(dev: torch.device) -> list[int]:
     if dev.type == "cuda":
         return [dev.index if dev.index is not None else torch.cuda.current_device()]
@@ -244,24 +334,20 @@ def train_masked(
 
     dev = _as_device(device)
     model.to(dev)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
-    )
-    handle = None
     sparsity = 0.0
+    mask_map: dict[str, torch.Tensor] | None = None
     if masks is not None:
-        from panning.masks import enforce
-
         masks = masks.to(dev)
-        handle = enforce(model, masks, optimizer)
+        masks.check(model)
+        mask_map = dict(masks.items())
         sparsity = float(masks.sparsity)
+    params = dict(model.named_parameters())
 
     loader = make_loader(bundle.train, cfg.batch_size, shuffle=True, seed=seed,
                          augment=bool(bundle.augment and cfg.augment), device=dev)
     steps_per_epoch = len(loader)
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
     has_val = len(bundle.val) > 0  # type: ignore[arg-type]
     if progress is None:
         progress = sys.stderr.isatty()
@@ -274,33 +360,27 @@ def train_masked(
     layout = contextlib.ExitStack()
     try:
         nhwc = layout.enter_context(cpu_channels_last(model, dev, loader.x))
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if nhwc and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = model(x)
+            return F.cross_entropy(out, y), out
+
         # Forked RNG: dropout etc. are seeded by ``seed`` and the caller's RNG stream is not consumed.
         with torch.random.fork_rng(devices=_rng_devices(dev)):
             torch.manual_seed(seed)
             for epoch in range(1, cfg.epochs + 1):
                 t0 = time.perf_counter()
-                lr_now = optimizer.param_groups[0]["lr"]
+                lr_now = cfg.lr * lr_factor(cfg, steps, steps_per_epoch)
                 model.train()
                 # Sums stay on the device: no per-step host sync.
-                loss_sum = torch.zeros((), device=dev)
-                correct = torch.zeros((), device=dev, dtype=torch.long)
-                seen = 0
-                for i, (x, y) in enumerate(loader):
-                    if i >= steps_per_epoch:
-                        break
-                    if nhwc and x.dim() == 4:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    out = model(x)
-                    loss = F.cross_entropy(out, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    loss_sum += loss.detach() * y.shape[0]
-                    correct += (out.detach().argmax(1) == y).sum()
-                    seen += y.shape[0]
-                    steps += 1
-                    bar.update(1)
+                tally = _Tally(dev, bar)
+                first = steps
+                steps += masked_sgd_steps(
+                    params, mask_map, cfg, itertools.islice(loader, steps_per_epoch), loss_fn,
+                    functools.partial(_lr_at, cfg, first, steps_per_epoch), on_step=tally)
+                loss_sum, correct, seen = tally.loss_sum, tally.correct, tally.seen
                 train_loss = float(loss_sum) / max(1, seen)
                 train_acc = float(correct) / max(1, seen)
                 record: dict[str, Any] = {
@@ -325,8 +405,6 @@ def train_masked(
                     break
     finally:
         bar.close()
-        if handle is not None:
-            handle.remove()
         layout.close()  # the convolutions back in the layout the caller gave
     if writer is not None:
         writer.flush()

@@ -1,0 +1,178 @@
+"""A vectorised ``panning/Panning-v0``: N episodes of one architecture stepped as one computation.
+
+:class:`BatchedPanningVecEnv` is a Stable-Baselines3 ``VecEnv`` holding N :class:`PanningEnv`
+episodes. Each env keeps its own random stream, episode state and observation code, so with the
+same seeds and actions it gives the same observations, masks and rewards as N separate
+``Panning-v0``; what changes is how the expensive parts run:
+
+- **scoring**: before every observation the indices of all N networks are computed together
+  (:func:`panning.batched.prefill_scores`: stacked ``vmap`` routes where they match one-at-a-time
+  scoring bit for bit, one network after the other where they would not);
+- **rewards**: every episode that ends at a step is trained by the proxy in one stacked run
+  (:meth:`panning.proxy.ProxyEvaluator.evaluate_many`), together with the single-index references
+  of the relative reward that are not cached yet.
+
+Every episode has T steps, so the N episodes end together (unless a collapse ends one early, when
+that env restarts on its own, as in SB3's ``DummyVecEnv``). Finished episodes restart at once and
+their last observation is in ``info["terminal_observation"]``. ``vec_env: batched`` in an agent
+YAML selects it for ``panning train-agent``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
+
+from panning.batched import prefill_scores
+from panning.data import DataBundle
+from panning.envs.panning_env import PanningEnv, PanningEnvConfig, PendingStep
+from panning.proxy import ProxyResult
+
+__all__ = ["BatchedPanningVecEnv"]
+
+
+class BatchedPanningVecEnv(VecEnv):
+    """N ``panning/Panning-v0`` episodes in lock-step; see the module docstring.
+
+    ``config`` is what :class:`PanningEnv` takes (a config, a mapping or a YAML path); every env gets
+    the same settings and shares one proxy evaluator and reference cache.
+    """
+
+    def __init__(self, config: PanningEnvConfig | dict[str, Any] | str | Path | None, n_envs: int, *,
+                 bundle: DataBundle | None = None, **overrides: Any) -> None:
+        if n_envs < 1:
+            raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+        first = PanningEnv(config, bundle=bundle, **overrides)
+        self.envs = [first] + [PanningEnv(first.config, bundle=bundle) for _ in range(n_envs - 1)]
+        if bundle is not None:  # a caller's own data: one private evaluator and reference cache for all
+            for env in self.envs[1:]:
+                env.proxy, env._references = first.proxy, first._references
+        super().__init__(n_envs, first.observation_space, first.action_space)
+        self.proxy = first.proxy
+        self.indices = list(first.config.indices)
+        self.actions: np.ndarray | None = None
+        self.metadata = first.metadata
+        self.timing: dict[str, float] = {}
+
+    # -------------------------------------------------------------------------------- stepping
+
+    def _prefill(self, envs: Sequence[PanningEnv]) -> None:
+        t0 = time.perf_counter()
+        prefill_scores([e.episode.pruner for e in envs if e.episode is not None and not e.episode.done], self.indices)
+        self.timing["score"] = self.timing.get("score", 0.0) + time.perf_counter() - t0
+
+    def reset(self) -> VecEnvObs:
+        for i, env in enumerate(self.envs):
+            options = self._options[i] or None
+            env.begin(seed=self._seeds[i], options=options)
+        self._reset_seeds()
+        self._reset_options()
+        self._prefill(self.envs)
+        obs = []
+        for i, env in enumerate(self.envs):
+            o, self.reset_infos[i] = env.first_observation()
+            obs.append(o)
+        return np.stack(obs)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self.actions = np.asarray(actions)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        assert self.actions is not None, "step_async first"
+        self.timing = {}
+        pending: list[PendingStep] = [env.advance(a) for env, a in zip(self.envs, self.actions, strict=True)]
+        results, references = self._rewards(pending)
+        # observations after the step need the indices scored on the new masks (not for finished episodes)
+        self._prefill([e for e, p in zip(self.envs, pending, strict=True) if not p.terminated])
+        obs_list, rewards, dones, infos = [], np.zeros(self.num_envs, np.float32), np.zeros(self.num_envs, bool), []
+        finished = []
+        for i, (env, p) in enumerate(zip(self.envs, pending, strict=True)):
+            o, r, terminated, truncated, info = env.conclude(p, results.get(i), references.get(i))
+            rewards[i], dones[i] = r, terminated or truncated
+            info["TimeLimit.truncated"] = truncated and not terminated
+            if dones[i]:
+                info["terminal_observation"] = o
+                finished.append(i)
+            obs_list.append(o)
+            infos.append(info)
+        if finished:  # auto-reset, as SB3's VecEnvs do
+            for i in finished:
+                self.envs[i].begin()
+            self._prefill([self.envs[i] for i in finished])
+            for i in finished:
+                obs_list[i], self.reset_infos[i] = self.envs[i].first_observation()
+        self.actions = None
+        return np.stack(obs_list), rewards, dones, deepcopy(infos)
+
+    def _rewards(self, pending: Sequence[PendingStep]
+                 ) -> tuple[dict[int, ProxyResult], dict[int, tuple[float, str, float]]]:
+        """Proxy results of the finishing episodes and the references they need, in one stacked run."""
+        finishing = [i for i, p in enumerate(pending) if p.needs_proxy]
+        if not finishing:
+            return {}, {}
+        t0 = time.perf_counter()
+        inits: list[Any] = []
+        masks: list[Any] = []
+        for i in finishing:
+            inits.append(self.envs[i].model)
+            masks.append(pending[i].masks)
+        # references not cached yet: one per (target, init), each index's masks on that initialisation
+        ref_jobs: dict[tuple, tuple[int, int, int]] = {}  # key -> (env, first candidate, count)
+        relative = self.envs[0].config.reward == "relative"
+        if relative:
+            for i in finishing:
+                env = self.envs[i]
+                key = env.reference_key(env.target_sparsity, env.init_seed)
+                if key in ref_jobs or env.cached_reference(env.target_sparsity, env.init_seed) is not None:
+                    continue
+                model, ms = env.reference_masks(env.target_sparsity, env.init_seed)
+                ref_jobs[key] = (i, len(inits), len(ms))
+                inits += [model] * len(ms)
+                masks += [m for _, m in ms]
+        out = self.proxy.evaluate_many(inits, masks)
+        seconds = time.perf_counter() - t0
+        results = {i: out[k] for k, i in enumerate(finishing)}
+        references: dict[int, tuple[float, str, float]] = {}
+        if relative:
+            for i, first, count in ref_jobs.values():
+                env = self.envs[i]
+                env.record_reference(env.target_sparsity, env.init_seed,
+                                     [r.accuracy for r in out[first:first + count]], seconds)
+            for i in finishing:
+                env = self.envs[i]
+                ref = env.cached_reference(env.target_sparsity, env.init_seed)
+                assert ref is not None  # recorded above or cached before
+                references[i] = ref
+                pending[i].info["reference_seconds"] = seconds if env.reference_key(
+                    env.target_sparsity, env.init_seed) in ref_jobs else 0.0
+        self.timing["proxy"] = seconds
+        return results, references
+
+    # ----------------------------------------------------------------------------- VecEnv API
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None for _ in self.envs]
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(self.envs[i], attr_name) for i in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        for i in self._get_indices(indices):
+            setattr(self.envs[i], attr_name, value)
+
+    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None,
+                   **method_kwargs: Any) -> list[Any]:
+        return [getattr(self.envs[i], method_name)(*method_args, **method_kwargs) for i in self._get_indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return [isinstance(self.envs[i], wrapper_class) for i in self._get_indices(indices)]

@@ -1,0 +1,224 @@
+"""N networks of one architecture scored and pruned at once, with the masks N separate pruners give.
+
+:func:`score_networks` computes one index for N networks (an initialisation and masks each) as one
+stacked computation where the index allows it: ``torch.func.vmap`` over the networks' parameters and
+buffers stacked along a leading axis (SNIP, GraSP and its absolute value, SynFlow in float64,
+magnitude). The result must be what :func:`panning.indices.compute_scores` gives for each network
+alone, bit for bit, so that the masks are too; whether the stacked kernels are exact depends on the
+layers and the device (on the CPU batched matrix products equal one-at-a-time ones, convolutions
+under ``vmap`` do not). So each route is checked once per (index, architecture, batch shape,
+device) against the one-at-a-time computation of the first network, and used only where it matched;
+elsewhere, and for indices without a stacked route (random, FTS), the networks are scored one after
+the other. :func:`select_topk_rows` is :func:`panning.masks.select_topk` (global mode, same
+tie-break: earlier key, then lower index) over an ``[N, P]`` tensor.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from panning._functional import as_numbers, preserved_modes
+from panning.indices import INDICES, LossFn, compute_scores
+from panning.pruner import Pruner
+
+__all__ = ["STACKED_ROUTES", "prefill_scores", "score_networks", "select_topk_rows"]
+
+Batch = tuple[Tensor, Tensor]
+Scores = dict[str, Tensor]
+#: indices with a stacked (vmap) route
+STACKED_ROUTES = ("magnitude", "snip", "grasp", "grasp_abs", "synflow")
+#: (index, device, architecture, batch shapes) -> whether the stacked route matched one-at-a-time scoring bit for bit
+_EXACT: dict[tuple, bool] = {}
+
+
+def _signature(name: str, model: nn.Module, masks: Mapping[str, Tensor], batches: Sequence[Batch] | None,
+               input_shape: Sequence[int] | None) -> tuple:
+    state = tuple((k, type(v).__name__, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
+    mods = tuple(type(m).__name__ for m in model.modules())
+    shapes = tuple((tuple(x.shape), tuple(y.shape)) for x, y in batches or ())
+    device = str(next(model.parameters()).device)
+    return name, device, mods, state, tuple(masks), shapes, tuple(input_shape or ())
+
+
+def _stack(models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]], dtype: torch.dtype | None,
+           absolute: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(stacked ``θ ⊙ m`` of the masked weights, stacked other parameters and cloned buffers), as
+    :func:`panning._functional.masked_weights` and ``other_tensors`` make them for one network."""
+    keys = list(masks[0])
+    named = [dict(m.named_parameters()) for m in models]
+    ws = []
+    for p, mk in zip(named, masks, strict=True):
+        one = {}
+        for k in keys:
+            t = p[k].detach()
+            w = t * as_numbers(mk[k].to(t.device), t.dtype)
+            if absolute:
+                w = w.abs()
+            if dtype is not None:
+                w = w.to(dtype)
+            one[k] = w
+        ws.append(one)
+    w_stack = {k: torch.stack([w[k] for w in ws]) for k in keys}
+
+    def convert(t: Tensor) -> Tensor:
+        if t.is_floating_point():
+            if absolute:
+                t = t.abs()
+            if dtype is not None:
+                t = t.to(dtype)
+        return t
+
+    rest: dict[str, Tensor] = {}
+    for k in named[0]:
+        if k not in w_stack:
+            rest[k] = torch.stack([convert(p[k].detach()) for p in named])
+    bufs = [dict(m.named_buffers()) for m in models]
+    for k in bufs[0]:
+        rest[k] = torch.stack([convert(b[k].detach()).clone() for b in bufs])
+    return w_stack, rest
+
+
+def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    return torch.stack([(a[k] * b[k]).sum() for k in a]).sum()
+
+
+def _stacked(name: str, template: nn.Module, models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]],
+             batches: Sequence[Batch] | None, input_shape: Sequence[int] | None, loss_fn: LossFn) -> list[Scores]:
+    """The stacked route of index ``name``: the formulas of :mod:`panning.indices`, one network's worth
+    written with ``torch.func`` and vmapped over the stack."""
+
+    def fwd(tensors: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(template, dict(tensors), (x,), strict=False, tie_weights=True)
+
+    fn: Callable[[dict[str, Tensor], dict[str, Tensor]], Scores]
+    if name == "magnitude":
+        w, _ = _stack(models, masks, None, False)
+        return [{k: v[i].abs() for k, v in w.items()} for i in range(len(models))]
+    if name == "synflow":
+        template.eval()
+        w, rest = _stack(models, masks, torch.float64, True)
+        shape = tuple(int(s) for s in (input_shape or batches[0][0].shape[1:]))  # type: ignore[index]
+        x1 = torch.ones((1, *shape), dtype=torch.float64, device=next(iter(w.values())).device)
+
+        def fn(w: dict[str, Tensor], rest: dict[str, Tensor]) -> Scores:
+            g = grad(lambda w_: fwd({**rest, **w_}, x1).sum())(w)
+            return {k: (w[k] * g[k]).abs() for k in w}
+    else:
+        template.train()
+        w, rest = _stack(models, masks, None, False)
+        assert batches is not None and len(batches) == 1  # the one-batch form of the formulas below
+        x, y = batches[0]
+
+        def loss_of(w_: dict[str, Tensor], rest: dict[str, Tensor]) -> Tensor:
+            return loss_fn(fwd({**rest, **w_}, x), y).reshape(())
+
+        if name == "snip":
+            def fn(w: dict[str, Tensor], rest: dict[str, Tensor]) -> Scores:
+                g = grad(loss_of)(w, rest)
+                return {k: (w[k] * g[k]).abs() for k in w}
+        else:  # grasp, grasp_abs: θ ⊙ Hg by double backward, Hg = ∇(Σ stop(g)·∇L)
+            def fn(w: dict[str, Tensor], rest: dict[str, Tensor]) -> Scores:
+                g = {k: v.detach() for k, v in grad(loss_of)(w, rest).items()}
+                hg = grad(lambda w_, r: _dot(grad(loss_of)(w_, r), g))(w, rest)
+                s = {k: w[k] * hg[k] for k in w}
+                return {k: v.abs() for k, v in s.items()} if name == "grasp_abs" else s
+    out = vmap(fn, randomness="error")(w, rest)
+    return [{k: v[i] for k, v in out.items()} for i in range(len(models))]
+
+
+def score_networks(
+    name: str,
+    models: Sequence[nn.Module],
+    masks: Sequence[Mapping[str, Tensor]],
+    batches: Sequence[Batch] | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    loss_fn: LossFn = F.cross_entropy,
+) -> list[Scores]:
+    """``[compute_scores(name, models[i], masks[i], batches, input_shape=..., seed=seeds[i])]``, bit for
+    bit, computed for all networks at once where that is exact (see the module docstring). The models
+    are not modified."""
+    n = len(models)
+    if n != len(masks):
+        raise ValueError(f"got {n} models for {len(masks)} masks")
+    seeds = list(seeds) if seeds is not None else [0] * n
+
+    def one(i: int) -> Scores:
+        return compute_scores(name, models[i], masks[i], batches, input_shape=input_shape, seed=seeds[i],
+                              loss_fn=loss_fn)
+
+    data_route = name in ("snip", "grasp", "grasp_abs")
+    if (n < 2 or name not in STACKED_ROUTES or (data_route and (not batches or len(batches) != 1))
+            or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules())):
+        return [one(i) for i in range(n)]
+    key = _signature(name, models[0], masks[0], batches, input_shape)
+    if _EXACT.get(key) is False:
+        return [one(i) for i in range(n)]
+    device = next(models[0].parameters()).device
+    dev_batches = [(x.to(device), y.to(device)) for x, y in batches] if batches else None
+    with preserved_modes(models[0]), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeds[0])
+        stacked = _stacked(name, models[0], models, masks, dev_batches, input_shape, loss_fn)
+    if key not in _EXACT:
+        first = one(0)
+        _EXACT[key] = all(torch.equal(first[k], stacked[0][k]) and first[k].dtype == stacked[0][k].dtype
+                          for k in first)
+        if not _EXACT[key]:
+            return [first] + [one(i) for i in range(1, n)]
+    return [{k: s[k].detach() for k in masks[i]} for i, s in enumerate(stacked)]
+
+
+def select_topk_rows(scores: Tensor, keep: Sequence[int], alive: Tensor | None = None) -> Tensor:
+    """Boolean ``[N, P]``: in each row the ``keep[i]`` highest scores among the ``alive`` entries, ties
+    to the lowest index, exactly as :func:`panning.masks.select_topk` (global mode) does for one
+    network whose weights are concatenated in key order."""
+    n, p = scores.shape
+    k = torch.as_tensor(list(keep), dtype=torch.long, device=scores.device)
+    if k.shape != (n,) or bool((k < 0).any()):
+        raise ValueError(f"keep must give one count >= 0 per row, got {list(keep)}")
+    vals = scores.to(torch.float64) if not scores.dtype.is_floating_point else scores
+    if alive is not None:
+        if bool((k > alive.sum(1)).any()):
+            raise ValueError("keep exceeds the alive weights of a row")
+        vals = vals.masked_fill(~alive, float("-inf"))
+    elif bool((k > p).any()):
+        raise ValueError("keep exceeds the weights of a row")
+    kmax = int(k.max()) if n else 0
+    if kmax == 0:
+        return torch.zeros(n, p, dtype=torch.bool, device=scores.device)
+    top = torch.topk(vals, kmax, dim=1, sorted=True).values  # descending per row
+    thr = top.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # the k-th largest of each row
+    chosen = vals > thr
+    ties = vals == thr
+    if alive is not None:
+        ties &= alive
+        chosen &= alive
+    need = (k - chosen.sum(1)).unsqueeze(1)
+    chosen |= ties & (ties.cumsum(1) <= need)
+    chosen[k == 0] = False
+    return chosen
+
+
+def prefill_scores(pruners: Sequence[Pruner], indices: Sequence[str] | None = None) -> None:
+    """Score ``indices`` (default: each pruner's own) on the current masks of every pruner that has not
+    scored them yet, all networks at once (:func:`score_networks`), and hand each pruner its scores:
+    its next :meth:`panning.pruner.Pruner.step` or observation then uses them as if it had computed
+    them itself. The pruners must share one architecture and scoring batch."""
+    if not pruners:
+        return
+    for name in indices if indices is not None else pruners[0].indices:
+        todo = [p for p in pruners if name in p.indices and p.needs_scores(name)]
+        if not todo:
+            continue
+        first = todo[0]
+        needs_data = INDICES[name].needs_data
+        scores = score_networks(name, [p.model for p in todo], [p.masks for p in todo],
+                                first.batches if needs_data else None, input_shape=first.input_shape,
+                                seeds=[p.score_seed() for p in todo])
+        for p, s in zip(todo, scores, strict=True):
+            p.provide_scores(name, s)

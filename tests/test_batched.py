@@ -1,0 +1,244 @@
+"""N networks at once: the batched proxy, batched scoring and selection, the vectorised environment."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from stable_baselines3.common.vec_env import DummyVecEnv
+from torch import nn
+
+from panning.batched import score_networks, select_topk_rows
+from panning.data import balanced_batch, load_dataset
+from panning.envs.panning_env import PanningEnv, clear_caches
+from panning.envs.vec_env import BatchedPanningVecEnv
+from panning.indices import available_indices, compute_scores
+from panning.masks import Masks, select_topk
+from panning.models import build_model
+from panning.proxy import ProxyEvaluator
+from panning.pruner import Pruner
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ENV = ROOT / "configs" / "env" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def random_masks(model: nn.Module, density: float, seed: int) -> Masks:
+    g = torch.Generator().manual_seed(seed)
+    return Masks({k: torch.rand(v.shape, generator=g) < density for k, v in Masks.ones(model).items()})
+
+
+class BNNet(nn.Module):
+    """A small BatchNorm network (Linear, BatchNorm1d, ReLU, Linear) for the digits' 64 features."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.bn, self.fc2 = nn.Linear(64, 48), nn.BatchNorm1d(48), nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x.flatten(1)))))
+
+
+# ------------------------------------------------------------------------------------------- proxy
+
+
+def test_batched_proxy_agrees_with_one_at_a_time(digits) -> None:
+    """Same masks, initialisations and seed: the same accuracy up to one validation example (float
+    rounding of batched products may flip one borderline prediction; here they do not)."""
+    ev = ProxyEvaluator(digits, steps=40, cache_size=0)
+    inits = [build_model("mlp", 10, (64,), seed=s) for s in range(3)]
+    masks = [random_masks(m, d, s) for s, (m, d) in enumerate(zip(inits, (0.5, 0.1, 0.02), strict=True))]
+    one = [ev.evaluate(m, k) for m, k in zip(inits, masks, strict=True)]
+    many = ev.evaluate_many(inits, masks)
+    n_val = len(digits.val)
+    for a, b in zip(one, many, strict=True):
+        assert abs(a.accuracy - b.accuracy) <= max(1e-4, 1 / n_val)
+        assert abs(a.loss - b.loss) < 1e-4
+    assert len({round(r.accuracy, 6) for r in many}) > 1  # three different candidates, not one repeated
+
+
+def test_batched_proxy_with_batchnorm_keeps_per_candidate_statistics(digits) -> None:
+    ev = ProxyEvaluator(digits, BNNet, steps=15, cache_size=0)
+    inits = [BNNet(s) for s in range(3)]
+    masks = [random_masks(m, 0.3, 10 + s) for s, m in enumerate(inits)]
+    template, params, buffers = ev.train_many(inits, masks)
+    for i, (init, m) in enumerate(zip(inits, masks, strict=True)):
+        single = ev.train(init, m).state_dict()
+        for k in params:
+            assert torch.allclose(params[k][i], single[k], atol=1e-5), k
+        for k in ("bn.running_mean", "bn.running_var"):
+            assert torch.allclose(buffers[k][i], single[k], atol=1e-5), k
+        assert int(buffers["bn.num_batches_tracked"][i]) == 15
+        for k, mk in m.items():  # pruned weights exactly zero after training
+            assert torch.equal(params[k][i][~mk], torch.zeros_like(params[k][i][~mk]))
+    assert not torch.allclose(buffers["bn.running_mean"][0], buffers["bn.running_mean"][1])
+    one = [ev.evaluate(i, m) for i, m in zip(inits, masks, strict=True)]
+    many = ev.evaluate_many(inits, masks)
+    for a, b in zip(one, many, strict=True):
+        assert abs(a.accuracy - b.accuracy) <= max(1e-4, 1 / len(digits.val))
+
+
+def test_chunks_and_cache(digits) -> None:
+    inits = [build_model("mlp", 10, (64,), seed=s) for s in range(5)]
+    masks = [random_masks(m, 0.2, s) for s, m in enumerate(inits)]
+    whole = ProxyEvaluator(digits, steps=10, cache_size=0).evaluate_many(inits, masks)
+    ev = ProxyEvaluator(digits, steps=10, max_candidates=2)
+    assert ev.chunk_size() == 2
+    chunked = ev.evaluate_many(inits, masks)
+    assert [r.accuracy for r in chunked] == [r.accuracy for r in whole]
+    again = ev.evaluate_many(inits[::-1], masks[::-1])
+    assert all(r.cached for r in again) and [r.accuracy for r in again] == [r.accuracy for r in whole][::-1]
+    with pytest.raises(ValueError, match="masks"):
+        ev.evaluate_many(inits, masks[:2])
+
+
+# ------------------------------------------------------------------------------ scoring, selection
+
+
+@pytest.mark.parametrize("model", ["mlp", "lenet5"])
+def test_batched_scores_are_bit_identical_and_so_are_the_masks(model: str) -> None:
+    shape = (64,) if model == "mlp" else (1, 28, 28)
+    nets = [build_model(model, 10, shape, seed=s) for s in range(3)]
+    masks = [random_masks(m, 0.4, s) for s, m in enumerate(nets)]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(20, *shape, generator=g), torch.arange(20) % 10)]
+    for name in available_indices():
+        ref = [compute_scores(name, m, k, batches, input_shape=shape, seed=7 + i)
+               for i, (m, k) in enumerate(zip(nets, masks, strict=True))]
+        got = score_networks(name, nets, masks, batches, input_shape=shape, seeds=[7, 8, 9])
+        for a, b in zip(ref, got, strict=True):
+            assert list(a) == list(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a), name
+    # and a multi-index step of N pruners fed batched scores gives the masks of N pruners on their own
+    from panning.batched import prefill_scores
+
+    alone = [Pruner(m, ["snip", "synflow", "grasp_abs"], batches, seed=i) for i, m in enumerate(nets)]
+    fed = [Pruner(m, ["snip", "synflow", "grasp_abs"], batches, seed=i) for i, m in enumerate(nets)]
+    for step, keep in enumerate((2000, 300)):
+        prefill_scores(fed)
+        for a, b in zip(alone, fed, strict=True):
+            w = [1.0, 0.5, 0.25 * (step + 1)]
+            assert a.step(w, min(keep, a.masks.num_kept)).equal(b.step(w, min(keep, b.masks.num_kept)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n=st.integers(1, 4), sizes=st.lists(st.integers(1, 12), min_size=1, max_size=3))
+def test_topk_rows_equal_select_topk_per_row(data, n: int, sizes: list[int]) -> None:
+    rows, alives, keeps, refs = [], [], [], []
+    for _ in range(n):
+        sc = {f"l{i}": torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=s, max_size=s)), dtype=torch.float32)
+              for i, s in enumerate(sizes)}  # few distinct values: many ties
+        alive = {k: torch.tensor(data.draw(st.lists(st.booleans(), min_size=v.numel(), max_size=v.numel())))
+                 for k, v in sc.items()}
+        keep = data.draw(st.integers(0, sum(int(a.sum()) for a in alive.values())))
+        refs.append(torch.cat(list(select_topk(sc, keep, current=Masks(alive)).values())))
+        rows.append(torch.cat(list(sc.values())))
+        alives.append(torch.cat(list(alive.values())))
+        keeps.append(keep)
+    got = select_topk_rows(torch.stack(rows), keeps, torch.stack(alives))
+    assert torch.equal(got, torch.stack(refs))
+
+
+# ---------------------------------------------------------------------------------- the VecEnv
+
+ENV_KW = dict(target_sparsity=None, target_range=[0.9, 0.99], target_grid=3, reward="relative", device="cpu")
+
+
+def _rollout(venv, n: int, steps: int = 7):
+    venv.seed(5)
+    out = [venv.reset()]
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        a = rng.uniform(-1, 1, size=(n, venv.action_space.shape[0])).astype(np.float32)
+        out.append(venv.step(a))
+    return out
+
+
+def test_vectorised_env_matches_separate_envs_step_by_step() -> None:
+    n = 3
+    clear_caches()
+    separate = _rollout(DummyVecEnv([lambda: PanningEnv(TINY_ENV, **ENV_KW) for _ in range(n)]), n)
+    clear_caches()
+    batched_env = BatchedPanningVecEnv(TINY_ENV, n, **ENV_KW)
+    batched = _rollout(batched_env, n)
+    assert np.array_equal(separate[0], batched[0])
+    finished = 0
+    for (o1, r1, d1, i1), (o2, r2, d2, i2) in zip(separate[1:], batched[1:], strict=True):
+        assert np.array_equal(o1, o2) and np.array_equal(d1, d2)
+        assert np.allclose(r1, r2, atol=1e-6)
+        for a, b in zip(i1, i2, strict=True):
+            assert a["sparsity"] == b["sparsity"] and a["index_weights"] == b["index_weights"]
+            if "terminal_observation" in a:
+                finished += 1
+                assert np.array_equal(a["terminal_observation"], b["terminal_observation"])
+                assert a["proxy_accuracy"] == pytest.approx(b["proxy_accuracy"], abs=1 / 135)
+                assert a["reference_accuracy"] == pytest.approx(b["reference_accuracy"], abs=1 / 135)
+    assert finished == 2 * n  # T = 3: episodes end at steps 3 and 6 and restart on their own
+
+
+def test_vec_env_contract() -> None:
+    """The VecEnv contract, checked as SB3's own VecEnv tests do."""
+    n = 2
+    venv = BatchedPanningVecEnv(TINY_ENV, n, device="cpu", reward="absolute")
+    assert venv.num_envs == n
+    venv.seed(3)
+    obs = venv.reset()
+    assert obs.shape == (n, *venv.observation_space.shape) and obs.dtype == np.float32
+    assert all(venv.observation_space.contains(o) for o in obs)
+    assert len(venv.reset_infos) == n and all("target_sparsity" in i for i in venv.reset_infos)
+    actions = np.stack([venv.action_space.sample() for _ in range(n)])
+    venv.step_async(actions)
+    obs, rewards, dones, infos = venv.step_wait()
+    assert obs.shape == (n, *venv.observation_space.shape) and rewards.shape == (n,) and dones.shape == (n,)
+    assert rewards.dtype == np.float32 and dones.dtype == bool and isinstance(infos, list) and len(infos) == n
+    for _ in range(2):
+        obs, rewards, dones, infos = venv.step(actions)
+    assert dones.all() and all("terminal_observation" in i and "TimeLimit.truncated" in i for i in infos)
+    assert all(i["proxy_accuracy"] == r for i, r in zip(infos, rewards, strict=True))  # absolute reward
+    # seeding: the same seed gives the same first observations and draws
+    venv.seed(11)
+    a = venv.reset()
+    targets = venv.get_attr("target_sparsity")
+    venv.seed(11)
+    assert np.array_equal(a, venv.reset()) and venv.get_attr("target_sparsity") == targets
+    assert venv.get_attr("init_seed", indices=[1]) == [venv.envs[1].init_seed]
+    venv.set_attr("marker", 7, indices=0)
+    assert venv.get_attr("marker", indices=[0]) == [7]
+    assert venv.env_method("cached_reference", 0.5, 0, indices=[0]) == [None]
+    assert venv.env_is_wrapped(PanningEnv) == [True, True]
+    venv.close()
+
+
+def test_a_tiny_batched_agent_trains_saves_and_resumes(tmp_path: Path) -> None:
+    from panning.agents.config import load_agent_config
+    from panning.agents.policy import load_agent
+    from panning.agents.train import AGENT_FILE, train_agent
+
+    cfg = dataclasses.replace(load_agent_config(ROOT / "configs" / "agent" / "tiny.yaml"), vec_env="batched",
+                              n_envs=4, n_steps=6, batch_size=12, n_timesteps=48, eval_freq=0, checkpoint_freq=24)
+    out = tmp_path / "run"
+    record = train_agent(cfg, out, log=lambda s: None, progress_bar=False)
+    assert record["timesteps"] == 48 and record["finished"]
+    assert load_agent(out / AGENT_FILE).model.num_timesteps == 48
+    spec = (out / "agent.yaml").read_text().replace("n_timesteps: 48", "n_timesteps: 72")
+    (out / "agent.yaml").write_text(spec)
+    assert train_agent(None, out, resume=True, log=lambda s: None, progress_bar=False)["timesteps"] == 72
+    assert json.loads((out / "train.json").read_text())["sessions"] == 2
+
+
+def test_scoring_batch_is_shared(digits) -> None:
+    """The vectorised env's envs score on the same class-balanced batch (prefill assumes it)."""
+    venv = BatchedPanningVecEnv(TINY_ENV, 2, device="cpu")
+    (x0, y0), (x1, y1) = venv.envs[0].batches[0], venv.envs[1].batches[0]
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    x, y = balanced_batch(digits.train, 5, 10, seed=0)
+    assert torch.equal(x0, x)
