@@ -78,7 +78,7 @@ from torch import Tensor, nn
 
 from panning._functional import functional_forward, masked_weights, other_tensors, preserved_modes
 from panning.connectivity import effective_masks
-from panning.masks import Masks, keep_count
+from panning.masks import Masks, _topk_mask, keep_count
 from panning.pruner import Pruner
 
 __all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "OBS_LIMIT", "OBS_VERSION",
@@ -315,10 +315,8 @@ class PruningEpisode:
                 continue
             if m > 0:
                 # the m weights a global top-k on this index alone would drop, with select_topk's tie-break
-                order = torch.sort(n, descending=True, stable=True).indices
-                sel = torch.zeros(n.numel(), dtype=torch.bool, device=n.device)
-                sel[order[n.numel() - m:]] = True
-                lowest.append(sel)
+                # (what a stable descending sort keeps first; found in linear time)
+                lowest.append(~_topk_mask(n, n.numel() - m))
             mag = n.abs()
             # nearest-rank quantiles and a top-k: linear-time selections, no full sort
             q10, q50, q90 = (

@@ -597,7 +597,8 @@ def enforce(model: nn.Module, masks: Masks, optimizer: torch.optim.Optimizer | N
 def enforce_tensors(params: Mapping[str, Tensor], masks: Mapping[str, Tensor],
                     optimizer: torch.optim.Optimizer | None = None) -> MaskHandle:
     """:func:`enforce` on bare tensors: ``masks[k]`` (bool, the shape of ``params[k]``) for each masked
-    leaf tensor, e.g. the weights of N networks stacked along a leading axis (the batched proxy)."""
+    leaf tensor, e.g. the weights of N networks stacked along a leading axis (the batched proxy).
+    Without ``optimizer`` only the weights are zeroed now and the gradients from then on."""
     params = dict(params)
     dev_masks = {k: _DeviceMask(masks[k].to(params[k].device)) for k in masks}
     handles: list[Any] = []

@@ -142,6 +142,8 @@ class Pruner:
         self.num_total = self.masks.num_total
         self.history: list[StepRecord] = []
         self._scores: dict[str, dict[str, Tensor]] | None = None
+        self._normalised: dict[str, Tensor] = {}
+        self._alive: Tensor | None = None
 
     @property
     def steps_done(self) -> int:
@@ -178,21 +180,29 @@ class Pruner:
         if self._scores is None:
             self._scores = {}
         self._scores[name] = dict(scores)
+        self._normalised.pop(name, None)
 
     def score_seed(self) -> int:
         """The seed :meth:`scores` gives the indices at this step."""
         return self.seed * 100_003 + self.steps_done
 
     def alive_flat(self) -> Tensor:
-        """The current masks as one flat boolean vector, in key order."""
-        return torch.cat([m.reshape(-1) for m in self.masks.values()])
+        """The current masks as one flat boolean vector, in key order (cached until the next step)."""
+        if self._alive is None:
+            self._alive = torch.cat([m.reshape(-1) for m in self.masks.values()])
+        return self._alive
 
     def normalised_scores(self, name: str) -> Tensor:
-        """One index's scores, flattened in key order and normalised over the alive weights."""
+        """One index's scores, flattened in key order and normalised over the alive weights (cached until
+        the next step: a step and the observation after it read each index several times)."""
+        if name in self._normalised:
+            return self._normalised[name]
         flat = torch.cat([s.reshape(-1) for s in self.scores([name])[name].values()])
-        if not torch.isfinite(flat[self.alive_flat()]).all():
+        alive = self.alive_flat()
+        if not torch.isfinite(flat[alive]).all():
             raise ValueError(f"index {name!r} produced NaN or infinite scores for unpruned weights")
-        return normalise(flat, self.alive_flat(), self.normalisation)
+        self._normalised[name] = normalise(flat, alive, self.normalisation)
+        return self._normalised[name]
 
     def weights_dict(self, weights: Sequence[float] | Mapping[str, float]) -> dict[str, float]:
         """Validate index weights: one non-negative finite value per index, not all zero."""
@@ -243,6 +253,7 @@ class Pruner:
         t2 = time.perf_counter()
         self.masks = masks
         self._scores = None
+        self._normalised, self._alive = {}, None
         self.history.append(
             StepRecord(self.steps_done + 1, w, keep, masks.sparsity, t1 - t0, t2 - t1)
         )

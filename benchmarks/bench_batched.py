@@ -1,0 +1,166 @@
+"""N candidates at once against one at a time: proxy evaluations and whole episodes per second.
+
+Rows (without ``--model``: all of them):
+
+- ``proxy``: proxy evaluations per second, :meth:`ProxyEvaluator.evaluate_many` (N candidates as one
+  stacked computation) against N calls of :meth:`ProxyEvaluator.evaluate`, same masks (SNIP at 95%
+  of N initialisations), caches off, for mlp/digits, lenet300/mnist, lenet5/mnist and resnet20 on
+  CIFAR-shaped random data (3x32x32, 10 classes; CIFAR is not on this machine). The largest
+  accuracy difference between the two is reported.
+- ``episodes``: whole episodes per second of ``panning/Panning-v0`` (the env YAML of the row, random
+  actions, from a cold start: references computed as they come), :class:`BatchedPanningVecEnv` with
+  N episodes in this process (all cores) against today's two ``SubprocVecEnv`` workers (one thread
+  each), on mlp/digits and lenet300/mnist.
+
+Prints a markdown table; ``--json PATH`` writes one row per measurement with the keys ``model,
+dataset, n, device, sequential_per_s, batched_per_s, speedup, max_abs_accuracy_diff`` (plus
+``kind``, ``steps``, ``device_name``). Not a test: run it by hand, e.g.
+
+    .venv/bin/python benchmarks/bench_batched.py --model mlp --dataset digits --n 1,8,32
+    .venv/bin/python benchmarks/bench_batched.py --device cuda --json benchmarks/results/gpu_batched.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from panning.alloc import tune_malloc
+from panning.data import DataBundle, InMemoryDataset, balanced_batch, load_dataset
+from panning.models import build_model
+from panning.proxy import ProxyEvaluator
+from panning.pruner import prune
+from panning.train import resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+PROXY_ROWS = [("mlp", "digits", 200), ("lenet300", "mnist", 50), ("lenet5", "mnist", 50),
+              ("resnet20", "cifar_random", 20)]
+EPISODE_ROWS = [("mlp", "digits", ROOT / "configs/env/digits_mlp.yaml"),
+                ("lenet300", "mnist", ROOT / "configs/env/mnist_lenet300.yaml")]
+
+
+def data_dir() -> str | None:
+    env = [os.environ["PANNING_DATA"]] if os.environ.get("PANNING_DATA") else []
+    for c in env + [str(ROOT.parent / "shared" / "data")]:
+        if Path(c, "MNIST", "raw").is_dir():
+            return c
+    return None
+
+
+def bundle(name: str) -> DataBundle:
+    if name == "cifar_random":
+        g = torch.Generator().manual_seed(0)
+        def make(n: int) -> InMemoryDataset:
+            return InMemoryDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+        return DataBundle("cifar_random", make(2000), make(500), make(500), 10, (3, 32, 32), False)
+    b = load_dataset(name, data_dir(), val_size=None)
+    if name == "mnist":  # a 2 000-image validation split is plenty for throughput
+        import dataclasses
+
+        b = dataclasses.replace(b, val=b.val.subset(torch.arange(2000)))  # type: ignore[attr-defined]
+    return b
+
+
+def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device) -> dict:
+    b = bundle(ds)
+    inits = [build_model(model, b.num_classes, b.input_shape, seed=s).to(device) for s in range(n)]
+    x, y = balanced_batch(b.train, 5, b.num_classes, seed=0)
+    masks = [prune(m, "snip", 0.95, [(x.to(device), y.to(device))]).masks for m in inits]
+    ev = ProxyEvaluator(b, steps=steps, cache_size=0, device=device, max_candidates=n)
+    ev.evaluate(inits[0], masks[0])  # warm-up (allocator, kernels)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    one = [ev.evaluate(m, k) for m, k in zip(inits, masks, strict=True)]
+    sync()
+    t1 = time.perf_counter()
+    many = ev.evaluate_many(inits, masks)
+    sync()
+    t2 = time.perf_counter()
+    seq, bat = n / (t1 - t0), n / (t2 - t1)
+    return {"kind": "proxy", "model": model, "dataset": ds, "n": n, "steps": steps, "sequential_per_s": seq,
+            "batched_per_s": bat, "speedup": bat / seq,
+            "max_abs_accuracy_diff": max(abs(a.accuracy - c.accuracy) for a, c in zip(one, many, strict=True))}
+
+
+def _episodes(venv, episodes: int, n: int, T: int) -> float:
+    rng = np.random.default_rng(0)
+    venv.seed(0)
+    venv.reset()
+    done = 0
+    t0 = time.perf_counter()
+    while done < episodes:
+        _, _, dones, _ = venv.step(rng.uniform(-1, 1, size=(n, venv.action_space.shape[0])).astype(np.float32))
+        done += int(dones.sum())
+    return done / (time.perf_counter() - t0)
+
+
+def episode_row(model: str, ds: str, cfg: Path, n: int, episodes: int, device: torch.device) -> dict:
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    from panning.agents.train import _EnvFactory
+    from panning.envs.panning_env import make_config
+    from panning.envs.vec_env import BatchedPanningVecEnv
+
+    env_cfg = make_config(cfg, device=str(device), data_dir=data_dir())
+    T = env_cfg.pruning_steps
+    sub = SubprocVecEnv([_EnvFactory(env_cfg, 1, True) for _ in range(2)])
+    try:
+        seq = _episodes(sub, episodes, 2, T)
+    finally:
+        sub.close()
+    bat = _episodes(BatchedPanningVecEnv(env_cfg, n), episodes, n, T)  # this process's threads: all cores
+    return {"kind": "episodes", "model": model, "dataset": ds, "n": n, "steps": env_cfg.proxy.steps,
+            "sequential_per_s": seq, "batched_per_s": bat, "speedup": bat / seq, "max_abs_accuracy_diff": None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--dataset")
+    ap.add_argument("--n", default=None, help="comma-separated candidate counts (default 1,8,32; and 128 on CUDA)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--episodes", type=int, default=64, help="episodes per episode-row measurement")
+    ap.add_argument("--skip-episodes", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of this process, for both sides of the proxy rows (default: all cores)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    tune_malloc()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    ns = [int(v) for v in args.n.split(",")] if args.n else [1, 8, 32] + ([64, 128] if device.type == "cuda" else [])
+    rows = []
+    proxy = [r for r in PROXY_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])]
+    for model, ds, steps in proxy:
+        for n in ns:
+            rows.append(proxy_row(model, ds, steps, n, device))
+            print(rows[-1], flush=True)
+    if not args.skip_episodes:
+        for model, ds, cfg in [r for r in EPISODE_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])]:
+            rows.append(episode_row(model, ds, cfg, max(ns), args.episodes, device))
+            print(rows[-1], flush=True)
+    for r in rows:
+        r["device"], r["device_name"] = device.type, name
+    print(f"\ndevice: {name}\n")
+    print("| what | model / data | N | steps | one at a time /s | batched /s | speedup | max acc. diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        diff = "" if r["max_abs_accuracy_diff"] is None else f"{r['max_abs_accuracy_diff']:.4f}"
+        seq_label = "2 workers" if r["kind"] == "episodes" else ""
+        print(f"| {r['kind']} | {r['model']} / {r['dataset']} | {r['n']} | {r['steps']} | "
+              f"{r['sequential_per_s']:.2f} {seq_label} | {r['batched_per_s']:.2f} | {r['speedup']:.2f}x | {diff} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
