@@ -7,7 +7,7 @@ STAMP := $(VENV)/.panning-installed
 DEMO_AGENT := runs/demo/agent
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint typecheck imports layout mutation bench-indices clean
+.PHONY: demo test test-all lint typecheck imports layout mutation gpu-check bench-indices clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -60,6 +60,14 @@ test-all: $(STAMP)
 mutation: $(STAMP)
 	$(VENV)/bin/mutmut run --max-children 2 || true
 	$(PY) benchmarks/mutation_score.py
+
+# On a machine with a GPU: the CUDA tests, then the GPU rows of the batched benchmark, written with the
+# device's name to benchmarks/results/gpu_batched.json (and printed as a table). About 5 minutes on one GPU.
+gpu-check: $(STAMP)
+	$(PY) -c "import torch; assert torch.cuda.is_available(), 'make gpu-check needs a CUDA GPU'; print(torch.cuda.get_device_name())"
+	$(VENV)/bin/pytest -q -rs -m cuda tests/test_cuda.py
+	$(PY) benchmarks/bench_batched.py --device cuda --n 1,8,32,64,128 --episodes 64 \
+		--json benchmarks/results/gpu_batched.json | tee benchmarks/results/gpu_batched.md
 
 bench-indices: $(STAMP)
 	$(PY) benchmarks/bench_indices.py

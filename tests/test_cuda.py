@@ -1,0 +1,90 @@
+"""What only a GPU can check (marked ``cuda``: skipped, with the reason, where CUDA is absent).
+
+``make gpu-check`` runs these and the GPU rows of ``benchmarks/bench_batched.py``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from panning.batched import prefill_scores, score_networks
+from panning.data import load_dataset
+from panning.envs.panning_env import PanningEnv, clear_caches
+from panning.envs.vec_env import BatchedPanningVecEnv
+from panning.indices import compute_scores
+from panning.masks import Masks
+from panning.models import build_model
+from panning.proxy import ProxyEvaluator
+from panning.pruner import Pruner
+from panning.train import TrainConfig, train_masked
+
+pytestmark = pytest.mark.cuda
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.device("cuda")
+
+
+def random_masks(model: torch.nn.Module, density: float, seed: int) -> Masks:
+    g = torch.Generator().manual_seed(seed)
+    return Masks({k: torch.rand(v.shape, generator=g) < density for k, v in Masks.ones(model).items()})
+
+
+def test_masked_training_on_the_gpu_keeps_pruned_weights_zero() -> None:
+    b = load_dataset("digits")
+    model = build_model("mlp", 10, (64,), seed=0)
+    masks = random_masks(model, 0.1, 0)
+    hist = train_masked(model, masks, b, TrainConfig(epochs=3, batch_size=64, lr=0.05, augment=False), device=CUDA,
+                        seed=0, progress=False)
+    assert next(model.parameters()).device.type == "cuda"
+    for k, p in model.named_parameters():
+        if k in masks:
+            assert torch.equal(p.detach()[~masks[k].to(CUDA)], torch.zeros_like(p.detach()[~masks[k].to(CUDA)]))
+    assert hist["final_val"]["accuracy"] > 0.5
+
+
+def test_batched_proxy_on_the_gpu_agrees_with_one_at_a_time() -> None:
+    b = load_dataset("digits")
+    ev = ProxyEvaluator(b, steps=40, cache_size=0, device=CUDA)
+    inits = [build_model("mlp", 10, (64,), seed=s) for s in range(4)]
+    masks = [random_masks(m, 0.05, s) for s, m in enumerate(inits)]
+    one = [ev.evaluate(m, k) for m, k in zip(inits, masks, strict=True)]
+    many = ev.evaluate_many(inits, masks)
+    for a, c in zip(one, many, strict=True):
+        assert abs(a.accuracy - c.accuracy) <= 1 / len(b.val)
+    assert ev.chunk_size(inits[0]) >= 4  # measured from the free memory
+
+
+@pytest.mark.parametrize("model, shape", [("lenet300", (1, 28, 28)), ("resnet20", (3, 32, 32))])
+def test_batched_scores_on_the_gpu_equal_one_at_a_time(model: str, shape: tuple[int, ...]) -> None:
+    nets = [build_model(model, 10, shape, seed=s).to(CUDA) for s in range(3)]
+    masks = [random_masks(m, 0.3, s).to(CUDA) for s, m in enumerate(nets)]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, *shape, generator=g).to(CUDA), (torch.arange(16) % 10).to(CUDA))]
+    for name in ("magnitude", "snip", "grasp_abs", "synflow"):
+        ref = [compute_scores(name, m, k, batches) for m, k in zip(nets, masks, strict=True)]
+        got = score_networks(name, nets, masks, batches)
+        assert all(torch.equal(a[k], c[k]) for a, c in zip(ref, got, strict=True) for k in a), name
+    alone = [Pruner(m, ["snip", "synflow"], batches) for m in nets]
+    fed = [Pruner(m, ["snip", "synflow"], batches) for m in nets]
+    prefill_scores(fed)
+    for a, c in zip(alone, fed, strict=True):
+        assert a.step([1.0, 1.0], 500).equal(c.step([1.0, 1.0], 500))
+
+
+def test_vectorised_env_on_the_gpu_matches_separate_envs() -> None:
+    kw = dict(device="cuda", reward="absolute")
+    tiny = ROOT / "configs" / "env" / "tiny.yaml"
+    clear_caches()
+    a, b = DummyVecEnv([lambda: PanningEnv(tiny, **kw) for _ in range(3)]), BatchedPanningVecEnv(tiny, 3, **kw)
+    a.seed(1)
+    b.seed(1)
+    assert np.array_equal(a.reset(), b.reset())
+    act = np.zeros((3, a.action_space.shape[0]), np.float32)
+    for _ in range(3):
+        oa, ra, da, _ = a.step(act)
+        ob, rb, db, _ = b.step(act)
+        assert np.array_equal(oa, ob) and np.array_equal(da, db)
+        assert np.allclose(ra, rb, atol=1 / 135 + 1e-6)
