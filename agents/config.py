@@ -29,9 +29,15 @@ class AgentConfig:
     env_kwargs: dict = field(default_factory=dict)  # laid over the env YAML (PanningEnvConfig fields)
     n_timesteps: int = 12_000  # total env steps (pruning steps, not episodes)
     n_envs: int = 2
-    # "subproc" (one process per env), "dummy" (all in this process, one after the other) or "batched"
-    # (all in this process as one stacked computation: panning.envs.vec_env.BatchedPanningVecEnv)
+    # "subproc" (one process per env), "dummy" (all in this process, one after the other), "batched"
+    # (all in this process as one stacked computation: panning.envs.vec_env.BatchedPanningVecEnv) or
+    # "ray" (one Ray actor per env)
     vec_env: str = "subproc"
+    # vec_env: ray (panning.envs.ray_vec_env.RayVecEnv): resources each env's actor declares, and the
+    # Ray cluster to use (None: a local instance started for the run, bound to 127.0.0.1)
+    cpus_per_env: float = 1.0
+    gpus_per_env: float = 0.0
+    ray_address: str | None = None
     seed: int = 0
     policy: str = "MlpPolicy"
     # PPO, by SB3's names. One env step costs a pruning step (and a proxy training at episode end),
@@ -77,6 +83,8 @@ class AgentConfig:
         for name in ("eval_freq", "checkpoint_freq", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.cpus_per_env > 0 or self.gpus_per_env < 0:
+            bad(f"cpus_per_env must be > 0 and gpus_per_env >= 0, got {self.cpus_per_env}, {self.gpus_per_env}")
         if self.vec_env not in VEC_ENVS:
             bad(f"vec_env must be one of {', '.join(VEC_ENVS)}, got {self.vec_env!r}")
         if self.policy != "MlpPolicy":
@@ -145,7 +153,7 @@ class _Linear:
 
 
 _ACTIVATIONS = ("tanh", "relu", "elu", "leaky_relu")
-VEC_ENVS = ("subproc", "dummy", "batched")
+VEC_ENVS = ("subproc", "dummy", "batched", "ray")
 _POLICY_KEYS = ("net_arch", "activation_fn", "log_std_init", "ortho_init", "squash_output")
 
 

@@ -56,7 +56,9 @@ from panning.agents.config import (
 )
 from panning.agents.policy import agent_metadata, read_metadata, save_agent
 from panning.alloc import tune_malloc
+from panning.distributed import RayCluster
 from panning.envs.panning_env import PanningEnv, PanningEnvConfig, make_config
+from panning.envs.ray_vec_env import RayVecEnv
 from panning.envs.vec_env import BatchedPanningVecEnv
 from panning.envs.wrappers import FixedEpisodes
 from panning.errors import ConfigError, RunDirError
@@ -101,6 +103,9 @@ class _EnvFactory:
 
 
 def _make_vec_env(cfg: AgentConfig, env_config: PanningEnvConfig) -> VecEnv:
+    if cfg.vec_env == "ray":  # Ray must be running: AgentTraining.create_or_load enters a RayCluster first
+        return RayVecEnv([_EnvFactory(env_config, cfg.threads, False) for _ in range(cfg.n_envs)],
+                         num_cpus=cfg.cpus_per_env, num_gpus=cfg.gpus_per_env)
     if cfg.vec_env == "batched":
         # one process, N episodes stepped as one computation; VecMonitor records the episode returns
         return VecMonitor(BatchedPanningVecEnv(env_config, cfg.n_envs))
@@ -152,6 +157,7 @@ class AgentTraining:
         self.model: PPO | None = None
         self.venv: VecEnv | None = None
         self.eval_core: PanningEnv | None = None
+        self.ray: RayCluster | None = None
         self.resumed_from: int | None = None  # timesteps of the checkpoint a resumed run started from
         self.wall = 0.0
         self.interrupted = False
@@ -227,6 +233,9 @@ class AgentTraining:
         """A new PPO model on the training envs, or, when resuming, whichever saved model holds the
         most steps (the final agent or the newest checkpoint, Ctrl-C's included)."""
         cfg, out = self.cfg, self.out
+        if cfg.vec_env == "ray":
+            self.ray = RayCluster(cfg.n_envs, cfg.ray_address, cfg.cpus_per_env, cfg.gpus_per_env,
+                                  names=("n_envs", "cpus_per_env", "gpus_per_env")).__enter__()
         self.venv = _make_vec_env(cfg, self.env_config)
         if self.resume:
             found = checkpoints(out / "checkpoints")
@@ -344,6 +353,9 @@ class AgentTraining:
                 self.venv.close()
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 pass
+        if self.ray is not None:
+            self.ray.__exit__()
+            self.ray = None
 
 
 def train_agent(

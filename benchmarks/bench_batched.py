@@ -72,7 +72,7 @@ def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device) -> 
     inits = [build_model(model, b.num_classes, b.input_shape, seed=s).to(device) for s in range(n)]
     x, y = balanced_batch(b.train, 5, b.num_classes, seed=0)
     masks = [prune(m, "snip", 0.95, [(x.to(device), y.to(device))]).masks for m in inits]
-    ev = ProxyEvaluator(b, steps=steps, cache_size=0, device=device, max_candidates=n)
+    ev = ProxyEvaluator(b, steps=steps, cache_size=0, device=device, max_candidates=n, stacked=True)
     ev.evaluate(inits[0], masks[0])  # warm-up (allocator, kernels)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()

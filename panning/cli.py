@@ -13,6 +13,8 @@ value reaches the config under the field's dotted name.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -93,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="sweep directory; rerun the same command to resume")
     _add_config_flags(p, ("data", "device"))
     p.add_argument("--epochs", type=int, help="override the training epochs of every cell")
-    p.add_argument("--seeds", type=int, nargs="+",
-                   help="run only these seeds of the grid; any number of processes may share one --out "
-                        "(cells are claimed)")
+    p.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the grid")
+    p.add_argument("--workers", type=int, help="run this many cells at a time as Ray tasks on a local Ray instance")
+    p.add_argument("--address", help="run the cells on this existing Ray cluster (host:port; default $RAY_ADDRESS)")
+    p.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs a cell declares to Ray (default 1)")
+    p.add_argument("--gpus-per-cell", type=float, default=0.0,
+                   help="GPUs a cell declares to Ray, fractions allowed (default 0)")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("train-agent", help="train the panning agent (PPO) in panning/Panning-v0; resumable")
@@ -283,13 +288,59 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     policies = {name: load_policy(path) for name, path in sw.agents.items()}
     # vet the finished cells before recording this run's config: a refused resume must leave nothing behind
     sweep.check_finished_cells(sw, args.out, lambda cell, d: runs.cell_mismatch(cfg, cell, d, policies))
-    runs.record_sweep_config(args.out, cfg)
-    rows = sweep.run_sweep(
-        sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, progress=None, agents=policies),
-        seeds=args.seeds)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if args.workers is not None or address:
+        from panning.distributed import RayCluster
+
+        agent_files = {name: (path, Path(path).read_bytes()) for name, path in sw.agents.items()}
+        with RayCluster(args.workers, address, args.cpus_per_cell, args.gpus_per_cell) as cluster:
+            runs.record_sweep_config(args.out, cfg)
+            rows = sweep.run_sweep(sw, cfg, args.out, SweepCell(agent_files), seeds=args.seeds, cluster=cluster)
+    else:
+        runs.record_sweep_config(args.out, cfg)
+        rows = sweep.run_sweep(
+            sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, progress=None, agents=policies),
+            seeds=args.seeds)
     print(sweep.markdown_table(rows), end="")
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'accuracy_vs_sparsity.png'}")
     return 0
+
+
+class SweepCell:
+    """One sweep cell in whatever process runs it (a Ray worker on any node): the data set is loaded
+    there (once per process), and the agents come as their files' bytes, so no path needs to exist
+    on the worker except the data folder."""
+
+    def __init__(self, agents: dict[str, tuple[str, bytes]]) -> None:
+        self.agents = agents
+        self._policies: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"agents": self.agents, "_policies": None}
+
+    def __call__(self, cfg: Any, cell: Any, out: Path) -> object:
+        import tempfile
+
+        from panning import runs
+        from panning.agents.policy import load_policy
+
+        if self._policies is None:
+            self._policies = {}
+            folder = Path(tempfile.mkdtemp(prefix="panning-agents-"))
+            for name, (path, data) in self.agents.items():
+                (folder / f"{name}.zip").write_bytes(data)
+                policy = load_policy(folder / f"{name}.zip")
+                policy.info["path"] = path  # the cell records where the agent lives, not the copy
+                self._policies[name] = policy
+        bundle = _bundle(cfg.dataset, cfg.data_dir, cfg.download, cfg.split_seed)
+        return runs.run_cell(cfg, cell, out, bundle, progress=False, agents=self._policies)
+
+
+@functools.lru_cache(maxsize=2)
+def _bundle(dataset: str, data_dir: str | None, download: bool, split_seed: int) -> Any:
+    from panning.data import load_dataset
+
+    return load_dataset(dataset, data_dir, download=download, seed=split_seed)
 
 
 def cmd_train_agent(args: argparse.Namespace) -> int:

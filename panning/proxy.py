@@ -118,6 +118,7 @@ class ProxyEvaluator:
         cache_size: int = 4096,
         settings: ProxySettings | None = None,
         max_candidates: int | None = None,
+        stacked: bool | str = "auto",
     ) -> None:
         xtr, ytr = _split_tensors(bundle.train, "training")
         # Only train and val are kept: the reward can never reach the test split through us.
@@ -149,6 +150,9 @@ class ProxyEvaluator:
         if max_candidates is not None and max_candidates < 1:
             raise ConfigError(f"max_candidates must be >= 1, got {max_candidates}")
         self.max_candidates = max_candidates
+        if stacked not in (True, False, "auto"):
+            raise ConfigError(f"stacked must be True, False or 'auto', got {stacked!r}")
+        self.stacked = stacked
         self._bytes_per_candidate: int | None = None
         self._cache: OrderedDict[tuple, ProxyResult] = OrderedDict()
         self.hits = 0
@@ -327,11 +331,24 @@ class ProxyEvaluator:
         free, _ = torch.cuda.mem_get_info(self.device)
         return max(1, int(0.7 * free // self._bytes_per_candidate))
 
+    def stacks(self, example: nn.Module | Mapping[str, Tensor]) -> bool:
+        """Whether :meth:`evaluate_many` trains this architecture stacked (``stacked``: True/False, or
+        "auto"): on CUDA always; on the CPU only networks without convolutions, whose stacked form
+        is batched matrix products (vmapped convolutions become grouped ones, 3x slower than one
+        channels_last network at a time on the 2-core CPU: BENCHMARKS.md)."""
+        if self.stacked != "auto":
+            return bool(self.stacked)
+        if self.device.type == "cuda":
+            return True
+        net = example if isinstance(example, nn.Module) else self._fresh(example)
+        return not any(isinstance(m, nn.modules.conv._ConvNd) for m in net.modules())
+
     def evaluate_many(self, inits: Sequence[nn.Module | Mapping[str, Tensor]],
                       masks_list: Sequence[Masks | Mapping[str, Tensor]]) -> list[ProxyResult]:
         """:meth:`evaluate` for N candidates of one architecture, trained together (:meth:`train_many`)
-        in chunks of :meth:`chunk_size`; cached results are not retrained. Accuracies agree with
-        one-at-a-time :meth:`evaluate` up to float rounding (at most one validation example apart)."""
+        in chunks of :meth:`chunk_size` where that is faster (:meth:`stacks`), else one at a time;
+        cached results are not retrained. Accuracies agree with one-at-a-time :meth:`evaluate` up to
+        float rounding (at most one validation example apart, up to training chaos: see the tests)."""
         if len(inits) != len(masks_list):
             raise ValueError(f"got {len(inits)} initialisations for {len(masks_list)} masks")
         results: list[ProxyResult | None] = [None] * len(inits)
@@ -345,6 +362,11 @@ class ProxyEvaluator:
                 results[i] = ProxyResult(hit.accuracy, hit.loss, 0.0, True, hit.steps)
             else:
                 todo.append((i, key))
+        if todo and not self.stacks(inits[todo[0][0]]):
+            for i, _ in todo:  # one at a time is faster here (see stacks())
+                m = masks_list[i]
+                results[i] = self.evaluate(inits[i], m if isinstance(m, Masks) else Masks(dict(m)))
+            todo = []
         if todo:
             size = self.chunk_size(inits[todo[0][0]])
             for lo in range(0, len(todo), size):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -278,19 +277,12 @@ def cell_mismatch(cfg: RunConfig, cell: Any, d: Path, agents: Mapping[str, Polic
 
 def record_sweep_config(out: Path, cfg: RunConfig) -> None:
     """Write ``out/run_config.yaml`` (the resolved base config of a sweep) if absent, else check that
-    ``cfg`` computes the same: two processes started on one folder with different flags would
-    otherwise each finish cells of their own setting. Raises :class:`RunDirError` on a difference."""
+    ``cfg`` computes the same: a sweep resumed with other flags would otherwise finish cells of
+    another setting. Raises :class:`RunDirError` on a difference."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "run_config.yaml"
     if not path.is_file():
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        _config.dump(cfg, tmp)
-        try:
-            os.link(tmp, path)  # atomic and exclusive: the first process to start sets the config
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+        _config.dump(cfg, path)
     diff = config_diff(_config.load(path), cfg)
     if diff:
         raise RunDirError(f"{out} is a sweep started with another config: {_describe(diff)}; use another --out")

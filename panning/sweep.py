@@ -7,31 +7,31 @@ an interrupted sweep resumes where it stopped. Before resuming, every finished c
 against the config this sweep would give it (``check`` in :func:`run_sweep`): a sweep folder never
 mixes cells computed under two settings.
 
-Several processes may work on one sweep directory at once (``--seeds`` to split it by seed, or
-simply the same command started N times): a process claims a cell with an exclusive lock file
-(``cells/<key>/claim.lock`` holding its pid and host) before running it and removes the lock when
-the cell ends, finished or not. A lock whose process is gone (same host, pid not alive) is stale
-and taken over, so a killed run resumes; a lock held from another host is respected (delete it by
-hand if that machine died).
+One process (the driver) writes a sweep directory. ``panning benchmark --workers N`` runs N cells
+at a time as Ray tasks on a local Ray instance, ``--address`` on an existing Ray cluster
+(:mod:`panning.distributed`); the driver still records every result, so resuming and the checks
+above work the same.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
-import socket
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from panning import config as _config
 from panning.config import RunConfig
 from panning.errors import ConfigError, RunDirError
+from panning.io import atomic_path, write_text
+
+if TYPE_CHECKING:
+    from panning.distributed import RayCluster
 
 COLUMNS = (
     "dataset",
@@ -142,13 +142,11 @@ def read_rows(out: Path) -> list[dict[str, Any]]:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """results.csv with exactly :data:`COLUMNS` (written whole, then moved into place)."""
-    tmp = _tmp_name(path)
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    os.replace(tmp, path)
 
 
 def _group(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[float]]:
@@ -268,13 +266,10 @@ def write_reports(out: Path, title: str = "") -> list[dict[str, Any]]:
     """Rebuild results.csv, results.md and the plot from the finished cells."""
     rows = read_rows(out)
     write_csv(rows, out / "results.csv")
-    tmp = _tmp_name(out / "results.md")
-    tmp.write_text(f"# {title}\n\nTest accuracy (%), mean ± std over seeds.\n\n" + markdown_table(rows))
-    os.replace(tmp, out / "results.md")
+    write_text(out / "results.md", f"# {title}\n\nTest accuracy (%), mean ± std over seeds.\n\n" + markdown_table(rows))
     if rows:
-        png = out / f"accuracy_vs_sparsity.{os.getpid()}.tmp.png"  # matplotlib picks the format by suffix
-        plot(rows, png, title)
-        os.replace(png, out / "accuracy_vs_sparsity.png")
+        with atomic_path(out / "accuracy_vs_sparsity.png") as png:  # the temporary name keeps the .png suffix
+            plot(rows, png, title)
     return rows
 
 
@@ -307,15 +302,18 @@ def run_sweep(
     *,
     seeds: list[int] | None = None,
     check: CellCheck | None = None,
+    cluster: RayCluster | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell with ``run_cell`` (which writes prune.json + metrics.json into its folder).
 
-    ``seeds`` runs only those seeds of the grid (e.g. one process per seed on the same sweep
-    directory); the reports always cover every finished cell. ``check`` vets every finished cell
-    of the grid first: a cell computed under another config (base file edited, --epochs given,
-    agent retrained) would mix into the table unseen, so any mismatch raises
-    :class:`SweepMismatch` before anything runs or is written.
+    ``seeds`` runs only those seeds of the grid; the reports always cover every finished cell.
+    ``check`` vets every finished cell of the grid first: a cell computed under another config (base
+    file edited, --epochs given, agent retrained) would mix into the table unseen, so any mismatch
+    raises :class:`SweepMismatch` before anything runs or is written. With ``cluster`` (an entered
+    :class:`panning.distributed.RayCluster`) the cells run as Ray tasks, ``run_cell`` in a worker's
+    temporary folder, and this process alone writes their files into the sweep directory; without,
+    they run here one after the other.
     """
     grid = [c for c in cells(sweep) if seeds is None or c.seed in seeds]
     finished = set(check_finished_cells(sweep, out, check))
@@ -323,78 +321,38 @@ def run_sweep(
     _config.dump(sweep, out / "sweep.yaml")
     title = f"{run_cfg.dataset} / {run_cfg.model}"
     todo = [c for c in grid if c not in finished]
-    log(f"{len(grid) - len(todo)}/{len(grid)} cells already finished; {len(todo)} to run")
-    spent: list[float] = []
-    for i, c in enumerate(todo):
-        d = out / "cells" / c.key
-        d.mkdir(parents=True, exist_ok=True)
-        if (d / "metrics.json").is_file() or not claim_cell(d):
-            continue  # finished or being run by another process on this sweep
-        t0 = time.perf_counter()
-        try:
-            if (d / "metrics.json").is_file():  # finished between the check and the claim
-                continue
-            run_cell(run_cfg, c, d)
-        finally:
-            release_cell(d)
-        spent.append(time.perf_counter() - t0)
+    workers = cluster.slots() if cluster is not None else 1
+    log(f"{len(grid) - len(todo)}/{len(grid)} cells already finished; {len(todo)} to run"
+        + (f" on Ray, {workers} at a time" if cluster is not None else ""))
+    t_start = time.perf_counter()
+    done_now = 0
+
+    def finished_one(c: Cell, seconds: float) -> None:
+        nonlocal done_now
+        done_now += 1
         write_reports(out, title)
         done = sum((out / "cells" / g.key / "metrics.json").is_file() for g in grid)
-        eta = statistics.fmean(spent) * (len(todo) - i - 1)
-        log(f"[{done}/{len(grid)}] {c.key} done in {spent[-1]:.0f} s; at most {_fmt(eta)} left for this process")
+        rate = done_now / max(time.perf_counter() - t_start, 1e-9)
+        eta = (len(todo) - done_now) / rate if rate > 0 else float("nan")
+        log(f"[{done}/{len(grid)}] {c.key} done in {seconds:.0f} s; about {_fmt(eta)} left")
+
+    if cluster is None:
+        for c in todo:
+            d = out / "cells" / c.key
+            d.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            run_cell(run_cfg, c, d)
+            finished_one(c, time.perf_counter() - t0)
+    else:
+        from panning.distributed import unpack_folder
+
+        for c, files, seconds in cluster.run(run_cfg, todo, run_cell):
+            d = out / "cells" / c.key
+            if (d / "metrics.json").is_file():
+                continue  # already recorded (never twice)
+            unpack_folder(files, d)
+            finished_one(c, seconds)
     return write_reports(out, title)
-
-
-_LOCK = "claim.lock"
-
-
-def _tmp_name(path: Path) -> Path:
-    # per process: two processes rebuilding the same report must not write into one temporary file
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
-
-
-def _lock_owner_alive(lock: Path) -> bool:
-    try:
-        pid_s, host = lock.read_text().split(maxsplit=1)
-        pid = int(pid_s)
-    except (OSError, ValueError):
-        return True  # being written right now (or unreadable): treat as held
-    if host.strip() != socket.gethostname():
-        return True  # cannot check a process on another machine
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def claim_cell(d: Path) -> bool:
-    """Atomically claim cell directory ``d`` for this process; False if a live process holds it."""
-    lock = d / _LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _lock_owner_alive(lock):
-                return False
-            lock.unlink(missing_ok=True)  # stale: its process died; try once more
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-        return True
-    return False
-
-
-def release_cell(d: Path) -> None:
-    """Remove this process's claim on ``d`` (a claim by another process is left alone)."""
-    lock = d / _LOCK
-    try:
-        if lock.read_text().split()[0] == str(os.getpid()):
-            lock.unlink()
-    except (OSError, IndexError):
-        pass
 
 
 def _fmt(seconds: float) -> str:

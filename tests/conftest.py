@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Ray (tests/test_ray.py) runs as one node on loopback, without usage reporting: read when ray is imported
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 
 def shared_data_dir() -> Path | None:
     """Folder with real MNIST/Fashion-MNIST raw files, from PANNING_DATA or ../shared/data."""

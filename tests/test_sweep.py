@@ -86,56 +86,6 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path: Path, monkeypatch
     assert len(list((out / "cells").glob("*/metrics.json"))) == 6
 
 
-def test_cell_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path: Path) -> None:
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    d = tmp_path / "cell"
-    d.mkdir()
-    assert sweep.claim_cell(d) and not sweep.claim_cell(d)  # held by a live process (this one)
-    sweep.release_cell(d)
-    assert not (d / "claim.lock").exists() and sweep.claim_cell(d)
-    sweep.release_cell(d)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (d / "claim.lock").write_text(f"{int(dead.stdout)} {socket.gethostname()}\n")  # its process has exited
-    assert sweep.claim_cell(d)
-    assert (d / "claim.lock").read_text().split()[0] == str(os.getpid())
-    sweep.release_cell(d)
-    (d / "claim.lock").write_text("1 some-other-host\n")  # cannot be checked from here: respected
-    assert not sweep.claim_cell(d)
-    sweep.release_cell(d)  # not ours: left alone
-    assert (d / "claim.lock").exists()
-
-
-def test_processes_sharing_a_sweep_skip_claimed_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    import socket
-
-    cfg = write_sweep(tmp_path, "[magnitude]")
-    sw, run_cfg = sweep.load_sweep(cfg)
-    out = tmp_path / "out"
-    held = sweep.cells(sw)[1]
-    lock = out / "cells" / held.key / "claim.lock"
-    lock.parent.mkdir(parents=True)
-    lock.write_text(f"{os.getppid()} {socket.gethostname()}\n")  # claimed by another live process
-    ran: list[str] = []
-
-    def fake_cell(c, cell, d):  # type: ignore[no-untyped-def]
-        ran.append(cell.key)
-        (d / "metrics.json").write_text("{}")
-
-    monkeypatch.setattr(sweep, "read_rows", lambda out: [])  # the fake cells hold nothing to tabulate
-    sweep.run_sweep(sw, run_cfg, out, fake_cell, log=lambda s: None)
-    assert held.key not in ran and len(ran) == len(sweep.cells(sw)) - 1
-    assert list((out / "cells").glob("*/claim.lock")) == [lock]  # our claims were released
-    lock.unlink()  # the other process stopped without finishing its cell
-    ran.clear()
-    sweep.run_sweep(sw, run_cfg, out, fake_cell, log=lambda s: None)
-    assert ran == [held.key]
-
-
 def test_sweep_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "base.yaml").write_text(BASE)
     bad = tmp_path / "bad.yaml"
