@@ -336,7 +336,7 @@ def test_agent_config_validation(tmp_path: Path) -> None:
     z = load_agent_config(zoo)
     assert z.n_timesteps == 10_000 and z.ent_coef == pytest.approx(1e-3)
     for bad, match in [({"learning_rate": "exp_1"}, "lin_"), ({"n_steps": 10, "batch_size": 7}, "divide"),
-                       ({"vec_env": "ray"}, "vec_env"),
+                       ({"vec_env": "gpu"}, "vec_env"),
                        ({"policy_kwargs": {"activation_fn": "gelu2"}}, "activation_fn"),
                        ({"eval_targets": [1.0]}, "eval_targets")]:
         with pytest.raises(ConfigError, match=match):
