@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _run_parser(sub, "prune", "compute masks for a freshly initialised network",
                     ("model", "data", "device", "prune"))
+    p.add_argument("--checkpoint", type=Path,
+                   help="prune these trained weights (model.pt of a `panning train` run) instead of a fresh init")
     p.add_argument("--out", type=Path, required=True, help="run directory (masks.pt, prune.json)")
     p.set_defaults(func=cmd_prune)
 
@@ -111,6 +113,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_agent)
+
+    p = _run_parser(sub, "sanity", "sanity checks: original, shuffled, re-initialised and inverted masks, trained",
+                    ("model", "data", "device", "prune", "train"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="initialisation and training seeds")
+    p.add_argument("--masks", type=Path, help="check these masks (masks.pt of a prune run) instead of pruning")
+    p.add_argument("--out", type=Path, required=True, help="folder: sanity.json/.md/.png, layers.json/.png, seed*/")
+    p.set_defaults(func=cmd_sanity)
+
+    p = sub.add_parser("collapse", help="layer collapse: effective sparsity and critical compression per method")
+    p.add_argument("--models", nargs="+", default=["mlp:digits", "lenet300:mnist", "lenet5:mnist"],
+                   help="model:dataset pairs (default: mlp:digits lenet300:mnist lenet5:mnist)")
+    p.add_argument("--methods", nargs="+", help="methods (default: every fixed method)")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999])
+    p.add_argument("--tol", type=float, default=0.02, help="bisection tolerance in log-density (default 0.02)")
+    p.add_argument("--config", type=Path, help="run config for the other settings (init, seed, exclude, ...)")
+    _add_config_flags(p, ("data", "device"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.set_defaults(func=cmd_collapse)
+
+    p = sub.add_parser("recall", help="recall distortion of every pruned cell of a finished sweep")
+    p.add_argument("--sweep", type=Path, required=True, help="a `panning benchmark` output folder with dense cells")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.set_defaults(func=cmd_recall)
+
+    p = sub.add_parser("instability", help="accuracy lost right after pruning a trained network, per method")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.pt of a `panning train` or `run` directory")
+    p.add_argument("--methods", nargs="+", help="methods (default: every fixed method)")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.98, 0.99])
+    _add_config_flags(p, ("data", "device"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.set_defaults(func=cmd_instability)
 
     p = sub.add_parser("list", help="list models, datasets, methods and indices")
     p.set_defaults(func=cmd_list)
@@ -206,9 +242,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     runs.prepare_out(args.out, args.overwrite, results=runs.RESULT_FILES)
     policy = _load_policy(cfg)
     s = runs.setup(cfg)
+    if args.checkpoint is not None:
+        runs.load_checkpoint(args.checkpoint, s.model)
     runs.check_sparsity(s.model, cfg.prune.sparsity, cfg.prune.exclude)
     result = runs.prune_model(cfg, s, policy)
-    runs.save_prune(args.out, cfg, s, result)
+    runs.save_prune(args.out, cfg, s, result,
+                    extra={"checkpoint": str(args.checkpoint)} if args.checkpoint is not None else None)
     _print_row(cfg.prune.method, result.sparsity, result.effective_sparsity)
     print(f"wrote {args.out / 'masks.pt'} and {args.out / 'prune.json'} ({result.seconds:.1f} s)")
     return 0
@@ -303,6 +342,115 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             seeds=args.seeds)
     print(sweep.markdown_table(rows), end="")
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'accuracy_vs_sparsity.png'}")
+    return 0
+
+
+def cmd_sanity(args: argparse.Namespace) -> int:
+    """``panning sanity``: Frankle et al.'s sanity checks of a method or an agent."""
+    from panning import runs
+    from panning.analysis_runs import sanity_checks
+    from panning.masks import Masks
+
+    cfg = _resolve(args)
+    if any(seed < 0 for seed in args.seeds):
+        raise UsageError(f"--seeds must be >= 0, got {args.seeds}")
+    if (args.out / "sanity.json").is_file() and not args.overwrite:
+        raise runs.RunDirError(f"{args.out} already holds sanity.json; pass --overwrite or choose another --out")
+    masks = Masks.load(args.masks) if args.masks is not None else None
+    policy = _load_policy(cfg)
+    s = runs.setup(cfg)
+    if masks is not None:
+        masks.check(s.model)  # another model's masks: refused before anything is written
+    else:
+        runs.check_sparsity(s.model, cfg.prune.sparsity, cfg.prune.exclude)
+    summary = sanity_checks(cfg, args.seeds, args.out, policy=policy, masks=masks, bundle=s.bundle,
+                            progress=_progress(args))
+    for v in ("original", "shuffled", "reinit", "inverted"):
+        print(f"{v:<9} {100 * summary[v]['mean']:6.2f} ± {100 * summary[v]['std']:.2f}% test accuracy")
+    print(f"wrote {args.out / 'sanity.json'}, sanity.md, sanity.png, layers.json, layers.png")
+    return 0
+
+
+def _methods(names: Sequence[str] | None) -> list[str]:
+    from panning.pruner import available_methods
+
+    names = list(names) if names else available_methods()
+    unknown = [m for m in names if m not in available_methods()]
+    if unknown:
+        raise UsageError(f"unknown method {unknown[0]!r}; valid methods: {', '.join(available_methods())}")
+    return names
+
+
+def _refuse_results(out: Path, name: str, overwrite: bool) -> None:
+    from panning import runs
+
+    if (out / name).is_file() and not overwrite:
+        raise runs.RunDirError(f"{out} already holds {name}; pass --overwrite or choose another --out")
+
+
+def cmd_collapse(args: argparse.Namespace) -> int:
+    """``panning collapse``: effective sparsity and critical compression of each method on each model."""
+    from panning import config
+    from panning.analysis_runs import collapse_study
+
+    _refuse_results(args.out, "collapse.json", args.overwrite)
+    methods = _methods(args.methods)
+    base = config.load(args.config) if args.config else config.RunConfig()
+    place = {k: v for k, v in _overrides(args).items() if k in ("device", "data_dir", "download")}
+    cfgs = []
+    for pair in args.models:
+        model, _, dataset = pair.partition(":")
+        if not dataset:
+            raise UsageError(f"--models takes model:dataset pairs (e.g. lenet300:mnist), got {pair!r}")
+        cfg = config.override(base, {**place, "model": model, "dataset": dataset})
+        _validate(cfg)
+        cfgs.append(cfg)
+    for sp in args.sparsities:
+        if not 0 <= sp < 1:
+            raise UsageError(f"--sparsities must lie in [0, 1), got {sp}")
+    if not 0 < args.tol < 1:
+        raise UsageError(f"--tol must lie in (0, 1), got {args.tol}")
+    results = collapse_study(cfgs, methods, args.sparsities, args.out, tol=args.tol)
+    print((args.out / "collapse.md").read_text(), end="")
+    print(f"wrote {args.out / 'collapse.json'}, collapse.md, collapse.png ({len(results)} models)")
+    return 0
+
+
+def cmd_recall(args: argparse.Namespace) -> int:
+    """``panning recall``: recall distortion over a finished sweep."""
+    from panning.analysis_runs import recall_study
+
+    if not args.sweep.is_dir():
+        raise UsageError(f"--sweep {args.sweep} is not a folder (a `panning benchmark` output)")
+    _refuse_results(args.out, "recall.json", args.overwrite)
+    recall_study(args.sweep, args.out)
+    print((args.out / "recall.md").read_text(), end="")
+    print(f"wrote {args.out / 'recall.json'}, recall.md, recall.png")
+    return 0
+
+
+def cmd_instability(args: argparse.Namespace) -> int:
+    """``panning instability``: the accuracy drop right after pruning a trained network."""
+    from panning import config, runs
+    from panning.analysis_runs import instability_study
+
+    _refuse_results(args.out, "instability.json", args.overwrite)
+    cfg_path = args.checkpoint.parent / "config.yaml"
+    if not args.checkpoint.is_file():
+        raise runs.RunDirError(f"checkpoint {args.checkpoint} does not exist (model.pt of a `panning train` run)")
+    if not cfg_path.is_file():
+        raise runs.RunDirError(f"{cfg_path} is missing: --checkpoint must be model.pt inside a run directory")
+    cfg = config.override(config.load(cfg_path), {k: v for k, v in _overrides(args).items()
+                                                  if k in ("device", "data_dir", "download")})
+    _validate(cfg)
+    methods = _methods(args.methods)
+    s = runs.setup(cfg)
+    runs.load_checkpoint(args.checkpoint, s.model)  # another architecture's weights: refused before writing
+    for sp in args.sparsities:
+        runs.check_sparsity(s.model, sp, cfg.prune.exclude)
+    instability_study(cfg, args.checkpoint, methods, args.sparsities, args.out)
+    print((args.out / "instability.md").read_text(), end="")
+    print(f"wrote {args.out / 'instability.json'}, instability.md, instability.png")
     return 0
 
 

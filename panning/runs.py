@@ -24,7 +24,7 @@ from panning.config import RunConfig
 from panning.data import DataBundle, balanced_batch, load_dataset
 from panning.errors import ConfigError, RunDirError
 from panning.hashing import state_digest
-from panning.io import write_json
+from panning.io import atomic_path, write_json
 from panning.masks import Masks, keep_count
 from panning.models import build_model, reinit_weights
 from panning.policy import Policy, run_policy
@@ -39,6 +39,8 @@ __all__ = [
     "cell_mismatch",
     "check_sparsity",
     "largest_sparsity",
+    "load_checkpoint",
+    "save_checkpoint",
     "load_run_masks",
     "prepare_out",
     "prune_model",
@@ -203,8 +205,38 @@ def train_and_evaluate(
               f"{100 * val['accuracy']:.2f}%): training collapsed. Dense: lower train.lr or try another --init; "
               "pruned: check effective sparsity (layer collapse).", file=sys.stderr, flush=True)
     if out is not None:
+        save_checkpoint(s.model, out / "model.pt", cfg.model)  # the trained weights (panning prune --checkpoint)
         write_json(out / "metrics.json", metrics)
     return metrics
+
+
+CHECKPOINT_FORMAT = "panning.model/1"
+
+
+def save_checkpoint(model: nn.Module, path: Path, model_name: str) -> None:
+    """The trained weights of a run, with the architecture's name (``panning prune --checkpoint`` reads it)."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "model": model_name,
+                    "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, tmp)
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> None:
+    """Load a :func:`save_checkpoint` file into ``model`` (:class:`RunDirError` if it is not one, or is
+    another architecture's)."""
+    if not Path(path).is_file():
+        raise RunDirError(f"checkpoint {path} does not exist (it is model.pt in a `panning train` run directory)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign or damaged file
+        raise RunDirError(f"{path} is not a panning checkpoint: {str(e).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise RunDirError(f"{path} is not a panning checkpoint (format tag {CHECKPOINT_FORMAT!r} missing)")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in payload["state"].items()}
+    if want != have:
+        raise RunDirError(f"{path} holds a {payload.get('model')} network, which does not fit this model "
+                          f"({len(have)} tensors vs {len(want)} expected, or other shapes)")
+    model.load_state_dict(payload["state"])
 
 
 def load_run_masks(masks_path: str | Path) -> tuple[RunConfig, Masks, dict[str, Any]]:
