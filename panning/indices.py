@@ -334,6 +334,28 @@ def snip(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *,
     return {k: (w.detach() * gk).abs_() for (k, w), gk in zip(ws.items(), g, strict=True)}
 
 
+@register_index("force", needs_data=True)
+def force(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, loss_fn: LossFn, **_) -> Scores:
+    """FORCE connection sensitivity: ``score = |θ ⊙ ∂L/∂(θ ⊙ m)|``, highest kept.
+
+    The gradient is taken at the pruned network ``θ ⊙ m`` (train mode, mean loss over all batches, as
+    :func:`snip`), for every weight, pruned ones included, and multiplied by the *dense* weight ``θ``:
+    a pruned weight whose return would change the loss of the pruned network scores high. With
+    ``m = 1`` it is SNIP. de Jorge et al., 2021, "Progressive Skeletonization: Trimming more fat from a
+    network at initialization" (ICLR): the ``force`` method selects among all weights at each of its
+    steps, so pruned weights can come back (their code: prune_method 3, saliency on the original
+    weights, the network rebuilt from the dense one at every step). Their code keeps every weight
+    whose saliency reaches the ``int(N * density)``-th largest (ties may keep more); this project
+    keeps exactly ``round(N * density)`` with its deterministic tie-break.
+    """
+    model.train()
+    ws = masked_weights(model, masks)
+    rest = other_tensors(model, masks)
+    g = _mean_gradient(model, ws, rest, batches, loss_fn)
+    params = dict(model.named_parameters())
+    return {k: (params[k].detach() * gk).abs_() for k, gk in zip(ws, g, strict=True)}
+
+
 @register_index("grasp", needs_data=True)
 def grasp(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *, loss_fn: LossFn, **_) -> Scores:
     """GraSP, original convention: ``score = θ ⊙ (H g)`` (signed), highest kept.

@@ -104,6 +104,7 @@ class Pruner:
         min_per_layer: int = 0,
         seed: int = 0,
         masks: Masks | None = None,
+        regrow: bool = False,
     ) -> None:
         if len(indices) == 0:
             raise ValueError("at least one saliency index is needed")
@@ -133,6 +134,7 @@ class Pruner:
         self.min_per_layer = int(min_per_layer)
         self.seed = int(seed)
         self.exclude = tuple(exclude)
+        self.regrow = bool(regrow)
         if masks is None:
             masks = Masks.ones(model, exclude=exclude)
         else:
@@ -198,7 +200,8 @@ class Pruner:
         if name in self._normalised:
             return self._normalised[name]
         flat = torch.cat([s.reshape(-1) for s in self.scores([name])[name].values()])
-        alive = self.alive_flat()
+        # with regrow every weight competes, pruned ones included: normalise over all of them
+        alive = torch.ones_like(self.alive_flat()) if self.regrow else self.alive_flat()
         if not torch.isfinite(flat[alive]).all():
             raise ValueError(f"index {name!r} produced NaN or infinite scores for unpruned weights")
         self._normalised[name] = normalise(flat, alive, self.normalisation)
@@ -243,13 +246,15 @@ class Pruner:
     def step(self, weights: Sequence[float] | Mapping[str, float], keep: int) -> Masks:
         """Prune to exactly ``keep`` weights with the given index weights; returns the new masks."""
         keep = int(keep)
-        if keep < 0 or keep > self.masks.num_kept:
-            raise ValueError(f"keep must be between 0 and the {self.masks.num_kept} weights still kept, got {keep}")
+        limit = self.num_total if self.regrow else self.masks.num_kept
+        if keep < 0 or keep > limit:
+            raise ValueError(f"keep must be between 0 and the {limit} weights that can be kept, got {keep}")
         w = self.weights_dict(weights)
         t0 = time.perf_counter()
         combined = self.combined_scores(w)
         t1 = time.perf_counter()
-        masks = select_topk(combined, keep, current=self.masks, mode=self.mode, min_per_layer=self.min_per_layer)
+        masks = select_topk(combined, keep, current=None if self.regrow else self.masks, mode=self.mode,
+                            min_per_layer=self.min_per_layer)
         t2 = time.perf_counter()
         self.masks = masks
         self._scores = None
@@ -302,6 +307,7 @@ class Method:
     iterations: int = 1
     schedule: str = "exponential"
     doc: str = ""
+    regrow: bool = False  # every step selects among all weights, so pruned ones can return (FORCE)
 
 
 def _single(name: str, iterations: int = 1) -> Method:
@@ -317,6 +323,12 @@ METHODS: dict[str, Method] = {
     "fts": _single("fts"),
     # SynFlow is defined as an iterative method: 100 steps on an exponential schedule.
     "synflow": _single("synflow", iterations=100),
+    # de Jorge et al., 2021 (Progressive Skeletonization): 60 exponential steps, as their code's examples
+    "iter_snip": Method("iter_snip", ("snip",), lambda s: (1.0,), 60, "exponential",
+                        "Iterative SNIP: SNIP of the pruned network, 60 exponential steps (de Jorge et al., 2021)"),
+    "force": Method("force", ("force",), lambda s: (1.0,), 60, "exponential",
+                    "FORCE: the force index over 60 exponential steps, selecting among all weights each step, so "
+                    "pruned weights can return (de Jorge et al., 2021)", regrow=True),
     "panning": Method(
         "panning",
         ("synflow", "snip", "grasp_abs"),
@@ -430,6 +442,7 @@ def prune(
         normalisation=normalisation,
         min_per_layer=min_per_layer,
         seed=seed,
+        regrow=m.regrow,
     )
     for keep in keep_schedule(pruner.num_total, sparsity, steps, kind):
         pruner.step(m.weights(pruner.masks.sparsity), keep)
