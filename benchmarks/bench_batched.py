@@ -39,7 +39,7 @@ from panning.train import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 PROXY_ROWS = [("mlp", "digits", 200), ("lenet300", "mnist", 50), ("lenet5", "mnist", 50),
-              ("resnet20", "cifar_random", 20)]
+              ("resnet20", "cifar_random", 5)]
 EPISODE_ROWS = [("mlp", "digits", ROOT / "configs/env/digits_mlp.yaml"),
                 ("lenet300", "mnist", ROOT / "configs/env/mnist_lenet300.yaml")]
 
