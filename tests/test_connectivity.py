@@ -166,3 +166,288 @@ def test_torch_pruned_model_and_bad_masks():
         effective_sparsity(model, Masks({"nope.weight": torch.ones(2)}), (3,))
     with pytest.raises(ValueError, match="input_shape"):
         effective_masks(model, Masks(m), (0,))
+
+
+class _PoolNet(nn.Module):
+    """fc1 (4 -> length) -> pool (a call given as a function of the (1, 1, length) activations) -> fc2."""
+
+    def __init__(self, length: int, pool, pooled: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, length)
+        self.fc2 = nn.Linear(pooled, 2)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.pool(self.fc1(x).unsqueeze(1)).flatten(1))
+
+
+# (call, length, pooled length, fc1 rows that lie in some pooling window); max pooling is modelled as
+# average pooling over the same windows, so every row inside a window is effective
+_POOL_CALLS = {
+    "stride": (lambda h: F.max_pool1d(h, 2, stride=1), 8, 7, range(8)),
+    "tuple_stride": (lambda h: F.max_pool1d(h, 2, stride=(1,)), 8, 7, range(8)),
+    "padding": (lambda h: F.max_pool1d(h, 3, stride=2, padding=1), 8, 4, range(8)),
+    "ceil_mode": (lambda h: F.max_pool1d(h, 3, stride=2, ceil_mode=True), 8, 4, range(8)),
+    "floor_mode": (lambda h: F.max_pool1d(h, 3, stride=2), 8, 3, range(7)),
+    "tuple_dilation_1": (lambda h: F.max_pool1d(h, 2, dilation=(1,)), 8, 4, range(8)),
+    "torch_positional_short": (lambda h: torch.max_pool1d(h, 2), 9, 4, range(8)),
+    "torch_positional_ceil": (lambda h: torch.max_pool1d(h, 3, 2, 0, 1, True), 8, 4, range(8)),
+    "torch_positional_floor": (lambda h: torch.max_pool1d(h, 3, 2, 0, 1, False), 8, 3, range(7)),
+    "torch_keywords": (lambda h: torch.max_pool1d(input=h, kernel_size=2, stride=1), 8, 7, range(8)),
+    "adaptive": (lambda h: F.adaptive_max_pool1d(h, 3), 8, 3, range(8)),
+    "adaptive_2d": (lambda h: F.adaptive_max_pool2d(h.unsqueeze(1), (1, 2)), 8, 2, range(8)),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_POOL_CALLS))
+def test_max_pool_is_modelled_as_average_pool_over_the_same_windows(call):
+    """Every way of calling max pooling (keywords, positions, defaults, tuples, adaptive) keeps the
+    window geometry (output size) and credits every element of a window, none outside."""
+    pool, length, pooled, rows = _POOL_CALLS[call]
+    torch.manual_seed(0)
+    model = _PoolNet(length, pool, pooled)
+    eff = effective_masks(model, Masks(_ones(model)), (4,))
+    expected = torch.zeros(length, 4, dtype=torch.bool)
+    expected[list(rows)] = True
+    assert eff["fc1.weight"].equal(expected)
+    assert eff["fc2.weight"].all()
+
+
+def test_dilated_max_pool_is_left_as_it_is():
+    """A dilated window is not an average-pool window: the real max pool runs (output size kept) and rows
+    that fall between the dilated taps lie on no path."""
+    torch.manual_seed(0)
+    model = _PoolNet(8, lambda h: F.max_pool1d(h, 2, dilation=2), 3)  # windows {0,2}, {2,4}, {4,6}
+    eff = effective_masks(model, Masks(_ones(model)), (4,))
+    assert not eff["fc1.weight"][[1, 3, 5, 7]].any()
+    assert eff["fc2.weight"].all()
+
+
+class _CallNet(nn.Module):
+    """Linear(3, 4) -> ``act`` -> Linear(4, 2)."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.a = nn.Parameter(torch.full((1,), 0.25))
+        self.fc2 = nn.Linear(4, 2)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self, self.fc1(x)))
+
+
+@pytest.mark.parametrize("act", [
+    lambda self, h: torch.relu(input=h),
+    lambda self, h: torch.sigmoid(input=h),
+    lambda self, h: F.prelu(h, self.a),
+    lambda self, h: torch.prelu(input=h, weight=self.a),
+], ids=["relu_keyword", "sigmoid_keyword", "prelu_positional", "prelu_keywords"])
+def test_activations_called_with_keywords_or_prelu_are_linearised(act):
+    """Activations given their input by keyword, and PReLU (positional or keywords), become the identity:
+    pruning hidden unit 1's output leaves exactly its inputs ineffective."""
+    torch.manual_seed(0)
+    model = _CallNet(act)
+    m = _ones(model)
+    m["fc2.weight"][:, 1] = False
+    eff = effective_masks(model, Masks(m), (3,))
+    expected = torch.ones(4, 3, dtype=torch.bool)
+    expected[1] = False
+    assert eff["fc1.weight"].equal(expected)
+    assert eff["fc2.weight"].equal(m["fc2.weight"])
+
+
+@pytest.mark.parametrize("wrap", [lambda y: {"logits": y}, lambda y: (y, [y])], ids=["dict", "tuple"])
+def test_outputs_in_dicts_and_tuples_are_counted(wrap):
+    """A forward returning a dict or tuple of tensors is handled: paths to any of its tensors count."""
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x: torch.Tensor):
+            return wrap(self.net(x))
+
+    model = Wrapped()
+    m = _ones(model)
+    m["net.2.weight"][:, 1] = False
+    eff = effective_masks(model, Masks(m), (3,))
+    assert not eff["net.0.weight"][1].any() and eff["net.0.weight"][[0, 2, 3]].all()
+
+
+def test_model_returning_no_float_tensor_is_refused_by_name():
+    """The error names the model class and says why paths cannot be counted."""
+
+    class ArgMax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).argmax(1)
+
+    with pytest.raises(ValueError, match=r"^ArgMax returned no floating-point tensor; cannot count paths$"):
+        effective_masks(ArgMax(), Masks.ones(ArgMax()), (3,))
+
+
+def test_output_independent_of_masked_weights_makes_them_all_ineffective():
+    """A masked layer the forward never uses lies on no path; with no path at all, R is a constant."""
+
+    class Unused(nn.Module):
+        def __init__(self, use: bool) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.unused = nn.Linear(3, 2)
+            self.use = use
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if self.use else 2 * x
+
+    used = Unused(True)
+    eff = effective_masks(used, Masks.ones(used), (3,))
+    assert eff["fc.weight"].all() and not eff["unused.weight"].any()
+    assert eff["unused.weight"].dtype == torch.bool
+    unused = Unused(False)
+    assert collapsed_layers(unused, Masks.ones(unused), (3,)) == ["fc.weight", "unused.weight"]
+    assert effective_sparsity(unused, Masks.ones(unused), (3,)) == 1.0
+
+
+def test_plain_dict_of_masks_is_accepted():
+    """effective_masks validates a plain {name: tensor} mapping like a Masks."""
+    model = _mlp()
+    m = _ones(model)
+    m["2.weight"][:, 0] = False
+    eff = effective_masks(model, m, (3,))
+    assert isinstance(eff, Masks)
+    assert eff["0.weight"].equal(torch.tensor([[False] * 3] + [[True] * 3] * 3))
+
+
+def test_input_shape_error_message():
+    """The input_shape error states the rule and echoes the shape."""
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"^input_shape must hold positive sizes \(without the batch dimension\), "
+                                         r"got \(3, 0\)$"):
+        effective_masks(model, Masks.ones(model), (3, 0))
+
+
+def test_torch_pruned_model_is_judged_by_the_given_masks_not_its_weight_mask():
+    """The mask that counts is the one passed in: a torch.nn.utils.prune weight_mask is overridden."""
+    model = _mlp()
+    pruned = torch.ones(2, 4)
+    pruned[:, 0] = 0  # torch's mask cuts hidden unit 0 off ...
+    prune.custom_from_mask(model[2], "weight", pruned)
+    eff = effective_masks(model, Masks(_ones(model)), (3,))  # ... the given masks keep everything
+    assert eff["0.weight"].all() and eff["2.weight"].all()
+
+
+def test_biases_count_no_paths_even_as_top_level_parameters():
+    """Biases are zeroed wherever they sit (here a top-level ``bias`` parameter): a hidden unit whose
+    inputs are all pruned carries no path even though a bias would feed it."""
+
+    class TopBias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 4, bias=False)
+            self.bias = nn.Parameter(torch.ones(4))
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.fc(x) + self.bias)
+
+    model = TopBias()
+    m = _ones(model)
+    m["fc.weight"][0] = False
+    eff = effective_masks(model, Masks(m), (3,))
+    assert not eff["out.weight"][:, 0].any() and eff["out.weight"][:, 1:].all()
+
+
+def test_integer_parameters_are_skipped_not_a_stop():
+    """A non-float parameter before the layers is left alone and the layers after it are still replaced
+    (kept weights set to one): with negative initial weights every kept weight still counts."""
+
+    class WithIndex(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.index = nn.Parameter(torch.arange(3), requires_grad=False)
+            self.net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+            with torch.no_grad():
+                for p in self.net.parameters():
+                    p.fill_(-1.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x[:, self.index])
+
+    model = WithIndex()
+    assert effective_sparsity(model, Masks.ones(model), (3,)) == 0.0
+
+
+def test_deep_sparse_chain_is_counted_unscaled_first():
+    """200 layers keeping only their diagonal: 64 paths, no overflow, so the unscaled count is used (the
+    1/fan_in fallback would underflow to zero here: 64**-200) and every kept weight is effective."""
+    model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(200)])
+    diag = torch.eye(64, dtype=torch.bool)
+    masks = Masks({k: diag for k in prunable_parameters(model)})
+    assert effective_masks(model, masks, (64,)).equal(masks)
+
+
+def test_overflow_with_a_pruned_weight_after_the_overflow_falls_back():
+    """Path counts that overflow to inf and then meet a pruned (zero) weight turn into NaN; that also
+    triggers the scaled recount, which gives the exact answer."""
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(200)], nn.Linear(64, 1))
+    m = _ones(model)
+    m["199.weight"][:, 3] = False  # unit 3 after layer 198 feeds only this pruned column
+    m["200.weight"][0, 7] = False  # unit 7 after layer 199 feeds nothing (the last layer has one output)
+    eff = effective_masks(model, Masks(m), (64,))
+    assert not eff["198.weight"][3].any() and eff["198.weight"][[0, 1, 2, 4]].all()
+    assert not eff["199.weight"][7].any() and eff["199.weight"][0].equal(m["199.weight"][0])
+    assert eff["0.weight"].all() and eff["200.weight"].equal(m["200.weight"])
+
+
+def test_scalar_and_empty_parameters_survive_the_scaled_recount():
+    """A 0-dim parameter (a learned output scale), a one-output last layer and (unused) zero-size layers do
+    not break the fallback."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(*[nn.Linear(64, 64) for _ in range(200)], nn.Linear(64, 1))
+            self.scale = nn.Parameter(torch.tensor(2.0))
+            with pytest.warns(UserWarning):
+                self.no_rows = nn.Linear(64, 0, bias=False)
+            with pytest.warns(UserWarning):
+                self.no_cols = nn.Linear(0, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x) * self.scale
+
+    model = Scaled()
+    m = {k: v for k, v in _ones(model).items() if k.startswith("body.")}
+    m["body.100.weight"][:, 5] = False
+    eff = effective_masks(model, Masks(m), (64,))
+    assert not eff["body.99.weight"][5].any() and eff["body.99.weight"][:5].all()
+    assert eff["body.200.weight"].all()
+
+
+def test_counts_that_overflow_even_scaled_raise():
+    """exp(1000 * paths) overflows whatever the scaling: a RuntimeError that says so."""
+
+    class Exploding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(1000 * self.fc(x))
+
+    model = Exploding()
+    with pytest.raises(RuntimeError, match=r"^path counts overflow float64 even with 1/fan_in scaling; "
+                                           r"cannot compute effective masks$"):
+        effective_masks(model, Masks.ones(model), (3,))
+
+
+def test_effective_sparsity_of_zero_size_masks_is_zero():
+    """Masks over no weight at all (a layer with zero outputs): nothing is pruned, sparsity 0."""
+    with pytest.warns(UserWarning):
+        model = nn.Sequential(nn.Linear(3, 0))
+    assert effective_sparsity(model, Masks.ones(model), (3,)) == 0.0

@@ -543,3 +543,261 @@ def test_keep_count_and_topk_compose_to_sparsity():
     total = sum(s.numel() for s in scores.values())
     m = select_topk(scores, keep_count(total, 0.9))
     assert math.isclose(m.sparsity, 1 - round(0.1 * total) / total)
+
+
+# ---------------------------------------------------------------- more rules and messages, by hand
+
+
+class _Blocks(nn.Module):
+    """Layers named "fc2" and "blk[1]" (a module name holding glob characters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc2 = nn.Linear(3, 3)
+        self.blocks = nn.ModuleDict({"blk[1]": nn.Linear(3, 3)})
+        self.out = nn.Linear(3, 2)
+
+
+def test_exclude_matches_module_names_params_and_patterns_separately():
+    """A pattern matching only the module name ("fc?"), an exact module name with glob characters, and a bare
+    string (not split into characters) all exclude their layer."""
+    model = _Blocks()
+    assert list(prunable_parameters(model, exclude=["fc?"])) == ["blocks.blk[1].weight", "out.weight"]
+    assert list(prunable_parameters(model, exclude=["blocks.blk[1]"])) == ["fc2.weight", "out.weight"]
+    assert list(prunable_parameters(model, exclude="out")) == ["fc2.weight", "blocks.blk[1].weight"]
+
+
+def test_a_stray_weight_orig_parameter_is_not_taken_for_torch_pruning():
+    """Only weight_orig *with* a weight_mask buffer is torch.nn.utils.prune's layout; a parameter that merely
+    has that name is ignored, and the layers after it are still found."""
+    model = _Blocks()
+    model.fc2.register_parameter("weight_orig", nn.Parameter(torch.zeros(3, 3)))
+    found = prunable_parameters(model)
+    assert list(found) == ["fc2.weight", "blocks.blk[1].weight", "out.weight"]
+    assert found["fc2.weight"] is model.fc2.weight
+    prune.identity(model.out, "weight")
+    assert list(from_torch_prune(model)) == ["out.weight"]
+
+
+def test_nothing_prunable_message():
+    """The error names the model class, and the exclude list when one is given."""
+    with pytest.raises(MaskError, match=r"^Sequential has no prunable parameters \(weights of Conv1d/2d/3d or Linear "
+                                        r"modules\)$"):
+        prunable_parameters(nn.Sequential(nn.ReLU()))
+    with pytest.raises(MaskError, match=r"^Linear has no prunable parameters \(weights of Conv1d/2d/3d or Linear "
+                                        r"modules not excluded by \['\*'\]\)$"):
+        prunable_parameters(nn.Linear(3, 2), exclude=["*"])
+    with pytest.raises(MaskError, match=r"^masks cannot fit this model: Sequential has no prunable parameters"):
+        Masks({"w": torch.ones(2)}).check(nn.Sequential(nn.ReLU()))
+
+
+def test_keep_count_total_rules():
+    """total must be a non-negative integer (0 is fine; bools, fractions and negatives are not)."""
+    assert keep_count(0, 0.5) == 0
+    assert keep_count(1, 0.0) == 1
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ValueError, match=rf"^total must be a non-negative integer, got {bad!r}$"):
+            keep_count(bad, 0.5)
+
+
+def test_masks_construction_inputs_and_messages():
+    """Lists and Masks are accepted (copied); non-tensors, non-mappings, non-str keys, empty mappings and
+    non-binary values are refused with messages that show the offending values."""
+    assert Masks({"a": [0, 1, 1]})["a"].tolist() == [False, True, True]
+    m = Masks({"a": torch.tensor([1, 0, 1])})
+    copied = Masks(m)
+    assert copied.equal(m) and copied["a"] is not m["a"]
+    with pytest.raises(MaskError, match=r"^mask 'a' is not a tensor \(object\)$"):
+        Masks({"a": object()})
+    with pytest.raises(MaskError, match=r"^Masks needs a mapping name -> tensor, got list$"):
+        Masks([torch.ones(2)])  # type: ignore[arg-type]
+    with pytest.raises(MaskError, match=r"^mask keys must be parameter names \(str\), got 1$"):
+        Masks({1: torch.ones(2)})  # type: ignore[dict-item]
+    with pytest.raises(MaskError, match=r"^Masks needs at least one entry$"):
+        Masks({})
+    with pytest.raises(MaskError, match=r"^mask 'x' is not binary: found values such as \[0.5, 2.0, 3.0\] "
+                                        r"\(only 0/1 or bool allowed\)$"):
+        Masks({"x": torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0, 3.0, 4.0])})
+
+
+def test_masks_equality_with_plain_and_invalid_mappings():
+    """equal() reads a plain mapping of 0/1 values as masks; == with a mapping that is not valid masks is False."""
+    m = Masks({"w": torch.tensor([1, 0, 1])})
+    assert m.equal({"w": torch.tensor([1.0, 0.0, 1.0])}) and m.equal({"w": [True, False, True]})
+    assert not (m == {"w": torch.tensor([0.5, 0.0, 1.0])})
+
+
+def test_report_by_hand():
+    """The report table, character for character: padded columns, 'scalar' for 0-dim masks, density 1 for an
+    empty tensor, the total line with its sparsity."""
+    masks = Masks({"conv.weight": torch.tensor([[1, 1, 0], [1, 0, 1]]), "s": torch.tensor(True),
+                   "e": torch.zeros(0, dtype=torch.bool)})
+    assert masks.layer_density() == {"conv.weight": 4 / 6, "s": 1.0, "e": 1.0}
+    assert masks.report() == "\n".join([
+        "layer        shape   kept/total  density",
+        "conv.weight  2x3            4/6   0.6667",
+        "s            scalar         1/1   1.0000",
+        "e            0              0/0   1.0000",
+        "total                       5/7   0.7143  (sparsity 0.2857)",
+    ])
+
+
+def test_check_lists_both_kinds_of_extra_keys():
+    model = _model()
+    bad = Masks({**Masks.ones(model), "nope.weight": torch.ones(3), "fc1.bias": torch.ones(16)})
+    with pytest.raises(MaskError, match=r"^masks have extra keys not parameters of the model: \['nope.weight'\]; "
+                                        r"not prunable \(Conv/Linear weight\) parameters: \['fc1.bias'\]$"):
+        bad.check(model)
+
+
+class _Foreign:
+    """A class weights_only loading refuses."""
+
+
+def test_load_format_checks(tmp_path):
+    """The saved payload is tagged with format and version; files without the tag, with another tag, of a newer
+    version or holding arbitrary objects are refused; a tagged file without a version loads."""
+    masks = Masks({"w": torch.tensor([1, 0, 1])})
+    masks.save(tmp_path / "m.pt")
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert raw["version"] == 1 and set(raw) == {"format", "version", "masks"}
+    plain = {"w": torch.tensor([True, False, True])}
+    torch.save({"format": "panning.masks", "masks": plain}, tmp_path / "old.pt")
+    assert Masks.load(tmp_path / "old.pt").equal(masks)
+    torch.save({"format": "other", "masks": plain}, tmp_path / "other.pt")
+    torch.save(torch.ones(2), tmp_path / "tensor.pt")
+    for name in ("other.pt", "tensor.pt"):
+        path = tmp_path / name
+        with pytest.raises(MaskError, match=rf"^{path} is not a panning masks file \(format tag 'panning.masks' "
+                                            r"missing\)$"):
+            Masks.load(path)
+    torch.save({"format": "panning.masks", "version": 2, "masks": plain}, tmp_path / "new.pt")
+    with pytest.raises(MaskError, match=r"was written by a newer panning \(masks format 2\)$"):
+        Masks.load(tmp_path / "new.pt")
+    torch.save({"format": "panning.masks", "version": 1, "masks": plain, "extra": _Foreign()}, tmp_path / "evil.pt")
+    with pytest.raises(MaskError, match=rf"^{tmp_path / 'evil.pt'} is not a panning masks file: "):
+        Masks.load(tmp_path / "evil.pt")
+
+
+def test_apportion_by_hand():
+    """Water-filling quotas, worked out from the docstring: clamp(t * w, lower, upper) summing to keep, floors,
+    then +1 by largest remainder (earlier layer on ties); exact shares when no bound binds."""
+    from panning.masks import _apportion
+
+    # no bound binds: 7 over weights (6, 4) -> 4.2, 2.8: the larger remainder is the later layer's
+    assert _apportion(7, [6, 4], [0, 0], [6, 4]) == [4, 3]
+    # exact shares 0.5 and 1.5: a remainder tie, the earlier layer wins
+    assert _apportion(2, [1, 3], [0, 0], [1, 3]) == [1, 1]
+    # a share exactly at its upper (first layer: 3 * 2/6 = 1 = upper) or lower bound still counts as unbound
+    assert _apportion(3, [2, 1, 3], [0, 0, 0], [1, 1, 3]) == [1, 1, 1]
+    assert _apportion(3, [2, 1, 3], [1, 0, 0], [2, 1, 3]) == [1, 1, 1]
+    # an upper bound binds: a = 1, then 2t + 4t = 8 -> 2.67, 5.33 -> floors 2, 5 and the remainder to b
+    assert _apportion(9, [1, 2, 4], [0, 0, 0], [1, 10, 10]) == [1, 3, 5]
+    # binding with t < 1 (a = 1, b = 10 t = 4) and with t > 2 (a = 1, b = 49)
+    assert _apportion(5, [10, 10], [0, 0], [1, 10]) == [1, 4]
+    assert _apportion(50, [1, 1], [0, 0], [1, 100]) == [1, 49]
+    # the lower bound binds: b = 3 > 2 t
+    assert _apportion(6, [4, 2], [0, 3], [4, 2 + 2]) == [3, 3]
+    # c has no room (upper 0), b caps at 4: 3t + 7t = 5 -> t = 1/2, shares 1.5 and 3.5: the tie goes to a
+    assert _apportion(9, [3, 12, 8, 7], [0, 0, 0, 0], [3, 4, 0, 4]) == [2, 4, 0, 3]
+    # a is fixed at 1 (lower = upper); b = clamp(3t, 1, 2) and c = clamp(9t, 1, 3) sum to 4 only at t = 1/3
+    assert _apportion(5, [5, 3, 9], [1, 1, 1], [1, 2, 3]) == [1, 1, 3]
+    # unbound, b's share 6 * 2/12 = 1 sits exactly on its bounds: exact shares 3.5, 1, 1.5, tie to a
+    assert _apportion(6, [7, 2, 3], [1, 1, 1], [4, 1, 3]) == [4, 1, 1]
+    # unbound at t = 8/20, a's share 2 sits exactly on its cap: 2, 4.4, 0.4, 1.2 -> floors 2, 4, 0, 1, and the
+    # remainder tie between b and c goes to b
+    assert _apportion(8, [5, 11, 1, 3], [0, 0, 0, 0], [2, 10, 1, 2]) == [2, 5, 0, 1]
+    # b caps at 1: 12 t + 5 t = 11 -> t = 11/17: a = 7.76, c = 3.24 -> 7 + 1 + 3, the remainder to a
+    assert _apportion(12, [12, 4, 5], [0, 0, 0], [9, 1, 5]) == [8, 1, 3]
+
+
+def test_select_topk_argument_messages():
+    scores = {"a": torch.ones(3), "b": torch.ones(2)}
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match=rf"^min_per_layer must be a non-negative integer, got {bad!r}$"):
+            select_topk(scores, 2, min_per_layer=bad)
+    with pytest.raises(ValueError, match=r"^scores must be a non-empty mapping name -> tensor$"):
+        select_topk({}, 0)
+    with pytest.raises(ValueError, match=r"^score 'a' is not a tensor \(list\)$"):
+        select_topk({"a": [1.0, 2.0]}, 1)  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match=r"^score 'a' is complex$"):
+        select_topk({"a": torch.ones(2, dtype=torch.complex64)}, 1)
+    cur = Masks({"a": torch.ones(3), "b": torch.ones(2)})
+    with pytest.raises(MaskError, match=r"^scores and current masks disagree on keys: missing scores \['b'\], "
+                                        r"extra scores \['c'\]$"):
+        select_topk({"a": torch.ones(3), "c": torch.ones(2)}, 1, current=cur)
+
+
+def test_select_topk_current_as_a_plain_mapping_and_mixed_dtypes():
+    """current may be a plain 0/1 mapping (pruned weights stay out); scores of mixed dtypes are compared in the
+    widest one (a float64 difference below float32 resolution still counts); integer scores work with minimums."""
+    scores = {"a": torch.tensor([5.0, 1.0, 2.0]), "b": torch.tensor([4.0, 3.0])}
+    m = select_topk(scores, 2, current={"a": torch.tensor([0, 1, 1]), "b": torch.tensor([1, 0])})
+    assert m["a"].tolist() == [False, False, True] and m["b"].tolist() == [True, False]
+    mixed = {"a": torch.tensor([1.0]), "b": torch.tensor([1.0 + 1e-12], dtype=torch.float64), "c": torch.tensor([1.0])}
+    assert [bool(v) for v in select_topk(mixed, 1).values()] == [False, True, False]
+    ints = select_topk({"a": torch.tensor([3, 1, 2]), "b": torch.tensor([0, 1])}, 3, min_per_layer=1)
+    assert ints["a"].tolist() == [True, False, True] and ints["b"].tolist() == [False, True]
+
+
+def test_device_mask_converts_once_per_device():
+    """A mask is moved to a new device once and reused; zeroing works there too (the meta device stands in for
+    an accelerator)."""
+    from panning.masks import _DeviceMask
+
+    mask = torch.tensor([True, False, True])
+    dm = _DeviceMask(mask)
+    assert dm.on(torch.device("cpu")) is mask
+    meta = dm.on(torch.device("meta"))
+    assert meta.device.type == "meta" and meta.dtype == torch.bool and meta.shape == (3,)
+    assert dm.on(torch.device("meta")) is meta
+    out = dm.zero(torch.ones(3, device="meta"))
+    assert out.device.type == "meta" and out.shape == (3,)
+    assert dm.zero(torch.ones(3)).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_enforce_channels_last_double_backward_and_other_hooks():
+    """enforce zeros channels_last conv weights, gradients that carry a graph (create_graph=True), and leaves the
+    gradient tensor other hooks saw untouched; it accepts a plain mapping and keeps it on the handle."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, 3).to(memory_format=torch.channels_last)
+    mask = torch.rand(4, 2, 3, 3) < 0.5
+    handle = enforce(conv, {"weight": mask})
+    assert torch.all(conv.weight[~mask] == 0) and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(handle.masks, Masks) and handle.masks.equal({"weight": mask})
+    seen = []
+    lin = nn.Linear(3, 2)
+    lm = torch.tensor([[True, False, True], [False, True, True]])
+    lin.weight.register_hook(lambda g: seen.append(g))
+    enforce(lin, Masks({"weight": lm}))
+    x = torch.randn(4, 3)
+    (g,) = torch.autograd.grad((lin(x) ** 2).sum(), [lin.weight], create_graph=True)
+    assert torch.all(g[~lm] == 0) and g.requires_grad
+    assert (seen[0][~lm] != 0).all()
+    handle.remove()
+    handle.remove()
+    assert not handle.active
+
+
+def test_torch_prune_export_of_plain_mappings_and_a_bare_module():
+    """to_torch_prune takes a plain mapping and writes masks in the weight's dtype (as torch's own pruning does);
+    a bare pruned Linear reads back under the key "weight"; a non-binary weight_mask is named in the error."""
+    lin = nn.Linear(3, 2).double()
+    m = {"weight": torch.tensor([[1, 0, 1], [0, 1, 1]])}
+    to_torch_prune(lin, m)
+    assert lin.weight_mask.dtype == torch.float64
+    assert list(from_torch_prune(lin)) == ["weight"] and from_torch_prune(lin).equal(m)
+    with torch.no_grad():
+        lin.weight_mask[0, 0] = 0.5
+    with pytest.raises(MaskError, match=r"^mask 'weight' is not binary"):
+        from_torch_prune(lin)
+    with pytest.raises(MaskError, match=r"^no Conv/Linear weight pruned with torch.nn.utils.prune found in the model$"):
+        from_torch_prune(nn.Linear(2, 2))
+
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ,
+                    reason="mutmut's trampolines add stack frames, which shifts the warning's location")
+def test_unmatched_exclude_warning_points_at_the_caller():
+    with pytest.warns(UserWarning, match=r"^exclude entries matched no prunable layer: \['fc9'\]$") as rec:
+        prunable_parameters(_model(), exclude=["fc9"])
+    assert rec[0].filename == __file__

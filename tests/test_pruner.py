@@ -283,3 +283,248 @@ def test_largest_sparsity_keeping_a_count_by_hand() -> None:
     assert keep_count(50200, 0.99995) == 3 and keep_count(50200, 0.999951) == 2
     assert largest_sparsity(100, 100) == 0.005  # round(99.5) = 100 (half to even); 0.005001 keeps 99
     assert keep_count(100, 0.005) == 100 and keep_count(100, 0.005001) == 99
+
+
+# ------------------------------------------------------------------------------------ more by hand
+
+
+def test_keep_schedule_of_an_empty_network_and_its_error_message() -> None:
+    """Zero weights keep zero at every step; an unknown kind lists the known ones, comma-separated."""
+    assert keep_schedule(0, 0.5, 3) == [0, 0, 0]
+    with pytest.raises(ValueError, match=r"^unknown schedule 'cubic'; known schedules: exponential, linear$"):
+        keep_schedule(10, 0.5, 2, "cubic")
+
+
+def test_normalise_edge_cases_by_hand() -> None:
+    """mean is the default; one alive weight still scales (to +-1); a mean |s| or std below 1 still divides;
+    a constant score centres to 0; rank orders long runs of ties by position too."""
+    s = torch.tensor([0.25, -0.5, 0.75], dtype=torch.float64)
+    alive = torch.ones(3, dtype=torch.bool)
+    assert normalise(s, alive).tolist() == normalise(s, alive, "mean").tolist() == [0.5, -1.0, 1.5]
+    one = torch.tensor([False, True, False])
+    assert normalise(s, one, "mean").tolist() == [0.0, -1.0, 0.0]
+    z = normalise(torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64), alive, "zscore")
+    assert torch.allclose(z, torch.tensor([-1.5 ** 0.5, 0.0, 1.5 ** 0.5], dtype=torch.float64), atol=1e-12)
+    assert normalise(torch.full((3,), 2.0, dtype=torch.float64), alive, "zscore").tolist() == [0.0, 0.0, 0.0]
+    ties = torch.tensor([1.0, 0.0] * 100, dtype=torch.float64)  # 100 zeros, then (by position) 100 ones
+    ranks = normalise(ties, torch.ones(200, dtype=torch.bool), "rank")
+    expected = [0.0] * 200
+    expected[1::2] = [(i + 1) / 200 for i in range(100)]
+    expected[0::2] = [(i + 101) / 200 for i in range(100)]
+    assert ranks.tolist() == expected
+    with pytest.raises(ValueError, match=r"^unknown normalisation 'max'; known: mean, zscore, abs_zscore, rank, none$"):
+        normalise(s, alive, "max")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Indices "up" (scores 1..n in key order, so later weights rank higher), "neg" (all -1, then -2 where
+    pruned) and "other"; ``calls`` counts how often each is scored."""
+    from panning.indices import INDICES, IndexSpec
+
+    calls = {"up": 0, "neg": 0, "other": 0}
+
+    def make(name, fn):
+        def index(model, masks, batches, **_):
+            calls[name] += 1
+            return {k: fn(k, m) for k, m in masks.items()}
+
+        monkeypatch.setitem(INDICES, name, IndexSpec(name, index, False, ""))
+
+    offsets = {"0.weight": 0.0, "1.weight": 8.0}
+    make("up", lambda k, m: torch.arange(1.0, m.numel() + 1).reshape(m.shape) + offsets[k])
+    make("neg", lambda k, m: torch.where(m, -1.0, -2.0))
+    make("other", lambda k, m: torch.ones(m.shape))
+    return calls
+
+
+def two_layers() -> nn.Module:
+    """Linear(2, 4) -> Linear(4, 2): 8 + 8 weights."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 2))
+
+
+def test_only_the_indices_asked_for_are_scored(counted) -> None:
+    """scores(names) and normalised_scores(name) score just that index; an index with weight 0 is not
+    scored at all; scores() scores every index once per step."""
+    p = Pruner(two_layers(), ["up", "other"], input_shape=(2,))
+    assert list(p.scores(["up"])) == ["up"] and counted == {"up": 1, "neg": 0, "other": 0}
+    p.normalised_scores("up")
+    assert counted["other"] == 0
+    p.step({"up": 1.0}, 12)
+    assert counted == {"up": 1, "neg": 0, "other": 0}
+    assert list(p.scores()) == ["up", "other"] and counted == {"up": 2, "neg": 0, "other": 1}
+
+
+def test_normalised_scores_use_the_pruners_normalisation(counted) -> None:
+    p = Pruner(two_layers(), ["up"], input_shape=(2,), normalisation="rank")
+    assert p.normalised_scores("up").tolist() == [i / 16 for i in range(1, 17)]
+
+
+def test_pruned_weights_never_come_back_even_when_alive_ones_score_below_zero(counted) -> None:
+    """The next step selects among the alive weights only, although pruned ones score higher (0 > -1)."""
+    p = Pruner(two_layers(), ["up", "neg"], input_shape=(2,))
+    first = p.step([1.0, 0.0], 10)  # keeps the 10 highest "up" scores: flat positions 6..15
+    assert torch.cat([m.reshape(-1) for m in first.values()]).tolist() == [False] * 6 + [True] * 10
+    second = p.step([0.0, 1.0], 4)  # all alive weights tie at -1: the earliest alive ones win
+    assert torch.cat([m.reshape(-1) for m in second.values()]).tolist() == [False] * 6 + [True] * 4 + [False] * 6
+
+
+def test_defaults_allow_emptying_a_layer_and_seed_zero(counted) -> None:
+    """min_per_layer defaults to 0 (a layer may be emptied), seed to 0."""
+    p = Pruner(two_layers(), ["up"], input_shape=(2,))
+    masks = p.step([1.0], 8)
+    assert not masks["0.weight"].any() and masks["1.weight"].all()
+    assert p.seed == 0 and p.min_per_layer == 0
+
+
+def test_step_keep_bounds_and_step_to_sparsity(counted) -> None:
+    """keep may be 0 (everything pruned) but not above the kept count (message with both numbers);
+    step_to_sparsity keeps keep_count(N, s)."""
+    p = Pruner(two_layers(), ["up"], input_shape=(2,))
+    with pytest.raises(ValueError, match=r"^keep must be between 0 and the 16 weights (still kept|that can be kept), "
+                                         r"got 17$"):
+        p.step([1.0], 17)
+    assert p.step_to_sparsity([1.0], 0.75).num_kept == keep_count(16, 0.75) == 4
+    assert p.step([1.0], 0).num_kept == 0
+
+
+def test_step_records_by_hand(counted) -> None:
+    """History: step number, weights, keep, sparsity and non-negative timings within the call's duration."""
+    import time
+
+    p = Pruner(two_layers(), ["up", "other"], input_shape=(2,))
+    for n, keep in enumerate((12, 6), start=1):
+        t0 = time.perf_counter()
+        p.step({"up": 2.0}, keep)
+        took = time.perf_counter() - t0
+        r = p.history[-1]
+        assert (r.step, r.weights, r.keep, r.sparsity) == (n, {"up": 2.0, "other": 0.0}, keep, 1 - keep / 16)
+        assert 0.0 <= r.score_seconds <= took and 0.0 <= r.select_seconds <= took
+
+
+def test_index_weight_rules_and_messages(counted) -> None:
+    """A mapping may leave indices out (weight 0) but not name others; weights must be finite, >= 0, not all 0."""
+    p = Pruner(two_layers(), ["up", "other"], input_shape=(2,))
+    assert p.weights_dict({"other": 2}) == {"up": 0.0, "other": 2.0}
+    with pytest.raises(ValueError, match=r"^weights given for indices not in this pruner: \['a', 'b'\]$"):
+        p.weights_dict({"b": 1.0, "a": 1.0, "up": 1.0})
+    with pytest.raises(ValueError, match=r"^index weights must be finite and non-negative; up got inf$"):
+        p.weights_dict([float("inf"), 1.0])
+    with pytest.raises(ValueError, match=r"^index weights are all zero; at least one index needs a positive weight$"):
+        p.weights_dict([0.0, 0.0])
+
+
+def test_random_scores_are_seeded_by_seed_and_step() -> None:
+    """Step t of a pruner with seed s scores ``random`` with seed s * 100003 + t (fresh draws every step,
+    reproducible from the seed)."""
+    model = mlp()
+    p = Pruner(model, ["random"], input_shape=(16,), seed=3)
+    for t in range(2):
+        expected = compute_scores("random", model, p.masks, seed=3 * 100_003 + t)
+        got = p.scores()["random"]
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        p.step([1.0], p.masks.num_kept - 10)
+
+
+def test_pruner_settings_and_messages() -> None:
+    """exclude is kept (as a tuple) and its layers get no mask; configuration errors say what is wrong."""
+    model, b = mlp(), batch()
+    p = Pruner(model, ["magnitude"], b, exclude=["5"])
+    assert p.exclude == ("5",) and list(p.masks) == ["1.weight", "3.weight"]
+    from panning.indices import available_indices
+
+    with pytest.raises(ValueError, match=r"^at least one saliency index is needed$"):
+        Pruner(model, [], b)
+    with pytest.raises(ValueError, match=rf"^unknown index 'nope'; known indices: {', '.join(available_indices())}$"):
+        Pruner(model, ["nope"], b)
+    with pytest.raises(ValueError, match=r"^indices must be distinct, got \['snip', 'snip'\]$"):
+        Pruner(model, ["snip", "snip"], b)
+    with pytest.raises(ValueError, match=r"^unknown normalisation 'max'; known: mean, zscore, abs_zscore, rank, none$"):
+        Pruner(model, ["snip"], b, normalisation="max")
+    with pytest.raises(ValueError, match=r"^unknown selection mode 'local'; use 'global' or 'layerwise'$"):
+        Pruner(model, ["snip"], b, mode="local")
+    for batches in (None, []):
+        with pytest.raises(ValueError, match=r"^indices \['snip'\] need a non-empty scoring batch$"):
+            Pruner(model, ["synflow", "snip"], batches)
+    with pytest.raises(ValueError, match=r"^give input_shape \(without the batch dimension\) or scoring batches$"):
+        Pruner(model, ["synflow"])
+    from panning.pruner import available_methods
+
+    with pytest.raises(ValueError, match=rf"^unknown method 'nope'; known methods: {', '.join(available_methods())}$"):
+        prune(model, "nope", 0.5, b)
+
+
+def test_prune_passes_its_settings_on_and_reports_them() -> None:
+    """schedule, exclude, normalisation and seed reach the pruner (seed 0 by default); the result names the
+    method and schedule, counts the steps and times the call."""
+    import time
+
+    model, b = mlp(), batch()
+    t0 = time.perf_counter()
+    r = prune(model, "random", 0.5, b, iterations=4, schedule="linear", exclude=["1"], seed=5)
+    took = time.perf_counter() - t0
+    assert (r.method, r.schedule, r.iterations) == ("random", "linear", 4)
+    assert [h.keep for h in r.history] == keep_schedule(r.masks.num_total, 0.5, 4, "linear") == [112, 96, 80, 64]
+    assert list(r.masks) == ["3.weight", "5.weight"]
+    assert 0.0 < r.seconds <= took
+    p = Pruner(model, ["random"], b, exclude=["1"], seed=5)
+    for keep in keep_schedule(p.num_total, 0.5, 4, "linear"):
+        p.step([1.0], keep)
+    assert r.masks.equal(p.masks)
+    assert prune(model, "random", 0.5, b).masks.equal(prune(model, "random", 0.5, b, seed=0).masks)
+    q = Pruner(model, ["magnitude"], b, normalisation="abs_zscore")
+    q.step([1.0], keep_count(q.num_total, 0.5))
+    assert prune(model, "magnitude", 0.5, b, normalisation="abs_zscore").masks.equal(q.masks)
+    assert not q.masks.equal(prune(model, "magnitude", 0.5, b).masks)
+
+
+def test_prune_result_summary_by_hand() -> None:
+    """summary() is the JSON body of prune.json: every field under its documented key."""
+    r = prune(mlp(), "magnitude", 0.5, batch(), iterations=2)
+    assert r.summary() == {
+        "method": "magnitude", "sparsity": r.sparsity, "effective_sparsity": r.effective_sparsity,
+        "collapsed_layers": [], "empty_layers": [], "kept": 160, "prunable": 320, "iterations": 2,
+        "schedule": "exponential", "seconds": r.seconds, "layers": r.masks.layer_density(),
+        "steps": [{"step": h.step, "weights": {"magnitude": 1.0}, "keep": h.keep, "sparsity": h.sparsity}
+                  for h in r.history],
+    }
+    assert [s["keep"] for s in r.summary()["steps"]] == [226, 160]
+
+
+def test_collapse_warning_says_why() -> None:
+    """A fully pruned layer is named as such; a layer cut off from the input is 'no path'."""
+    from panning.pruner import finish
+
+    model = mlp()
+    with torch.no_grad():
+        model[5].weight.mul_(1e-6)
+    with pytest.warns(RuntimeWarning) as rec:
+        prune(model, "magnitude", 0.9, batch())
+    assert str(rec[0].message) == ("layer collapse in ['1.weight', '3.weight', '5.weight'] "
+                                   "(fully pruned: ['5.weight'])")
+    m = {k: v.clone() for k, v in Masks.ones(model).items()}
+    m["1.weight"][:] = False
+    m["1.weight"][0] = True  # hidden unit 0 of the first layer is fed ...
+    m["3.weight"][:, 0] = False  # ... but feeds nothing: no path, though no layer is empty
+    p = Pruner(model, ["magnitude"], batch(), masks=Masks(m))
+    with pytest.warns(RuntimeWarning) as rec:
+        r = finish(p, "handmade", "linear", 1.5)
+    assert str(rec[0].message) == ("layer collapse in ['1.weight', '3.weight', '5.weight'] "
+                                   "(no path from input to output)")
+    assert (r.method, r.schedule, r.seconds, r.iterations, r.empty) == ("handmade", "linear", 1.5, 0, [])
+
+
+# mutmut calls every function through a trampoline, which adds stack frames: warning locations cannot be checked there
+_UNDER_MUTMUT = pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ,
+                                   reason="mutmut's trampolines shift stack levels")
+
+
+@_UNDER_MUTMUT
+def test_collapse_warning_points_at_the_caller_of_prune() -> None:
+    model = mlp()
+    with torch.no_grad():
+        model[5].weight.mul_(1e-6)
+    with pytest.warns(RuntimeWarning, match="layer collapse") as rec:
+        prune(model, "magnitude", 0.9, batch())
+    assert rec[0].filename == __file__
