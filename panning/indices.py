@@ -88,9 +88,16 @@ def register_index(name: str, *, needs_data: bool) -> Callable[[IndexFn], IndexF
     return deco
 
 
+# The order `panning list` shows the shipped indices in. Registration order is not used for them: the indices
+# defined in their own modules register in whichever order those modules are first imported.
+_SHIPPED_ORDER = ("random", "magnitude", "snip", "force", "grasp", "grasp_abs", "synflow", "synflow_l2", "fts",
+                  "ntk_sap", "prospr", "px")
+
+
 def available_indices() -> list[str]:
-    """Names of the registered indices, in registration order."""
-    return list(INDICES)
+    """Names of the registered indices: the shipped ones in a fixed order, then others in registration order."""
+    shipped = [n for n in _SHIPPED_ORDER if n in INDICES]
+    return shipped + [n for n in INDICES if n not in _SHIPPED_ORDER]
 
 
 def compute_scores(
@@ -422,5 +429,66 @@ def synflow(
     return {k: (w.detach() * gk).abs_() for (k, w), gk in zip(ws.items(), g, strict=True)}
 
 
+@register_index("synflow_l2", needs_data=False)
+def synflow_l2(
+    model: nn.Module,
+    masks: Mapping[str, Tensor],
+    batches: list[Batch] | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    **_,
+) -> Scores:
+    """SynFlow-L2 (data-free): ``score = |θ ⊙ m| ⊙ |∂R/∂w|``, ``R = Σ f(1; w)``, ``w = (θ ⊙ m)²``, highest kept.
+
+    SynFlow with squared instead of absolute weights in the synaptic-flow product, as the PX authors'
+    code does it (Iurada, Ciccone & Tommasi, 2024, "Finding Lottery Tickets in Vision Models via
+    Data-driven Spectral Foresight Pruning" (CVPR), github.com/iurada/px-ntk-pruning, ``SynFlowL2`` in
+    ``lib/pruners.py``): every floating parameter and buffer of the network is squared (prunable weights
+    masked first, BatchNorm running statistics included), the network is evaluated in eval mode on one
+    all-ones input of ``input_shape`` (default ``batches[0][0].shape[1:]``), and the gradient of the
+    summed output with respect to the *squared* weights is multiplied by the weight's magnitude
+    ``|θ|`` (not by ``θ²``). By the chain rule the score is ``½ |∂R/∂θ|``, one factor of ``|θ|``
+    fewer than SynFlow's conserved ``w ⊙ ∂R/∂w``: this follows the authors' code; the paper gives no
+    separate formula for this baseline. Sign: non-negative; pruned weights score 0. Default
+    iterations (:data:`panning.pruner.METHODS`): 100 on an exponential schedule, as the authors' code
+    prunes every pruning-at-initialisation method (``rounds`` steps of density ``d^(t/T)``; their
+    launch scripts set ``rounds: 100``).
+
+    Differences from that code: activations are left in place (the squared network is non-negative
+    up to BatchNorm's mean subtraction, so ReLU acts as the identity, as there), and the computation
+    runs in float64 like :func:`synflow` (theirs in float32) so deep networks do not overflow; scores
+    are returned as float64. Cost: one forward and one backward of a single input.
+    """
+    shape = _input_shape("synflow_l2", input_shape, batches)
+    model.eval()
+    params = dict(model.named_parameters())
+    ws = {k: w.detach().square().requires_grad_(True)
+          for k, w in masked_weights(model, masks, dtype=torch.float64).items()}
+    rest = {k: t.square() if t.is_floating_point() else t
+            for k, t in other_tensors(model, masks, dtype=torch.float64).items()}
+    x = torch.ones((1, *shape), dtype=torch.float64, device=_device(model, masks))
+    r = functional_forward(model, {**rest, **ws}, x).sum()
+    g = _grads(r, ws)
+    out: Scores = {}
+    for (k, m), gk in zip(masks.items(), g, strict=True):
+        theta = params[k].detach().to(torch.float64) * m.to(torch.float64)
+        out[k] = theta.abs_().mul_(gk.abs())
+    return out
+
+
+def _input_shape(name: str, input_shape: Sequence[int] | None, batches: list[Batch] | None) -> tuple[int, ...]:
+    """``input_shape`` as ints, or the shape of the first batch's inputs without the batch dimension."""
+    if input_shape is None:
+        if not batches:
+            raise ValueError(f"{name} needs input_shape (or batches to take it from)")
+        input_shape = tuple(batches[0][0].shape[1:])
+    return tuple(int(s) for s in input_shape)
+
+
 # FTS lives in its own module (several exact per-sample gradient routes); importing it registers "fts".
 from panning import fts as _fts  # noqa: E402,F401
+
+# Pruning-at-initialisation indices from later papers, each in its own module; importing registers them.
+from panning import ntk_sap as _ntk_sap  # noqa: E402,F401
+from panning import prospr as _prospr  # noqa: E402,F401
+from panning import px as _px  # noqa: E402,F401

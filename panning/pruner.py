@@ -329,6 +329,17 @@ METHODS: dict[str, Method] = {
     "force": Method("force", ("force",), lambda s: (1.0,), 60, "exponential",
                     "FORCE: the force index over 60 exponential steps, selecting among all weights each step, so "
                     "pruned weights can return (de Jorge et al., 2021)", regrow=True),
+    # Iurada et al., 2024 (PX): their code prunes every pruning-at-initialisation method in `rounds` steps of density
+    # d^(t/T); their launch scripts set rounds: 100
+    "synflow_l2": Method("synflow_l2", ("synflow_l2",), lambda s: (1.0,), 100, "exponential",
+                         "SynFlow with squared weights, 100 exponential steps (PX authors' code, Iurada et al., 2024)"),
+    "px": Method("px", ("px",), lambda s: (1.0,), 100, "exponential",
+                 "PX (Path eXclusion): the px index over 100 exponential steps (Iurada et al., 2024)"),
+    # Alizadeh et al., 2022: ProsPr prunes in a single shot
+    "prospr": _single("prospr"),
+    # Wang et al., 2023: NTK-SAP is iterative, 20 exponential steps (the authors' example script, --prune-epochs 20)
+    "ntk_sap": Method("ntk_sap", ("ntk_sap",), lambda s: (1.0,), 20, "exponential",
+                      "NTK-SAP: the ntk_sap index over 20 exponential steps (Wang et al., 2023)"),
     "panning": Method(
         "panning",
         ("synflow", "snip", "grasp_abs"),
