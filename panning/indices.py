@@ -49,6 +49,7 @@ __all__ = [
     "register_index",
     "available_indices",
     "compute_scores",
+    "compute_many",
     "LossFn",
     "Batch",
 ]
@@ -145,6 +146,86 @@ def compute_scores(
         )
     _check_scores(name, checked, scores)
     return {k: scores[k] for k in checked}
+
+
+# The indices whose scores come from the loss gradient g and its Hessian product Hg at the same network: one
+# gradient (taken with a graph) serves SNIP and GraSP, one Hg serves both GraSP signs.
+_GRADIENT_FAMILY = ("snip", "grasp", "grasp_abs")
+
+
+def compute_many(
+    names: Sequence[str],
+    model: nn.Module,
+    masks: Mapping[str, Tensor],
+    batches: Sequence[Batch] | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    loss_fn: LossFn = F.cross_entropy,
+    share: bool = True,
+) -> dict[str, dict[str, Tensor]]:
+    """Scores of several indices on the same masked network: ``{name: compute_scores(name, ...)}``.
+
+    The same numbers as calling :func:`compute_scores` once per name (bit for bit on the CPU: the shared
+    gradient is the one SNIP takes alone), in less time: the masks and batches are checked once, and
+    with ``share`` SNIP, GraSP and GraSP-magnitude share their forward pass and loss gradient (SNIP's
+    ``g`` is GraSP's first gradient; ``|θ ⊙ Hg|`` is the magnitude of ``θ ⊙ Hg``). Each index runs under
+    the same ``seed``, as it would alone. ``batches`` may be ``None`` when no name needs data.
+    """
+    specs = []
+    for name in names:
+        spec = INDICES.get(name)
+        if spec is None:
+            raise ValueError(f"unknown index {name!r}; known indices: {', '.join(available_indices())}")
+        specs.append(spec)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    checked = _check_masks(model, masks)
+    device = _device(model, checked)
+    needs = [s.name for s in specs if s.needs_data]
+    batch_list = _check_batches(batches, needs[0] if needs else names[0] if names else "", required=bool(needs))
+    batch_list = [(x.to(device), y.to(device)) for x, y in batch_list] if batch_list else None
+    out: dict[str, dict[str, Tensor]] = {}
+    family = [n for n in _GRADIENT_FAMILY if n in names]
+    if share and len(family) >= 2:
+        assert batch_list is not None
+        with preserved_modes(model), _seeded(seed, device):
+            out.update(_gradient_family(model, checked, batch_list, loss_fn, family))
+    for spec in specs:
+        if spec.name in out:
+            continue
+        with preserved_modes(model), _seeded(seed, device):
+            out[spec.name] = spec.fn(model, checked, batch_list, input_shape=input_shape, seed=seed, loss_fn=loss_fn)
+    for name in names:
+        _check_scores(name, checked, out[name])
+    return {name: {k: out[name][k] for k in checked} for name in names}
+
+
+def _gradient_family(
+    model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], loss_fn: LossFn, names: Sequence[str]
+) -> dict[str, Scores]:
+    """SNIP and/or GraSP (either sign) from one gradient and one Hessian-gradient product (train mode)."""
+    model.train()
+    ws = masked_weights(model, masks)
+    rest = other_tensors(model, masks)
+    tensors = {**rest, **ws}
+    if len(batches) == 1:
+        gf = _grads(_batch_loss(model, tensors, batches[0], loss_fn), ws, create_graph=True)
+        g = [t.detach() for t in gf]
+        hg = _grads(_dot(gf, g), ws) if {"grasp", "grasp_abs"} & set(names) else None
+    else:
+        g = _mean_gradient(model, ws, rest, batches, loss_fn)
+        hg = _hessian_gradient(model, ws, rest, batches, loss_fn, g=g) if {"grasp", "grasp_abs"} & set(names) else None
+    out: dict[str, Scores] = {}
+    if "snip" in names:
+        out["snip"] = {k: (w.detach() * gk).abs_() for (k, w), gk in zip(ws.items(), g, strict=True)}
+    if hg is not None:
+        signed = {k: w.detach() * h for (k, w), h in zip(ws.items(), hg, strict=True)}
+        if "grasp_abs" in names:
+            out["grasp_abs"] = {k: v.abs() for k, v in signed.items()}
+        if "grasp" in names:
+            out["grasp"] = signed
+    return out
 
 
 # --------------------------------------------------------------------------- validation
@@ -271,9 +352,11 @@ def _mean_gradient(
 
 
 def _hessian_gradient(
-    model: nn.Module, ws: Mapping[str, Tensor], rest: Mapping[str, Tensor], batches: list[Batch], loss_fn: LossFn
+    model: nn.Module, ws: Mapping[str, Tensor], rest: Mapping[str, Tensor], batches: list[Batch], loss_fn: LossFn,
+    g: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    """``H g`` of the mean loss, by double backward: ``z = Σ stop(g)·∇L``, ``Hg = ∇z``."""
+    """``H g`` of the mean loss, by double backward: ``z = Σ stop(g)·∇L``, ``Hg = ∇z`` (``g`` given when the caller
+    has already taken the mean gradient, with several batches)."""
     tensors = {**rest, **ws}
     total = sum(x.shape[0] for x, _ in batches)
     if len(batches) == 1:
@@ -281,7 +364,8 @@ def _hessian_gradient(
         # saving the separate gradient pass
         gf = _grads(_batch_loss(model, tensors, batches[0], loss_fn), ws, create_graph=True)
         return _grads(_dot(gf, [g.detach() for g in gf]), ws)
-    g = _mean_gradient(model, ws, rest, batches, loss_fn)
+    if g is None:
+        g = _mean_gradient(model, ws, rest, batches, loss_fn)
     hg = [torch.zeros_like(w) for w in ws.values()]
     for batch in batches:
         gf = _grads(_batch_loss(model, tensors, batch, loss_fn), ws, create_graph=True)

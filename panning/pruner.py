@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panning import indices as _indices
@@ -105,6 +106,9 @@ class Pruner:
         seed: int = 0,
         masks: Masks | None = None,
         regrow: bool = False,
+        dense_indices: Sequence[str] = (),
+        temperatures: Mapping[str, float] | None = None,
+        share_passes: bool = True,
     ) -> None:
         if len(indices) == 0:
             raise ValueError("at least one saliency index is needed")
@@ -114,6 +118,14 @@ class Pruner:
                 raise ConfigError(f"unknown index {name!r}; known indices: {', '.join(known)}")
         if len(set(indices)) != len(indices):
             raise ConfigError(f"indices must be distinct, got {list(indices)}")
+        temperatures = dict(temperatures or {})
+        for name in [*dense_indices, *temperatures]:
+            if name not in indices:
+                raise ConfigError(f"dense_indices and temperatures name indices of this pruner {list(indices)}; "
+                                  f"got {name!r}")
+        for name, t in temperatures.items():
+            if not (t > 0 and t < float("inf")):
+                raise ConfigError(f"the logit temperature of {name!r} must be positive and finite, got {t}")
         if normalisation not in NORMALISATIONS:
             raise ConfigError(f"unknown normalisation {normalisation!r}; known: {', '.join(NORMALISATIONS)}")
         if mode not in ("global", "layerwise"):
@@ -135,6 +147,9 @@ class Pruner:
         self.seed = int(seed)
         self.exclude = tuple(exclude)
         self.regrow = bool(regrow)
+        self.dense_indices = tuple(dense_indices)
+        self.temperatures = temperatures
+        self.share_passes = bool(share_passes)
         if masks is None:
             masks = Masks.ones(model, exclude=exclude)
         else:
@@ -146,6 +161,7 @@ class Pruner:
         self._scores: dict[str, dict[str, Tensor]] | None = None
         self._normalised: dict[str, Tensor] = {}
         self._alive: Tensor | None = None
+        self._dense_scores: dict[str, dict[str, Tensor]] = {}  # scores of the unpruned network: computed once
 
     @property
     def steps_done(self) -> int:
@@ -153,23 +169,42 @@ class Pruner:
         return len(self.history)
 
     def scores(self, names: Sequence[str] | None = None) -> dict[str, dict[str, Tensor]]:
-        """Raw scores of each index on the current masked network, cached until the next step."""
+        """Raw scores of each index on the current masked network (on the unpruned one for
+        ``dense_indices``), cached until the next step (for ``dense_indices``, for good).
+
+        The missing indices are computed together (:func:`panning.indices.compute_many`), so with
+        ``share_passes`` SNIP and GraSP share one forward pass and gradient; indices with their own logit
+        temperature are computed in a group of their own, with ``cross_entropy(logits / T, y)``."""
+        wanted = list(names) if names is not None else self.indices
         if self._scores is None:
             self._scores = {}
-        for name in names if names is not None else self.indices:
+        for name in wanted:
+            if name in self.dense_indices and name in self._dense_scores:
+                self._scores[name] = self._dense_scores[name]
+        groups: dict[tuple[bool, float | None], list[str]] = {}
+        for name in wanted:
             if name not in self._scores:
-                self._scores[name] = _indices.compute_scores(
-                    name,
-                    self.model,
-                    self.masks,
-                    self.batches if _indices.INDICES[name].needs_data else None,
-                    input_shape=self.input_shape,
-                    seed=self.score_seed(),
-                )
-        return {n: self._scores[n] for n in (names if names is not None else self.indices)}
+                groups.setdefault((name in self.dense_indices, self.temperatures.get(name)), []).append(name)
+        for (dense, temperature), group in groups.items():
+            # the unpruned network does not change between steps: score it once, with the first step's seed
+            masks = {k: torch.ones_like(m) for k, m in self.masks.items()} if dense else self.masks
+            computed = _indices.compute_many(
+                group, self.model, masks, self.batches,
+                input_shape=self.input_shape,
+                seed=self.seed * 100_003 if dense else self.score_seed(),
+                loss_fn=_tempered_cross_entropy(temperature) if temperature is not None else F.cross_entropy,
+                share=self.share_passes,
+            )
+            self._scores.update(computed)
+            if dense:
+                self._dense_scores.update(computed)
+        return {n: self._scores[n] for n in wanted}
 
     def needs_scores(self, name: str) -> bool:
-        """True if index ``name`` has not been scored on the current masks yet."""
+        """True if index ``name`` has not been scored on the current masks yet (never for ``dense_indices``:
+        the pruner scores the unpruned network itself)."""
+        if name in self.dense_indices:
+            return False
         return self._scores is None or name not in self._scores
 
     def provide_scores(self, name: str, scores: Mapping[str, Tensor]) -> None:
@@ -177,6 +212,8 @@ class Pruner:
         them for many pruners at once); they must be what :meth:`scores` would compute."""
         if name not in self.indices:
             raise ValueError(f"index {name!r} is not one of this pruner's {self.indices}")
+        if name in self.dense_indices:
+            raise ValueError(f"index {name!r} scores the unpruned network here; the pruner computes it itself")
         if list(scores) != list(self.masks) or any(scores[k].shape != m.shape for k, m in self.masks.items()):
             raise ValueError(f"scores for {name!r} do not have the masks' keys and shapes")
         if self._scores is None:
@@ -285,6 +322,13 @@ PANNING_TABLE: tuple[tuple[float, tuple[float, float, float]], ...] = (
 )
 
 
+def _tempered_cross_entropy(temperature: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """``cross_entropy(logits / T, y)``: GraSP's original code divides the logits by ``T = 200``."""
+    def loss(out: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(out / temperature, y)
+    return loss
+
+
 def panning_weights(sparsity: float) -> tuple[float, float, float]:
     """Panning's published fixed weight table (Kang et al., 2022) for (synflow, snip, grasp_abs).
 
@@ -308,6 +352,11 @@ class Method:
     schedule: str = "exponential"
     doc: str = ""
     regrow: bool = False  # every step selects among all weights, so pruned ones can return (FORCE)
+    # the options that reproduce Panning's reference code (see METHODS["panning_authors"])
+    weights_by: str = "current"  # the table row follows the network's "current" or the step's "target" sparsity
+    dense_indices: tuple[str, ...] = ()  # indices scored on the unpruned network at every step
+    temperatures: tuple[tuple[str, float], ...] = ()  # (index, T): its loss is cross_entropy(logits / T, y)
+    normalisation: str | None = None  # the method's own normalisation (None: the caller's, default "mean")
 
 
 def _single(name: str, iterations: int = 1) -> Method:
@@ -347,6 +396,32 @@ METHODS: dict[str, Method] = {
         iterations=100,
         schedule="exponential",
         doc="Panning's non-RL mode: SynFlow, SNIP, |GraSP| weighted by a fixed sparsity-dependent table",
+    ),
+    # Panning as its authors' reference code runs it. Differences from "panning" above (every index scored on
+    # the masked network, selection among the alive weights, the row chosen by the current sparsity, s / mean|s|):
+    #  1. SNIP and |GraSP| score the *dense* network at every step (computed once here: it does not change);
+    #     SynFlow scores the masked one;
+    #  2. every step selects among all weights, so pruned weights can return (regrow);
+    #  3. the weight-table row is chosen by the step's *target* sparsity, not the network's current one;
+    #  4. each index is normalised as the absolute z-score of s / mean(s) over all weights, which equals the
+    #     absolute z-score of s (a z-score ignores scaling; the sign of mean(s) is removed by the absolute value)
+    #     whenever mean(s) != 0: normalisation "abs_zscore";
+    #  5. GraSP's loss divides the logits by T = 200 (as GraSP's original code).
+    # Steps: 100 on the exponential schedule, as "panning".
+    "panning_authors": Method(
+        "panning_authors",
+        ("synflow", "snip", "grasp_abs"),
+        panning_weights,
+        iterations=100,
+        schedule="exponential",
+        doc="Panning as its authors' code runs it: SNIP and |GraSP| (logits / 200) on the dense network, SynFlow on "
+            "the masked one, absolute z-scores, the table row by the step's target sparsity, pruned weights can "
+            "return",
+        regrow=True,
+        weights_by="target",
+        dense_indices=("snip", "grasp_abs"),
+        temperatures=(("grasp_abs", 200.0),),
+        normalisation="abs_zscore",
     ),
 }
 
@@ -431,14 +506,21 @@ def prune(
     normalisation: str = "mean",
     min_per_layer: int = 0,
     seed: int = 0,
+    share_passes: bool = True,
 ) -> PruneResult:
     """Prune ``model`` to ``sparsity`` with a fixed method, as its paper did unless told otherwise.
 
     ``iterations`` and ``schedule`` override the method's own (1 step for SNIP, GraSP, FTS,
     magnitude and random; 100 exponential steps for SynFlow and Panning). The model is not
     modified; apply the returned masks with :func:`panning.masks.enforce` or ``Masks.apply_``.
+    A method with its own normalisation (``panning_authors``) uses it; asking it for another than the
+    default ``"mean"`` is refused. ``share_passes=False`` computes every index on its own (same masks,
+    slower: for comparisons).
     """
     m = get_method(method)
+    if m.normalisation is not None and normalisation not in ("mean", m.normalisation):
+        raise ConfigError(f"method {method!r} normalises by {m.normalisation!r} as part of its definition; "
+                          f"leave the normalisation at its default (got {normalisation!r})")
     keep_count(1, sparsity)  # validates the range before any work
     steps = m.iterations if iterations is None else iterations
     kind = m.schedule if schedule is None else schedule
@@ -450,11 +532,15 @@ def prune(
         input_shape=input_shape,
         exclude=exclude,
         mode=mode,
-        normalisation=normalisation,
+        normalisation=m.normalisation or normalisation,
         min_per_layer=min_per_layer,
         seed=seed,
         regrow=m.regrow,
+        dense_indices=m.dense_indices,
+        temperatures=dict(m.temperatures),
+        share_passes=share_passes,
     )
     for keep in keep_schedule(pruner.num_total, sparsity, steps, kind):
-        pruner.step(m.weights(pruner.masks.sparsity), keep)
+        at = 1.0 - keep / pruner.num_total if m.weights_by == "target" else pruner.masks.sparsity
+        pruner.step(m.weights(at), keep)
     return finish(pruner, method, kind, time.perf_counter() - t0)
