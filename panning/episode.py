@@ -224,7 +224,8 @@ class PruningEpisode:
         share, u, keep = self.planned_keep(b)
         self.timing = self._zero_timing()
         t0 = time.perf_counter()
-        for name, wk in weights.items():  # usually scored at observation time already: cached
+        self.pruner.scores([n for n, wk in weights.items() if wk > 0])  # usually scored at observation time already
+        for name, wk in weights.items():
             if wk > 0:
                 self.pruner.normalised_scores(name)
         t1 = time.perf_counter()
@@ -303,7 +304,9 @@ class PruningEpisode:
     def _index_features(self, kept: int) -> list[float]:
         t0 = time.perf_counter()
         alive = self.pruner.alive_flat()
-        normed = [self.pruner.normalised_scores(name)[alive] for name in self.indices]
+        self.pruner.scores(self.indices)  # together: indices that share passes share them
+        idx = alive.nonzero().squeeze(1)  # gathering by index: the elements of [alive], far faster on the CPU
+        normed = [self.pruner.normalised_scores(name).index_select(0, idx) for name in self.indices]
         self.timing["score"] += time.perf_counter() - t0
         m = kept - self.planned_keep(0.0)[2]  # how many weights a default (b = 0) step would remove next
         lowest = []

@@ -460,13 +460,15 @@ def select_topk(
     if not dtype.is_floating_point:
         dtype = torch.float64
     with torch.no_grad():
-        # work on the alive weights only: pruning schedules spend most steps at high sparsity,
-        # and boolean indexing keeps index order, so the tie-break is unchanged
-        alive_masks = [current[k].reshape(-1).to(device) for k in keys] if current is not None else None
+        # work on the alive weights only: pruning schedules spend most steps at high sparsity. Gathering by
+        # the alive positions keeps index order, so the tie-break is unchanged (and on the CPU it is far
+        # faster than boolean indexing)
+        alive_idx = ([current[k].reshape(-1).to(device).nonzero().squeeze(1) for k in keys]
+                     if current is not None else None)
         vals = []
         for i, k in enumerate(keys):
             v = scores[k].detach().reshape(-1).to(device=device, dtype=dtype)
-            vals.append(v[alive_masks[i]] if alive_masks is not None else v)
+            vals.append(v.index_select(0, alive_idx[i]) if alive_idx is not None else v)
         n_alive = [v.numel() for v in vals]
         flat = torch.cat(vals)
         # one reduction suffices in the common case: a finite sum means every entry is finite
@@ -509,11 +511,11 @@ def select_topk(
         out: dict[str, Tensor] = {}
         for i, k in enumerate(keys):
             part = chosen[offsets[i] : offsets[i + 1]]
-            if alive_masks is None:
+            if alive_idx is None:
                 full = part.clone()
             else:
-                full = torch.zeros(scores[k].numel(), dtype=torch.bool, device=device)
-                full[alive_masks[i]] = part
+                full = torch.zeros(scores[k].numel(), dtype=torch.bool, device=device).index_copy_(
+                    0, alive_idx[i], part)
             out[k] = full.reshape(scores[k].shape)
     return Masks._trusted(out)
 

@@ -35,7 +35,7 @@ Batches = Sequence[tuple[Tensor, Tensor]]
 NORMALISATIONS = ("mean", "zscore", "abs_zscore", "rank", "none")
 
 
-def normalise(score: Tensor, alive: Tensor, how: str = "mean") -> Tensor:
+def normalise(score: Tensor, alive: Tensor, how: str = "mean", *, alive_index: Tensor | None = None) -> Tensor:
     """Put one index's flat scores on a common scale, using statistics of the alive weights only.
 
     - ``mean`` (default): ``s / mean(|s|)``. Panning divides each index by its global mean; we use
@@ -49,28 +49,31 @@ def normalise(score: Tensor, alive: Tensor, how: str = "mean") -> Tensor:
       SynFlow's heavy tails, order-preserving up to ties.
     - ``none``: raw scores.
 
-    Pruned positions get 0; the caller never selects them anyway.
+    Pruned positions get 0; the caller never selects them anyway. ``alive_index`` (``alive.nonzero()[:, 0]``,
+    which a caller normalising several indices over the same weights computes once) gives the same result.
     """
-    s = score.to(torch.float64)
-    a = s[alive]
+    # Everything is computed on the alive entries, gathered by index (the elements of score[alive], in order,
+    # ~50x faster on the CPU than boolean indexing), and scattered into zeros: the same numbers as computing
+    # on the whole vector and zeroing the pruned positions, at a fraction of the memory traffic.
+    idx = alive.nonzero().squeeze(1) if alive_index is None else alive_index
+    a = score.index_select(0, idx).to(torch.float64)
     if a.numel() == 0 or how == "none":
-        out = s
+        v = a
     elif how == "mean":
         scale = a.abs().mean()
-        out = s / scale if scale > 0 else s
+        v = a / scale if scale > 0 else a
     elif how in ("zscore", "abs_zscore"):
         std = a.std(unbiased=False)
-        z = (s - a.mean()) / std if std > 0 else s - a.mean()
-        out = z.abs() if how == "abs_zscore" else z
+        z = (a - a.mean()) / std if std > 0 else a - a.mean()
+        v = z.abs() if how == "abs_zscore" else z
     elif how == "rank":
         order = torch.sort(a, stable=True).indices
         ranks = torch.empty_like(a)
         ranks[order] = torch.arange(1, a.numel() + 1, dtype=torch.float64, device=a.device)
-        out = torch.zeros_like(s)
-        out[alive] = ranks / a.numel()
+        v = ranks / a.numel()
     else:
         raise ConfigError(f"unknown normalisation {how!r}; known: {', '.join(NORMALISATIONS)}")
-    return torch.where(alive, out, torch.zeros_like(out))
+    return torch.zeros(score.shape, dtype=torch.float64, device=score.device).index_copy_(0, idx, v)
 
 
 @dataclass
@@ -161,6 +164,7 @@ class Pruner:
         self._scores: dict[str, dict[str, Tensor]] | None = None
         self._normalised: dict[str, Tensor] = {}
         self._alive: Tensor | None = None
+        self._alive_index: Tensor | None = None  # the positions normalisation runs over (all of them with regrow)
         self._dense_scores: dict[str, dict[str, Tensor]] = {}  # scores of the unpruned network: computed once
 
     @property
@@ -239,9 +243,11 @@ class Pruner:
         flat = torch.cat([s.reshape(-1) for s in self.scores([name])[name].values()])
         # with regrow every weight competes, pruned ones included: normalise over all of them
         alive = torch.ones_like(self.alive_flat()) if self.regrow else self.alive_flat()
-        if not torch.isfinite(flat[alive]).all():
+        if self._alive_index is None:
+            self._alive_index = alive.nonzero().squeeze(1)
+        if not torch.isfinite(flat.index_select(0, self._alive_index)).all():
             raise ValueError(f"index {name!r} produced NaN or infinite scores for unpruned weights")
-        self._normalised[name] = normalise(flat, alive, self.normalisation)
+        self._normalised[name] = normalise(flat, alive, self.normalisation, alive_index=self._alive_index)
         return self._normalised[name]
 
     def weights_dict(self, weights: Sequence[float] | Mapping[str, float]) -> dict[str, float]:
@@ -266,6 +272,7 @@ class Pruner:
     def combined_scores(self, weights: Sequence[float] | Mapping[str, float]) -> dict[str, Tensor]:
         """Weighted sum of normalised index scores, reshaped per parameter."""
         w = self.weights_dict(weights)
+        self.scores([n for n, wk in w.items() if wk != 0.0])  # together: indices that share passes share them
         total: Tensor | None = None
         for name, wk in w.items():
             if wk == 0.0:
@@ -295,7 +302,7 @@ class Pruner:
         t2 = time.perf_counter()
         self.masks = masks
         self._scores = None
-        self._normalised, self._alive = {}, None
+        self._normalised, self._alive, self._alive_index = {}, None, None
         self.history.append(
             StepRecord(self.steps_done + 1, w, keep, masks.sparsity, t1 - t0, t2 - t1)
         )
