@@ -451,3 +451,44 @@ def test_effective_sparsity_of_zero_size_masks_is_zero():
     with pytest.warns(UserWarning):
         model = nn.Sequential(nn.Linear(3, 0))
     assert effective_sparsity(model, Masks.ones(model), (3,)) == 0.0
+
+
+def test_a_path_count_that_overflows_even_scaled_raises_although_the_gradients_are_finite():
+    """R itself must be finite: an output term that is infinite whatever the scaling (exp(1000) of an
+    unmasked scalar set to one) raises, even though dR/dw of the masked layer is finite (all ones)."""
+
+    class InfiniteTerm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.t = nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor):
+            return self.fc(x), torch.exp(1000 * self.t)
+
+    model = InfiniteTerm()
+    with pytest.raises(RuntimeError, match=r"^path counts overflow float64"):
+        effective_masks(model, Masks.ones(model), (3,))
+
+
+@pytest.mark.parametrize("torch_pruned", [False, True], ids=["plain", "torch_pruned"])
+def test_a_chain_deeper_than_float64_range_keeps_its_unit_counts(torch_pruned):
+    """Kept weights count as one, not more: 1100 layers keeping only their diagonal carry exactly 2 paths
+    (R = 2, every kept weight effective), also when the layers were pruned with torch.nn.utils.prune. Were a
+    kept weight worth 2, R = 2 * 2**1100 would overflow, and the 1/fan_in recount (2 * 2**-1100) would
+    underflow to zero, making every weight look dead."""
+    model = nn.Sequential(*[nn.Linear(2, 2, bias=False) for _ in range(1100)])
+    diag = torch.eye(2, dtype=torch.bool)
+    if torch_pruned:
+        for layer in model:
+            prune.custom_from_mask(layer, "weight", diag.float())
+    masks = Masks({k: diag for k in prunable_parameters(model)})
+    assert effective_masks(model, masks, (2,)).equal(masks)
+
+
+def test_a_dense_chain_deeper_than_float64_range_is_recounted_at_one_path_per_unit():
+    """1100 dense 2-wide layers: 2**1101 paths overflow; the recount with weights 1/fan_in = 1/2 keeps every
+    unit's count at one and finds every weight effective (weights 2/fan_in would overflow again)."""
+    model = nn.Sequential(*[nn.Linear(2, 2, bias=False) for _ in range(1100)])
+    masks = Masks.ones(model)
+    assert effective_masks(model, masks, (2,)).equal(masks)

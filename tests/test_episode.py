@@ -498,3 +498,40 @@ def test_loss_ratio_beyond_the_limit_is_clipped(monkeypatch) -> None:
     assert ep.loss_ratio == pytest.approx(math.log10(math.log(2.0) / 1e-30), rel=1e-6)
     assert ep.observe()[11] == 5.0
 
+
+
+def test_a_step_scores_only_the_weighted_indices_and_charges_that_to_score(monkeypatch) -> None:
+    """Without an observation before it, a step scores the indices it weights (an index with weight 0 is not
+    scored at all), and that scoring time counts as "score", not "select"."""
+    clock = _Clock()
+    monkeypatch.setattr(episode_module, "time", clock)
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn(model, masks, batches, **_):
+            calls[name] += 1
+            clock.now += 100.0  # scoring is slow
+            return {k: torch.arange(float(m.numel())).reshape(m.shape) for k, m in masks.items()}
+
+        monkeypatch.setitem(INDEX_REGISTRY, name, IndexSpec(name, fn, False, ""))
+
+    make("a")
+    make("b")
+    ep = binary_episode(["a", "b"])
+    ep.step([1.0, -1.0, 0.0])  # weights a = 1, b = 0
+    assert calls == {"a": 1, "b": 0}
+    assert ep.timing["score"] >= 100.0 and ep.timing["select"] < 100.0
+
+
+def test_gradient_norm_signal_is_accumulated_in_float64() -> None:
+    """signals() by hand on a zero-weight Linear(2, 2) and one sample x = (1e-25, 0) of class 0: softmax is
+    (1/2, 1/2), so the loss is log 2 and dL/dW = (p - y) x^T = [[-0.5e-25, 0], [0.5e-25, 0]], whose norm
+    sqrt(0.5) * 1e-25 is representable in float64 only (its square underflows float32)."""
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    x, y = torch.tensor([[1e-25, 0.0]]), torch.tensor([0])
+    ep = PruningEpisode(model, ["magnitude"], [(x, y)], target_sparsity=0.5, steps=2)
+    loss, grad = ep.signals(Masks.ones(model))
+    assert loss == pytest.approx(math.log(2.0), rel=1e-6)
+    assert grad * 1e25 == pytest.approx(math.sqrt(0.5), rel=1e-5)  # (approx's absolute tolerance would hide 0)

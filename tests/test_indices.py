@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from panning import indices as indices_module
-from panning.indices import INDICES, IndexSpec, available_indices, compute_scores, register_index
+from panning.indices import INDICES, IndexSpec, available_indices, compute_many, compute_scores, register_index
 
 ALL = ["random", "magnitude", "snip", "force", "grasp", "grasp_abs", "synflow", "synflow_l2", "fts", "ntk_sap",
        "prospr", "px"]
@@ -863,3 +863,72 @@ def test_gradient_indices_score_a_layer_outside_the_forward_zero() -> None:
     for name in ("snip", "grasp"):
         scores = compute_scores(name, net, masks, batches_for("mlp"))
         assert torch.equal(scores["spare.weight"], torch.zeros(3, 3)) and scores["fc.weight"].any()
+
+
+@pytest.mark.parametrize("name", ["synflow", "synflow_l2"])
+def test_data_free_flow_indices_need_an_input_shape_or_batches(name):
+    """Without input_shape and batches there is no input to push through: a ValueError that says so."""
+    model = nn.Sequential(nn.Linear(3, 2))
+    masks = {"0.weight": torch.ones(2, 3, dtype=torch.bool)}
+    with pytest.raises(ValueError, match=rf"^{name} needs input_shape \(or batches to take it from\)$"):
+        compute_scores(name, model, masks)
+
+
+# ------------------------------------------------------------------------------ several indices together
+
+_FAMILY_SETS = [["snip", "grasp"], ["snip", "grasp_abs"], ["grasp", "grasp_abs"], ["grasp_abs", "snip", "grasp"],
+                ["snip", "magnitude", "grasp"]]
+
+
+@pytest.mark.parametrize("sizes", [(6,), (6, 4)], ids=["one_batch", "two_batches"])
+@pytest.mark.parametrize("names", _FAMILY_SETS, ids=["+".join(n) for n in _FAMILY_SETS])
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "alone"])
+def test_compute_many_is_each_index_computed_alone(names, sizes, share):
+    """compute_many gives, in the order asked, exactly what compute_scores gives for each name alone (the
+    reference), on a partly pruned network with dropout (same seed), and leaves the model as it was."""
+    model, batches = small_mlp(), batches_for("mlp", sizes=sizes)
+    masks = weight_masks(model, density=0.6, seed=2)
+    snap = snapshot(model)
+    got = compute_many(names, model, masks, batches, seed=5, share=share)
+    assert list(got) == names
+    for name in names:
+        alone = compute_scores(name, model, masks, batches, seed=5)
+        assert list(got[name]) == list(masks)
+        assert all(torch.equal(got[name][k], alone[k]) for k in masks), name
+    assert_same(model, snap)
+
+
+def test_compute_many_validates_like_compute_scores():
+    """Unknown names and non-modules are refused with compute_scores' messages; the missing-data message
+    names the first index that needs data; data-free indices need no batches."""
+    model = small_mlp()
+    masks = weight_masks(model)
+    with pytest.raises(ValueError, match=r"^unknown index 'nope'; known indices: "):
+        compute_many(["magnitude", "nope"], model, masks)
+    with pytest.raises(ValueError, match=r"^model must be a torch.nn.Module, got dict$"):
+        compute_many(["magnitude"], {}, masks)
+    with pytest.raises(ValueError, match=r"^index 'grasp' needs data: pass a non-empty list of \(inputs, targets\)$"):
+        compute_many(["magnitude", "grasp", "snip"], model, masks)
+    got = compute_many(["magnitude", "random"], model, masks, seed=3)
+    assert all(torch.equal(got["random"][k], compute_scores("random", model, masks, seed=3)[k]) for k in masks)
+
+
+@pytest.mark.parametrize("sizes, shared, alone", [((6,), 2, 5), ((6, 4), 6, 14)], ids=["one_batch", "two_batches"])
+def test_compute_many_shares_the_gradient_of_snip_and_grasp(monkeypatch, sizes, shared, alone):
+    """With share, SNIP and both GraSP signs use one gradient and one Hessian-gradient product. Gradient calls, by
+    hand: one batch, 2 (g with graph, Hg) instead of 1 (SNIP) + 2 (GraSP) + 2 (|GraSP|); two batches, 2 (mean g)
+    + 2 x 2 (per batch: g with graph, Hg) = 6 instead of 2 (SNIP) + 6 (GraSP: mean g, then 2 per batch) + 6."""
+    model, batches = small_mlp(), batches_for("mlp", sizes=sizes)
+    calls = {"n": 0}
+    real = indices_module._grads
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(indices_module, "_grads", counting)
+    compute_many(["snip", "grasp", "grasp_abs"], model, weight_masks(model), batches)
+    n_shared = calls["n"]
+    calls["n"] = 0
+    compute_many(["snip", "grasp", "grasp_abs"], model, weight_masks(model), batches, share=False)
+    assert (n_shared, calls["n"]) == (shared, alone)

@@ -801,3 +801,46 @@ def test_unmatched_exclude_warning_points_at_the_caller():
     with pytest.warns(UserWarning, match=r"^exclude entries matched no prunable layer: \['fc9'\]$") as rec:
         prunable_parameters(_model(), exclude=["fc9"])
     assert rec[0].filename == __file__
+
+
+def test_enforce_tensors_on_bare_tensors_records_its_masks():
+    """enforce_tensors zeroes the pruned entries of bare tensors now and their gradients from then on; its
+    handle holds the masks it enforces."""
+    from panning.masks import enforce_tensors
+
+    w = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    m = torch.tensor([[True, False], [False, True]])
+    handle = enforce_tensors({"w": w}, {"w": m})
+    assert w.detach().tolist() == [[1.0, 0.0], [0.0, 4.0]]
+    (w * torch.tensor([[5.0, 6.0], [7.0, 8.0]])).sum().backward()
+    assert w.grad.tolist() == [[5.0, 0.0], [0.0, 8.0]]
+    assert isinstance(handle.masks, Masks) and handle.masks.equal({"w": m}) and handle.active
+    handle.remove()
+
+
+def test_enforce_tensors_zeroes_tensors_without_a_bit_form():
+    """Complex (and integer) tensors have no bit form (keep_bits gives None): their pruned entries are zeroed
+    all the same."""
+    from panning.masks import enforce_tensors
+
+    m = torch.tensor([True, False, True])
+    z = torch.tensor([1 + 1j, 2 + 2j, 3 + 3j])
+    i = torch.tensor([1, 2, 3])
+    enforce_tensors({"z": z, "i": i}, {"z": m, "i": m})
+    assert z.tolist() == [1 + 1j, 0j, 3 + 3j] and i.tolist() == [1, 0, 3]
+
+
+def test_topk_mask_of_nothing_or_everything_is_boolean():
+    """_topk_mask returns a boolean mask also when k <= 0 (nothing kept) or k >= n (everything kept)."""
+    from panning.masks import _topk_mask
+
+    flat = torch.tensor([3.0, 1.0, 2.0])
+    for k, expected in ((0, [False] * 3), (-1, [False] * 3), (3, [True] * 3), (4, [True] * 3)):
+        got = _topk_mask(flat, k)
+        assert got.dtype == torch.bool and got.tolist() == expected, k
+
+
+def test_select_topk_validates_plain_current_masks():
+    """A plain mapping given as current is validated like Masks: a non-binary entry is refused."""
+    with pytest.raises(MaskError, match=r"^mask 'a' is not binary"):
+        select_topk({"a": torch.tensor([1.0, 2.0, 3.0])}, 1, current={"a": torch.tensor([2, 0, 1])})

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -528,3 +529,233 @@ def test_collapse_warning_points_at_the_caller_of_prune() -> None:
     with pytest.warns(RuntimeWarning, match="layer collapse") as rec:
         prune(model, "magnitude", 0.9, batch())
     assert rec[0].filename == __file__
+
+
+# -------------------------------------------------------------------------- provided scores and regrowth
+
+
+def test_needs_scores_until_scored_on_the_current_masks(counted) -> None:
+    """needs_scores: True before an index is scored, False once it is (others still True), True again after
+    a step (new masks)."""
+    p = Pruner(two_layers(), ["up", "other"], input_shape=(2,))
+    assert p.needs_scores("up") and p.needs_scores("other")
+    p.scores(["up"])
+    assert not p.needs_scores("up") and p.needs_scores("other")
+    p.step([1.0, 0.0], 12)
+    assert p.needs_scores("up") and p.needs_scores("other")
+
+
+def test_provided_scores_are_used_as_the_index_scores(counted) -> None:
+    """provide_scores stands in for scoring: the index is not computed, the step ranks by the given scores,
+    scores already computed for other indices stay cached, and a normalisation computed before is replaced."""
+    p = Pruner(two_layers(), ["up", "other"], input_shape=(2,))
+    p.scores(["other"])
+    down = {"0.weight": torch.arange(16.0, 8.0, -1.0).reshape(4, 2),
+            "1.weight": torch.arange(8.0, 0.0, -1.0).reshape(2, 4)}
+    p.provide_scores("up", down)  # flat scores 16..9, 8..1: the first 6 weights rank highest
+    assert not p.needs_scores("up") and not p.needs_scores("other")
+    assert p.step({"up": 1.0}, 6)["0.weight"].reshape(-1).tolist() == [True] * 6 + [False] * 2
+    assert counted == {"up": 0, "neg": 0, "other": 1}
+    # a normalisation cached before the scores were provided is not reused
+    q = Pruner(two_layers(), ["up"], input_shape=(2,))
+    assert q.normalised_scores("up").tolist() == [i / 8.5 for i in range(1, 17)]  # mean of 1..16 is 8.5
+    q.provide_scores("up", {k: torch.ones(m.shape) for k, m in q.masks.items()})
+    assert q.normalised_scores("up").tolist() == [1.0] * 16
+
+
+def test_provided_scores_are_checked(counted) -> None:
+    """Only this pruner's indices, exactly the masks' keys in order with their shapes; a non-finite provided
+    score of an alive weight is refused when normalised."""
+    p = Pruner(two_layers(), ["up"], input_shape=(2,))
+    good = {k: torch.ones(m.shape) for k, m in p.masks.items()}
+    with pytest.raises(ValueError, match=r"^index 'other' is not one of this pruner's \['up'\]$"):
+        p.provide_scores("other", good)
+    message = r"^scores for 'up' do not have the masks' keys and shapes$"
+    with pytest.raises(ValueError, match=message):
+        p.provide_scores("up", dict(reversed(list(good.items()))))  # same tensors, other key order
+    with pytest.raises(ValueError, match=message):
+        p.provide_scores("up", {"0.weight": torch.ones(4, 2), "1.weight": torch.ones(4, 2)})
+    with pytest.raises(ValueError, match=message):
+        p.provide_scores("up", {"0.weight": torch.ones(4, 2)})
+    bad = {k: v.clone() for k, v in good.items()}
+    bad["1.weight"][0, 0] = float("nan")
+    p.provide_scores("up", bad)
+    with pytest.raises(ValueError, match=r"^index 'up' produced NaN or infinite scores for unpruned weights$"):
+        p.normalised_scores("up")
+
+
+@pytest.fixture
+def flip(monkeypatch):
+    """Index "flip" on a 1x4 weight: scores [1, 2, 3, 4] at a pruner's first step, [4, 3, 2, 1] after (the
+    pruner's score seed is seed * 100003 + steps done)."""
+    from panning.indices import INDICES, IndexSpec
+
+    def index(model, masks, batches, *, seed, **_):
+        v = [1.0, 2.0, 3.0, 4.0] if seed == 0 else [4.0, 3.0, 2.0, 1.0]
+        return {k: torch.tensor([v]) for k in masks}
+
+    monkeypatch.setitem(INDICES, "flip", IndexSpec("flip", index, False, ""))
+    return nn.Sequential(nn.Linear(4, 1, bias=False))
+
+
+def test_regrow_selects_among_all_weights_so_pruned_ones_return(flip) -> None:
+    """With regrow, each step ranks every weight (pruned ones included, normalised over all of them) and keep
+    may grow back up to the total; without it, pruned weights never return."""
+    p = Pruner(flip, ["flip"], input_shape=(4,), regrow=True)
+    assert p.regrow is True
+    assert p.step([1.0], 3)["0.weight"].tolist() == [[False, True, True, True]]
+    # scores [4, 3, 2, 1] over all four weights: mean 2.5, the pruned first weight is not zeroed
+    assert p.normalised_scores("flip").tolist() == [1.6, 1.2, 0.8, 0.4]
+    assert p.step([1.0], 2)["0.weight"].tolist() == [[True, True, False, False]]
+    assert p.step([1.0], 4)["0.weight"].all()  # grows back to the dense network
+    with pytest.raises(ValueError, match=r"^keep must be between 0 and the 4 weights that can be kept, got 5$"):
+        p.step([1.0], 5)
+    q = Pruner(flip, ["flip"], input_shape=(4,))
+    assert q.regrow is False
+    q.step([1.0], 3)
+    assert q.normalised_scores("flip").tolist() == [0.0, 1.5, 1.0, 0.5]  # alive scores [3, 2, 1], mean 2
+    assert q.step([1.0], 2)["0.weight"].tolist() == [[False, True, True, False]]
+    with pytest.raises(ValueError, match=r"^keep must be between 0 and the 2 weights that can be kept, got 3$"):
+        q.step([1.0], 3)
+
+
+def test_prune_regrows_for_methods_that_say_so(flip, monkeypatch) -> None:
+    """prune() gives the pruner the method's regrow setting: two linear steps (keep 3, then 2) end on the
+    first two weights with regrowth and on the middle two without."""
+    from panning.pruner import METHODS, Method
+
+    for regrow, expected in ((True, [True, True, False, False]), (False, [False, True, True, False])):
+        monkeypatch.setitem(METHODS, "flipper", Method("flipper", ("flip",), lambda s: (1.0,), 2, "linear",
+                                                       regrow=regrow))
+        r = prune(flip, "flipper", 0.5, input_shape=(4,))
+        assert r.masks["0.weight"].reshape(-1).tolist() == expected, regrow
+
+
+# ------------------------------------------------- options of a method: dense indices, temperatures, sharing
+
+
+def test_dense_indices_are_scored_once_on_the_unpruned_network(counted, monkeypatch) -> None:
+    """An index in dense_indices scores the all-kept masks, once for the whole run, with the first step's seed;
+    it never needs scores and cannot be provided; the other indices score the masked network every step."""
+    from panning import indices as indices_module
+
+    seen = []
+    real = indices_module.compute_many
+
+    def recording(names, model, masks, batches=None, **kw):
+        seen.append((list(names), sum(int(m.sum()) for m in masks.values()), kw["seed"]))
+        return real(names, model, masks, batches, **kw)
+
+    monkeypatch.setattr(indices_module, "compute_many", recording)
+    p = Pruner(two_layers(), ["up", "other"], input_shape=(2,), dense_indices=["up"], seed=2)
+    assert p.dense_indices == ("up",) and not p.needs_scores("up") and p.needs_scores("other")
+    with pytest.raises(ValueError, match=r"^index 'up' scores the unpruned network here; the pruner computes it "
+                                         r"itself$"):
+        p.provide_scores("up", {k: torch.ones(m.shape) for k, m in p.masks.items()})
+    p.step([1.0, 1.0], 10)
+    p.step([1.0, 1.0], 6)
+    assert seen == [(["up"], 16, 200_006), (["other"], 16, 200_006), (["other"], 10, 200_007)]
+    assert counted == {"up": 1, "neg": 0, "other": 2}
+    assert not p.needs_scores("up")
+
+
+def test_a_logit_temperature_applies_to_its_index_only() -> None:
+    """temperatures={"grasp": T} scores grasp with cross_entropy(logits / T, y) (reference: compute_scores with
+    that loss), snip of the same pruner with the plain loss."""
+    model, b = mlp(), batch()
+    p = Pruner(model, ["snip", "grasp"], b, temperatures={"grasp": 4.0})
+    assert p.temperatures == {"grasp": 4.0}
+    s = p.scores()
+    hot = compute_scores("grasp", model, p.masks, b, loss_fn=lambda out, y: F.cross_entropy(out / 4.0, y))
+    plain = compute_scores("snip", model, p.masks, b)
+    assert all(torch.equal(s["grasp"][k], hot[k]) for k in hot)
+    assert all(torch.equal(s["snip"][k], plain[k]) for k in plain)
+
+
+def test_dense_indices_and_temperatures_are_checked() -> None:
+    model, b = mlp(), batch()
+    with pytest.raises(ValueError, match=r"^dense_indices and temperatures name indices of this pruner \['snip'\]; "
+                                         r"got 'grasp'$"):
+        Pruner(model, ["snip"], b, dense_indices=["grasp"])
+    with pytest.raises(ValueError, match=r"^dense_indices and temperatures name indices of this pruner \['snip'\]; "
+                                         r"got 'grasp'$"):
+        Pruner(model, ["snip"], b, temperatures={"grasp": 2.0})
+    for t in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=rf"^the logit temperature of 'snip' must be positive and finite, "
+                                             rf"got {t}$"):
+            Pruner(model, ["snip"], b, temperatures={"snip": t})
+    assert Pruner(model, ["snip"], b, temperatures={"snip": 1e-3}).temperatures == {"snip": 1e-3}
+
+
+def test_share_passes_reaches_compute_many(monkeypatch) -> None:
+    """Pruner(share_passes=...) is what compute_many is asked (default True)."""
+    from panning import indices as indices_module
+
+    shares = []
+    real = indices_module.compute_many
+    monkeypatch.setattr(indices_module, "compute_many",
+                        lambda names, *a, **kw: shares.append(kw["share"]) or real(names, *a, **kw))
+    model, b = mlp(), batch()
+    for share in (True, False):
+        p = Pruner(model, ["snip", "grasp"], b, share_passes=share)
+        assert p.share_passes is share
+        p.scores()
+    Pruner(model, ["snip"], b).scores()
+    assert shares == [True, False, True]
+
+
+@pytest.mark.filterwarnings("ignore:layer collapse")  # "up" ranks the first layer lowest: it is emptied
+def test_prune_passes_a_methods_options_on(counted, monkeypatch) -> None:
+    """prune() gives the pruner the method's dense indices, temperatures and normalisation, and share_passes;
+    weights_by="target" picks the weights by the step's target sparsity (1 - keep / N), "current" by the
+    network's sparsity before the step; another normalisation than the default or the method's is refused."""
+    from panning import pruner as pruner_module
+    from panning.errors import ConfigError
+    from panning.pruner import Method
+
+    made = []
+
+    class Recording(Pruner):
+        def __init__(self, *a, **kw):
+            made.append(kw)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(pruner_module, "Pruner", Recording)
+    for by in ("target", "current"):
+        monkeypatch.setitem(METHODS, "opts", Method("opts", ("up", "other"), lambda s: (1.0, s), 2, "linear",
+                                                    weights_by=by, dense_indices=("other",),
+                                                    temperatures=(("up", 3.0),), normalisation="rank"))
+        r = prune(two_layers(), "opts", 0.5, input_shape=(2,), share_passes=False)
+        kw = made[-1]
+        assert (kw["dense_indices"], kw["temperatures"], kw["normalisation"], kw["share_passes"]) == (
+            ("other",), {"up": 3.0}, "rank", False)
+        # linear schedule on 16 weights to 8: keep 12, then 8
+        expected = [0.25, 0.5] if by == "target" else [0.0, 0.25]
+        assert [h.weights["other"] for h in r.history] == expected, by
+    assert prune(two_layers(), "opts", 0.5, input_shape=(2,), normalisation="rank").masks.num_kept == 8
+    with pytest.raises(ConfigError, match=r"^method 'opts' normalises by 'rank' as part of its definition; leave the "
+                                          r"normalisation at its default \(got 'zscore'\)$"):
+        prune(two_layers(), "opts", 0.5, input_shape=(2,), normalisation="zscore")
+    assert made[-1]["share_passes"] is True  # the default (from the call before)
+
+
+def test_a_dense_index_first_weighted_later_still_scores_the_unpruned_network(counted, monkeypatch) -> None:
+    """A dense index that gets weight only at the second step, on a pruner started from pruned masks, is scored
+    then on the all-kept masks (16 weights) with the first step's seed (seed * 100003)."""
+    from panning import indices as indices_module
+
+    seen = []
+    real = indices_module.compute_many
+
+    def recording(names, model, masks, batches=None, **kw):
+        seen.append((list(names), sum(int(m.sum()) for m in masks.values()), kw["seed"]))
+        return real(names, model, masks, batches, **kw)
+
+    monkeypatch.setattr(indices_module, "compute_many", recording)
+    model = two_layers()
+    start = {k: v.clone() for k, v in Masks.ones(model).items()}
+    start["0.weight"][0] = False  # 14 of 16 kept
+    p = Pruner(model, ["up", "other"], input_shape=(2,), dense_indices=["up"], masks=Masks(start), seed=1)
+    p.step([0.0, 1.0], 12)
+    p.step([1.0, 1.0], 8)
+    assert seen == [(["other"], 14, 100_003), (["up"], 16, 100_003), (["other"], 12, 100_004)]
