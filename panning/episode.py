@@ -78,7 +78,7 @@ from torch import Tensor, nn
 
 from panning._functional import functional_forward, masked_weights, other_tensors, preserved_modes
 from panning.connectivity import effective_masks
-from panning.masks import Masks, _topk_mask, keep_count
+from panning.masks import Masks, _topk_mask, check_keep, keep_count
 from panning.pruner import Pruner
 
 __all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "OBS_LIMIT", "OBS_VERSION",
@@ -179,6 +179,7 @@ class PruningEpisode:
         self.input_shape = self.pruner.input_shape
         self.N = self.pruner.num_total
         self.target_sparsity = float(target_sparsity)
+        check_keep(len(self.pruner.masks), self.N, target_sparsity)  # an emptied layer: no path can survive
         self.final_keep = keep_count(self.N, target_sparsity)
         self.target_density = self.final_keep / self.N
         self.t = 0

@@ -326,6 +326,36 @@ class Masks(Mapping[str, Tensor]):
         return model
 
 
+def check_sparsity(model: nn.Module, sparsity: float, exclude: Iterable[str] = ()) -> None:
+    """Refuse a sparsity that keeps fewer weights than ``model`` has prunable layers: some layer would
+    be emptied, so no input-output path could survive. The message gives the largest sparsity that
+    still keeps one weight per layer (keeping that many does not by itself guarantee a path)."""
+    layers = Masks.ones(model, exclude=list(exclude))
+    check_keep(len(layers), layers.num_total, sparsity)
+
+
+def check_keep(n: int, total: int, sparsity: float) -> None:
+    """Refuse a sparsity that keeps fewer of ``total`` weights than the ``n`` prunable layers (see
+    :func:`check_sparsity`)."""
+    kept = keep_count(total, sparsity)
+    if kept < n:
+        raise ConfigError(f"sparsity {sparsity} keeps {kept} of {total} prunable weights, fewer than the {n} "
+                          f"prunable layers: no input-output path can survive; the largest sparsity that keeps "
+                          f"one weight per layer is {largest_sparsity(total, n):.6f}")
+
+
+def largest_sparsity(total: int, keep: int, decimals: int = 6) -> float:
+    """The largest sparsity with ``decimals`` decimals that keeps at least ``keep`` of ``total`` weights
+    (:func:`panning.masks.keep_count` rounds, so it lies a little above ``1 - keep / total``)."""
+    step = 10 ** -decimals
+    s = math.floor((1 - (keep - 0.5) / total) / step) * step
+    while s > 0 and keep_count(total, round(s, decimals)) < keep:
+        s -= step
+    while s + step < 1 and keep_count(total, round(s + step, decimals)) >= keep:
+        s += step
+    return round(max(s, 0.0), decimals)
+
+
 # --------------------------------------------------------------------------------------------
 # top-k selection
 

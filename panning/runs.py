@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -25,7 +24,7 @@ from panning.data import DataBundle, balanced_batch, load_dataset
 from panning.errors import ConfigError, RunDirError
 from panning.hashing import state_digest
 from panning.io import atomic_path, write_json
-from panning.masks import Masks, keep_count
+from panning.masks import Masks, check_sparsity, largest_sparsity
 from panning.models import build_model, reinit_weights
 from panning.policy import Policy, run_policy
 from panning.pruner import PruneResult, prune
@@ -85,29 +84,6 @@ def setup(cfg: RunConfig, bundle: DataBundle | None = None) -> Setup:
     return Setup(model.to(device), bundle, device)
 
 
-def check_sparsity(model: nn.Module, sparsity: float, exclude: Iterable[str] = ()) -> None:
-    """Refuse a sparsity that keeps fewer weights than ``model`` has prunable layers: some layer would
-    be emptied, so no input-output path could survive. The message gives the largest sparsity that
-    still keeps one weight per layer (keeping that many does not by itself guarantee a path)."""
-    layers = Masks.ones(model, exclude=list(exclude))
-    n, total = len(layers), layers.num_total
-    kept = keep_count(total, sparsity)
-    if kept < n:
-        raise ConfigError(f"sparsity {sparsity} keeps {kept} of {total} prunable weights, fewer than the {n} "
-                          f"prunable layers: no input-output path can survive; the largest sparsity that keeps "
-                          f"one weight per layer is {largest_sparsity(total, n):.6f}")
-
-
-def largest_sparsity(total: int, keep: int, decimals: int = 6) -> float:
-    """The largest sparsity with ``decimals`` decimals that keeps at least ``keep`` of ``total`` weights
-    (:func:`panning.masks.keep_count` rounds, so it lies a little above ``1 - keep / total``)."""
-    step = 10 ** -decimals
-    s = math.floor((1 - (keep - 0.5) / total) / step) * step
-    while s > 0 and keep_count(total, round(s, decimals)) < keep:
-        s -= step
-    while s + step < 1 and keep_count(total, round(s + step, decimals)) >= keep:
-        s += step
-    return round(max(s, 0.0), decimals)
 
 
 def scoring_batches(cfg: RunConfig, bundle: DataBundle,

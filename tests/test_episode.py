@@ -535,3 +535,15 @@ def test_gradient_norm_signal_is_accumulated_in_float64() -> None:
     loss, grad = ep.signals(Masks.ones(model))
     assert loss == pytest.approx(math.log(2.0), rel=1e-6)
     assert grad * 1e25 == pytest.approx(math.sqrt(0.5), rel=1e-5)  # (approx's absolute tolerance would hide 0)
+
+
+def test_a_target_that_empties_a_layer_is_refused_before_anything_runs() -> None:
+    """4 + 2 weights in two layers at 90% keeps round(0.6) = 1 < 2 layers; 50% keeps 3."""
+    from panning.errors import ConfigError
+
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
+    batch = [(torch.ones(2, 2), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(ConfigError, match="fewer than the 2 prunable layers.*one weight per layer is 0.75"):
+        PruningEpisode(model, ["magnitude"], batch, target_sparsity=0.9, steps=2)
+    ep = PruningEpisode(model, ["magnitude"], batch, target_sparsity=0.5, steps=2)
+    assert ep.final_keep == 3
