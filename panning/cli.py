@@ -474,12 +474,14 @@ class SweepCell:
 
         if self._policies is None:
             self._policies = {}
-            folder = Path(tempfile.mkdtemp(prefix="panning-agents-"))
-            for name, (path, data) in self.agents.items():
-                (folder / f"{name}.zip").write_bytes(data)
-                policy = load_policy(folder / f"{name}.zip")
-                policy.info["path"] = path  # the cell records where the agent lives, not the copy
-                self._policies[name] = policy
+            # the agents' bytes travel with the task; load them from a folder removed right after
+            with tempfile.TemporaryDirectory(prefix="panning-agents-") as tmp:
+                folder = Path(tmp)
+                for name, (path, data) in self.agents.items():
+                    (folder / f"{name}.zip").write_bytes(data)
+                    policy = load_policy(folder / f"{name}.zip")
+                    policy.info["path"] = path  # the cell records where the agent lives, not the copy
+                    self._policies[name] = policy
         bundle = _bundle(cfg.dataset, cfg.data_dir, cfg.download, cfg.split_seed)
         return runs.run_cell(cfg, cell, out, bundle, progress=False, agents=self._policies)
 
