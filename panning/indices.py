@@ -131,21 +131,7 @@ def compute_scores(
         ValueError: unknown index, missing/empty batches for a data index, mask keys that are not
             parameters of the model or whose shape differs, non-binary masks, non-finite scores.
     """
-    spec = INDICES.get(name)
-    if spec is None:
-        raise ValueError(f"unknown index {name!r}; known indices: {', '.join(available_indices())}")
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    checked = _check_masks(model, masks)
-    batch_list = _check_batches(batches, name, required=spec.needs_data)
-    device = _device(model, checked)
-    batch_list = [(x.to(device), y.to(device)) for x, y in batch_list] if batch_list else None
-    with preserved_modes(model), _seeded(seed, device):
-        scores = spec.fn(
-            model, checked, batch_list, input_shape=input_shape, seed=seed, loss_fn=loss_fn
-        )
-    _check_scores(name, checked, scores)
-    return {k: scores[k] for k in checked}
+    return compute_many([name], model, masks, batches, input_shape=input_shape, seed=seed, loss_fn=loss_fn)[name]
 
 
 # The indices whose scores come from the loss gradient g and its Hessian product Hg at the same network: one
@@ -208,14 +194,17 @@ def _gradient_family(
     model.train()
     ws = masked_weights(model, masks)
     rest = other_tensors(model, masks)
-    tensors = {**rest, **ws}
-    if len(batches) == 1:
-        gf = _grads(_batch_loss(model, tensors, batches[0], loss_fn), ws, create_graph=True)
+    hg: list[Tensor] | None = None
+    if not {"grasp", "grasp_abs"} & set(names):
+        g = _mean_gradient(model, ws, rest, batches, loss_fn)  # no graph: SNIP needs no second derivative
+    elif len(batches) == 1:
+        # one batch: g comes from the same forward whose graph is differentiated twice
+        gf = _grads(_batch_loss(model, {**rest, **ws}, batches[0], loss_fn), ws, create_graph=True)
         g = [t.detach() for t in gf]
-        hg = _grads(_dot(gf, g), ws) if {"grasp", "grasp_abs"} & set(names) else None
+        hg = _grads(_dot(gf, g), ws)
     else:
         g = _mean_gradient(model, ws, rest, batches, loss_fn)
-        hg = _hessian_gradient(model, ws, rest, batches, loss_fn, g=g) if {"grasp", "grasp_abs"} & set(names) else None
+        hg = _hessian_gradient(model, ws, rest, batches, loss_fn, g)
     out: dict[str, Scores] = {}
     if "snip" in names:
         out["snip"] = {k: (w.detach() * gk).abs_() for (k, w), gk in zip(ws.items(), g, strict=True)}
@@ -353,19 +342,12 @@ def _mean_gradient(
 
 def _hessian_gradient(
     model: nn.Module, ws: Mapping[str, Tensor], rest: Mapping[str, Tensor], batches: list[Batch], loss_fn: LossFn,
-    g: list[Tensor] | None = None,
+    g: list[Tensor],
 ) -> list[Tensor]:
-    """``H g`` of the mean loss, by double backward: ``z = Σ stop(g)·∇L``, ``Hg = ∇z`` (``g`` given when the caller
-    has already taken the mean gradient, with several batches)."""
+    """``H g`` of the mean loss over several batches, by double backward: ``z = Σ stop(g)·∇L_b`` per batch,
+    ``Hg = Σ_b (n_b / N) ∇z_b``, ``g`` the mean gradient (one batch: :func:`_gradient_family` reuses its graph)."""
     tensors = {**rest, **ws}
     total = sum(x.shape[0] for x, _ in batches)
-    if len(batches) == 1:
-        # one batch: g comes from the same forward whose graph we differentiate twice,
-        # saving the separate gradient pass
-        gf = _grads(_batch_loss(model, tensors, batches[0], loss_fn), ws, create_graph=True)
-        return _grads(_dot(gf, [g.detach() for g in gf]), ws)
-    if g is None:
-        g = _mean_gradient(model, ws, rest, batches, loss_fn)
     hg = [torch.zeros_like(w) for w in ws.values()]
     for batch in batches:
         gf = _grads(_batch_loss(model, tensors, batch, loss_fn), ws, create_graph=True)
@@ -418,11 +400,7 @@ def snip(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *,
     sensitivity" (ICLR). The paper normalises by the sum of scores, which does not change the
     ranking; it is left to the pruner.
     """
-    model.train()
-    ws = masked_weights(model, masks)
-    rest = other_tensors(model, masks)
-    g = _mean_gradient(model, ws, rest, batches, loss_fn)
-    return {k: (w.detach() * gk).abs_() for (k, w), gk in zip(ws.items(), g, strict=True)}
+    return _gradient_family(model, masks, batches, loss_fn, ("snip",))["snip"]
 
 
 @register_index("force", needs_data=True)
@@ -462,11 +440,7 @@ def grasp(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch], *
     The original divides logits by a temperature ``T = 200``; pass
     ``loss_fn=lambda out, y: F.cross_entropy(out / 200, y)`` to reproduce that.
     """
-    model.train()
-    ws = masked_weights(model, masks)
-    rest = other_tensors(model, masks)
-    hg = _hessian_gradient(model, ws, rest, batches, loss_fn)
-    return {k: w.detach() * h for (k, w), h in zip(ws.items(), hg, strict=True)}
+    return _gradient_family(model, masks, batches, loss_fn, ("grasp",))["grasp"]
 
 
 @register_index("grasp_abs", needs_data=True)
@@ -477,7 +451,7 @@ def grasp_abs(model: nn.Module, masks: Mapping[str, Tensor], batches: list[Batch
     ("A gradient flow framework for analyzing network pruning"), who argue that weights changing
     gradient flow in either direction are important.
     """
-    return {k: s.abs() for k, s in grasp(model, masks, batches, loss_fn=loss_fn).items()}
+    return _gradient_family(model, masks, batches, loss_fn, ("grasp_abs",))["grasp_abs"]
 
 
 @register_index("synflow", needs_data=False)
@@ -499,11 +473,7 @@ def synflow(
     Yamins & Ganguli, 2020, "Pruning neural networks without any data by iteratively conserving
     synaptic flow" (NeurIPS).
     """
-    if input_shape is None:
-        if not batches:
-            raise ValueError("synflow needs input_shape (or batches to take it from)")
-        input_shape = tuple(batches[0][0].shape[1:])
-    shape = tuple(int(s) for s in input_shape)
+    shape = _input_shape("synflow", input_shape, batches)
     model.eval()
     ws = masked_weights(model, masks, dtype=torch.float64, absolute=True)
     rest = other_tensors(model, masks, dtype=torch.float64, absolute=True)
@@ -545,19 +515,14 @@ def synflow_l2(
     """
     shape = _input_shape("synflow_l2", input_shape, batches)
     model.eval()
-    params = dict(model.named_parameters())
-    ws = {k: w.detach().square().requires_grad_(True)
-          for k, w in masked_weights(model, masks, dtype=torch.float64).items()}
+    theta = {k: w.detach() for k, w in masked_weights(model, masks, dtype=torch.float64).items()}  # θ ⊙ m
+    ws = {k: t.square().requires_grad_(True) for k, t in theta.items()}
     rest = {k: t.square() if t.is_floating_point() else t
             for k, t in other_tensors(model, masks, dtype=torch.float64).items()}
     x = torch.ones((1, *shape), dtype=torch.float64, device=_device(model, masks))
     r = functional_forward(model, {**rest, **ws}, x).sum()
     g = _grads(r, ws)
-    out: Scores = {}
-    for (k, m), gk in zip(masks.items(), g, strict=True):
-        theta = params[k].detach().to(torch.float64) * m.to(torch.float64)
-        out[k] = theta.abs_().mul_(gk.abs())
-    return out
+    return {k: theta[k].abs().mul_(gk.abs()) for k, gk in zip(ws, g, strict=True)}
 
 
 def _input_shape(name: str, input_shape: Sequence[int] | None, batches: list[Batch] | None) -> tuple[int, ...]:

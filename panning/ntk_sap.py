@@ -22,7 +22,7 @@ from panning._functional import (
     functional_forward,
     other_tensors,
 )
-from panning.indices import Batch, Scores, register_index
+from panning.indices import Batch, Scores, _input_shape, register_index
 
 __all__ = [
     "NTKSAP_EPSILON",
@@ -104,19 +104,11 @@ def ntk_sap(
     both; ``R · ⌈10 C / 256⌉`` draws of ``min(10 C, 256)`` noise inputs (5 draws of 100 for 10 classes),
     i.e. about ``R`` times two forward+backward passes of a batch of ``10 C``.
     """
-    shape = _shape(input_shape, batches)
+    shape = _input_shape("ntk_sap", input_shape, batches)
     model.eval()
     draws = ntk_sap_draws(model, masks, shape, seed)
     grads = ntk_sap_gradient(model, masks, draws, NTKSAP_EPSILON)
     return {k: g.abs_().mul_(as_numbers(masks[k], g.dtype)) for k, g in grads.items()}
-
-
-def _shape(input_shape: Sequence[int] | None, batches: list[Batch] | None) -> tuple[int, ...]:
-    if input_shape is None:
-        if not batches:
-            raise ValueError("ntk_sap needs input_shape (or batches to take it from)")
-        input_shape = tuple(batches[0][0].shape[1:])
-    return tuple(int(s) for s in input_shape)
 
 
 def _batch_sizes(model: nn.Module, masks: Mapping[str, Tensor], shape: tuple[int, ...]) -> list[int]:
