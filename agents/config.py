@@ -155,17 +155,19 @@ class _Linear:
 _ACTIVATIONS = ("tanh", "relu", "elu", "leaky_relu")
 VEC_ENVS = ("subproc", "dummy", "batched", "ray")
 _POLICY_KEYS = ("net_arch", "activation_fn", "log_std_init", "ortho_init", "squash_output")
+# read by panning.agents.features.extractor_kwargs, which needs the env settings too
+_EXTRACTOR_KEYS = ("features_extractor", "extractor_hidden")
 
 
 def policy_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
     """SB3 ``policy_kwargs`` from plain YAML (activation given by name rather than by Python object)."""
     import torch.nn as nn
 
-    unknown = set(raw) - set(_POLICY_KEYS)
+    unknown = set(raw) - set(_POLICY_KEYS) - set(_EXTRACTOR_KEYS)
     if unknown:
         raise ConfigError(f"bad agent config: unknown policy_kwargs {sorted(unknown)}; "
-                          f"known: {', '.join(_POLICY_KEYS)}")
-    out = dict(raw)
+                          f"known: {', '.join(_POLICY_KEYS + _EXTRACTOR_KEYS)}")
+    out = {k: v for k, v in raw.items() if k not in _EXTRACTOR_KEYS}
     if "activation_fn" in out:
         name = out["activation_fn"]
         if name not in _ACTIVATIONS:

@@ -126,8 +126,20 @@ class _Deterministic:
         self.model = model
 
     def __call__(self, observation: np.ndarray) -> np.ndarray:
-        action, _ = self.model.predict(observation, deterministic=True)
-        return np.asarray(action)
+        space = self.model.observation_space
+        if np.shape(observation) == space.shape:
+            action, _ = self.model.predict(observation, deterministic=True)
+            return np.asarray(action)
+        # A layers observation of a network deeper than the policy's max_layers: SB3's predict checks the
+        # shape against the training space, but the set extractor reads any number of rows. The same steps
+        # as predict: the deterministic action, clipped to the action space.
+        import torch
+
+        policy = self.model.policy
+        obs = torch.as_tensor(np.asarray(observation, dtype=np.float32), device=policy.device).reshape(1, -1)
+        with torch.no_grad():
+            action = policy._predict(obs, deterministic=True).cpu().numpy().reshape(self.model.action_space.shape)
+        return np.clip(action, self.model.action_space.low, self.model.action_space.high)
 
 
 def as_policy(agent: LoadedAgent) -> Policy:

@@ -54,6 +54,7 @@ from panning.agents.config import (
     resolve_env_path,
     sb3_schedules,
 )
+from panning.agents.features import extractor_kwargs
 from panning.agents.policy import agent_metadata, read_metadata, save_agent
 from panning.alloc import tune_malloc
 from panning.distributed import RayCluster
@@ -181,6 +182,9 @@ class AgentTraining:
         if not (out / CONFIG_FILE).is_file():
             raise RunExists(f"{out} holds no agent run to resume ({CONFIG_FILE} missing); start one with --out")
         cfg = load_agent_config(out / CONFIG_FILE)
+        if cfg.env is None and "observation" not in cfg.env_kwargs:
+            # a run written before the per-layer observation (0.3) trained on the summary layout
+            cfg = dataclasses.replace(cfg, env_kwargs={**cfg.env_kwargs, "observation": "summary"})
         return cls(cfg, resolve_env_config(cfg), out, resume=True, **kwargs)
 
     def prepare(self) -> None:
@@ -199,6 +203,7 @@ class AgentTraining:
         parse_schedule(cfg.learning_rate, "learning_rate")
         parse_schedule(cfg.clip_range, "clip_range")
         policy_kwargs(cfg.policy_kwargs)
+        extractor_kwargs(dataclasses.asdict(self.env_config), cfg.policy_kwargs)
         self._check_eval_settings()
         torch.set_num_threads(cfg.threads)
         self.eval_core = PanningEnv(self.env_config)
@@ -259,7 +264,9 @@ class AgentTraining:
             n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, gamma=cfg.gamma,
             gae_lambda=cfg.gae_lambda, clip_range=parse_schedule(cfg.clip_range, "clip_range"), ent_coef=cfg.ent_coef,
             vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, normalize_advantage=cfg.normalize_advantage,
-            target_kl=cfg.target_kl, policy_kwargs=policy_kwargs(cfg.policy_kwargs), tensorboard_log=str(out / "tb"),
+            target_kl=cfg.target_kl, tensorboard_log=str(out / "tb"),
+            policy_kwargs={**policy_kwargs(cfg.policy_kwargs),
+                           **extractor_kwargs(dataclasses.asdict(self.env_config), cfg.policy_kwargs)},
             seed=cfg.seed, device=cfg.device, verbose=0,
         )
         return self.model

@@ -19,8 +19,10 @@ seed every episode), builds a freshly initialised network with it, draws the tar
 Action and observation
 ----------------------
 A float32 ``Box(-1, 1, (K + 1,))`` action (K index weights, one step size) and a fixed-size float32
-``Box(-5, 5, (13 + 6K,))`` observation, both defined and documented in :mod:`envs.episode`
-(:class:`envs.episode.PruningEpisode`), which ``panning prune --policy`` drives too.
+observation, both defined and documented in :mod:`panning.episode`
+(:class:`panning.episode.PruningEpisode`), which ``panning prune --policy`` drives too:
+``observation: layers`` (the default, version 2) is ``Box(-5, 5, (13 + 6K + max_layers * (9 + 5K),))``
+with a padded per-layer axis; ``observation: summary`` (version 1) the ``13 + 6K`` global features only.
 
 Reward
 ------
@@ -65,7 +67,16 @@ from panning import config as _config
 from panning import indices as _indices
 from panning.config import ConfigError
 from panning.data import DataBundle, balanced_batch, load_dataset
-from panning.episode import GLOBAL_FEATURES, INDEX_FEATURES, OBS_LIMIT, PruningEpisode, feature_names, observation_size
+from panning.episode import (
+    DEFAULT_MAX_LAYERS,
+    GLOBAL_FEATURES,
+    INDEX_FEATURES,
+    OBS_LIMIT,
+    OBSERVATIONS,
+    PruningEpisode,
+    feature_names,
+    observation_size,
+)
 from panning.masks import Masks
 from panning.models import build_model
 from panning.proxy import ProxyEvaluator, ProxyResult, ProxySettings
@@ -103,6 +114,9 @@ class PanningEnvConfig:
     init_seed_base: int = 0  # pool = init_seed_base + 0..init_seeds-1 (use another base for held-out inits)
     scoring_per_class: int = 10  # fixed class-balanced scoring batch from the training split
     batch_seed: int = 0
+    # observation layout (panning.episode): "layers" (per-layer rows, padded to max_layers) or "summary"
+    observation: str = "layers"
+    max_layers: int = DEFAULT_MAX_LAYERS
     # the reward's short training run (panning.proxy.ProxyEvaluator); YAML: a nested mapping ``proxy:``
     proxy: ProxySettings = field(default_factory=ProxySettings)
     # reward
@@ -143,6 +157,10 @@ class PanningEnvConfig:
             minimum = 1 if name == "scoring_per_class" else 0
             if not is_int(v) or v < minimum:
                 bad(f"{name} must be an integer >= {minimum}, got {v!r}")
+        if self.observation not in OBSERVATIONS:
+            bad(f"unknown observation {self.observation!r}; known: {', '.join(OBSERVATIONS)}")
+        if not is_int(self.max_layers) or self.max_layers < 1:
+            bad(f"max_layers must be an integer >= 1, got {self.max_layers!r}")
         if self.normalisation not in NORMALISATIONS:
             bad(f"unknown normalisation {self.normalisation!r}; known: {', '.join(NORMALISATIONS)}")
         if self.mode not in ("global", "layerwise"):
@@ -259,11 +277,16 @@ class PanningEnv(gym.Env):
         self.batches = [(x.to(self.device), y.to(self.device))]
         # Fail at construction, not at the first reset, on a model name that does not fit the data.
         probe = build_model(cfg.model, bundle.num_classes, bundle.input_shape, seed=0, init=cfg.init)
-        self.num_prunable = Masks.ones(probe, exclude=cfg.exclude).num_total
+        probe_masks = Masks.ones(probe, exclude=cfg.exclude)
+        self.num_prunable = probe_masks.num_total
+        if cfg.observation == "layers" and len(probe_masks) > cfg.max_layers:
+            raise ConfigError(f"bad Panning env config: {cfg.model} has {len(probe_masks)} prunable layers, more than "
+                              f"max_layers={cfg.max_layers}; raise max_layers")
         self.K = len(cfg.indices)
         self.action_space = spaces.Box(-1.0, 1.0, shape=(self.K + 1,), dtype=np.float32)
-        self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(observation_size(self.K),), dtype=np.float32)
-        self.feature_names = feature_names(cfg.indices)
+        size = observation_size(self.K, cfg.observation, cfg.max_layers)
+        self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(size,), dtype=np.float32)
+        self.feature_names = feature_names(cfg.indices, cfg.observation, cfg.max_layers)
         # A caller's own bundle gets a private evaluator and reference cache: sharing them by object
         # identity could hand one data set's results to another.
         self.proxy = self._make_proxy() if custom else self._shared_proxy()
@@ -347,7 +370,7 @@ class PanningEnv(gym.Env):
         self.episode = PruningEpisode(
             self.model, cfg.indices, self.batches, target_sparsity=target, steps=cfg.pruning_steps,
             input_shape=self.bundle.input_shape, exclude=cfg.exclude, mode=cfg.mode,
-            normalisation=cfg.normalisation, seed=init_seed,
+            normalisation=cfg.normalisation, seed=init_seed, observation=cfg.observation, max_layers=cfg.max_layers,
         )
         self._done = False
         self._phi = 0.0

@@ -62,6 +62,37 @@ maps a density x in [0.001, 1] onto [-1, 1].
  18+6k   top1_mass_k             share of sum |n_k| held by the top 1% of alive weights, in [0, 1]
                                  (heavy tails -> near 1)
 ====  =========================  ===============================================================
+
+Per-layer observation (``observation="layers"``, version 2, the default of ``Panning-v0``)
+-----------------------------------------------------------------------------------------
+The summary above (version 1, ``observation="summary"``), then a padded layer axis of
+``max_layers`` rows (default 32) of ``8 + 5K`` features each, then ``max_layers`` presence flags
+(1 for a real layer, 0 for padding; real layers come first, in the order the masks list them).
+Size ``13 + 6K + max_layers * (9 + 5K)``. A policy that pools over the layer axis
+(:class:`panning.agents.features.LayerSetExtractor`) applies to a network of any depth: an episode
+whose network has more layers than ``max_layers`` is refused, and :func:`panning.policy.run_policy`
+widens the axis for such a network instead. Per layer l (N_l weights, n_l of them alive):
+
+================  ===================================================================================
+name              definition
+================  ===================================================================================
+density           D(layer density)
+effective         D(share of the layer's weights that are kept and lie on an input-output path)
+size_share        N_l / N (the layer's share of all prunable weights)
+log_size          log10(N_l) / 7
+log_fan_in        log10(fan-in) / 5 (Linear: in features; Conv: in channels x kernel size)
+log_fan_out       log10(fan-out) / 5 (Linear: out features; Conv: out channels x kernel size)
+depth             l / (L - 1), the layer's position in the masks' order (0 when L = 1)
+conv              1 for a weight of more than 2 dimensions (a convolution), else 0
+================  ===================================================================================
+
+then for each index k (0 at the terminal step, as the summary's per-index features), with P_k the
+weights index k alone would prune at the next default step (as ``agreement_k``) and m = |P_k|:
+``remove_layer_k`` = |P_k in l| / n_l (the share of the layer's alive weights it would remove),
+``remove_global_k`` = |P_k in l| / m (the layer's share of that index's next prune set), and
+``q10_k``, ``q50_k``, ``q90_k``: the summary's score quantiles over the layer's alive weights only
+(0 for a layer with no alive weight). A layer's features depend only on that layer, the global
+state and its depth: registering the layers in another order changes nothing else.
 """
 from __future__ import annotations
 
@@ -81,8 +112,9 @@ from panning.connectivity import effective_masks
 from panning.masks import Masks, _topk_mask, check_keep, keep_count
 from panning.pruner import Pruner
 
-__all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "OBS_LIMIT", "OBS_VERSION",
-           "ACTION_MAPPING", "observation_size", "feature_names", "map_action"]
+__all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "LAYER_FEATURES",
+           "LAYER_INDEX_FEATURES", "OBSERVATIONS", "OBS_VERSIONS", "DEFAULT_MAX_LAYERS", "OBS_LIMIT", "OBS_VERSION",
+           "ACTION_MAPPING", "observation_size", "feature_names", "layer_feature_size", "map_action"]
 
 GLOBAL_FEATURES = (
     "progress", "default_share", "density", "target_density", "budget_left", "ineffective",
@@ -90,21 +122,48 @@ GLOBAL_FEATURES = (
     "layers_collapsed", "loss_ratio", "grad_norm_ratio",
 )
 INDEX_FEATURES = ("agreement", "q10", "q50", "q90", "nonpositive", "top1_mass")
+LAYER_FEATURES = ("density", "effective", "size_share", "log_size", "log_fan_in", "log_fan_out", "depth", "conv")
+LAYER_INDEX_FEATURES = ("remove_layer", "remove_global", "q10", "q50", "q90")
 OBS_LIMIT = 5.0
-# Bump when a feature's definition or order changes: saved agents record it and refuse to load otherwise.
-OBS_VERSION = 1
+# Bump a layout's version when a feature's definition or order changes: saved agents record it and
+# refuse to load otherwise. Each layout keeps its own version, so agents of the older layout still load.
+OBS_VERSIONS = {"summary": 1, "layers": 2}
+OBSERVATIONS = tuple(OBS_VERSIONS)
+OBS_VERSION = OBS_VERSIONS["layers"]  # the default layout's
+DEFAULT_MAX_LAYERS = 32
 # Recorded in saved agents for the same reason.
 ACTION_MAPPING = "w=(a+1)/2 (all 0 -> equal); share=min(1, 2**(2b)/steps_left); v1"
 
 
-def observation_size(num_indices: int) -> int:
-    """Length of the observation vector for ``num_indices`` indices (independent of the network)."""
-    return len(GLOBAL_FEATURES) + len(INDEX_FEATURES) * num_indices
+def _check_layout(observation: str) -> None:
+    if observation not in OBS_VERSIONS:
+        raise ValueError(f"unknown observation layout {observation!r}; known: {', '.join(OBSERVATIONS)}")
 
 
-def feature_names(indices: Sequence[str]) -> list[str]:
-    """Name of every observation feature, in order."""
-    return list(GLOBAL_FEATURES) + [f"{f}_{k}" for k in indices for f in INDEX_FEATURES]
+def layer_feature_size(num_indices: int) -> int:
+    """Features per layer row of the ``layers`` observation (its presence flag not included)."""
+    return len(LAYER_FEATURES) + len(LAYER_INDEX_FEATURES) * num_indices
+
+
+def observation_size(num_indices: int, observation: str = "summary", max_layers: int = DEFAULT_MAX_LAYERS) -> int:
+    """Length of the observation vector: independent of the network (``layers``: up to ``max_layers`` layers)."""
+    _check_layout(observation)
+    summary = len(GLOBAL_FEATURES) + len(INDEX_FEATURES) * num_indices
+    if observation == "summary":
+        return summary
+    return summary + max_layers * (layer_feature_size(num_indices) + 1)
+
+
+def feature_names(indices: Sequence[str], observation: str = "summary",
+                  max_layers: int = DEFAULT_MAX_LAYERS) -> list[str]:
+    """Name of every observation feature, in order (``layer3_q50_snip``, ``layer3_present``, ...)."""
+    _check_layout(observation)
+    names = list(GLOBAL_FEATURES) + [f"{f}_{k}" for k in indices for f in INDEX_FEATURES]
+    if observation == "layers":
+        row = list(LAYER_FEATURES) + [f"{f}_{k}" for k in indices for f in LAYER_INDEX_FEATURES]
+        names += [f"layer{i}_{f}" for i in range(max_layers) for f in row]
+        names += [f"layer{i}_present" for i in range(max_layers)]
+    return names
 
 
 def map_action(action: Any, indices: Sequence[str]) -> tuple[dict[str, float], float]:
@@ -162,7 +221,10 @@ class PruningEpisode:
         mode: str = "global",
         normalisation: str = "mean",
         seed: int = 0,
+        observation: str = "summary",
+        max_layers: int = DEFAULT_MAX_LAYERS,
     ) -> None:
+        _check_layout(observation)
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -180,6 +242,13 @@ class PruningEpisode:
         self.N = self.pruner.num_total
         self.target_sparsity = float(target_sparsity)
         check_keep(len(self.pruner.masks), self.N, target_sparsity)  # an emptied layer: no path can survive
+        self.observation = observation
+        self.num_layers = len(self.pruner.masks)
+        if observation == "layers" and self.num_layers > max_layers:
+            raise ValueError(f"the network has {self.num_layers} prunable layers; the observation holds at most "
+                             f"max_layers={max_layers}: raise max_layers")
+        self.max_layers = int(max_layers)
+        self._layer_static = self._static_layer_features() if observation == "layers" else None
         self.final_keep = keep_count(self.N, target_sparsity)
         self.target_density = self.final_keep / self.N
         self.t = 0
@@ -295,14 +364,21 @@ class PruningEpisode:
         g.append(float(np.mean([not bool(m.any()) for m in eff.values()])))
         g += [self.loss_ratio, self.grad_ratio]
         per_index = [0.0] * (len(INDEX_FEATURES) * self.K)
+        per_layer = None
         if score_indices:
-            per_index = self._index_features(kept)
+            per_index, selected = self._index_features(kept)
+            if self.observation == "layers":
+                per_layer = self._layer_index_features(*selected)
         obs = np.asarray(g + per_index, dtype=np.float64)
+        if self.observation == "layers":
+            obs = np.concatenate([obs, self._layer_block(per_layer)])
         obs = np.nan_to_num(obs, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT)
         self.timing["features"] += time.perf_counter() - t_start - (self.timing["score"] - score_before)
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
-    def _index_features(self, kept: int) -> list[float]:
+    def _index_features(self, kept: int) -> tuple[list[float], tuple[Tensor, list[Tensor], list[Tensor], int]]:
+        """The summary's per-index features, and what the per-layer ones reuse: the alive weights'
+        flat positions, each index's normalised scores on them and its next prune set, and m."""
         t0 = time.perf_counter()
         alive = self.pruner.alive_flat()
         self.pruner.scores(self.indices)  # together: indices that share passes share them
@@ -338,4 +414,69 @@ class PruningEpisode:
             else:
                 agree = 1.0
             out += [agree, *st]
-        return out
+        return out, (idx, normed, lowest, m)
+
+    # ------------------------------------------------------------------- per-layer features
+
+    def _static_layer_features(self) -> np.ndarray:
+        """[L, 8] features that never change in an episode (density columns are filled per step)."""
+        shapes = [tuple(m.shape) for m in self.pruner.masks.values()]
+        L = len(shapes)
+        rows = np.zeros((L, len(LAYER_FEATURES)), dtype=np.float64)
+        for i, shp in enumerate(shapes):
+            size = math.prod(shp)
+            if len(shp) >= 2:
+                kernel = math.prod(shp[2:])
+                fan_in, fan_out = shp[1] * kernel, shp[0] * kernel
+            else:
+                fan_in = fan_out = size
+            rows[i, 2:] = [size / self.N, math.log10(max(size, 1)) / 7.0, math.log10(max(fan_in, 1)) / 5.0,
+                           math.log10(max(fan_out, 1)) / 5.0, i / (L - 1) if L > 1 else 0.0,
+                           1.0 if len(shp) > 2 else 0.0]
+        sizes = torch.tensor([math.prod(shp) for shp in shapes], device=self.pruner.alive_flat().device)
+        # each prunable weight's layer, in the pruner's flat order (layers are contiguous there)
+        self._layer_of = torch.repeat_interleave(torch.arange(L, device=sizes.device), sizes)
+        return rows
+
+    def _layer_index_features(self, idx: Tensor, normed: list[Tensor], lowest: list[Tensor], m: int) -> np.ndarray:
+        """[L, 5K]: per index, the share of each layer (and of the next prune set) it would remove and
+        its score quantiles within the layer."""
+        L = self.num_layers
+        layer = self._layer_of.index_select(0, idx)  # non-decreasing: idx is sorted
+        alive = torch.bincount(layer, minlength=L)
+        starts = torch.cumsum(alive, 0) - alive
+        cols = []
+        for k, n in enumerate(normed):
+            if m > 0 and n.numel():
+                removed = torch.bincount(layer[lowest[k]], minlength=L).double()
+                cols += [removed / alive.clamp(min=1), removed / m]
+            else:
+                cols += [torch.zeros(L, dtype=torch.float64, device=idx.device)] * 2
+            if n.numel():
+                # sort by magnitude, then stably by layer: each layer's magnitudes in ascending order
+                mag, order = torch.sort(n.abs())
+                mag = mag.index_select(0, torch.sort(layer.index_select(0, order), stable=True)[1])
+                for p in (0.1, 0.5, 0.9):
+                    # nearest rank, as the summary's quantiles (the k-th smallest, k = round(p (n - 1)) + 1)
+                    pos = starts + torch.round(p * (alive - 1).clamp(min=0).double()).long()
+                    q = torch.log10(mag.index_select(0, pos.clamp(max=mag.numel() - 1)).double() + 1e-12) / 3.0
+                    cols.append(torch.where(alive > 0, q, torch.zeros_like(q)))
+            else:
+                cols += [torch.zeros(L, dtype=torch.float64, device=idx.device)] * 3
+        return torch.stack(cols, 1).cpu().numpy()
+
+    def _layer_block(self, per_index: np.ndarray | None) -> np.ndarray:
+        """The padded layer rows and presence flags of the ``layers`` observation, flattened."""
+        assert self._layer_static is not None
+        L, F_ = self.num_layers, layer_feature_size(self.K)
+        rows = np.zeros((self.max_layers, F_), dtype=np.float64)
+        rows[:L, :len(LAYER_FEATURES)] = self._layer_static
+        for i, (m, e) in enumerate(zip(self.masks.values(), self.effective.values(), strict=True)):
+            size = m.numel()
+            rows[i, 0] = _log_density_feature(int(m.sum()) / size)
+            rows[i, 1] = _log_density_feature(int(e.sum()) / size)
+        if per_index is not None:
+            rows[:L, len(LAYER_FEATURES):] = per_index
+        present = np.zeros(self.max_layers, dtype=np.float64)
+        present[:L] = 1.0
+        return np.concatenate([rows.reshape(-1), present])

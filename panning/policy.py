@@ -25,11 +25,20 @@ from torch.utils.data import DataLoader, Dataset
 import panning
 from panning import indices as _indices
 from panning.data import balanced_batch, dataset_labels
-from panning.episode import ACTION_MAPPING, OBS_VERSION, PruningEpisode, feature_names, observation_size
+from panning.episode import (
+    ACTION_MAPPING,
+    DEFAULT_MAX_LAYERS,
+    OBS_VERSIONS,
+    PruningEpisode,
+    feature_names,
+    observation_size,
+)
 from panning.errors import AgentError
+from panning.masks import Masks
 from panning.pruner import PruneResult, finish
 
-__all__ = ["FORMAT", "Policy", "Predict", "check_metadata", "check_spaces", "policy_metadata", "run_policy"]
+__all__ = ["FORMAT", "Policy", "Predict", "check_metadata", "check_spaces", "metadata_layout", "policy_metadata",
+           "run_policy"]
 
 #: format tag of policy metadata (the ``panning.json`` inside an agent file)
 FORMAT = "panning-agent/1"
@@ -57,15 +66,27 @@ class Policy:
     exclude: list[str] = field(default_factory=list)
     scoring_per_class: int = 10
     info: dict[str, Any] = field(default_factory=dict)
+    #: observation layout it reads (:mod:`panning.episode`); a ``layers`` policy must accept any number
+    #: of layer rows (a network deeper than ``max_layers`` gets a wider layer axis)
+    observation: str = "summary"
+    max_layers: int = DEFAULT_MAX_LAYERS
 
     @classmethod
     def from_metadata(cls, predict: Predict, meta: Mapping[str, Any], **info: Any) -> Policy:
         """A policy from an agent file's metadata (see :mod:`panning.agents.policy`)."""
+        observation, max_layers = metadata_layout(meta)
         return cls(
             predict, list(meta["indices"]), int(meta["pruning_steps"]), str(meta["mode"]),
             str(meta["normalisation"]), list(meta["exclude"]), int(meta["scoring_per_class"]),
             {"obs_version": meta.get("obs_version"), "trained_timesteps": meta.get("trained_timesteps"), **info},
+            observation, max_layers,
         )
+
+
+def metadata_layout(meta: Mapping[str, Any]) -> tuple[str, int]:
+    """(observation layout, max_layers) of policy metadata; files of version 1 name no layout: ``summary``."""
+    observation = str(meta.get("observation", "summary"))
+    return observation, int(meta.get("max_layers", DEFAULT_MAX_LAYERS))
 
 
 def policy_metadata(env_config: Any, trained_timesteps: int = 0, **extra: Any) -> dict[str, Any]:
@@ -75,12 +96,15 @@ def policy_metadata(env_config: Any, trained_timesteps: int = 0, **extra: Any) -
     is_config = dataclasses.is_dataclass(env_config) and not isinstance(env_config, type)
     env = dataclasses.asdict(env_config) if is_config else dict(env_config)
     idx = list(env["indices"])
+    observation, max_layers = str(env.get("observation", "summary")), int(env.get("max_layers", DEFAULT_MAX_LAYERS))
     return {
         "format": FORMAT,
         "panning_version": panning.__version__,
-        "obs_version": OBS_VERSION,
-        "observation_size": observation_size(len(idx)),
-        "feature_names": feature_names(idx),
+        "obs_version": OBS_VERSIONS[observation],
+        "observation": observation,
+        "max_layers": max_layers,
+        "observation_size": observation_size(len(idx), observation, max_layers),
+        "feature_names": feature_names(idx, observation, max_layers),
         "action_mapping": ACTION_MAPPING,
         "action_size": len(idx) + 1,
         "indices": idx,
@@ -106,9 +130,11 @@ def check_metadata(meta: Any, where: str, indices: Sequence[str] | None = None) 
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise AgentError(f"{where}: its metadata lacks {', '.join(missing)}; the file is damaged")
-    if meta["obs_version"] != OBS_VERSION:
-        raise AgentError(f"{where} was trained on observation version {meta['obs_version']}; this panning "
-                         f"(v{panning.__version__}) builds version {OBS_VERSION}: retrain the agent")
+    observation, max_layers = metadata_layout(meta)
+    if observation not in OBS_VERSIONS or meta["obs_version"] != OBS_VERSIONS[observation]:
+        known = ", ".join(f"{v} ({k})" for k, v in OBS_VERSIONS.items())
+        raise AgentError(f"{where} was trained on observation version {meta['obs_version']} ({observation}); this "
+                         f"panning (v{panning.__version__}) builds versions {known}: retrain the agent")
     if meta["action_mapping"] != ACTION_MAPPING:
         raise AgentError(f"{where} uses action mapping {meta['action_mapping']!r}; this panning uses "
                          f"{ACTION_MAPPING!r}: retrain the agent")
@@ -117,7 +143,8 @@ def check_metadata(meta: Any, where: str, indices: Sequence[str] | None = None) 
     if unknown:
         raise AgentError(f"{where} was trained with indices {unknown} that this panning does not provide "
                          f"(known: {', '.join(_indices.available_indices())})")
-    if meta["observation_size"] != observation_size(len(trained)) or meta["feature_names"] != feature_names(trained):
+    size, names = observation_size(len(trained), observation, max_layers), feature_names(trained, observation, max_layers)
+    if meta["observation_size"] != size or meta["feature_names"] != names:
         raise AgentError(f"{where}: its observation layout does not match this panning's for indices {trained}; "
                          "retrain the agent")
     if indices is not None and list(indices) != trained:
@@ -174,10 +201,14 @@ def run_policy(
     device = next(model.parameters()).device
     batches = [(x.to(device), y.to(device)) for x, y in batches]
     t0 = time.perf_counter()
+    exclude = policy.exclude if exclude is None else exclude
+    max_layers = policy.max_layers
+    if policy.observation == "layers":  # a deeper network than the policy saw: a wider layer axis
+        max_layers = max(max_layers, len(Masks.ones(model, exclude=exclude)))
     ep = PruningEpisode(
         model, policy.indices, batches, target_sparsity=sparsity, steps=policy.pruning_steps,
-        input_shape=input_shape, exclude=policy.exclude if exclude is None else exclude, mode=policy.mode,
-        normalisation=policy.normalisation, seed=seed,
+        input_shape=input_shape, exclude=exclude, mode=policy.mode,
+        normalisation=policy.normalisation, seed=seed, observation=policy.observation, max_layers=max_layers,
     )
     chosen = []
     while not ep.done:

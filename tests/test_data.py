@@ -42,7 +42,7 @@ def _fake_mnist(root: Path, n_train: int = 200, n_test: int = 50, compress: bool
 
 
 def test_registry():
-    assert available_datasets() == ["cifar10", "cifar100", "digits", "fashionmnist", "mnist"]
+    assert available_datasets() == ["cifar10", "cifar100", "digits", "digits_image", "fashionmnist", "mnist"]
     with pytest.raises(ValueError, match="digits"):
         load_dataset("svhn")
 
@@ -238,3 +238,11 @@ def test_missing_data_skips_here_and_fails_where_it_is_required(monkeypatch: pyt
     with pytest.raises(pytest.fail.Exception, match="PANNING_REQUIRE_DATA=1"):
         conftest.require_data(None)
     assert conftest.require_data(Path("/x")) == Path("/x")
+
+
+def test_digits_image_is_digits_as_8x8_images():
+    """The same splits and normalisation as digits, shaped (1, 8, 8) for convolutional networks."""
+    flat, img = load_dataset("digits"), load_dataset("digits_image")
+    assert img.input_shape == (1, 8, 8) and img.name == "digitsimage"
+    for a, b in ((flat.train, img.train), (flat.val, img.val), (flat.test, img.test)):
+        assert torch.equal(a.x.reshape(-1, 1, 8, 8), b.x) and torch.equal(a.y, b.y)

@@ -138,8 +138,10 @@ def test_observation_layout_and_info() -> None:
     env = tiny()
     obs, info = env.reset(seed=0)
     K = len(env.config.indices)
-    assert obs.shape == (len(GLOBAL_FEATURES) + len(INDEX_FEATURES) * K,) == env.observation_space.shape
+    summary = len(GLOBAL_FEATURES) + len(INDEX_FEATURES) * K
+    assert obs.shape == (summary + 32 * (9 + 5 * K),) == env.observation_space.shape  # the default: layers, 32 rows
     assert obs.dtype == np.float32 and len(env.feature_names) == obs.size
+    assert tiny(observation="summary").observation_space.shape == (summary,)
     f = dict(zip(env.feature_names, obs, strict=True))
     assert f["progress"] == 0 and f["density"] == 1 and f["budget_left"] == 1
     assert f["loss_ratio"] == 0 and f["grad_norm_ratio"] == 0

@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from panning.episode import ACTION_MAPPING, OBS_VERSION, feature_names, observation_size
+from panning.episode import ACTION_MAPPING, OBS_VERSIONS, feature_names, observation_size
 from panning.errors import AgentError
 from panning.masks import Masks
 from panning.policy import FORMAT, Policy, check_metadata, check_spaces, policy_metadata, run_policy
+
+V1 = OBS_VERSIONS["summary"]  # ENV names no layout: the summary's, as an agent file written before 0.3
 
 ENV = {"indices": ["synflow", "snip", "grasp_abs"], "pruning_steps": 4, "normalisation": "mean", "mode": "global",
        "exclude": [], "scoring_per_class": 2}
@@ -25,7 +27,7 @@ def meta(**changes: object) -> dict:
 
 def test_metadata_states_what_applying_the_policy_needs() -> None:
     m = meta()
-    assert m["format"] == FORMAT and m["obs_version"] == OBS_VERSION and m["action_mapping"] == ACTION_MAPPING
+    assert m["format"] == FORMAT and m["obs_version"] == V1 and m["action_mapping"] == ACTION_MAPPING
     assert m["observation_size"] == observation_size(3) and m["action_size"] == 4
     assert m["feature_names"] == feature_names(ENV["indices"]) and m["trained_timesteps"] == 123
     assert set(REQUIRED) <= set(m)
@@ -35,7 +37,7 @@ def test_metadata_states_what_applying_the_policy_needs() -> None:
 
 @pytest.mark.parametrize("changes, message", [
     ({"format": "panning-agent/0"}, "agent format 'panning-agent/0'"),
-    ({"obs_version": OBS_VERSION + 1}, f"observation version {OBS_VERSION + 1}"),
+    ({"obs_version": V1 + 1}, f"observation version {V1 + 1}"),
     ({"action_mapping": "w=a; share=b"}, "action mapping 'w=a; share=b'"),
     ({"indices": ["synflow", "snip", "no_such_index"]}, "no_such_index"),
     ({"observation_size": observation_size(3) + 1}, "observation layout"),
@@ -107,7 +109,7 @@ def test_policy_from_metadata_takes_every_setting() -> None:
     p = Policy.from_metadata(lambda o: o, m, path="a.zip")
     assert (p.indices, p.pruning_steps, p.mode, p.normalisation, p.exclude, p.scoring_per_class) == (
         ["synflow", "snip", "grasp_abs"], 4, "layerwise", "rank", ["fc"], 7)
-    assert p.info == {"obs_version": OBS_VERSION, "trained_timesteps": 123, "path": "a.zip"}
+    assert p.info == {"obs_version": V1, "trained_timesteps": 123, "path": "a.zip"}
 
 
 def test_policy_metadata_from_a_dataclass_config() -> None:
@@ -215,7 +217,7 @@ def test_run_policy_record_by_hand() -> None:
     assert (r.method, r.schedule) == ("agent", "policy") and 0.0 < r.seconds <= took
     keeps = [135, 76, 43, 24]  # 240 * 0.1 ** (t / 4), rounded (SynFlow's exponential schedule)
     assert r.extra["policy"] == {
-        "obs_version": OBS_VERSION, "trained_timesteps": 123, "path": "p",
+        "obs_version": V1, "trained_timesteps": 123, "path": "p",
         "indices": ["synflow", "snip", "grasp_abs"], "pruning_steps": 4,
         "steps": [{"step": t + 1, "weights": {"synflow": 0.0, "snip": 1.0, "grasp_abs": 0.0},
                    "share": 1 / (4 - t), "keep": k, "sparsity": 1 - k / 240, "action": [-1.0, 1.0, -1.0, 0.0]}
