@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback
-from stable_baselines3.common.logger import TensorBoardOutputFormat
+from stable_baselines3.common.logger import Figure, TensorBoardOutputFormat
 
 from panning.agents.policy import save_agent
 from panning.envs.wrappers import FixedEpisodes
@@ -42,6 +42,30 @@ CUSTOM_SCALARS = {
         "sparsity": ["Multiline", [r"episode/final_sparsity", r"episode/effective_sparsity"]],
     }
 }
+
+
+def density_heatmap(runs: list[list[dict[str, float]]], episodes: list[tuple[float, int]]) -> Any:
+    """A matplotlib figure: per evaluation episode, log10 of each layer's density (rows) after each pruning
+    step (columns), the policy's per-layer schedule at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(runs)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.2), squeeze=False)
+    image = None
+    for ax, run, (target, seed) in zip(axes[0], runs, episodes, strict=False):
+        layers = list(run[0]) if run else []
+        grid = np.array([[max(step[k], 1e-6) for step in run] for k in layers]) if run else np.zeros((1, 1))
+        image = ax.imshow(np.log10(grid), aspect="auto", cmap="viridis", vmin=-3, vmax=0, interpolation="nearest")
+        ax.set_title(f"target {100 * target:g}%, init {seed}", fontsize=8)
+        ax.set_xlabel("pruning step", fontsize=8)
+        ax.set_xticks(range(grid.shape[1]), [str(i + 1) for i in range(grid.shape[1])], fontsize=6)
+        ax.set_yticks(range(len(layers)), layers, fontsize=6)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), label="log10 layer density")
+    return fig
 
 
 def checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -125,14 +149,21 @@ class ComparisonEval(EvalCallback):
         super().__init__(eval_env, n_eval_episodes=len(fixed.episodes), deterministic=True, **kwargs)
         self.fixed, self.baselines, self.record_path, self.log, self.total = fixed, baselines, record, log, total
         self.finals: list[dict[str, Any]] = []
+        self.densities: list[list[dict[str, float]]] = []  # per eval episode, per step: {layer: density}
+        self._episode: list[dict[str, float]] = []
         self.history: list[dict[str, Any]] = json.loads(record.read_text()) if record.is_file() else []
         self.t0 = time.perf_counter()
         self.start_steps: int | None = None
 
     def _log_success_callback(self, locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
         super()._log_success_callback(locals_, globals_)
+        info = locals_["info"]
+        if "layer_density" in info:
+            self._episode.append(dict(info["layer_density"]))
         if locals_["done"]:
-            self.finals.append(dict(locals_["info"]))
+            self.finals.append(dict(info))
+            self.densities.append(self._episode)
+            self._episode = []
 
     def _on_step(self) -> bool:
         if self.start_steps is None:
@@ -140,7 +171,7 @@ class ComparisonEval(EvalCallback):
         due = self.eval_freq > 0 and self.n_calls % self.eval_freq == 0
         if due:
             self.fixed.restart()
-            self.finals = []
+            self.finals, self.densities, self._episode = [], [], []
         go_on = super()._on_step()
         if due:
             self._compare()
@@ -168,6 +199,9 @@ class ComparisonEval(EvalCallback):
             self.logger.record("eval/agent_minus_best_single", mean("agent") - best_single)
         if any(r["reference"] is not None for r in rows):
             self.logger.record("eval/reference_proxy_accuracy", mean("reference"))
+        if self.densities:
+            self.logger.record("eval/layer_density", Figure(density_heatmap(self.densities, self.fixed.episodes),
+                                                            close=True), exclude=("stdout", "log", "json", "csv"))
         self.logger.dump(self.num_timesteps)
         self.history.append({"timesteps": self.num_timesteps, "mean_reward": self.last_mean_reward, "episodes": rows})
         write_json(self.record_path, self.history)

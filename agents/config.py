@@ -27,6 +27,11 @@ class AgentConfig:
     # env YAML; in a YAML file relative to that file (the one loader's rule), in code relative to the cwd
     env: str | None = field(default="configs/env/digits_mlp.yaml", metadata={"path": True})
     env_kwargs: dict = field(default_factory=dict)  # laid over the env YAML (PanningEnvConfig fields)
+    # Training on many networks: env i of the n_envs trains on env_mix[i % len(env_mix)] laid over the env
+    # settings above (say model, dataset, data_dir, proxy). Every entry must keep what the policy's spaces
+    # and metadata depend on (indices, pruning_steps, observation, max_layers, ...); evaluation uses the
+    # env settings without any entry. Empty: every env trains on the env settings.
+    env_mix: list[dict] = field(default_factory=list)
     n_timesteps: int = 12_000  # total env steps (pruning steps, not episodes)
     n_envs: int = 2
     # "subproc" (one process per env), "dummy" (all in this process, one after the other), "batched"
@@ -87,6 +92,13 @@ class AgentConfig:
             bad(f"cpus_per_env must be > 0 and gpus_per_env >= 0, got {self.cpus_per_env}, {self.gpus_per_env}")
         if self.vec_env not in VEC_ENVS:
             bad(f"vec_env must be one of {', '.join(VEC_ENVS)}, got {self.vec_env!r}")
+        for i, entry in enumerate(self.env_mix):
+            if not isinstance(entry, dict) or not entry:
+                bad(f"env_mix[{i}] must be a non-empty mapping of env settings, got {entry!r}")
+        if len(self.env_mix) > self.n_envs:
+            bad(f"env_mix has {len(self.env_mix)} entries but n_envs is {self.n_envs}: every entry needs an env")
+        if self.env_mix and self.vec_env == "batched":
+            bad("vec_env: batched steps one architecture; train an env_mix with subproc, dummy or ray")
         if self.policy != "MlpPolicy":
             bad(f"policy must be 'MlpPolicy' (observations are flat vectors), got {self.policy!r}")
         if (self.n_steps * self.n_envs) % self.batch_size:

@@ -67,7 +67,8 @@ from panning.io import write_json
 from panning.models import build_model
 from panning.pruner import available_methods, prune
 
-__all__ = ["AGENT_FILE", "BEST_FILE", "AgentTraining", "RunExists", "resolve_env_config", "train_agent"]
+__all__ = ["AGENT_FILE", "BEST_FILE", "AgentTraining", "RunExists", "mix_configs", "resolve_env_config",
+           "train_agent"]
 
 AGENT_FILE = "agent.zip"
 BEST_FILE = "best_agent.zip"
@@ -84,6 +85,30 @@ class RunExists(RunDirError):
 def resolve_env_config(cfg: AgentConfig) -> PanningEnvConfig:
     """The env settings of ``cfg``: its env YAML with ``env_kwargs`` laid over it."""
     return make_config(resolve_env_path(cfg), **cfg.env_kwargs)
+
+
+# what a policy's spaces and metadata depend on: every env of a mix must agree on these
+_POLICY_SETTINGS = ("indices", "pruning_steps", "observation", "max_layers", "normalisation", "mode", "exclude",
+                    "scoring_per_class")
+
+
+def mix_configs(cfg: AgentConfig, env_config: PanningEnvConfig) -> list[PanningEnvConfig]:
+    """The env settings of each of the ``n_envs`` training envs: ``env_mix`` entries laid over ``env_config``
+    in turn (all ``env_config`` without a mix). Raises ConfigError when an entry changes a policy setting."""
+    if not cfg.env_mix:
+        return [env_config] * cfg.n_envs
+    mix = []
+    for i, entry in enumerate(cfg.env_mix):
+        try:
+            c = make_config(env_config, **entry)
+        except ConfigError as e:
+            raise ConfigError(f"env_mix[{i}]: {e}") from None
+        changed = [k for k in _POLICY_SETTINGS if getattr(c, k) != getattr(env_config, k)]
+        if changed:
+            raise ConfigError(f"bad agent config: env_mix[{i}] changes {', '.join(changed)}; one policy needs the same "
+                              "value in every env (set it in env_kwargs instead)")
+        mix.append(c)
+    return [mix[i % len(mix)] for i in range(cfg.n_envs)]
 
 
 class _EnvFactory:
@@ -104,15 +129,16 @@ class _EnvFactory:
 
 
 def _make_vec_env(cfg: AgentConfig, env_config: PanningEnvConfig) -> VecEnv:
+    configs = mix_configs(cfg, env_config)
     if cfg.vec_env == "ray":  # Ray must be running: AgentTraining.create_or_load enters a RayCluster first
-        return RayVecEnv([_EnvFactory(env_config, cfg.threads, False) for _ in range(cfg.n_envs)],
+        return RayVecEnv([_EnvFactory(c, cfg.threads, False) for c in configs],
                          num_cpus=cfg.cpus_per_env, num_gpus=cfg.gpus_per_env)
     if cfg.vec_env == "batched":
         # one process, N episodes stepped as one computation; VecMonitor records the episode returns
         return VecMonitor(BatchedPanningVecEnv(env_config, cfg.n_envs))
     if cfg.vec_env == "subproc" and cfg.n_envs > 1:
-        return SubprocVecEnv([_EnvFactory(env_config, cfg.threads, True) for _ in range(cfg.n_envs)])
-    return DummyVecEnv([_EnvFactory(env_config, cfg.threads, False) for _ in range(cfg.n_envs)])
+        return SubprocVecEnv([_EnvFactory(c, cfg.threads, True) for c in configs])
+    return DummyVecEnv([_EnvFactory(c, cfg.threads, False) for c in configs])
 
 
 def _baseline_fn(env: PanningEnv, methods: list[str]) -> Callable[[float, int], dict[str, float]]:
@@ -204,6 +230,9 @@ class AgentTraining:
         parse_schedule(cfg.clip_range, "clip_range")
         policy_kwargs(cfg.policy_kwargs)
         extractor_kwargs(dataclasses.asdict(self.env_config), cfg.policy_kwargs)
+        for c in {id(c): c for c in mix_configs(cfg, self.env_config)}.values():
+            if c is not self.env_config:
+                PanningEnv(c)  # each mixed env loads its data and builds its model now, not in a worker
         self._check_eval_settings()
         torch.set_num_threads(cfg.threads)
         self.eval_core = PanningEnv(self.env_config)

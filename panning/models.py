@@ -213,6 +213,7 @@ MODELS: dict[str, Builder] = {
     "vgg11": lambda k, s: VGG(11, _image_shape(s, "vgg11")[0], k),
     "vgg16": lambda k, s: VGG(16, _image_shape(s, "vgg16")[0], k),
     "vgg19": lambda k, s: VGG(19, _image_shape(s, "vgg19")[0], k),
+    "resnet8": lambda k, s: CifarResNet(8, _image_shape(s, "resnet8")[0], k),
     "resnet20": lambda k, s: CifarResNet(20, _image_shape(s, "resnet20")[0], k),
     "resnet32": lambda k, s: CifarResNet(32, _image_shape(s, "resnet32")[0], k),
     "resnet56": lambda k, s: CifarResNet(56, _image_shape(s, "resnet56")[0], k),

@@ -67,6 +67,12 @@ def test_tiny_run_writes_a_loadable_agent_and_custom_scalars(trained: Path) -> N
     evals = json.loads((trained / "eval.json").read_text())
     assert [e["timesteps"] for e in evals] == [48, 96]
     assert {"agent", "fixed_synflow", "fixed_panning"} <= set(evals[0]["episodes"][0])
+    # the per-layer density heat map of each evaluation, beside the curves
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(trained / "tb" / "PPO_1"), size_guidance={"images": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Images("eval/layer_density")] == [48, 96]
 
 
 def test_resume_continues_the_step_count(tmp_path: Path) -> None:
@@ -325,6 +331,38 @@ def test_subproc_training_and_overwrite(tmp_path: Path) -> None:
     assert train_agent(cfg, out, overwrite=True, log=lambda s: None)["timesteps"] == 24
     assert (out / "keep.txt").read_text() == "mine"  # only the run's own files were replaced
     assert json.loads((out / "train.json").read_text())["sessions"] == 1
+
+
+def test_training_on_a_mix_of_networks(tmp_path: Path) -> None:
+    """env_mix: env 0 prunes the MLP on flat digits, env 1 a ResNet-8 with BatchNorm on digits images, with
+    fresh initialisations; one policy (the set extractor) learns from both, and applies to either."""
+    from panning.agents.train import mix_configs, resolve_env_config
+    from panning.data import load_dataset
+    from panning.models import build_model
+
+    cfg = dataclasses.replace(load_agent_config(TINY), n_timesteps=24, eval_freq=0, checkpoint_freq=0,
+                              env=str(ROOT / "configs" / "env" / "tiny.yaml"),
+                              env_kwargs={"init_seeds": 0, "target_range": [0.98, 0.998], "target_sparsity": None},
+                              env_mix=[{"model": "mlp"}, {"model": "resnet8", "dataset": "digits_image"}])
+    envs = mix_configs(cfg, resolve_env_config(cfg))
+    assert [(c.model, c.dataset) for c in envs] == [("mlp", "digits"), ("resnet8", "digits_image")]
+    out = tmp_path / "mix"
+    assert train_agent(cfg, out, log=lambda s: None)["timesteps"] == 24
+    agent = load_agent(out / AGENT_FILE)
+    assert agent.metadata["agent_config"]["env_mix"][1]["model"] == "resnet8"
+    images = load_dataset("digits_image")
+    net = build_model("resnet8", 10, images.input_shape, seed=5)
+    res = apply_policy(agent, net, 0.99, images.train)
+    assert res.masks.num_kept == keep_count(res.masks.num_total, 0.99)
+    for bad, match in [([{"indices": ["snip"]}], r"env_mix\[0\] changes indices"),
+                       ([{"max_layers": 8}], "changes max_layers"), ([{"modle": "mlp"}], "modle")]:
+        with pytest.raises(ConfigError, match=match):
+            train_agent(dataclasses.replace(cfg, env_mix=bad), tmp_path / "bad", log=lambda s: None)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="batched steps one architecture"):
+        dataclasses.replace(cfg, vec_env="batched")
+    with pytest.raises(ConfigError, match="every entry needs an env"):
+        dataclasses.replace(cfg, n_envs=1, n_steps=24, batch_size=12)
 
 
 def test_agent_config_validation(tmp_path: Path) -> None:
