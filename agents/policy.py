@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from panning.agents.config import sb3_schedules
+from panning.config import SHIPPED_PREFIX
 from panning.errors import AgentError
 from panning.hashing import file_digest
 from panning.io import atomic_path
@@ -36,6 +37,9 @@ from panning.pruner import PruneResult
 __all__ = [
     "FORMAT",
     "META_MEMBER",
+    "SHIPPED_DIR",
+    "agent_path",
+    "shipped_agents",
     "AgentError",
     "LoadedAgent",
     "agent_metadata",
@@ -49,6 +53,28 @@ __all__ = [
 ]
 
 META_MEMBER = "panning.json"
+#: agents that ship inside the package (``<name>.zip`` and ``<name>.json``, how it was trained)
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+def shipped_agents() -> list[str]:
+    """Names of the agents shipped with the package (``panning prune --policy default`` uses one)."""
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.zip"))
+
+
+def agent_path(agent: str | Path) -> Path:
+    """The file an agent reference names: an existing path, or a shipped agent's name (``default`` or
+    ``shipped:default``; the prefix is what config files use, where a bare name would read as a path)."""
+    text = str(agent)
+    name = text[len(SHIPPED_PREFIX):] if text.startswith(SHIPPED_PREFIX) else None
+    if name is None:
+        if Path(text).exists() or text not in shipped_agents():
+            return Path(text)
+        name = text
+    path = SHIPPED_DIR / f"{name}.zip"
+    if not path.is_file():
+        raise AgentError(f"no shipped agent {name!r}; shipped agents: {', '.join(shipped_agents()) or 'none'}")
+    return path
 
 
 def agent_metadata(env_config: Any, trained_timesteps: int = 0, **extra: Any) -> dict[str, Any]:
@@ -68,8 +94,8 @@ def save_agent(model: Any, path: str | Path, metadata: dict[str, Any]) -> Path:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``panning.json`` of an agent file (AgentError if absent or unreadable)."""
-    p = Path(path)
+    """The ``panning.json`` of an agent file or shipped agent (AgentError if absent or unreadable)."""
+    p = agent_path(path)
     if not p.is_file():
         raise AgentError(f"agent file {p} does not exist")
     try:
@@ -109,10 +135,11 @@ class LoadedAgent:
 
 
 def load_agent(path: str | Path, indices: Sequence[str] | None = None, device: str = "cpu") -> LoadedAgent:
-    """Load and validate an agent file; ``indices`` (optional) must equal the trained ones, in order."""
+    """Load and validate an agent file (or a shipped agent, by name); ``indices`` (optional) must equal the
+    trained ones, in order."""
     from stable_baselines3 import PPO
 
-    p = Path(path)
+    p = agent_path(path)
     meta = check_agent_file(p, indices)
     model = PPO.load(p, device=device, custom_objects=sb3_schedules())  # predicting needs no schedule
     check_spaces(meta, model.observation_space.shape, model.action_space.shape, str(p))
@@ -166,7 +193,8 @@ def apply_policy(
     seed: int = 0,
     method: str = "agent",
 ) -> PruneResult:
-    """Prune ``model`` to ``sparsity`` with a trained agent (a file, a loaded agent or a policy),
+    """Prune ``model`` to ``sparsity`` with a trained agent (a file, a shipped agent's name such as
+    ``"default"``, a loaded agent or a policy),
     deterministically; the model is not modified. See :func:`panning.policy.run_policy` for the
     arguments: scoring data is ``batches`` or ``data``, the rest defaults to the agent's settings."""
     if isinstance(agent, (str, Path)):

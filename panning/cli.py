@@ -199,10 +199,11 @@ def _validate(cfg: Any) -> None:
     if cfg.dataset not in available_datasets():
         raise UsageError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(available_datasets())}")
     if cfg.prune.policy:
-        from panning.agents.policy import check_agent_file
+        from panning.agents.policy import agent_path, check_agent_file, shipped_agents
 
-        if not Path(cfg.prune.policy).is_file():
-            raise UsageError(f"--policy {cfg.prune.policy} does not exist (train one with `panning train-agent`)")
+        if not agent_path(cfg.prune.policy).is_file():
+            raise UsageError(f"--policy {cfg.prune.policy} does not exist (train one with `panning train-agent`, or "
+                             f"name a shipped agent: {', '.join(shipped_agents()) or 'none'})")
         check_agent_file(cfg.prune.policy)  # metadata against the installed code, before anything is written
     elif cfg.prune.method not in available_methods():
         raise UsageError(f"unknown method {cfg.prune.method!r}; valid methods: {', '.join(available_methods())}")
@@ -294,7 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """``panning benchmark``: a resumable sweep with results.csv, results.md and a plot."""
     from panning import config, runs, sweep
-    from panning.agents.policy import check_agent_file, load_policy
+    from panning.agents.policy import agent_path, check_agent_file, load_policy
     from panning.data import load_dataset
     from panning.pruner import available_methods
 
@@ -303,7 +304,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     cfg = config.override(cfg, {**given, "train.epochs": args.epochs})
     _validate(cfg)
     for name, path in sw.agents.items():
-        if not Path(path).is_file():
+        if not agent_path(path).is_file():
             raise UsageError(f"{args.config}: agent {name!r}: {path} does not exist "
                              "(train it with `panning train-agent`)")
         check_agent_file(path)
@@ -331,7 +332,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.workers is not None or address:
         from panning.distributed import RayCluster
 
-        agent_files = {name: (path, Path(path).read_bytes()) for name, path in sw.agents.items()}
+        agent_files = {name: (path, agent_path(path).read_bytes()) for name, path in sw.agents.items()}
         with RayCluster(args.workers, address, args.cpus_per_cell, args.gpus_per_cell) as cluster:
             runs.record_sweep_config(args.out, cfg)
             rows = sweep.run_sweep(sw, cfg, args.out, SweepCell(agent_files), seeds=args.seeds, cluster=cluster)

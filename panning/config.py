@@ -202,7 +202,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return dict(data)
 
 
+#: a path setting of this form names a file that ships inside the package (an agent), not a path
+SHIPPED_PREFIX = "shipped:"
+
+
 def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value.startswith(SHIPPED_PREFIX):
+        return value
     if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
         return os.path.normpath(base / value)
     return os.path.expanduser(value) if isinstance(value, str) else value

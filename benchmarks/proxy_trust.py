@@ -1,0 +1,204 @@
+"""Can the reward be trusted where the agent decides? The proxy against full training on near-equal masks.
+
+``proxy_correlation.py`` ranks masks of very different quality (random, collapsed, SynFlow), which is
+easy. The agent chooses between masks within a point or two of each other at 98-99.5% sparsity. This
+script builds such masks on one initialisation of the digits MLP, at each sparsity:
+
+- the best single indices (SynFlow, SNIP, |GraSP|, FTS, magnitude), each over the env's T-step
+  exponential schedule (what the relative reward's references are);
+- the ``panning`` and ``panning_authors`` methods;
+- ``--mixtures`` mixtures: Dirichlet(1) weights over SynFlow/SNIP/|GraSP| and a random step size
+  b in [-1, 1] at every step, driven through the env's own episode core;
+- the masks of every agent file given with ``--agents`` (applied to the same initialisation).
+
+Ground truth never touches the test split: the digits training pool (1 347 images) is split once
+(stratified, seed 123) into a **truth split** of ``--truth-size`` images and a study pool; every mask
+is fully trained on the study pool (the ``configs/digits_mlp.yaml`` recipe, ``--train-seeds`` training
+orders) and scored on the truth split. The proxy variants carve their validation split (``--val-sizes``)
+from the study pool and train on the rest, for each budget in ``--budgets``; both the proxy's
+validation accuracy and its (negated) validation loss are ranked.
+
+Reported per sparsity: Spearman's rho between each proxy variant and the truth **among the masks within
+3 points of the best mask** there (the issue's measure), and over all masks; and, as the ceiling any
+proxy faces, the rho between two halves of the truth's own training seeds. Run by hand, e.g.
+
+    .venv/bin/python benchmarks/proxy_trust.py --agents shipped:default --json benchmarks/results/proxy_trust.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from sklearn.model_selection import train_test_split
+
+from panning import config as _config
+from panning.data import DataBundle, balanced_batch, load_dataset
+from panning.episode import PruningEpisode
+from panning.masks import Masks
+from panning.models import build_model
+from panning.proxy import ProxyEvaluator, ProxySettings
+from panning.pruner import Pruner, prune
+from panning.schedules import keep_schedule
+from panning.train import evaluate, train_masked
+
+ROOT = Path(__file__).resolve().parents[1]
+SINGLES = ["synflow", "snip", "grasp_abs", "fts", "magnitude"]
+MIXED = ["synflow", "snip", "grasp_abs"]
+WINDOW = 0.03  # "within 3 points of the best"
+
+_JOBS: dict[str, Any] = {}  # what forked training workers read: the masks, the init, the data, the recipe
+
+
+def _train_one(job: tuple[int, int]) -> tuple[int, int, float]:
+    i, seed = job
+    torch.set_num_threads(1)
+    net = copy.deepcopy(_JOBS["model"])
+    train_masked(net, _JOBS["masks"][i], _JOBS["bundle"], _JOBS["train"], device="cpu", seed=seed, progress=False)
+    acc = evaluate(net, _JOBS["bundle"].val, "cpu", _JOBS["bundle"].num_classes)["accuracy"]
+    return i, seed, float(acc)
+
+
+def make_masks(model: torch.nn.Module, batches: list, input_shape: tuple, sparsities: list[float], steps: int,
+               mixtures: int, agents: list[str], seed: int) -> list[tuple[str, float, Masks]]:
+    out: list[tuple[str, float, Masks]] = []
+    rng = np.random.default_rng(seed)
+    policies = []
+    if agents:
+        from panning.agents.policy import load_policy
+
+        policies = [(a, load_policy(a)) for a in agents]
+    for s in sparsities:
+        for name in SINGLES:
+            p = Pruner(model, [name], batches, input_shape=input_shape, seed=seed)
+            for keep in keep_schedule(p.num_total, s, steps, "exponential"):
+                p.step([1.0], keep)
+            out.append((name, s, p.masks))
+        for method in ("panning", "panning_authors"):
+            out.append((method, s, prune(model, method, s, batches, input_shape=input_shape, seed=seed).masks))
+        for j in range(mixtures):
+            ep = PruningEpisode(model, MIXED, batches, target_sparsity=s, steps=steps, input_shape=input_shape,
+                                seed=seed)
+            w = rng.dirichlet(np.ones(len(MIXED)))
+            while not ep.done:
+                ep.step(np.r_[2 * w - 1, rng.uniform(-1, 1)])
+            out.append((f"mix{j}", s, ep.masks))
+        for a, policy in policies:
+            from panning.policy import run_policy
+
+            out.append((f"agent:{Path(a).stem if not a.startswith('shipped:') else a}", s,
+                        run_policy(policy, model, s, batches=batches, input_shape=input_shape, seed=seed).masks))
+    return out
+
+
+def rho(a: list[float], b: list[float]) -> float:
+    r = spearmanr(a, b).statistic
+    return float(r) if np.isfinite(r) else float("nan")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.98, 0.99, 0.995])
+    ap.add_argument("--mixtures", type=int, default=8)
+    ap.add_argument("--agents", nargs="*", default=[], help="agent files or shipped names whose masks join the set")
+    ap.add_argument("--pruning-steps", type=int, default=10)
+    ap.add_argument("--truth-size", type=int, default=400)
+    ap.add_argument("--train-seeds", type=int, default=4)
+    ap.add_argument("--val-sizes", nargs="+", type=int, default=[95, 250, 450])
+    ap.add_argument("--budgets", nargs="+", type=int, default=[100, 200, 400, 800])
+    ap.add_argument("--init-seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2, help="processes for the full trainings (1 thread each)")
+    ap.add_argument("--epochs", type=int, default=None, help="full-training epochs (default: the recipe's 60)")
+    ap.add_argument("--json", help="write every number to this file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    cfg = _config.load(ROOT / "configs" / "digits_mlp.yaml")
+    if args.epochs is not None:
+        cfg = _config.override(cfg, {"train.epochs": args.epochs})
+    pool = load_dataset("digits", val_size=0).train
+    y = pool.y.numpy()
+    study_idx, truth_idx = train_test_split(np.arange(len(y)), test_size=args.truth_size, stratify=y, random_state=123)
+    study_idx, truth_idx = np.sort(study_idx), np.sort(truth_idx)
+    study, truth = pool.subset(study_idx), pool.subset(truth_idx)
+    base = load_dataset("digits")
+    full = dataclasses.replace(base, train=study, val=truth, test=truth)
+    model = build_model(cfg.model, 10, base.input_shape, seed=args.init_seed, init=cfg.init)
+    batches = [balanced_batch(study, cfg.prune.scoring_per_class, 10, seed=args.init_seed)]
+    t0 = time.perf_counter()
+    masks = make_masks(model, batches, base.input_shape, args.sparsities, args.pruning_steps, args.mixtures,
+                       args.agents, args.init_seed)
+    print(f"{len(masks)} masks in {time.perf_counter() - t0:.0f} s; study pool {len(study)}, truth split {len(truth)} "
+          f"({100 / len(truth):.2f} points an image)", flush=True)
+
+    _JOBS.update(model=model, masks=[m for _, _, m in masks], bundle=full, train=cfg.train)
+    jobs = [(i, s) for i in range(len(masks)) for s in range(args.train_seeds)]
+    t0 = time.perf_counter()
+    truth_acc = np.zeros((len(masks), args.train_seeds))
+    with mp.get_context("fork").Pool(args.workers) as pool_:
+        for n, (i, s, acc) in enumerate(pool_.imap_unordered(_train_one, jobs), 1):
+            truth_acc[i, s] = acc
+            if n % 20 == 0:
+                print(f"  full training {n}/{len(jobs)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    full_seconds = (time.perf_counter() - t0) * args.workers / len(jobs)
+
+    proxies: dict[str, list[float]] = {}
+    proxy_seconds: dict[str, float] = {}
+    for v in args.val_sizes:
+        tr, va = train_test_split(np.arange(len(study_idx)), test_size=v, stratify=y[study_idx], random_state=0)
+        pb = dataclasses.replace(base, train=study.subset(np.sort(tr)), val=study.subset(np.sort(va)), test=truth)
+        for b in args.budgets:
+            ev = ProxyEvaluator(pb, cfg.model, settings=ProxySettings(steps=b), device="cpu")
+            t0 = time.perf_counter()
+            res = [ev.evaluate(model, m) for _, _, m in masks]
+            proxy_seconds[f"val{v}@{b}"] = (time.perf_counter() - t0) / len(masks)
+            proxies[f"acc val{v}@{b}"] = [r.accuracy for r in res]
+            proxies[f"loss val{v}@{b}"] = [-r.loss for r in res]
+        print(f"  proxies with val {v} done", flush=True)
+
+    mean = truth_acc.mean(1)
+    half = args.train_seeds // 2
+    table = []
+    for s in args.sparsities:
+        rows = [i for i, (_, sp, _) in enumerate(masks) if sp == s]
+        best = max(mean[i] for i in rows)
+        near = [i for i in rows if mean[i] >= best - WINDOW]
+        entry: dict[str, Any] = {"sparsity": s, "masks": len(rows), "near": len(near),
+                                 "near_names": [masks[i][0] for i in near], "best": float(best)}
+        if half:
+            entry["ceiling_near"] = rho(list(truth_acc[near, :half].mean(1)), list(truth_acc[near, half:].mean(1)))
+        entry["rho_near"] = {k: rho([p[i] for i in near], [mean[i] for i in near]) for k, p in proxies.items()}
+        entry["rho_all"] = {k: rho([p[i] for i in rows], [mean[i] for i in rows]) for k, p in proxies.items()}
+        table.append(entry)
+
+    print(f"\nfull training: {full_seconds:.1f} s a run; truth = mean of {args.train_seeds} seeds on the truth split")
+    for e in table:
+        print(f"\nsparsity {e['sparsity']}: {e['near']} of {e['masks']} masks within 3 points of the best "
+              f"({100 * e['best']:.2f}); seed-half ceiling rho {e.get('ceiling_near', float('nan')):.2f}")
+        print("  " + ", ".join(f"{masks_name}" for masks_name in e["near_names"]))
+    keys = list(proxies)
+    print(f"\n{'proxy':<18} {'s/mask':>7} " + " ".join(f"{'near@' + str(e['sparsity']):>11}" for e in table)
+          + " " + " ".join(f"{'all@' + str(e['sparsity']):>10}" for e in table) + f" {'near mean':>9}")
+    for k in keys:
+        near = [e["rho_near"][k] for e in table]
+        print(f"{k:<18} {proxy_seconds[k.split(' ')[1]]:>7.2f} " + " ".join(f"{r:>11.2f}" for r in near) + " "
+              + " ".join(f"{e['rho_all'][k]:>10.2f}" for e in table) + f" {np.nanmean(near):>9.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args), "full_seconds_per_run": full_seconds, "proxy_seconds_per_mask": proxy_seconds,
+            "masks": [{"mask": n, "sparsity": s, "truth": truth_acc[i].tolist(),
+                       "proxy": {k: p[i] for k, p in proxies.items()}} for i, (n, s, _) in enumerate(masks)],
+            "table": table,
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
