@@ -41,7 +41,7 @@ from scipy.stats import spearmanr
 from sklearn.model_selection import train_test_split
 
 from panning import config as _config
-from panning.data import DataBundle, balanced_batch, load_dataset
+from panning.data import balanced_batch, load_dataset
 from panning.episode import PruningEpisode
 from panning.masks import Masks
 from panning.models import build_model

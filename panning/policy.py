@@ -143,7 +143,8 @@ def check_metadata(meta: Any, where: str, indices: Sequence[str] | None = None) 
     if unknown:
         raise AgentError(f"{where} was trained with indices {unknown} that this panning does not provide "
                          f"(known: {', '.join(_indices.available_indices())})")
-    size, names = observation_size(len(trained), observation, max_layers), feature_names(trained, observation, max_layers)
+    size = observation_size(len(trained), observation, max_layers)
+    names = feature_names(trained, observation, max_layers)
     if meta["observation_size"] != size or meta["feature_names"] != names:
         raise AgentError(f"{where}: its observation layout does not match this panning's for indices {trained}; "
                          "retrain the agent")

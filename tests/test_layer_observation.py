@@ -139,7 +139,7 @@ def test_layer_features_do_not_depend_on_registration_order_beyond_depth() -> No
     fwd, rev = episode(Three()), episode(Three(reverse=True))
     assert list(fwd.masks) == ["a.weight", "b.weight", "c.weight"] and list(rev.masks) == ["c.weight", "b.weight",
                                                                                            "a.weight"]
-    for step in range(2):
+    for _ in range(2):
         of, orv = fwd.observe(), rev.observe()
         summary = observation_size(len(INDICES))
         np.testing.assert_allclose(of[:summary], orv[:summary], rtol=1e-6, atol=1e-7)
