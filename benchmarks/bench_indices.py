@@ -39,7 +39,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +46,7 @@ from torch import nn
 
 from panning.alloc import tune_malloc
 from panning.indices import available_indices, compute_scores
+from panning.machine import cpu_model
 from panning.models import build_model
 from panning.ntk_sap import NTKSAP_BATCH, NTKSAP_ROUNDS, NTKSAP_SAMPLES_PER_CLASS
 from panning.prospr import PROSPR_STEPS
@@ -200,14 +200,7 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
 
 
 def machine_info(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = (
         f"python {platform.python_version()}, torch {torch.__version__}, {platform.system()} "
         f"{platform.release()}; CPU: {cpu} ({os.cpu_count()} logical cores, "

@@ -94,7 +94,7 @@ def make_masks(model: torch.nn.Module, batches: list, input_shape: tuple, sparsi
         for a, policy in policies:
             from panning.policy import run_policy
 
-            out.append((f"agent:{Path(a).stem if not a.startswith('shipped:') else a}", s,
+            out.append((f"agent:{a if a.startswith('shipped:') else Path(a).parent.name}", s,
                         run_policy(policy, model, s, batches=batches, input_shape=input_shape, seed=seed).masks))
     return out
 
