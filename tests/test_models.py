@@ -24,7 +24,7 @@ CASES = [
 
 def test_registry_lists_builtins():
     assert available_models() == sorted(
-        ["mlp", "lenet300", "lenet5", "vgg11", "vgg16", "vgg19", "resnet20", "resnet32", "resnet56"]
+        ["mlp", "lenet300", "lenet5", "vgg11", "vgg16", "vgg19", "resnet8", "resnet20", "resnet32", "resnet56"]
     )
 
 
@@ -149,3 +149,15 @@ def test_reinit_draws_fresh_seeded_weights_of_the_same_kind(init):
     other = build_model("lenet300", 10, (1, 28, 28), seed=1, init=init)
     assert not torch.equal(_flat_params(a), _flat_params(other))
     assert a.fc1.weight.std().item() == pytest.approx(first[: 784 * 300].std().item(), rel=0.05)
+
+
+def test_resnet8_on_digits_images():
+    """ResNet-8 (one block a stage, BatchNorm) runs on 1x8x8 digits: 8 -> 4 -> 2 pixels over its stages."""
+    import torch
+
+    from panning.masks import Masks
+
+    net = build_model("resnet8", 10, (1, 8, 8), seed=0)
+    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    # the stem, two convs a stage, a projection shortcut at each of the two downsampling stages, the classifier
+    assert len(Masks.ones(net)) == 10
