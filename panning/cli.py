@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="new run directory (agent.zip, best_agent.zip, checkpoints/, tb/)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--timesteps", type=int, help="override n_timesteps (total env steps)")
+    p.add_argument("--seed", type=int, help="override the config's seed (PPO's and the envs' random streams)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_agent)
@@ -505,18 +506,22 @@ def cmd_train_agent(args: argparse.Namespace) -> int:
     if (args.out is None) == (args.resume is None):
         raise UsageError("give either --out DIR (a new run) or --resume DIR (continue one)")
     if args.resume is not None:
-        if args.config is not None or args.timesteps is not None:
+        if args.config is not None or args.timesteps is not None or args.seed is not None:
             raise UsageError("--resume continues a run with its saved agent.yaml; "
-                             "--config and --timesteps do not apply")
+                             "--config, --timesteps and --seed do not apply")
         record = train_agent(None, args.resume, resume=True, progress_bar=bar)
     else:
         if args.config is None:
             raise UsageError("--config is required for a new run (e.g. configs/agent/digits_mlp.yaml)")
         if args.timesteps is not None and args.timesteps < 1:
             raise UsageError(f"--timesteps must be >= 1, got {args.timesteps}")
+        if args.seed is not None and args.seed < 0:
+            raise UsageError(f"--seed must be >= 0, got {args.seed}")
         cfg = load_agent_config(args.config)
         if args.timesteps is not None:
             cfg = dataclasses.replace(cfg, n_timesteps=args.timesteps)
+        if args.seed is not None:
+            cfg = dataclasses.replace(cfg, seed=args.seed)
         record = train_agent(cfg, args.out, overwrite=args.overwrite, progress_bar=bar)
     wall = f" in {record['wall_seconds'] / 60:.1f} min" if "wall_seconds" in record else ""
     print(f"trained {record['timesteps']} steps{wall}")

@@ -285,14 +285,18 @@ def test_cli_train_agent_then_resume_with_more_steps(tmp_path: Path, capsys) -> 
 
     out = tmp_path / "run"
     # 24 steps = one rollout of the tiny config (2 envs x 12 steps): no evaluation or checkpoint yet
-    assert main(["train-agent", "--config", str(TINY), "--out", str(out), "--timesteps", "24", "--no-progress"]) == 0
+    assert main(["train-agent", "--config", str(TINY), "--out", str(out), "--timesteps", "24", "--seed", "5",
+                 "--no-progress"]) == 0
     assert "trained 24 steps" in capsys.readouterr().out
     record = json.loads((out / "train.json").read_text())
     assert record["timesteps"] == record["n_timesteps"] == 24 and record["finished"] and record["sessions"] == 1
     assert (out / AGENT_FILE).is_file()
     assert load_agent(out / AGENT_FILE).metadata["trained_timesteps"] == 24
     saved = yaml.safe_load((out / "agent.yaml").read_text())
-    assert saved["n_timesteps"] == 24  # the override is what the run directory records
+    assert saved["n_timesteps"] == 24 and saved["seed"] == 5  # the overrides are what the run directory records
+    assert main(["train-agent", "--resume", str(out), "--seed", "1"]) == 2  # a resumed run keeps its seed
+    assert main(["train-agent", "--config", str(TINY), "--out", str(tmp_path / "neg"), "--seed", "-1"]) == 2
+    capsys.readouterr()
 
     saved["n_timesteps"] = 48
     (out / "agent.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
