@@ -25,7 +25,7 @@ import torch
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import Tensor, nn
 
-from panning.episode import GLOBAL_FEATURES, INDEX_FEATURES, layer_feature_size
+from panning.episode import layer_feature_size, observation_size
 from panning.errors import ConfigError
 
 __all__ = ["EXTRACTORS", "LayerSetExtractor", "extractor_kwargs"]
@@ -95,5 +95,5 @@ def extractor_kwargs(env: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ConfigError(f"bad agent config: extractor_hidden must be an integer >= 1, got {hidden!r}")
     return {"features_extractor_class": LayerSetExtractor,
-            "features_extractor_kwargs": {"global_size": len(GLOBAL_FEATURES) + len(INDEX_FEATURES) * K,
+            "features_extractor_kwargs": {"global_size": observation_size(K, "summary"),
                                           "layer_size": layer_feature_size(K), "hidden": hidden}}

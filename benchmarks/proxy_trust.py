@@ -45,6 +45,7 @@ from panning.data import balanced_batch, load_dataset
 from panning.episode import PruningEpisode
 from panning.masks import Masks
 from panning.models import build_model
+from panning.policy import run_policy
 from panning.proxy import ProxyEvaluator, ProxySettings
 from panning.pruner import Pruner, prune
 from panning.schedules import keep_schedule
@@ -92,8 +93,6 @@ def make_masks(model: torch.nn.Module, batches: list, input_shape: tuple, sparsi
                 ep.step(np.r_[2 * w - 1, rng.uniform(-1, 1)])
             out.append((f"mix{j}", s, ep.masks))
         for a, policy in policies:
-            from panning.policy import run_policy
-
             out.append((f"agent:{a if a.startswith('shipped:') else Path(a).parent.name}", s,
                         run_policy(policy, model, s, batches=batches, input_shape=input_shape, seed=seed).masks))
     return out

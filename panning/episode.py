@@ -371,7 +371,7 @@ class PruningEpisode:
                 per_layer = self._layer_index_features(*selected)
         obs = np.asarray(g + per_index, dtype=np.float64)
         if self.observation == "layers":
-            obs = np.concatenate([obs, self._layer_block(per_layer)])
+            obs = np.concatenate([obs, self._layer_block(dens, per_layer)])
         obs = np.nan_to_num(obs, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT)
         self.timing["features"] += time.perf_counter() - t_start - (self.timing["score"] - score_before)
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
@@ -433,7 +433,8 @@ class PruningEpisode:
             rows[i, 2:] = [size / self.N, math.log10(max(size, 1)) / 7.0, math.log10(max(fan_in, 1)) / 5.0,
                            math.log10(max(fan_out, 1)) / 5.0, i / (L - 1) if L > 1 else 0.0,
                            1.0 if len(shp) > 2 else 0.0]
-        sizes = torch.tensor([math.prod(shp) for shp in shapes], device=self.pruner.alive_flat().device)
+        device = next(iter(self.pruner.masks.values())).device
+        sizes = torch.tensor([math.prod(shp) for shp in shapes], device=device)
         # each prunable weight's layer, in the pruner's flat order (layers are contiguous there)
         self._layer_of = torch.repeat_interleave(torch.arange(L, device=sizes.device), sizes)
         return rows
@@ -445,6 +446,11 @@ class PruningEpisode:
         layer = self._layer_of.index_select(0, idx)  # non-decreasing: idx is sorted
         alive = torch.bincount(layer, minlength=L)
         starts = torch.cumsum(alive, 0) - alive
+        # nearest rank, as the summary's quantiles (the k-th smallest, k = round(p (n - 1)) + 1), the same
+        # positions for every index
+        last = max(idx.numel() - 1, 0)
+        positions = [(starts + torch.round(p * (alive - 1).clamp(min=0).double()).long()).clamp(max=last)
+                     for p in (0.1, 0.5, 0.9)]
         cols = []
         for k, n in enumerate(normed):
             if m > 0 and n.numel():
@@ -456,25 +462,23 @@ class PruningEpisode:
                 # sort by magnitude, then stably by layer: each layer's magnitudes in ascending order
                 mag, order = torch.sort(n.abs())
                 mag = mag.index_select(0, torch.sort(layer.index_select(0, order), stable=True)[1])
-                for p in (0.1, 0.5, 0.9):
-                    # nearest rank, as the summary's quantiles (the k-th smallest, k = round(p (n - 1)) + 1)
-                    pos = starts + torch.round(p * (alive - 1).clamp(min=0).double()).long()
-                    q = torch.log10(mag.index_select(0, pos.clamp(max=mag.numel() - 1)).double() + 1e-12) / 3.0
+                for pos in positions:
+                    q = torch.log10(mag.index_select(0, pos).double() + 1e-12) / 3.0
                     cols.append(torch.where(alive > 0, q, torch.zeros_like(q)))
             else:
                 cols += [torch.zeros(L, dtype=torch.float64, device=idx.device)] * 3
         return torch.stack(cols, 1).cpu().numpy()
 
-    def _layer_block(self, per_index: np.ndarray | None) -> np.ndarray:
-        """The padded layer rows and presence flags of the ``layers`` observation, flattened."""
+    def _layer_block(self, density: np.ndarray, per_index: np.ndarray | None) -> np.ndarray:
+        """The padded layer rows and presence flags of the ``layers`` observation, flattened; ``density``
+        is each layer's density (what the summary's layer features already read)."""
         assert self._layer_static is not None
         L, F_ = self.num_layers, layer_feature_size(self.K)
         rows = np.zeros((self.max_layers, F_), dtype=np.float64)
         rows[:L, :len(LAYER_FEATURES)] = self._layer_static
-        for i, (m, e) in enumerate(zip(self.masks.values(), self.effective.values(), strict=True)):
-            size = m.numel()
-            rows[i, 0] = _log_density_feature(int(m.sum()) / size)
-            rows[i, 1] = _log_density_feature(int(e.sum()) / size)
+        effective = self.effective.layer_density().values()
+        for i, (d, e) in enumerate(zip(density, effective, strict=True)):
+            rows[i, 0], rows[i, 1] = _log_density_feature(float(d)), _log_density_feature(e)
         if per_index is not None:
             rows[:L, len(LAYER_FEATURES):] = per_index
         present = np.zeros(self.max_layers, dtype=np.float64)

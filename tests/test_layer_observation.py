@@ -1,6 +1,7 @@
 """The per-layer observation (version 2) and the set extractor that reads it, against hand computations."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import zipfile
@@ -224,13 +225,23 @@ def _untrained_agent(tmp_path: Path, observation: str, max_layers: int = 3):
     from panning.envs.panning_env import PanningEnv
 
     env = PanningEnv(ROOT / "configs" / "env" / "tiny.yaml", observation=observation, max_layers=max_layers)
-    import dataclasses
-
     kw = extractor_kwargs(dataclasses.asdict(env.config), {})
     model = PPO("MlpPolicy", env, n_steps=8, batch_size=8, seed=0, device="cpu",
                 policy_kwargs={"net_arch": [8], "log_std_init": -0.5, **kw})
     path = save_agent(model, tmp_path / f"{observation}.zip", agent_metadata(env.config))
     return env, path
+
+
+def _env_masks(env, path: Path, init_seed: int):
+    """The masks of the env's episode driven by the agent in ``path`` deterministically, at 95%."""
+    from panning.agents.policy import load_agent
+
+    agent = load_agent(path)
+    obs, _ = env.reset(options={"init_seed": init_seed, "target_sparsity": 0.95})
+    done = False
+    while not done:
+        obs, _, done, _, _ = env.step(agent.model.predict(obs, deterministic=True)[0])
+    return env.masks
 
 
 def test_a_layers_policy_applies_to_a_network_deeper_than_its_axis(tmp_path: Path) -> None:
@@ -244,20 +255,14 @@ def test_a_layers_policy_applies_to_a_network_deeper_than_its_axis(tmp_path: Pat
     res = apply_policy(policy, deep, 0.95, batches=env.batches)
     assert res.masks.sparsity == pytest.approx(0.95, abs=1e-4) and len(res.masks) == 6
     # and on its own depth it is the env's deterministic episode, bit for bit
-    from panning.agents.policy import load_agent
-
-    agent = load_agent(path)
-    obs, _ = env.reset(options={"init_seed": 3, "target_sparsity": 0.95})
-    done = False
-    while not done:
-        obs, _, done, _, _ = env.step(agent.model.predict(obs, deterministic=True)[0])
-    assert apply_policy(policy, env.model, 0.95, batches=env.batches, seed=3).masks.equal(env.masks)
+    masks = _env_masks(env, path, 3)
+    assert apply_policy(policy, env.model, 0.95, batches=env.batches, seed=3).masks.equal(masks)
 
 
 def test_an_agent_file_written_before_the_layers_observation_still_loads(tmp_path: Path) -> None:
     """A version-1 file names no layout (no ``observation``/``max_layers`` keys): it is read as the summary
     layout and applies exactly as its env (``observation: summary``) ran it."""
-    from panning.agents.policy import apply_policy, load_agent, load_policy
+    from panning.agents.policy import apply_policy, load_policy
 
     env, path = _untrained_agent(tmp_path, "summary")
     old = tmp_path / "v1.zip"
@@ -273,9 +278,5 @@ def test_an_agent_file_written_before_the_layers_observation_still_loads(tmp_pat
             zout.writestr(item, data)
     policy = load_policy(old)
     assert policy.observation == "summary" and policy.info["obs_version"] == 1
-    agent = load_agent(old)
-    obs, _ = env.reset(options={"init_seed": 4, "target_sparsity": 0.95})
-    done = False
-    while not done:
-        obs, _, done, _, _ = env.step(agent.model.predict(obs, deterministic=True)[0])
-    assert apply_policy(policy, env.model, 0.95, batches=env.batches, seed=4).masks.equal(env.masks)
+    masks = _env_masks(env, old, 4)
+    assert apply_policy(policy, env.model, 0.95, batches=env.batches, seed=4).masks.equal(masks)
