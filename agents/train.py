@@ -230,9 +230,13 @@ class AgentTraining:
         parse_schedule(cfg.clip_range, "clip_range")
         policy_kwargs(cfg.policy_kwargs)
         extractor_kwargs(dataclasses.asdict(self.env_config), cfg.policy_kwargs)
-        for c in {id(c): c for c in mix_configs(cfg, self.env_config)}.values():
-            if c is not self.env_config:
-                PanningEnv(c)  # each mixed env loads its data and builds its model now, not in a worker
+        # each mixed env loads its data and builds its model now, not in a worker (the first len(env_mix)
+        # configs are the entries, in order)
+        for i, c in enumerate(mix_configs(cfg, self.env_config)[:len(cfg.env_mix)]):
+            try:
+                PanningEnv(c)
+            except ConfigError as e:
+                raise ConfigError(f"env_mix[{i}]: {e}") from None
         self._check_eval_settings()
         torch.set_num_threads(cfg.threads)
         self.eval_core = PanningEnv(self.env_config)

@@ -359,7 +359,8 @@ def test_training_on_a_mix_of_networks(tmp_path: Path) -> None:
     res = apply_policy(agent, net, 0.99, images.train)
     assert res.masks.num_kept == keep_count(res.masks.num_total, 0.99)
     for bad, match in [([{"indices": ["snip"]}], r"env_mix\[0\] changes indices"),
-                       ([{"max_layers": 8}], "changes max_layers"), ([{"modle": "mlp"}], "modle")]:
+                       ([{"max_layers": 8}], "changes max_layers"), ([{"modle": "mlp"}], "modle"),
+                       ([{"model": "resnet8"}], r"env_mix\[0\]: resnet8 needs an image input_shape")]:
         with pytest.raises(ConfigError, match=match):
             train_agent(dataclasses.replace(cfg, env_mix=bad), tmp_path / "bad", log=lambda s: None)
     assert not (tmp_path / "bad").exists()
