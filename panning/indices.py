@@ -41,7 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panning._functional import functional_forward, masked_weights, other_tensors, preserved_modes
+from panning._functional import (
+    functional_forward,
+    masked_weights,
+    other_tensors,
+    preserved_modes,
+    weight_grad_only_convs,
+)
 
 __all__ = [
     "IndexSpec",
@@ -199,7 +205,8 @@ def _gradient_family(
         g = _mean_gradient(model, ws, rest, batches, loss_fn)  # no graph: SNIP needs no second derivative
     elif len(batches) == 1:
         # one batch: g comes from the same forward whose graph is differentiated twice
-        gf = _grads(_batch_loss(model, {**rest, **ws}, batches[0], loss_fn), ws, create_graph=True)
+        with weight_grad_only_convs():
+            gf = _grads(_batch_loss(model, {**rest, **ws}, batches[0], loss_fn), ws, create_graph=True)
         g = [t.detach() for t in gf]
         hg = _grads(_dot(gf, g), ws)
     else:
@@ -350,7 +357,8 @@ def _hessian_gradient(
     total = sum(x.shape[0] for x, _ in batches)
     hg = [torch.zeros_like(w) for w in ws.values()]
     for batch in batches:
-        gf = _grads(_batch_loss(model, tensors, batch, loss_fn), ws, create_graph=True)
+        with weight_grad_only_convs():
+            gf = _grads(_batch_loss(model, tensors, batch, loss_fn), ws, create_graph=True)
         frac = batch[0].shape[0] / total
         for a, h in zip(hg, _grads(_dot(gf, g), ws), strict=True):
             a.add_(h, alpha=frac)

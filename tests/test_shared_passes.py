@@ -136,3 +136,61 @@ def test_panning_authors_is_the_options_of_one_method() -> None:
     assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
     with pytest.raises(ConfigError, match="normalises by 'abs_zscore'"):
         prune(net, "panning_authors", 0.9, batches, iterations=2, normalisation="rank")
+
+
+def _hessian_gradient_of(loss_of, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    g = torch.autograd.grad(loss_of(), weights, create_graph=True)
+    z = sum((a * a.detach()).sum() for a in g)
+    return [t.detach() for t in g] + list(torch.autograd.grad(z, weights))
+
+
+@pytest.mark.parametrize("dim,kw", [
+    (1, {"stride": 2, "padding": 1}),
+    (2, {"stride": (2, 1), "padding": (1, 0), "dilation": 2}),
+    (2, {"groups": 2}),
+    (3, {"padding": 1}),
+])
+def test_weight_grad_only_convs_is_the_plain_double_backward_bit_for_bit(dim: int, kw: dict) -> None:
+    """The first layer's weight gradient and the Hessian-gradient product through it equal PyTorch's own,
+    bit for bit, and the layer's backward is the weight-gradient-only one."""
+    from panning._functional import weight_grad_only_convs
+
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dim]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, *([9] * dim), generator=g)
+    w1 = torch.randn(4, 2 // kw.get("groups", 1), *([3] * dim), generator=g).requires_grad_()
+    b1 = torch.randn(4, generator=g)  # a bias that needs no gradient, as the indices' detached biases
+    w2 = torch.randn(3, 4, *([2] * dim), generator=g).requires_grad_()
+
+    def loss() -> torch.Tensor:
+        h = torch.tanh(conv(x, w1, b1, **kw))
+        return conv(h, w2).square().mean()
+
+    plain = _hessian_gradient_of(loss, [w1, w2])
+    with weight_grad_only_convs():
+        out = loss()
+        assert out.grad_fn is not None
+        routed = _hessian_gradient_of(lambda: out, [w1, w2])
+    for a, b in zip(plain, routed, strict=True):
+        assert torch.equal(a, b)
+    with weight_grad_only_convs():
+        first = conv(x, w1, b1, **kw)
+        second = conv(torch.tanh(first), w2)  # its input needs a gradient: PyTorch's own convolution
+    assert type(first.grad_fn).__name__ == "_InputFreeConvBackward"
+    assert type(second.grad_fn).__name__ == "ConvolutionBackward0"
+
+
+def test_weight_grad_only_convs_leaves_other_convolutions_alone() -> None:
+    from panning._functional import weight_grad_only_convs
+
+    x, w = torch.randn(2, 1, 6, 6), torch.randn(2, 1, 3, 3).requires_grad_()
+    with weight_grad_only_convs():
+        same = F.conv2d(x, w, padding="same")  # string padding
+        with_bias = F.conv2d(x, w, torch.zeros(2, requires_grad=True))  # a bias that needs its gradient
+        fixed = F.conv2d(x, w.detach())  # nothing to differentiate
+        with torch.no_grad():
+            quiet = F.conv2d(x, w)
+    assert type(same.grad_fn).__name__ == "ConvolutionBackward0"
+    assert type(with_bias.grad_fn).__name__ == "ConvolutionBackward0"
+    assert fixed.grad_fn is None and quiet.grad_fn is None
+    assert torch.equal(same.detach(), F.conv2d(x, w.detach(), padding="same"))
