@@ -274,7 +274,7 @@ class _WeightGrad(torch.autograd.Function):
     """``∂L/∂W`` of a convolution from its output gradient ``gO``, differentiable in ``gO`` only."""
 
     @staticmethod
-    def forward(ctx, g_out: Tensor, x: Tensor, w: Tensor, params: tuple) -> Tensor:  # type: ignore[override]
+    def forward(ctx, g_out: Tensor, x: Tensor, w: Tensor, params: tuple) -> Tensor:
         stride, padding, dilation, groups = params
         ctx.save_for_backward(x)
         ctx.params = params
@@ -283,7 +283,7 @@ class _WeightGrad(torch.autograd.Function):
             g_out, x, w, None, stride, padding, dilation, False, [0] * n, groups, [False, True, False])[1]
 
     @staticmethod
-    def backward(ctx, gg_w: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx, gg_w: Tensor) -> tuple[Tensor, None, None, None]:
         (x,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.params
         conv = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[len(stride)]
@@ -295,7 +295,7 @@ class _InputFreeConv(torch.autograd.Function):
     """A convolution whose input needs no gradient: backward gives ``∂L/∂W`` through :class:`_WeightGrad`."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, params: tuple) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, params: tuple) -> Tensor:
         stride, padding, dilation, groups = params
         ctx.save_for_backward(x, w)
         ctx.params = params
@@ -303,13 +303,13 @@ class _InputFreeConv(torch.autograd.Function):
         return conv(x, w, bias, stride, padding, dilation, groups)
 
     @staticmethod
-    def backward(ctx, g_out: Tensor) -> tuple[None, Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, g_out: Tensor) -> tuple[None, Tensor, None, None]:
         x, w = ctx.saved_tensors
         return None, _WeightGrad.apply(g_out, x, w, ctx.params), None, None
 
 
 class _WeightGradOnlyConvs(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         n = _CONVS.get(func)
         if n is not None and torch.is_grad_enabled():
