@@ -10,9 +10,15 @@ epochs) runs four times from scratch through the ``panning`` command:
   let two nodes share 127.0.0.1 (it rewrites it to the machine's own address), so these two
   nodes use this machine's address; the script prints the addresses and ports Ray listened on.
 
-Prints a markdown table (wall seconds, cells per minute, speed-up over ``workers 1``). Not a test.
+- ``2 processes, no Ray`` (the ceiling): the same cells split by seed between two serial ``panning
+  benchmark --seeds S`` processes started together (needs ``--seeds`` >= 2): what two cores give this
+  workload without any scheduler, against the one-process ``serial`` run.
+
+``--seeds N`` grows the sweep to 8 x N cells. Prints a markdown table (wall seconds, cells per minute,
+speed-up over ``workers 1`` and over ``serial``). Not a test.
 
     .venv/bin/python benchmarks/bench_ray.py
+    .venv/bin/python benchmarks/bench_ray.py --epochs 200 --seeds 2
 """
 from __future__ import annotations
 
@@ -44,14 +50,16 @@ def listening(pattern: str = "raylet|gcs_server|ray::|python") -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1: 8 cells each (default 1)")
     ap.add_argument("--skip-nodes", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
+    seeds = list(range(args.seeds))
     (tmp / "sweep.yaml").write_text(
         f"base: {ROOT / 'configs' / 'digits_mlp.yaml'}\nmethods: [snip, magnitude, random, synflow]\n"
-        "sparsities: [0.9, 0.98]\nseeds: [0]\ndense: false\n"
+        f"sparsities: [0.9, 0.98]\nseeds: {seeds}\ndense: false\n"
         f"overrides: {{train.epochs: {args.epochs}}}\n")
-    cells = 8
+    cells = 8 * len(seeds)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     bench = [str(BIN / "panning"), "benchmark", "--config", str(tmp / "sweep.yaml")]
     rows = []
@@ -59,6 +67,19 @@ def main() -> None:
         seconds = run(bench + ["--out", str(tmp / label.replace(" ", "_"))] + extra, env)
         rows.append((label, seconds))
         print(label, f"{seconds:.1f} s", flush=True)
+    if len(seeds) >= 2:
+        # the ceiling: the seeds split between two plain serial processes started together
+        halves = [[str(s) for s in seeds[0::2]], [str(s) for s in seeds[1::2]]]
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(bench + ["--out", str(tmp / f"process_{i}"), "--seeds", *half], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i, half in enumerate(halves)]
+        for proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(err.decode()[-2000:])
+        seconds = time.perf_counter() - t0
+        rows.append(("2 processes, no Ray (ceiling)", seconds))
+        print("2 processes", f"{seconds:.1f} s", flush=True)
     if not args.skip_nodes:
         ray = str(BIN / "ray")
         node_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -79,12 +100,13 @@ def main() -> None:
             print("2 nodes", f"{seconds:.1f} s; Ray listened on {', '.join(ports)}", flush=True)
         finally:
             subprocess.run([ray, "stop", "--force"], env=node_env, capture_output=True)
-    base = dict(rows)["workers 1"]
+    base, serial = dict(rows)["workers 1"], dict(rows)["serial (no Ray)"]
     print(f"\n{cells} cells (digits/mlp, {args.epochs} epochs each)\n")
-    print("| run | wall s | cells / min | speed-up over workers 1 |")
-    print("|---|---|---|---|")
+    print("| run | wall s | cells / min | speed-up over workers 1 | over serial |")
+    print("|---|---|---|---|---|")
     for label, seconds in rows:
-        print(f"| {label} | {seconds:.1f} | {cells / seconds * 60:.2f} | {base / seconds:.2f}x |")
+        print(f"| {label} | {seconds:.1f} | {cells / seconds * 60:.2f} | {base / seconds:.2f}x | "
+              f"{serial / seconds:.2f}x |")
     shutil.rmtree(tmp, ignore_errors=True)
 
 
