@@ -83,6 +83,8 @@ for _d in (1, 2, 3):
     for _f in (_existing(F, [f"adaptive_max_pool{_d}d", f"_adaptive_max_pool{_d}d"])
                + _existing(torch, [f"adaptive_max_pool{_d}d"])):
         _ADAPTIVE_MAXPOOL[_f] = _d
+# torch.adaptive_max_pool1d always returns (values, indices); the functional forms return values unless asked
+_RETURNS_INDICES = frozenset(_existing(torch, ["adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"]))
 _AVGPOOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _ADAPTIVE_AVGPOOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
@@ -118,8 +120,11 @@ class _PathCountMode(TorchFunctionMode):
         if func in _ADAPTIVE_MAXPOOL:
             x = _arg(args, kwargs, 0, "input", None)
             size = _arg(args, kwargs, 1, "output_size", None)
+            pooled = _ADAPTIVE_AVGPOOL[_ADAPTIVE_MAXPOOL[func]](x, size)
+            if func in _RETURNS_INDICES:
+                return pooled, func(*args, **kwargs)[1]
             if not _arg(args, kwargs, 2, "return_indices", False):
-                return _ADAPTIVE_AVGPOOL[_ADAPTIVE_MAXPOOL[func]](x, size)
+                return pooled
         return func(*args, **kwargs)
 
 

@@ -492,3 +492,22 @@ def test_a_dense_chain_deeper_than_float64_range_is_recounted_at_one_path_per_un
     model = nn.Sequential(*[nn.Linear(2, 2, bias=False) for _ in range(1100)])
     masks = Masks.ones(model)
     assert effective_masks(model, masks, (2,)).equal(masks)
+
+
+def test_torch_level_adaptive_max_pool_still_returns_values_and_indices():
+    """``torch.adaptive_max_pool1d`` returns (values, indices) even when it is modelled as average pooling."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(1, 2, 3, padding=1)
+            self.fc = nn.Linear(2 * 3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            values, _ = torch.adaptive_max_pool1d(self.conv(x), 3)
+            return self.fc(values.flatten(1))
+
+    torch.manual_seed(0)
+    model = Net()
+    eff = effective_masks(model, Masks(_ones(model)), (1, 9))
+    assert all(m.all() for m in eff.values())
