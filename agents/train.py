@@ -83,8 +83,11 @@ class RunExists(RunDirError):
 
 
 def resolve_env_config(cfg: AgentConfig) -> PanningEnvConfig:
-    """The env settings of ``cfg``: its env YAML with ``env_kwargs`` laid over it."""
-    return make_config(resolve_env_path(cfg), **cfg.env_kwargs)
+    """The env settings of ``cfg``: its env YAML with ``env_kwargs`` laid over it. A bad setting is reported
+    against the file it is written in: the env YAML's own, or the agent config's ``env_kwargs``."""
+    path = resolve_env_path(cfg)
+    base = make_config(path)
+    return make_config(base, where=f"env_kwargs (over {path or 'the defaults'})", **cfg.env_kwargs)
 
 
 # what a policy's spaces and metadata depend on: every env of a mix must agree on these

@@ -193,21 +193,22 @@ class PanningEnvConfig:
         return out
 
 
-def make_config(config: PanningEnvConfig | Mapping[str, Any] | str | Path | None = None,
-                **overrides: Any) -> PanningEnvConfig:
+def make_config(config: PanningEnvConfig | Mapping[str, Any] | str | Path | None = None, *,
+                where: str | None = None, **overrides: Any) -> PanningEnvConfig:
     """Resolve a config: a dataclass, a mapping or a YAML path (or defaults), then keyword overrides.
 
     A YAML file goes through :func:`panning.config.load` (its relative paths are relative to the
     file). Overrides replace top-level settings; a ``proxy`` mapping is merged into the proxy's
-    settings, so ``proxy={"steps": 50}`` changes only the budget.
+    settings, so ``proxy={"steps": 50}`` changes only the budget. ``where`` names the settings in error
+    messages (default: the YAML path, or "Panning env settings").
     """
     if isinstance(config, (str, Path)):
         base = _config.load(config, PanningEnvConfig)
-        data, where = dataclasses.asdict(base), str(config)
+        data, label = dataclasses.asdict(base), str(config)
     elif isinstance(config, PanningEnvConfig):
-        data, where = dataclasses.asdict(config), "Panning env settings"
+        data, label = dataclasses.asdict(config), "Panning env settings"
     else:
-        data, where = PanningEnvConfig.normalise_yaml(dict(config or {})), "Panning env settings"
+        data, label = PanningEnvConfig.normalise_yaml(dict(config or {})), "Panning env settings"
     for key, value in PanningEnvConfig.normalise_yaml(overrides).items():
         if key == "proxy" and isinstance(value, Mapping) and isinstance(data.get("proxy"), Mapping):
             data["proxy"] = {**data["proxy"], **value}
@@ -215,7 +216,7 @@ def make_config(config: PanningEnvConfig | Mapping[str, Any] | str | Path | None
             data["proxy"] = dataclasses.asdict(value)
         else:
             data[key] = value
-    return _config.from_dict(PanningEnvConfig, data, where)
+    return _config.from_dict(PanningEnvConfig, data, label if where is None else where)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -392,6 +392,21 @@ def test_agent_config_validation(tmp_path: Path) -> None:
         load_agent_config(unknown)
 
 
+def test_a_bad_env_setting_is_reported_where_it_is_written(tmp_path: Path) -> None:
+    """An unknown index in the agent file's env_kwargs names env_kwargs, not the env YAML it is laid over;
+    one in the env YAML names that file."""
+    from panning.agents.train import resolve_env_config
+
+    env = ROOT / "configs" / "env" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"^env_kwargs \(over .*tiny\.yaml\): .*unknown index 'bogus'"):
+        resolve_env_config(AgentConfig(env=str(env), env_kwargs={"indices": ["snip", "bogus"]}))
+    bad_env = tmp_path / "env.yaml"
+    bad_env.write_text(env.read_text() + "\nindices: [bogus]\n")
+    with pytest.raises(ConfigError, match=r"env\.yaml.*unknown index 'bogus'") as info:
+        resolve_env_config(AgentConfig(env=str(bad_env), env_kwargs={"pruning_steps": 2}))
+    assert "env_kwargs" not in str(info.value)
+
+
 def test_policy_flags_that_the_agent_decides_are_refused(trained: Path, tmp_path: Path, capsys) -> None:
     from panning.cli import main
 
