@@ -266,8 +266,12 @@ def output_taps(model: nn.Module, names: Sequence[str]) -> Iterator[dict]:
 _CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 
 
-def _tuple(v: int | Sequence[int], n: int) -> list[int]:
-    return [int(v)] * n if isinstance(v, int) else [int(i) for i in v]
+def _tuple(v: int | Sequence[int], n: int) -> list[int] | None:
+    """``v`` as ``n`` ints (one int or a one-entry sequence stands for all, as PyTorch reads them); None if not."""
+    vals = [v] if isinstance(v, int) else list(v)
+    if len(vals) == 1:
+        vals = vals * n
+    return [int(i) for i in vals] if len(vals) == n else None
 
 
 class _WeightGrad(torch.autograd.Function):
@@ -287,6 +291,8 @@ class _WeightGrad(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.params
         conv = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[len(stride)]
+        if gg_w.is_cuda:  # PyTorch's own double backward makes it contiguous there (cuDNN picks its layout by it)
+            gg_w = gg_w.contiguous()
         # the same term PyTorch's own double backward computes for gO (its input-gradient term is the waste)
         return conv(x, gg_w, None, stride, padding, dilation, groups), None, None, None
 
@@ -312,17 +318,18 @@ class _WeightGradOnlyConvs(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         n = _CONVS.get(func)
-        if n is not None and torch.is_grad_enabled():
+        if n is not None and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             a = dict(zip(names, args, strict=False)) | kwargs
-            x, w, bias = a["input"], a["weight"], a.get("bias")
+            x, w, bias = a.get("input"), a.get("weight"), a.get("bias")
             padding = a.get("padding", 0)
-            if (isinstance(x, Tensor) and isinstance(w, Tensor) and not x.requires_grad and w.requires_grad
-                    and (bias is None or not bias.requires_grad) and not isinstance(padding, str)
-                    and type(x) is Tensor and type(w) is Tensor):
-                params = (_tuple(a.get("stride", 1), n), _tuple(padding, n), _tuple(a.get("dilation", 1), n),
-                          int(a.get("groups", 1)))
-                return _InputFreeConv.apply(x, w, bias, params)
+            if (type(x) is Tensor and type(w) is Tensor and x.dim() == n + 2 and not x.requires_grad
+                    and w.requires_grad and (bias is None or not bias.requires_grad)
+                    and not isinstance(padding, str) and not torch.is_autocast_enabled(x.device.type)):
+                stride, pad, dilation = (_tuple(a.get("stride", 1), n), _tuple(padding, n),
+                                         _tuple(a.get("dilation", 1), n))
+                if stride is not None and pad is not None and dilation is not None:
+                    return _InputFreeConv.apply(x, w, bias, (stride, pad, dilation, int(a.get("groups", 1))))
         return func(*args, **kwargs)
 
 
@@ -336,7 +343,8 @@ def weight_grad_only_convs() -> Iterator[None]:
     GraSP Hessian-gradient pass on the 2-core CPU machine). Inside this context such a convolution
     runs the same kernels for its output, weight gradient and the output-gradient term of the second
     backward, so every number is bit for bit what the plain graph gives (tested), without the unused
-    term. Everything else, and convolutions with string padding or tensor subclasses, run as usual.
+    term. Everything else runs as usual, as do convolutions with string padding, unbatched inputs, tensor
+    subclasses, under autocast or inside torch.func transforms.
     """
     with _WeightGradOnlyConvs():
         yield

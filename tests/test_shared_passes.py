@@ -194,3 +194,15 @@ def test_weight_grad_only_convs_leaves_other_convolutions_alone() -> None:
     assert type(with_bias.grad_fn).__name__ == "ConvolutionBackward0"
     assert fixed.grad_fn is None and quiet.grad_fn is None
     assert torch.equal(same.detach(), F.conv2d(x, w.detach(), padding="same"))
+    with weight_grad_only_convs():
+        unbatched = F.conv2d(x[0], w)
+        one_entry = F.conv2d(x, w, stride=(2,))  # PyTorch reads a one-entry stride as every dimension's
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = F.conv2d(x, w)
+        per_sample = torch.func.vmap(lambda xi: F.conv2d(xi[None], w)[0])(x)
+    assert type(unbatched.grad_fn).__name__ == "SqueezeBackward1"  # PyTorch batches it itself
+    assert type(one_entry.grad_fn).__name__ == "_InputFreeConvBackward"
+    assert torch.equal(one_entry.detach(), F.conv2d(x, w.detach(), stride=2))
+    assert type(cast.grad_fn).__name__ == "ConvolutionBackward0" and cast.dtype == torch.bfloat16
+    for out in (unbatched, one_entry, cast, per_sample):
+        assert torch.autograd.grad(out.float().sum(), w)[0].shape == w.shape
