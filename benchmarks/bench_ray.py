@@ -11,14 +11,14 @@ epochs) runs four times from scratch through the ``panning`` command:
   nodes use this machine's address; the script prints the addresses and ports Ray listened on.
 
 - ``2 processes, no Ray`` (the ceiling): the same cells split by seed between two serial ``panning
-  benchmark --seeds S`` processes started together (needs ``--seeds`` >= 2): what two cores give this
-  workload without any scheduler, against the one-process ``serial`` run.
+  benchmark --seeds S`` processes started together (needs an even ``--seeds``, so both get the same
+  number of cells): what two cores give this workload without any scheduler, against ``serial``.
 
 ``--seeds N`` grows the sweep to 8 x N cells. Prints a markdown table (wall seconds, cells per minute,
 speed-up over ``workers 1`` and over ``serial``). Not a test.
 
     .venv/bin/python benchmarks/bench_ray.py
-    .venv/bin/python benchmarks/bench_ray.py --epochs 200 --seeds 2
+    .venv/bin/python benchmarks/bench_ray.py --epochs 200 --seeds 4
 """
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def main() -> None:
         seconds = run(bench + ["--out", str(tmp / label.replace(" ", "_"))] + extra, env)
         rows.append((label, seconds))
         print(label, f"{seconds:.1f} s", flush=True)
-    if len(seeds) >= 2:
-        # the ceiling: the seeds split between two plain serial processes started together
+    if len(seeds) >= 2 and len(seeds) % 2 == 0:
+        # the ceiling: the seeds split evenly between two plain serial processes started together
         halves = [[str(s) for s in seeds[0::2]], [str(s) for s in seeds[1::2]]]
         t0 = time.perf_counter()
         procs = [subprocess.Popen(bench + ["--out", str(tmp / f"process_{i}"), "--seeds", *half], env=env,
