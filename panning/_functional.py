@@ -264,6 +264,7 @@ def output_taps(model: nn.Module, names: Sequence[str]) -> Iterator[dict]:
 # --------------------------------------------------------------------------- double backward of first convolutions
 
 _CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_CONV_OF_DIM = {n: f for f, n in _CONVS.items()}
 
 
 def _tuple(v: int | Sequence[int], n: int) -> list[int] | None:
@@ -290,7 +291,7 @@ class _WeightGrad(torch.autograd.Function):
     def backward(ctx, gg_w: Tensor) -> tuple[Tensor, None, None, None]:
         (x,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.params
-        conv = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[len(stride)]
+        conv = _CONV_OF_DIM[len(stride)]
         if gg_w.is_cuda:  # PyTorch's own double backward makes it contiguous there (cuDNN picks its layout by it)
             gg_w = gg_w.contiguous()
         # the same term PyTorch's own double backward computes for gO (its input-gradient term is the waste)
@@ -305,7 +306,7 @@ class _InputFreeConv(torch.autograd.Function):
         stride, padding, dilation, groups = params
         ctx.save_for_backward(x, w)
         ctx.params = params
-        conv = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[len(stride)]
+        conv = _CONV_OF_DIM[len(stride)]
         return conv(x, w, bias, stride, padding, dilation, groups)
 
     @staticmethod

@@ -205,8 +205,7 @@ def _gradient_family(
         g = _mean_gradient(model, ws, rest, batches, loss_fn)  # no graph: SNIP needs no second derivative
     elif len(batches) == 1:
         # one batch: g comes from the same forward whose graph is differentiated twice
-        with weight_grad_only_convs():
-            gf = _grads(_batch_loss(model, {**rest, **ws}, batches[0], loss_fn), ws, create_graph=True)
+        gf = _gradient_with_graph(model, {**rest, **ws}, batches[0], loss_fn, ws)
         g = [t.detach() for t in gf]
         hg = _grads(_dot(gf, g), ws)
     else:
@@ -328,6 +327,15 @@ def _grads(out: Tensor, ws: Mapping[str, Tensor], *, create_graph: bool = False)
     )
 
 
+def _gradient_with_graph(
+    model: nn.Module, tensors: Mapping[str, Tensor], batch: Batch, loss_fn: LossFn, ws: Mapping[str, Tensor]
+) -> list[Tensor]:
+    """``∇L`` of one batch with its graph kept, to be differentiated again; first-layer convolutions skip
+    the input gradient the second backward would otherwise compute (see :func:`weight_grad_only_convs`)."""
+    with weight_grad_only_convs():
+        return _grads(_batch_loss(model, tensors, batch, loss_fn), ws, create_graph=True)
+
+
 def _mean_gradient(
     model: nn.Module, ws: Mapping[str, Tensor], rest: Mapping[str, Tensor], batches: list[Batch], loss_fn: LossFn
 ) -> list[Tensor]:
@@ -357,8 +365,7 @@ def _hessian_gradient(
     total = sum(x.shape[0] for x, _ in batches)
     hg = [torch.zeros_like(w) for w in ws.values()]
     for batch in batches:
-        with weight_grad_only_convs():
-            gf = _grads(_batch_loss(model, tensors, batch, loss_fn), ws, create_graph=True)
+        gf = _gradient_with_graph(model, tensors, batch, loss_fn, ws)
         frac = batch[0].shape[0] / total
         for a, h in zip(hg, _grads(_dot(gf, g), ws), strict=True):
             a.add_(h, alpha=frac)
