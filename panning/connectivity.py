@@ -120,11 +120,10 @@ class _PathCountMode(TorchFunctionMode):
         if func in _ADAPTIVE_MAXPOOL:
             x = _arg(args, kwargs, 0, "input", None)
             size = _arg(args, kwargs, 1, "output_size", None)
-            pooled = _ADAPTIVE_AVGPOOL[_ADAPTIVE_MAXPOOL[func]](x, size)
             if func in _RETURNS_INDICES:
-                return pooled, func(*args, **kwargs)[1]
+                return _ADAPTIVE_AVGPOOL[_ADAPTIVE_MAXPOOL[func]](x, size), func(*args, **kwargs)[1]
             if not _arg(args, kwargs, 2, "return_indices", False):
-                return pooled
+                return _ADAPTIVE_AVGPOOL[_ADAPTIVE_MAXPOOL[func]](x, size)
         return func(*args, **kwargs)
 
 
