@@ -14,11 +14,14 @@ epochs) runs four times from scratch through the ``panning`` command:
   benchmark --seeds S`` processes started together (needs an even ``--seeds``, so both get the same
   number of cells): what two cores give this workload without any scheduler, against ``serial``.
 
-``--seeds N`` grows the sweep to 8 x N cells. Prints a markdown table (wall seconds, cells per minute,
-speed-up over ``workers 1`` and over ``serial``). Not a test.
+``--seeds N`` grows the sweep to 8 x N cells; ``--rows`` picks the runs (``workers1`` always runs: it is
+the reference). Prints a markdown table: wall seconds split into start (imports and Ray's start-up,
+until the sweep logs that its cells are about to run), cells and end (final reports, Ray's shutdown),
+cells per minute, and speed-ups over ``workers 1`` and ``serial``. Not a test.
 
     .venv/bin/python benchmarks/bench_ray.py
     .venv/bin/python benchmarks/bench_ray.py --epochs 200 --seeds 4
+    .venv/bin/python benchmarks/bench_ray.py --epochs 200 --seeds 8 --rows workers1,workers2
 """
 from __future__ import annotations
 
@@ -36,10 +39,24 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def run(cmd: list[str], env: dict[str, str]) -> float:
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Wall seconds of ``cmd``, and when (seconds from its start) the sweep's progress log said the cells
+    were about to run (after Ray's start-up, when it has one) and that the last cell had finished."""
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    start = last = float("nan")
+    tail = []
+    for line in proc.stderr:
+        now = time.perf_counter() - t0
+        if " to run" in line and "cells already finished" in line:
+            start = now
+        elif line.startswith("["):
+            last = now
+        tail = (tail + [line])[-20:]
+    if proc.wait() != 0:
+        raise SystemExit("".join(tail))
+    return time.perf_counter() - t0, start, last
 
 
 def listening(pattern: str = "raylet|gcs_server|ray::|python") -> list[str]:
@@ -52,7 +69,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1: 8 cells each (default 1)")
     ap.add_argument("--skip-nodes", action="store_true")
+    ap.add_argument("--rows", default="serial,workers1,workers2,ceiling,nodes",
+                    help="which runs, comma-separated (default: all; workers1 is the reference)")
     args = ap.parse_args()
+    want = set(args.rows.split(","))
+    if args.skip_nodes:
+        want.discard("nodes")
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     seeds = list(range(args.seeds))
     (tmp / "sweep.yaml").write_text(
@@ -62,12 +84,14 @@ def main() -> None:
     cells = 8 * len(seeds)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     bench = [str(BIN / "panning"), "benchmark", "--config", str(tmp / "sweep.yaml")]
-    rows = []
-    for label, extra in (("serial (no Ray)", []), ("workers 1", ["--workers", "1"]), ("workers 2", ["--workers", "2"])):
-        seconds = run(bench + ["--out", str(tmp / label.replace(" ", "_"))] + extra, env)
-        rows.append((label, seconds))
-        print(label, f"{seconds:.1f} s", flush=True)
-    if len(seeds) >= 2 and len(seeds) % 2 == 0:
+    rows: list[tuple[str, float, float, float]] = []
+    for key, label, extra in (("serial", "serial (no Ray)", []), ("workers1", "workers 1", ["--workers", "1"]),
+                              ("workers2", "workers 2", ["--workers", "2"])):
+        if key in want or key == "workers1":
+            seconds, start, last = run(bench + ["--out", str(tmp / label.replace(" ", "_"))] + extra, env)
+            rows.append((label, seconds, start, last))
+            print(label, f"{seconds:.1f} s", flush=True)
+    if "ceiling" in want and len(seeds) >= 2 and len(seeds) % 2 == 0:
         # the ceiling: the seeds split evenly between two plain serial processes started together
         halves = [[str(s) for s in seeds[0::2]], [str(s) for s in seeds[1::2]]]
         t0 = time.perf_counter()
@@ -78,9 +102,9 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(err.decode()[-2000:])
         seconds = time.perf_counter() - t0
-        rows.append(("2 processes, no Ray (ceiling)", seconds))
+        rows.append(("2 processes, no Ray (ceiling)", seconds, float("nan"), float("nan")))
         print("2 processes", f"{seconds:.1f} s", flush=True)
-    if not args.skip_nodes:
+    if "nodes" in want:
         ray = str(BIN / "ray")
         node_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         node_env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
@@ -95,18 +119,28 @@ def main() -> None:
             subprocess.run([ray, "start", "--address", address, "--num-cpus", "1"], env=node_env, check=True,
                            capture_output=True)
             ports = listening("raylet|gcs_server")
-            seconds = run(bench + ["--out", str(tmp / "two_nodes"), "--address", address], node_env)
-            rows.append((f"2 nodes ({address})", seconds))
+            seconds, start, last = run(bench + ["--out", str(tmp / "two_nodes"), "--address", address], node_env)
+            rows.append((f"2 nodes ({address})", seconds, start, last))
             print("2 nodes", f"{seconds:.1f} s; Ray listened on {', '.join(ports)}", flush=True)
         finally:
             subprocess.run([ray, "stop", "--force"], env=node_env, capture_output=True)
-    base, serial = dict(rows)["workers 1"], dict(rows)["serial (no Ray)"]
-    print(f"\n{cells} cells (digits/mlp, {args.epochs} epochs each)\n")
-    print("| run | wall s | cells / min | speed-up over workers 1 | over serial |")
-    print("|---|---|---|---|---|")
-    for label, seconds in rows:
-        print(f"| {label} | {seconds:.1f} | {cells / seconds * 60:.2f} | {base / seconds:.2f}x | "
-              f"{serial / seconds:.2f}x |")
+    wall = {label: seconds for label, seconds, _, _ in rows}
+    base, serial = wall["workers 1"], wall.get("serial (no Ray)", float("nan"))
+    print(f"\n{cells} cells (digits/mlp, {args.epochs} epochs each). Start: until the sweep logged its cells were "
+          "about to run (the command's imports, and Ray's start-up or connection); cells: from then until the "
+          "last cell "
+          "was recorded; end: the rest (final reports, Ray's shutdown).\n")
+    print("| run | wall s | start s | cells s | end s | cells / min | speed-up over workers 1 | over serial | "
+          "cells-phase speed-up over workers 1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base_cells = rows[[r[0] for r in rows].index("workers 1")]
+    def x(v: float) -> str:
+        return f"{v:.2f}x" if v == v else "-"
+
+    for label, seconds, start, last in rows:
+        print(f"| {label} | {seconds:.1f} | {start:.1f} | {last - start:.1f} | {seconds - last:.1f} | "
+              f"{cells / seconds * 60:.2f} | {x(base / seconds)} | {x(serial / seconds)} | "
+              f"{x((base_cells[3] - base_cells[2]) / (last - start))} |")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -273,3 +273,35 @@ def test_benchmark_refuses_a_sparsity_that_empties_a_layer(tmp_path: Path, capsy
     # mlp on digits: 50 200 prunable weights in 3 layers; (1 - 0.99995) * 50 200 = 2.51 rounds to 3 kept
     assert len(lines) == 1 and "largest sparsity" in lines[0] and "0.999950" in lines[0], err
     assert not out.exists(), "nothing may be written before the grid is checked"
+
+
+def test_the_plot_is_redrawn_at_most_every_draw_every_seconds_and_at_the_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sw, cfg = sweep.load_sweep(write_sweep(tmp_path, "[magnitude]"))
+    clock = [0.0]
+    monkeypatch.setattr(sweep.time, "perf_counter", lambda: clock[0])
+    drawn: list[int] = []
+
+    def fake_plot(rows, path, title=""):  # type: ignore[no-untyped-def]
+        drawn.append(len(rows))
+        path.write_bytes(b"png")
+
+    monkeypatch.setattr(sweep, "plot", fake_plot)
+
+    def fake_cell(c, cell, d):  # type: ignore[no-untyped-def]
+        clock[0] += 20.0  # every cell takes 20 s: the plot is due every other cell
+        row = {"dataset": "digits", "model": "mlp", "method": cell.method, "sparsity": cell.sparsity,
+               "seed": cell.seed, "test_accuracy": 0.5, "val_accuracy": 0.5, "seconds": 20.0}
+        (d / "metrics.json").write_text(json.dumps(row))
+
+    sweep.run_sweep(sw, cfg, tmp_path / "out", fake_cell, log=lambda s: None)
+    n = len(sweep.cells(sw))
+    assert n == 6  # 2 seeds x (dense + 2 sparsities)
+    # drawn after cells 1, 3, 5 (at t = 20, 60, 100 s) and once more at the end; the csv after every cell
+    assert drawn == [1, 3, 5, 6]
+    with (tmp_path / "out" / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == n
+    monkeypatch.setattr(sweep, "DRAW_EVERY", 0.0)
+    drawn.clear()
+    sweep.run_sweep(sw, cfg, tmp_path / "out2", fake_cell, log=lambda s: None)
+    assert drawn == [1, 2, 3, 4, 5, 6, 6]
