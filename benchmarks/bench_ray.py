@@ -128,19 +128,19 @@ def main() -> None:
     base, serial = wall["workers 1"], wall.get("serial (no Ray)", float("nan"))
     print(f"\n{cells} cells (digits/mlp, {args.epochs} epochs each). Start: until the sweep logged its cells were "
           "about to run (the command's imports, and Ray's start-up or connection); cells: from then until the "
-          "last cell "
-          "was recorded; end: the rest (final reports, Ray's shutdown).\n")
+          "last cell was recorded; end: the rest (final reports, Ray's shutdown).\n")
     print("| run | wall s | start s | cells s | end s | cells / min | speed-up over workers 1 | over serial | "
           "cells-phase speed-up over workers 1 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    base_cells = rows[[r[0] for r in rows].index("workers 1")]
+    base_cells = {label: last - start for label, _, start, last in rows}["workers 1"]
+
     def x(v: float) -> str:
         return f"{v:.2f}x" if v == v else "-"
 
     for label, seconds, start, last in rows:
         print(f"| {label} | {seconds:.1f} | {start:.1f} | {last - start:.1f} | {seconds - last:.1f} | "
               f"{cells / seconds * 60:.2f} | {x(base / seconds)} | {x(serial / seconds)} | "
-              f"{x((base_cells[3] - base_cells[2]) / (last - start))} |")
+              f"{x(base_cells / (last - start))} |")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

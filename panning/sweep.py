@@ -338,10 +338,11 @@ def run_sweep(
         done_now += 1
         # Redrawing the plot costs ~0.25 s of CPU (matplotlib), which on a small machine is taken from the
         # cells running beside it; the table files stay current after every cell, the plot at most DRAW_EVERY s old.
-        draw = time.perf_counter() - drawn_at >= DRAW_EVERY
-        write_reports(out, title, draw=draw)
-        if draw:
-            drawn_at = time.perf_counter()
+        if done_now < len(todo):  # after the last cell the closing write_reports below writes them all
+            draw = time.perf_counter() - drawn_at >= DRAW_EVERY
+            write_reports(out, title, draw=draw)
+            if draw:
+                drawn_at = time.perf_counter()
         done = sum((out / "cells" / g.key / "metrics.json").is_file() for g in grid)
         rate = done_now / max(time.perf_counter() - t_start, 1e-9)
         eta = (len(todo) - done_now) / rate if rate > 0 else float("nan")
