@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the grid")
     p.add_argument("--workers", type=int, help="run this many cells at a time as Ray tasks on a local Ray instance")
     p.add_argument("--address", help="run the cells on this existing Ray cluster (host:port; default $RAY_ADDRESS)")
-    p.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs a cell declares to Ray (default 1)")
-    p.add_argument("--gpus-per-cell", type=float, default=0.0,
-                   help="GPUs a cell declares to Ray, fractions allowed (default 0)")
+    p.add_argument("--cpus-per-cell", type=float,
+                   help="CPUs a cell declares to Ray (default 1; with --workers or --address)")
+    p.add_argument("--gpus-per-cell", type=float,
+                   help="GPUs a cell declares to Ray, fractions allowed (default 0; with --workers or --address)")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("train-agent", help="train the panning agent (PPO) in panning/Panning-v0; resumable")
@@ -300,6 +301,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from panning.data import load_dataset
     from panning.pruner import available_methods
 
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    on_ray = args.workers is not None or bool(address)
+    if not on_ray:  # a resource declaration nobody reads would run the sweep serially without a word
+        for flag, value in (("--cpus-per-cell", args.cpus_per_cell), ("--gpus-per-cell", args.gpus_per_cell)):
+            if value is not None:
+                raise UsageError(f"{flag} declares what a cell needs from Ray: add --workers N (a local Ray "
+                                 "instance) or --address host:port, or drop it")
     sw, cfg = sweep.load_sweep(args.config)
     given = {k: v for k, v in _overrides(args).items() if k in ("device", "data_dir", "download")}
     cfg = config.override(cfg, {**given, "train.epochs": args.epochs})
@@ -329,12 +337,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     policies = {name: load_policy(path) for name, path in sw.agents.items()}
     # vet the finished cells before recording this run's config: a refused resume must leave nothing behind
     sweep.check_finished_cells(sw, args.out, lambda cell, d: runs.cell_mismatch(cfg, cell, d, policies))
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if args.workers is not None or address:
+    if on_ray:
         from panning.distributed import RayCluster
 
         agent_files = {name: (path, agent_path(path).read_bytes()) for name, path in sw.agents.items()}
-        with RayCluster(args.workers, address, args.cpus_per_cell, args.gpus_per_cell) as cluster:
+        cpus = 1.0 if args.cpus_per_cell is None else args.cpus_per_cell
+        gpus = 0.0 if args.gpus_per_cell is None else args.gpus_per_cell
+        with RayCluster(args.workers, address, cpus, gpus) as cluster:
             runs.record_sweep_config(args.out, cfg)
             rows = sweep.run_sweep(sw, cfg, args.out, SweepCell(agent_files), seeds=args.seeds, cluster=cluster)
     else:

@@ -124,8 +124,14 @@ def test_a_cell_whose_worker_dies_is_retried_and_recorded_once(tmp_path: Path, l
     (["--address", "127.0.0.1:1"], "no Ray cluster answers there"),
     (["--workers", "1", "--gpus-per-cell", "1"], "the Ray cluster has 0 GPUs"),
     (["--workers", "0"], "--workers must be >= 1"),
+    (["--workers", "1", "--cpus-per-cell", "0"], "--cpus-per-cell must be > 0"),
+    # without --workers/--address nothing reads them: refused rather than a silently serial sweep
+    (["--cpus-per-cell", "0"], "--cpus-per-cell declares what a cell needs from Ray: add --workers N"),
+    (["--gpus-per-cell", "1"], "--gpus-per-cell declares what a cell needs from Ray: add --workers N"),
 ])
-def test_bad_ray_settings_exit_2_and_write_nothing(argv: list[str], expected: str, tmp_path: Path, capsys) -> None:
+def test_bad_ray_settings_exit_2_and_write_nothing(argv: list[str], expected: str, tmp_path: Path, capsys,
+                                                    monkeypatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = write_sweep(tmp_path / "cfg")
     out = tmp_path / "out"
     assert main(["benchmark", "--config", str(cfg), "--out", str(out), *argv]) == 2
