@@ -166,6 +166,42 @@ def feature_names(indices: Sequence[str], observation: str = "summary",
     return names
 
 
+#: the per-layer score quantiles of the ``layers`` observation (nearest rank, as the summary's)
+LAYER_QUANTILES = (0.1, 0.5, 0.9)
+
+
+def layer_quantiles(values: Tensor, layer: Tensor, alive: Tensor, ps: Sequence[float],
+                    by_selection: bool | None = None) -> list[Tensor]:
+    """Per layer and per ``p`` in ``ps``: the k-th smallest of the layer's ``values``, k = round(p (n - 1)) + 1
+    (nearest rank; n = ``alive[l]`` entries, layers contiguous and in order along ``values``, as
+    ``layer`` says); a layer without entries gives whatever lies at its clamped position (callers mask it).
+
+    Two routes, the same values: on the CPU (``by_selection`` None) a ``kthvalue`` per layer and p, about
+    3x faster than sorting there (a dense MLP's observation: 2.1 vs 6.9 ms per index); elsewhere one sort
+    by value and a stable one by layer, a fixed number of kernel launches whatever the depth.
+    """
+    L = alive.numel()
+    ranks = [torch.round(p * (alive - 1).clamp(min=0).double()).long() for p in ps]
+    if by_selection is None:
+        by_selection = values.device.type == "cpu"
+    if not by_selection:
+        starts = torch.cumsum(alive, 0) - alive
+        last = max(values.numel() - 1, 0)
+        srt, order = torch.sort(values)
+        srt = srt.index_select(0, torch.sort(layer.index_select(0, order), stable=True)[1])
+        return [srt.index_select(0, (starts + r).clamp(max=last)) for r in ranks]
+    out = [torch.zeros(L, dtype=values.dtype, device=values.device) for _ in ps]
+    rank_lists = [r.tolist() for r in ranks]
+    lo = 0
+    for i, a in enumerate(alive.tolist()):
+        if a:
+            seg = values[lo : lo + a]
+            for o, r in zip(out, rank_lists, strict=True):
+                o[i] = torch.kthvalue(seg, r[i] + 1).values
+        lo += a
+    return out
+
+
 def map_action(action: Any, indices: Sequence[str]) -> tuple[dict[str, float], float]:
     """(index weights, step-size value b) of an action; clips to [-1, 1], raises on NaN or a wrong shape."""
     K = len(indices)
@@ -445,12 +481,6 @@ class PruningEpisode:
         L = self.num_layers
         layer = self._layer_of.index_select(0, idx)  # non-decreasing: idx is sorted
         alive = torch.bincount(layer, minlength=L)
-        starts = torch.cumsum(alive, 0) - alive
-        # nearest rank, as the summary's quantiles (the k-th smallest, k = round(p (n - 1)) + 1), the same
-        # positions for every index
-        last = max(idx.numel() - 1, 0)
-        positions = [(starts + torch.round(p * (alive - 1).clamp(min=0).double()).long()).clamp(max=last)
-                     for p in (0.1, 0.5, 0.9)]
         cols = []
         for k, n in enumerate(normed):
             if m > 0 and n.numel():
@@ -459,11 +489,8 @@ class PruningEpisode:
             else:
                 cols += [torch.zeros(L, dtype=torch.float64, device=idx.device)] * 2
             if n.numel():
-                # sort by magnitude, then stably by layer: each layer's magnitudes in ascending order
-                mag, order = torch.sort(n.abs())
-                mag = mag.index_select(0, torch.sort(layer.index_select(0, order), stable=True)[1])
-                for pos in positions:
-                    q = torch.log10(mag.index_select(0, pos).double() + 1e-12) / 3.0
+                for q in layer_quantiles(n.abs(), layer, alive, LAYER_QUANTILES):
+                    q = torch.log10(q.double() + 1e-12) / 3.0
                     cols.append(torch.where(alive > 0, q, torch.zeros_like(q)))
             else:
                 cols += [torch.zeros(L, dtype=torch.float64, device=idx.device)] * 3

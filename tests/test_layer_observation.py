@@ -280,3 +280,22 @@ def test_an_agent_file_written_before_the_layers_observation_still_loads(tmp_pat
     assert policy.observation == "summary" and policy.info["obs_version"] == 1
     masks = _env_masks(env, old, 4)
     assert apply_policy(policy, env.model, 0.95, batches=env.batches, seed=4).masks.equal(masks)
+
+
+@pytest.mark.parametrize("by_selection", [True, False])
+def test_layer_quantiles_are_each_layers_nearest_rank_by_either_route(by_selection: bool) -> None:
+    from panning.episode import layer_quantiles
+
+    g = torch.Generator().manual_seed(3)
+    sizes = [7, 0, 1, 40, 2]  # an empty layer, a one-weight layer, ties below
+    values = torch.randint(0, 5, (sum(sizes),), generator=g).float() * torch.rand(sum(sizes), generator=g).round()
+    layer = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    alive = torch.tensor(sizes)
+    ps = (0.1, 0.5, 0.9)
+    got = layer_quantiles(values, layer, alive, ps, by_selection=by_selection)
+    lo = 0
+    for i, n in enumerate(sizes):
+        seg = sorted(values[lo:lo + n].tolist())
+        lo += n
+        if n:
+            assert [float(q[i]) for q in got] == [seg[round(p * (n - 1))] for p in ps]
