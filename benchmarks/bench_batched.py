@@ -8,13 +8,14 @@ Rows (without ``--model``: all of them):
   CIFAR-shaped random data (3x32x32, 10 classes; CIFAR is not on this machine). The largest
   accuracy difference between the two is reported.
 - ``episodes``: whole episodes per second of ``panning/Panning-v0`` (the env YAML of the row, random
-  actions, from a cold start: references computed as they come), :class:`BatchedPanningVecEnv` with
-  N episodes in this process (all cores) against today's two ``SubprocVecEnv`` workers (one thread
-  each), on mlp/digits and lenet300/mnist.
+  actions), :class:`BatchedPanningVecEnv` with N episodes in this process (all cores) against today's
+  two ``SubprocVecEnv`` workers (one thread each), on mlp/digits and lenet300/mnist; ``cold`` from a
+  fresh start (the single-index references of the relative reward computed as they come), ``warm``
+  after ``--warmup`` more untimed episodes (references cached: most of an agent's training).
 
 Prints a markdown table; ``--json PATH`` writes one row per measurement with the keys ``model,
 dataset, n, device, sequential_per_s, batched_per_s, speedup, max_abs_accuracy_diff`` (plus
-``kind``, ``steps``, ``device_name``). Not a test: run it by hand, e.g.
+``kind``, ``steps``, ``device_name``, and ``phase`` for episodes). Not a test: run it by hand, e.g.
 
     .venv/bin/python benchmarks/bench_batched.py --model mlp --dataset digits --n 1,8,32
     .venv/bin/python benchmarks/bench_batched.py --device cuda --json benchmarks/results/gpu_batched.json
@@ -89,19 +90,30 @@ def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device) -> 
             "max_abs_accuracy_diff": max(abs(a.accuracy - c.accuracy) for a, c in zip(one, many, strict=True))}
 
 
-def _episodes(venv, episodes: int, n: int, T: int) -> float:
+def _episodes(venv, episodes: int, n: int, warmup: int) -> tuple[float, float | None]:
+    """Episodes per second from a cold start (references computed as they come), and, with ``warmup``,
+    again after that many more untimed episodes (references cached, as in most of an agent's training)."""
     rng = np.random.default_rng(0)
     venv.seed(0)
     venv.reset()
-    done = 0
-    t0 = time.perf_counter()
-    while done < episodes:
-        _, _, dones, _ = venv.step(rng.uniform(-1, 1, size=(n, venv.action_space.shape[0])).astype(np.float32))
-        done += int(dones.sum())
-    return done / (time.perf_counter() - t0)
+
+    def run(count: int) -> float:
+        done = 0
+        t0 = time.perf_counter()
+        while done < count:
+            _, _, dones, _ = venv.step(rng.uniform(-1, 1, size=(n, venv.action_space.shape[0])).astype(np.float32))
+            done += int(dones.sum())
+        return done / (time.perf_counter() - t0)
+
+    cold = run(episodes)
+    if not warmup:
+        return cold, None
+    run(warmup)
+    return cold, run(episodes)
 
 
-def episode_row(model: str, ds: str, cfg: Path, n: int, episodes: int, device: torch.device) -> dict:
+def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: int,
+                 device: torch.device) -> list[dict]:
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
     from panning.agents.train import _EnvFactory
@@ -109,15 +121,19 @@ def episode_row(model: str, ds: str, cfg: Path, n: int, episodes: int, device: t
     from panning.envs.vec_env import BatchedPanningVecEnv
 
     env_cfg = make_config(cfg, device=str(device), data_dir=data_dir())
-    T = env_cfg.pruning_steps
     sub = SubprocVecEnv([_EnvFactory(env_cfg, 1, True) for _ in range(2)])
     try:
-        seq = _episodes(sub, episodes, 2, T)
+        seq = _episodes(sub, episodes, 2, warmup)
     finally:
         sub.close()
-    bat = _episodes(BatchedPanningVecEnv(env_cfg, n), episodes, n, T)  # this process's threads: all cores
-    return {"kind": "episodes", "model": model, "dataset": ds, "n": n, "steps": env_cfg.proxy.steps,
-            "sequential_per_s": seq, "batched_per_s": bat, "speedup": bat / seq, "max_abs_accuracy_diff": None}
+    bat = _episodes(BatchedPanningVecEnv(env_cfg, n), episodes, n, warmup)  # this process's threads: all cores
+    rows = []
+    for phase, s, b in (("cold", seq[0], bat[0]), ("warm", seq[1], bat[1])):
+        if s is not None and b is not None:
+            rows.append({"kind": "episodes", "phase": phase, "model": model, "dataset": ds, "n": n,
+                         "steps": env_cfg.proxy.steps, "sequential_per_s": s, "batched_per_s": b, "speedup": b / s,
+                         "max_abs_accuracy_diff": None})
+    return rows
 
 
 def main() -> None:
@@ -127,7 +143,10 @@ def main() -> None:
     ap.add_argument("--n", default=None, help="comma-separated candidate counts (default 1,8,32; and 128 on CUDA)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--episodes", type=int, default=64, help="episodes per episode-row measurement")
+    ap.add_argument("--warmup", type=int, default=128,
+                    help="untimed episodes between the cold and the warm episode rows (0: cold rows only)")
     ap.add_argument("--skip-episodes", action="store_true")
+    ap.add_argument("--skip-proxy", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads of this process, for both sides of the proxy rows (default: all cores)")
     ap.add_argument("--json", type=Path)
@@ -138,15 +157,17 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     ns = [int(v) for v in args.n.split(",")] if args.n else [1, 8, 32] + ([64, 128] if device.type == "cuda" else [])
     rows = []
-    proxy = [r for r in PROXY_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])]
+    proxy = [r for r in PROXY_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])
+             and not args.skip_proxy]
     for model, ds, steps in proxy:
         for n in ns:
             rows.append(proxy_row(model, ds, steps, n, device))
             print(rows[-1], flush=True)
     if not args.skip_episodes:
         for model, ds, cfg in [r for r in EPISODE_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])]:
-            rows.append(episode_row(model, ds, cfg, max(ns), args.episodes, device))
-            print(rows[-1], flush=True)
+            for row in episode_rows(model, ds, cfg, max(ns), args.episodes, args.warmup, device):
+                rows.append(row)
+                print(row, flush=True)
     for r in rows:
         r["device"], r["device_name"] = device.type, name
     print(f"\ndevice: {name}\n")
@@ -155,7 +176,8 @@ def main() -> None:
     for r in rows:
         diff = "" if r["max_abs_accuracy_diff"] is None else f"{r['max_abs_accuracy_diff']:.4f}"
         seq_label = "2 workers" if r["kind"] == "episodes" else ""
-        print(f"| {r['kind']} | {r['model']} / {r['dataset']} | {r['n']} | {r['steps']} | "
+        kind = f"{r['kind']} ({r['phase']})" if "phase" in r else r["kind"]
+        print(f"| {kind} | {r['model']} / {r['dataset']} | {r['n']} | {r['steps']} | "
               f"{r['sequential_per_s']:.2f} {seq_label} | {r['batched_per_s']:.2f} | {r['speedup']:.2f}x | {diff} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from panning._functional import as_numbers, preserved_modes
 from panning.indices import INDICES, LossFn, compute_scores
 from panning.pruner import Pruner
 
-__all__ = ["STACKED_ROUTES", "prefill_scores", "score_networks", "select_topk_rows"]
+__all__ = ["STACKED_ROUTES", "may_stack", "prefill_scores", "score_networks", "select_topk_rows"]
 
 Batch = tuple[Tensor, Tensor]
 Scores = dict[str, Tensor]
@@ -130,6 +130,19 @@ def _stacked(name: str, template: nn.Module, models: Sequence[nn.Module], masks:
     return [{k: v[i] for k, v in out.items()} for i in range(len(models))]
 
 
+def may_stack(name: str, models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]],
+              batches: Sequence[Batch] | None = None, input_shape: Sequence[int] | None = None) -> bool:
+    """Whether :func:`score_networks` would try the stacked route of ``name`` for these networks: there is
+    one, there are two networks or more, and it has not been found inexact for this architecture, batch
+    shape and device (on the CPU, SNIP's and GraSP's stacked gradients of a Linear layer are batched
+    matrix products that round differently from one network's: the last digit of some scores)."""
+    data_route = name in ("snip", "grasp", "grasp_abs")
+    if (len(models) < 2 or name not in STACKED_ROUTES or (data_route and (not batches or len(batches) != 1))
+            or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules())):
+        return False
+    return _EXACT.get(_signature(name, models[0], masks[0], batches, input_shape)) is not False
+
+
 def score_networks(
     name: str,
     models: Sequence[nn.Module],
@@ -152,13 +165,9 @@ def score_networks(
         return compute_scores(name, models[i], masks[i], batches, input_shape=input_shape, seed=seeds[i],
                               loss_fn=loss_fn)
 
-    data_route = name in ("snip", "grasp", "grasp_abs")
-    if (n < 2 or name not in STACKED_ROUTES or (data_route and (not batches or len(batches) != 1))
-            or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules())):
+    if not may_stack(name, models, masks, batches, input_shape):
         return [one(i) for i in range(n)]
     key = _signature(name, models[0], masks[0], batches, input_shape)
-    if _EXACT.get(key) is False:
-        return [one(i) for i in range(n)]
     device = next(models[0].parameters()).device
     dev_batches = [(x.to(device), y.to(device)) for x, y in batches] if batches else None
     with preserved_modes(models[0]), torch.random.fork_rng(devices=[]):
@@ -208,7 +217,9 @@ def prefill_scores(pruners: Sequence[Pruner], indices: Sequence[str] | None = No
     """Score ``indices`` (default: each pruner's own) on the current masks of every pruner that has not
     scored them yet, all networks at once (:func:`score_networks`), and hand each pruner its scores:
     its next :meth:`panning.pruner.Pruner.step` or observation then uses them as if it had computed
-    them itself. The pruners must share one architecture and scoring batch."""
+    them itself. Indices that would be scored one network after the other anyway (:func:`may_stack`) are
+    left to the pruners, which compute them when read, together with the other indices they need. The
+    pruners must share one architecture and scoring batch."""
     if not pruners:
         return
     for name in indices if indices is not None else pruners[0].indices:
@@ -217,8 +228,13 @@ def prefill_scores(pruners: Sequence[Pruner], indices: Sequence[str] | None = No
             continue
         first = todo[0]
         needs_data = INDICES[name].needs_data
-        scores = score_networks(name, [p.model for p in todo], [p.masks for p in todo],
-                                first.batches if needs_data else None, input_shape=first.input_shape,
+        models, masks = [p.model for p in todo], [p.masks for p in todo]
+        batches = first.batches if needs_data else None
+        if not may_stack(name, models, masks, batches, first.input_shape):
+            # one network after the other either way: left to each pruner, which scores the indices it
+            # needs together (SNIP and GraSP share their gradient there) when it reads them
+            continue
+        scores = score_networks(name, models, masks, batches, input_shape=first.input_shape,
                                 seeds=[p.score_seed() for p in todo])
         for p, s in zip(todo, scores, strict=True):
             p.provide_scores(name, s)

@@ -242,3 +242,28 @@ def test_scoring_batch_is_shared(digits) -> None:
     assert torch.equal(x0, x1) and torch.equal(y0, y1)
     x, y = balanced_batch(digits.train, 5, 10, seed=0)
     assert torch.equal(x0, x)
+
+
+def test_indices_without_an_exact_stacked_route_are_left_to_the_pruners(monkeypatch) -> None:
+    """Where the stacked route was found inexact, prefill leaves the index to each pruner, which then scores
+    the indices it reads together (SNIP and GraSP share their gradient) with the same bits as alone."""
+    import panning.batched as batched
+
+    class Inexact(dict):
+        def get(self, key, default=None):  # every stacked route "found" inexact
+            return False
+
+    monkeypatch.setattr(batched, "_EXACT", Inexact())
+    nets = [build_model("mlp", 10, (64,), seed=s) for s in range(3)]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(20, 64, generator=g), torch.arange(20) % 10)]
+    names = ["snip", "grasp_abs", "magnitude"]
+    fed = [Pruner(m, names, batches, seed=i) for i, m in enumerate(nets)]
+    assert not batched.may_stack("snip", nets, [p.masks for p in fed], batches)
+    batched.prefill_scores(fed)
+    assert all(p.needs_scores(n) for p in fed for n in names)  # nothing computed one by one per index here
+    for i, p in enumerate(fed):
+        got = p.scores(names)
+        for n in names:
+            ref = compute_scores(n, nets[i], p.masks, batches, seed=p.score_seed())
+            assert all(torch.equal(ref[k], got[n][k]) for k in ref), n
