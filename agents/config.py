@@ -38,6 +38,9 @@ class AgentConfig:
     # (all in this process as one stacked computation: panning.envs.vec_env.BatchedPanningVecEnv) or
     # "ray" (one Ray actor per env)
     vec_env: str = "subproc"
+    # vec_env: batched: processes the n_envs episodes are split over, each stepping its share as one
+    # computation with `threads` torch threads (panning.envs.vec_env.SubprocBatchedVecEnv); 1: this process
+    batched_workers: int = 1
     # vec_env: ray (panning.envs.ray_vec_env.RayVecEnv): resources each env's actor declares, and the
     # Ray cluster to use (None: a local instance started for the run, bound to 127.0.0.1)
     cpus_per_env: float = 1.0
@@ -82,7 +85,7 @@ class AgentConfig:
         def bad(msg: str) -> None:
             raise ConfigError(f"bad agent config: {msg}")
 
-        for name in ("n_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "threads"):
+        for name in ("n_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "threads", "batched_workers"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_freq", "checkpoint_freq", "keep_checkpoints"):
@@ -97,6 +100,10 @@ class AgentConfig:
                 bad(f"env_mix[{i}] must be a non-empty mapping of env settings, got {entry!r}")
         if len(self.env_mix) > self.n_envs:
             bad(f"env_mix has {len(self.env_mix)} entries but n_envs is {self.n_envs}: every entry needs an env")
+        if self.batched_workers > 1 and self.vec_env != "batched":
+            bad(f"batched_workers splits vec_env: batched over processes; vec_env is {self.vec_env!r}")
+        if self.batched_workers > self.n_envs:
+            bad(f"batched_workers ({self.batched_workers}) must not exceed n_envs ({self.n_envs})")
         if self.env_mix and self.vec_env == "batched":
             bad("vec_env: batched steps one architecture; train an env_mix with subproc, dummy or ray")
         if self.policy != "MlpPolicy":
@@ -199,7 +206,7 @@ def resolve_env_path(cfg: AgentConfig) -> Path | None:
 
 
 _INT_FIELDS = ("n_timesteps", "n_envs", "seed", "n_steps", "batch_size", "n_epochs", "eval_freq", "checkpoint_freq",
-               "keep_checkpoints", "threads")
+               "keep_checkpoints", "threads", "batched_workers")
 _FLOAT_FIELDS = ("gamma", "gae_lambda", "ent_coef", "vf_coef", "max_grad_norm", "target_kl")
 
 

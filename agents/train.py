@@ -60,7 +60,7 @@ from panning.alloc import tune_malloc
 from panning.distributed import RayCluster
 from panning.envs.panning_env import PanningEnv, PanningEnvConfig, make_config
 from panning.envs.ray_vec_env import RayVecEnv
-from panning.envs.vec_env import BatchedPanningVecEnv
+from panning.envs.vec_env import BatchedPanningVecEnv, SubprocBatchedVecEnv
 from panning.envs.wrappers import FixedEpisodes
 from panning.errors import ConfigError, RunDirError
 from panning.io import write_json
@@ -137,7 +137,10 @@ def _make_vec_env(cfg: AgentConfig, env_config: PanningEnvConfig) -> VecEnv:
         return RayVecEnv([_EnvFactory(c, cfg.threads, False) for c in configs],
                          num_cpus=cfg.cpus_per_env, num_gpus=cfg.gpus_per_env)
     if cfg.vec_env == "batched":
-        # one process, N episodes stepped as one computation; VecMonitor records the episode returns
+        # N episodes stepped as one computation (in this process, or split over worker processes);
+        # VecMonitor records the episode returns
+        if cfg.batched_workers > 1:
+            return VecMonitor(SubprocBatchedVecEnv(env_config, cfg.n_envs, cfg.batched_workers, cfg.threads))
         return VecMonitor(BatchedPanningVecEnv(env_config, cfg.n_envs))
     if cfg.vec_env == "subproc" and cfg.n_envs > 1:
         return SubprocVecEnv([_EnvFactory(c, cfg.threads, True) for c in configs])

@@ -12,6 +12,8 @@ Rows (without ``--model``: all of them):
   two ``SubprocVecEnv`` workers (one thread each), on mlp/digits and lenet300/mnist; ``cold`` from a
   fresh start (the single-index references of the relative reward computed as they come), ``warm``
   after ``--warmup`` more untimed episodes (references cached: most of an agent's training).
+- ``episodes_2proc``: the same, the N episodes split over two processes of N/2 stacked episodes each
+  (:class:`SubprocBatchedVecEnv`, one thread each), against the same two ``SubprocVecEnv`` workers.
 
 Prints a markdown table; ``--json PATH`` writes one row per measurement with the keys ``model,
 dataset, n, device, sequential_per_s, batched_per_s, speedup, max_abs_accuracy_diff`` (plus
@@ -118,7 +120,7 @@ def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: 
 
     from panning.agents.train import _EnvFactory
     from panning.envs.panning_env import make_config
-    from panning.envs.vec_env import BatchedPanningVecEnv
+    from panning.envs.vec_env import BatchedPanningVecEnv, SubprocBatchedVecEnv
 
     env_cfg = make_config(cfg, device=str(device), data_dir=data_dir())
     sub = SubprocVecEnv([_EnvFactory(env_cfg, 1, True) for _ in range(2)])
@@ -127,12 +129,18 @@ def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: 
     finally:
         sub.close()
     bat = _episodes(BatchedPanningVecEnv(env_cfg, n), episodes, n, warmup)  # this process's threads: all cores
+    two = SubprocBatchedVecEnv(env_cfg, n, 2, threads=1)  # N/2 stacked episodes in each of two processes
+    try:
+        bat2 = _episodes(two, episodes, n, warmup)
+    finally:
+        two.close()
     rows = []
-    for phase, s, b in (("cold", seq[0], bat[0]), ("warm", seq[1], bat[1])):
-        if s is not None and b is not None:
-            rows.append({"kind": "episodes", "phase": phase, "model": model, "dataset": ds, "n": n,
-                         "steps": env_cfg.proxy.steps, "sequential_per_s": s, "batched_per_s": b, "speedup": b / s,
-                         "max_abs_accuracy_diff": None})
+    for kind, b_rates in (("episodes", bat), ("episodes_2proc", bat2)):
+        for phase, s, b in (("cold", seq[0], b_rates[0]), ("warm", seq[1], b_rates[1])):
+            if s is not None and b is not None:
+                rows.append({"kind": kind, "phase": phase, "model": model, "dataset": ds, "n": n,
+                             "steps": env_cfg.proxy.steps, "sequential_per_s": s, "batched_per_s": b,
+                             "speedup": b / s, "max_abs_accuracy_diff": None})
     return rows
 
 
@@ -175,7 +183,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         diff = "" if r["max_abs_accuracy_diff"] is None else f"{r['max_abs_accuracy_diff']:.4f}"
-        seq_label = "2 workers" if r["kind"] == "episodes" else ""
+        seq_label = "2 workers" if r["kind"].startswith("episodes") else ""
         kind = f"{r['kind']} ({r['phase']})" if "phase" in r else r["kind"]
         print(f"| {kind} | {r['model']} / {r['dataset']} | {r['n']} | {r['steps']} | "
               f"{r['sequential_per_s']:.2f} {seq_label} | {r['batched_per_s']:.2f} | {r['speedup']:.2f}x | {diff} |")

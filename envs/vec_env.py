@@ -19,9 +19,13 @@ YAML selects it for ``panning train-agent``.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
+import signal
 import time
 from collections.abc import Sequence
 from copy import deepcopy
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,7 @@ from panning.data import DataBundle
 from panning.envs.panning_env import PanningEnv, PanningEnvConfig, PendingStep
 from panning.proxy import ProxyResult
 
-__all__ = ["BatchedPanningVecEnv"]
+__all__ = ["BatchedPanningVecEnv", "SubprocBatchedVecEnv"]
 
 
 class BatchedPanningVecEnv(VecEnv):
@@ -176,3 +180,155 @@ class BatchedPanningVecEnv(VecEnv):
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
         return [isinstance(self.envs[i], wrapper_class) for i in self._get_indices(indices)]
+
+
+# ------------------------------------------------------------------------ over several processes
+
+
+@dataclass
+class _BatchedFactory:
+    """Builds one worker's :class:`BatchedPanningVecEnv` in its own process (picklable)."""
+
+    config: PanningEnvConfig
+    n_envs: int
+    threads: int
+
+    def __call__(self) -> BatchedPanningVecEnv:
+        import torch
+
+        from panning.alloc import tune_malloc
+
+        torch.set_num_threads(self.threads)
+        tune_malloc()  # a fresh process: tune its allocator as the CLI's
+        # Ctrl-C goes to the whole process group: let the main process handle it and save
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return BatchedPanningVecEnv(self.config, self.n_envs)
+
+
+def _batched_worker(remote: Connection, parent_remote: Connection, factory: _BatchedFactory) -> None:
+    parent_remote.close()
+    venv = factory()
+    while True:
+        cmd, data = remote.recv()
+        if cmd == "step":
+            remote.send(venv.step(data))
+        elif cmd == "reset":
+            venv._seeds, venv._options = data
+            obs = venv.reset()
+            remote.send((obs, venv.reset_infos))
+        elif cmd == "spaces":
+            remote.send((venv.observation_space, venv.action_space, venv.metadata))
+        elif cmd == "get_attr":
+            remote.send(venv.get_attr(*data))
+        elif cmd == "set_attr":
+            venv.set_attr(*data)
+            remote.send([None] * len(data[2]))
+        elif cmd == "env_method":
+            name, args, kwargs, indices = data
+            remote.send(venv.env_method(name, *args, indices=indices, **kwargs))
+        elif cmd == "is_wrapped":
+            remote.send(venv.env_is_wrapped(*data))
+        elif cmd == "close":
+            venv.close()
+            remote.close()
+            return
+
+
+class SubprocBatchedVecEnv(VecEnv):
+    """N ``panning/Panning-v0`` episodes split over ``workers`` processes, each stepping its share as one
+    :class:`BatchedPanningVecEnv` with ``threads`` torch threads.
+
+    On a CPU one process leaves cores idle while it runs the episodes' per-network bookkeeping
+    (observation features, selection, connectivity), which does not batch; two processes of N/2 episodes
+    each keep both cores of a 2-core machine busy and still train each half's rewards as one stacked
+    computation (BENCHMARKS.md). Env ``i`` gets the seed and options one :class:`BatchedPanningVecEnv`
+    would give it, so the episodes are the same; each process keeps its own reference and proxy caches.
+    """
+
+    def __init__(self, config: PanningEnvConfig | dict[str, Any] | str | Path | None, n_envs: int, workers: int,
+                 threads: int = 1, **overrides: Any) -> None:
+        from panning.envs.panning_env import make_config
+
+        if not 1 <= workers <= n_envs:
+            raise ValueError(f"workers must be between 1 and n_envs ({n_envs}), got {workers}")
+        cfg = make_config(config, **overrides)
+        sizes = [len(part) for part in np.array_split(np.arange(n_envs), workers)]
+        starts = np.cumsum([0, *sizes[:-1]]).tolist()
+        self._slices = [slice(lo, lo + s) for lo, s in zip(starts, sizes, strict=True)]
+        methods = mp.get_all_start_methods()
+        ctx: Any = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+        self.remotes: list[Connection] = []
+        self.processes = []
+        for s in sizes:
+            remote, work_remote = ctx.Pipe()
+            proc = ctx.Process(target=_batched_worker, args=(work_remote, remote, _BatchedFactory(cfg, s, threads)),
+                               daemon=True)  # if the main process crashes, the workers go too
+            proc.start()
+            work_remote.close()
+            self.remotes.append(remote)
+            self.processes.append(proc)
+        self.closed = False
+        self.remotes[0].send(("spaces", None))
+        obs_space, action_space, self.metadata = self.remotes[0].recv()
+        super().__init__(n_envs, obs_space, action_space)
+
+    def reset(self) -> VecEnvObs:
+        for remote, sl in zip(self.remotes, self._slices, strict=True):
+            remote.send(("reset", (self._seeds[sl], self._options[sl])))
+        obs = []
+        for remote, sl in zip(self.remotes, self._slices, strict=True):
+            o, infos = remote.recv()
+            obs.append(o)
+            self.reset_infos[sl] = infos
+        self._reset_seeds()
+        self._reset_options()
+        return np.concatenate(obs)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        actions = np.asarray(actions)
+        for remote, sl in zip(self.remotes, self._slices, strict=True):
+            remote.send(("step", actions[sl]))
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, rewards, dones, infos = zip(*[remote.recv() for remote in self.remotes], strict=True)
+        return (np.concatenate(obs), np.concatenate(rewards), np.concatenate(dones),
+                [info for part in infos for info in part])
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        for remote in self.remotes:
+            remote.send(("close", None))
+        for proc in self.processes:
+            proc.join()
+        self.closed = True
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None] * self.num_envs
+
+    def _ask(self, cmd: str, make: Any, indices: VecEnvIndices) -> list[Any]:
+        """Each worker's answer for its envs among ``indices`` (``make(local indices)`` is the request),
+        back in the order asked."""
+        local: dict[int, list[int]] = {}
+        where = []
+        for i in self._get_indices(indices):
+            w = next(k for k, sl in enumerate(self._slices) if sl.start <= i < sl.stop)
+            local.setdefault(w, []).append(i - self._slices[w].start)
+            where.append((w, len(local[w]) - 1))
+        for w, envs in local.items():
+            self.remotes[w].send((cmd, make(envs)))
+        answers = {w: self.remotes[w].recv() for w in local}
+        return [answers[w][k] for w, k in where]
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return self._ask("get_attr", lambda envs: (attr_name, envs), indices)
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        self._ask("set_attr", lambda envs: (attr_name, value, envs), indices)
+
+    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None,
+                   **method_kwargs: Any) -> list[Any]:
+        return self._ask("env_method", lambda envs: (method_name, method_args, method_kwargs, envs), indices)
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return self._ask("is_wrapped", lambda envs: (wrapper_class, envs), indices)

@@ -16,7 +16,7 @@ from torch import nn
 from panning.batched import score_networks, select_topk_rows
 from panning.data import balanced_batch, load_dataset
 from panning.envs.panning_env import PanningEnv, clear_caches
-from panning.envs.vec_env import BatchedPanningVecEnv
+from panning.envs.vec_env import BatchedPanningVecEnv, SubprocBatchedVecEnv
 from panning.indices import available_indices, compute_scores
 from panning.masks import Masks, select_topk
 from panning.models import build_model
@@ -163,13 +163,19 @@ def _rollout(venv, n: int, steps: int = 7):
     return out
 
 
-def test_vectorised_env_matches_separate_envs_step_by_step() -> None:
+@pytest.mark.parametrize("workers", [None, 2])
+def test_vectorised_env_matches_separate_envs_step_by_step(workers: int | None) -> None:
+    """One process (workers None) or the episodes split over two processes of a stacked env each."""
     n = 3
     clear_caches()
     separate = _rollout(DummyVecEnv([lambda: PanningEnv(TINY_ENV, **ENV_KW) for _ in range(n)]), n)
     clear_caches()
-    batched_env = BatchedPanningVecEnv(TINY_ENV, n, **ENV_KW)
-    batched = _rollout(batched_env, n)
+    batched_env = (BatchedPanningVecEnv(TINY_ENV, n, **ENV_KW) if workers is None
+                   else SubprocBatchedVecEnv(TINY_ENV, n, workers, **ENV_KW))
+    try:
+        batched = _rollout(batched_env, n)
+    finally:
+        batched_env.close()
     assert np.array_equal(separate[0], batched[0])
     finished = 0
     for (o1, r1, d1, i1), (o2, r2, d2, i2) in zip(separate[1:], batched[1:], strict=True):
@@ -185,10 +191,12 @@ def test_vectorised_env_matches_separate_envs_step_by_step() -> None:
     assert finished == 2 * n  # T = 3: episodes end at steps 3 and 6 and restart on their own
 
 
-def test_vec_env_contract() -> None:
+@pytest.mark.parametrize("workers", [None, 2])
+def test_vec_env_contract(workers: int | None) -> None:
     """The VecEnv contract, checked as SB3's own VecEnv tests do."""
     n = 2
-    venv = BatchedPanningVecEnv(TINY_ENV, n, device="cpu", reward="absolute")
+    venv = (BatchedPanningVecEnv(TINY_ENV, n, device="cpu", reward="absolute") if workers is None
+            else SubprocBatchedVecEnv(TINY_ENV, n, workers, device="cpu", reward="absolute"))
     assert venv.num_envs == n
     venv.seed(3)
     obs = venv.reset()
@@ -210,7 +218,9 @@ def test_vec_env_contract() -> None:
     targets = venv.get_attr("target_sparsity")
     venv.seed(11)
     assert np.array_equal(a, venv.reset()) and venv.get_attr("target_sparsity") == targets
-    assert venv.get_attr("init_seed", indices=[1]) == [venv.envs[1].init_seed]
+    seeds = venv.get_attr("init_seed")
+    assert len(seeds) == n and venv.get_attr("init_seed", indices=[1]) == seeds[1:]
+    assert venv.get_attr("init_seed", indices=[1, 0, 1]) == [seeds[1], seeds[0], seeds[1]]
     venv.set_attr("marker", 7, indices=0)
     assert venv.get_attr("marker", indices=[0]) == [7]
     assert venv.env_method("cached_reference", 0.5, 0, indices=[0]) == [None]
@@ -233,6 +243,32 @@ def test_a_tiny_batched_agent_trains_saves_and_resumes(tmp_path: Path) -> None:
     (out / "agent.yaml").write_text(spec)
     assert train_agent(None, out, resume=True, log=lambda s: None, progress_bar=False)["timesteps"] == 72
     assert json.loads((out / "train.json").read_text())["sessions"] == 2
+
+
+def test_a_tiny_agent_trains_on_batched_envs_in_two_processes(tmp_path: Path) -> None:
+    from panning.agents.config import load_agent_config
+    from panning.agents.policy import load_agent
+    from panning.agents.train import AGENT_FILE, train_agent
+
+    cfg = dataclasses.replace(load_agent_config(ROOT / "configs" / "agent" / "tiny.yaml"), vec_env="batched",
+                              batched_workers=2, n_envs=4, n_steps=6, batch_size=12, n_timesteps=24, eval_freq=0,
+                              checkpoint_freq=0)
+    record = train_agent(cfg, tmp_path / "run", log=lambda s: None, progress_bar=False)
+    assert record["timesteps"] == 24 and record["finished"]
+    assert load_agent(tmp_path / "run" / AGENT_FILE).model.num_timesteps == 24
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batched_workers": 2}, "batched_workers splits vec_env: batched over processes"),
+    ({"vec_env": "batched", "n_envs": 2, "batched_workers": 3}, "must not exceed n_envs"),
+    ({"vec_env": "batched", "batched_workers": 0}, "batched_workers must be >= 1"),
+])
+def test_bad_batched_workers_are_refused(change: dict, message: str) -> None:
+    from panning.agents.config import load_agent_config
+    from panning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(load_agent_config(ROOT / "configs" / "agent" / "tiny.yaml"), **change)
 
 
 def test_scoring_batch_is_shared(digits) -> None:
