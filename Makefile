@@ -73,7 +73,7 @@ mutation: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) -c "import torch; assert torch.cuda.is_available(), 'make gpu-check needs a CUDA GPU'; print(torch.cuda.get_device_name())"
 	$(VENV)/bin/pytest -q -rs -m cuda tests/test_cuda.py
-	$(PY) benchmarks/bench_batched.py --device cuda --n 1,8,32,64,128 --episodes 64 --warmup 64 \
+	$(PY) benchmarks/bench_batched.py --device cuda --n 1,8,32,64,128 --episodes 32 --warmup 0 \
 		--json benchmarks/results/gpu_batched.json | tee benchmarks/results/gpu_batched.md
 
 bench-indices: $(STAMP)
