@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -56,11 +55,10 @@ from panning.agents.config import (
 )
 from panning.agents.features import extractor_kwargs
 from panning.agents.policy import agent_metadata, read_metadata, save_agent
-from panning.alloc import tune_malloc
 from panning.distributed import RayCluster
 from panning.envs.panning_env import PanningEnv, PanningEnvConfig, make_config
 from panning.envs.ray_vec_env import RayVecEnv
-from panning.envs.vec_env import BatchedPanningVecEnv, SubprocBatchedVecEnv
+from panning.envs.vec_env import BatchedPanningVecEnv, SubprocBatchedVecEnv, setup_env_process
 from panning.envs.wrappers import FixedEpisodes
 from panning.errors import ConfigError, RunDirError
 from panning.io import write_json
@@ -123,11 +121,7 @@ class _EnvFactory:
         self.worker = worker
 
     def __call__(self) -> Monitor:
-        torch.set_num_threads(self.threads)
-        tune_malloc()  # a worker is a fresh process: tune its allocator as the CLI's
-        if self.worker:
-            # Ctrl-C goes to the whole process group: let the main process handle it and save.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        setup_env_process(self.threads, self.worker)
         return Monitor(PanningEnv(self.env_config))
 
 

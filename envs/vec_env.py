@@ -38,7 +38,7 @@ from panning.data import DataBundle
 from panning.envs.panning_env import PanningEnv, PanningEnvConfig, PendingStep
 from panning.proxy import ProxyResult
 
-__all__ = ["BatchedPanningVecEnv", "SubprocBatchedVecEnv"]
+__all__ = ["BatchedPanningVecEnv", "SubprocBatchedVecEnv", "setup_env_process"]
 
 
 class BatchedPanningVecEnv(VecEnv):
@@ -185,6 +185,20 @@ class BatchedPanningVecEnv(VecEnv):
 # ------------------------------------------------------------------------ over several processes
 
 
+def setup_env_process(threads: int, worker: bool) -> None:
+    """What a process that steps envs sets first: ``threads`` torch threads and the CLI's allocator tuning;
+    a ``worker`` process (a fresh one) also leaves Ctrl-C, which goes to the whole process group, to the
+    main process, which handles it and saves."""
+    import torch
+
+    from panning.alloc import tune_malloc
+
+    torch.set_num_threads(threads)
+    tune_malloc()
+    if worker:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass
 class _BatchedFactory:
     """Builds one worker's :class:`BatchedPanningVecEnv` in its own process (picklable)."""
@@ -194,14 +208,7 @@ class _BatchedFactory:
     threads: int
 
     def __call__(self) -> BatchedPanningVecEnv:
-        import torch
-
-        from panning.alloc import tune_malloc
-
-        torch.set_num_threads(self.threads)
-        tune_malloc()  # a fresh process: tune its allocator as the CLI's
-        # Ctrl-C goes to the whole process group: let the main process handle it and save
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        setup_env_process(self.threads, worker=True)
         return BatchedPanningVecEnv(self.config, self.n_envs)
 
 

@@ -130,17 +130,25 @@ def _stacked(name: str, template: nn.Module, models: Sequence[nn.Module], masks:
     return [{k: v[i] for k, v in out.items()} for i in range(len(models))]
 
 
+def _stack_key(name: str, models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]],
+               batches: Sequence[Batch] | None, input_shape: Sequence[int] | None) -> tuple | None:
+    """The exactness key (:data:`_EXACT`) of the stacked route :func:`score_networks` would try for these
+    networks, or None where it would score them one after the other."""
+    data_route = name in ("snip", "grasp", "grasp_abs")
+    if (len(models) < 2 or name not in STACKED_ROUTES or (data_route and (not batches or len(batches) != 1))
+            or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules())):
+        return None
+    key = _signature(name, models[0], masks[0], batches, input_shape)
+    return None if _EXACT.get(key) is False else key
+
+
 def may_stack(name: str, models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]],
               batches: Sequence[Batch] | None = None, input_shape: Sequence[int] | None = None) -> bool:
     """Whether :func:`score_networks` would try the stacked route of ``name`` for these networks: there is
     one, there are two networks or more, and it has not been found inexact for this architecture, batch
     shape and device (on the CPU, SNIP's and GraSP's stacked gradients of a Linear layer are batched
     matrix products that round differently from one network's: the last digit of some scores)."""
-    data_route = name in ("snip", "grasp", "grasp_abs")
-    if (len(models) < 2 or name not in STACKED_ROUTES or (data_route and (not batches or len(batches) != 1))
-            or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules())):
-        return False
-    return _EXACT.get(_signature(name, models[0], masks[0], batches, input_shape)) is not False
+    return _stack_key(name, models, masks, batches, input_shape) is not None
 
 
 def score_networks(
@@ -165,9 +173,9 @@ def score_networks(
         return compute_scores(name, models[i], masks[i], batches, input_shape=input_shape, seed=seeds[i],
                               loss_fn=loss_fn)
 
-    if not may_stack(name, models, masks, batches, input_shape):
+    key = _stack_key(name, models, masks, batches, input_shape)
+    if key is None:
         return [one(i) for i in range(n)]
-    key = _signature(name, models[0], masks[0], batches, input_shape)
     device = next(models[0].parameters()).device
     dev_batches = [(x.to(device), y.to(device)) for x, y in batches] if batches else None
     with preserved_modes(models[0]), torch.random.fork_rng(devices=[]):
