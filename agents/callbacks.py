@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -97,6 +98,9 @@ class EpisodeLogger(BaseCallback):
                     self.logger.record_mean(f"policy/step{step:02d}_weight_{name}", v / total)
                     self.logger.record_mean(f"policy/weight_{name}", v / total)
                 self.logger.record_mean(f"policy/step{step:02d}_share", info["step_share"])
+                for layer, f in enumerate(info.get("layer_factors") or ()):
+                    # log10 of the factor is the action's interpolated depth term m_l, in [-1, 1]
+                    self.logger.record_mean(f"policy/layer{layer:02d}_log10_factor", math.log10(f))
             if done and "sparsity" in info:
                 self.logger.record_mean("episode/final_sparsity", info["sparsity"])
                 self.logger.record_mean("episode/effective_sparsity", info["effective_sparsity"])

@@ -89,8 +89,8 @@ def resolve_env_config(cfg: AgentConfig) -> PanningEnvConfig:
 
 
 # what a policy's spaces and metadata depend on: every env of a mix must agree on these
-_POLICY_SETTINGS = ("indices", "pruning_steps", "observation", "max_layers", "normalisation", "mode", "exclude",
-                    "scoring_per_class")
+_POLICY_SETTINGS = ("indices", "pruning_steps", "observation", "max_layers", "layer_actions", "normalisation", "mode",
+                    "exclude", "scoring_per_class")
 
 
 def mix_configs(cfg: AgentConfig, env_config: PanningEnvConfig) -> list[PanningEnvConfig]:

@@ -18,7 +18,8 @@ seed every episode), builds a freshly initialised network with it, draws the tar
 
 Action and observation
 ----------------------
-A float32 ``Box(-1, 1, (K + 1,))`` action (K index weights, one step size) and a fixed-size float32
+A float32 ``Box(-1, 1, (K + 1 + S,))`` action (K index weights, one step size, and with ``layer_actions: S``
+(default 0) S per-layer control points over depth) and a fixed-size float32
 observation, both defined and documented in :mod:`panning.episode`
 (:class:`panning.episode.PruningEpisode`), which ``panning prune --policy`` drives too:
 ``observation: layers`` (the default, version 2) is ``Box(-5, 5, (13 + 6K + max_layers * (9 + 5K),))``
@@ -74,6 +75,8 @@ from panning.episode import (
     OBS_LIMIT,
     OBSERVATIONS,
     PruningEpisode,
+    action_size,
+    check_layer_actions,
     feature_names,
     observation_size,
 )
@@ -117,6 +120,8 @@ class PanningEnvConfig:
     # observation layout (panning.episode): "layers" (per-layer rows, padded to max_layers) or "summary"
     observation: str = "layers"
     max_layers: int = DEFAULT_MAX_LAYERS
+    # per-layer action terms (panning.episode): 0 = none, S >= 2 = control points over relative depth
+    layer_actions: int = 0
     # the reward's short training run (panning.proxy.ProxyEvaluator); YAML: a nested mapping ``proxy:``
     proxy: ProxySettings = field(default_factory=ProxySettings)
     # reward
@@ -161,6 +166,10 @@ class PanningEnvConfig:
             bad(f"unknown observation {self.observation!r}; known: {', '.join(OBSERVATIONS)}")
         if not is_int(self.max_layers) or self.max_layers < 1:
             bad(f"max_layers must be an integer >= 1, got {self.max_layers!r}")
+        try:
+            check_layer_actions(self.layer_actions)
+        except ValueError as e:
+            bad(str(e))
         if self.normalisation not in NORMALISATIONS:
             bad(f"unknown normalisation {self.normalisation!r}; known: {', '.join(NORMALISATIONS)}")
         if self.mode not in ("global", "layerwise"):
@@ -284,7 +293,8 @@ class PanningEnv(gym.Env):
             raise ConfigError(f"bad Panning env config: {cfg.model} has {len(probe_masks)} prunable layers, more than "
                               f"max_layers={cfg.max_layers}; raise max_layers")
         self.K = len(cfg.indices)
-        self.action_space = spaces.Box(-1.0, 1.0, shape=(self.K + 1,), dtype=np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(action_size(self.K, cfg.layer_actions),),
+                                       dtype=np.float32)
         size = observation_size(self.K, cfg.observation, cfg.max_layers)
         self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(size,), dtype=np.float32)
         self.feature_names = feature_names(cfg.indices, cfg.observation, cfg.max_layers)
@@ -372,6 +382,7 @@ class PanningEnv(gym.Env):
             self.model, cfg.indices, self.batches, target_sparsity=target, steps=cfg.pruning_steps,
             input_shape=self.bundle.input_shape, exclude=cfg.exclude, mode=cfg.mode,
             normalisation=cfg.normalisation, seed=init_seed, observation=cfg.observation, max_layers=cfg.max_layers,
+            layer_actions=cfg.layer_actions,
         )
         self._done = False
         self._phi = 0.0
@@ -421,6 +432,7 @@ class PanningEnv(gym.Env):
             "keep": s.keep,
             "removed": s.removed,
             "layer_density": s.masks.layer_density(),
+            "layer_factors": s.layer_factors,
             "collapsed_layers": s.collapsed,
             "init_seed": self.init_seed,
         }

@@ -9,8 +9,8 @@ the agent learned and what a user applies cannot drift apart. This module is par
 it imports neither Gymnasium nor Stable-Baselines3. It needs no proxy, no labels beyond the scoring
 batch, and no data set object.
 
-Action (float32 ``Box(-1, 1, (K + 1,))`` for K indices; out-of-range values are clipped, NaN raises)
----------------------------------------------------------------------------------------------------
+Action (float32 ``Box(-1, 1, (K + 1 + S,))`` for K indices, S = ``layer_actions`` (default 0); clipped, NaN raises)
+--------------------------------------------------------------------------------------------------------------
 - ``a[0:K]`` -> index weights ``w_k = (a_k + 1) / 2`` in [0, 1] (so ``[1, -1, -1]`` is exactly
   one-hot on the first index); if all are 0, equal weights are used. The pruner combines the
   normalised scores as ``sum_k w_k * n_k``; only the ratios matter.
@@ -22,6 +22,16 @@ Action (float32 ``Box(-1, 1, (K + 1,))`` for K indices; out-of-range values are 
   (``u_t = t / T``, the counts of ``keep_schedule(N, target, T, "exponential")``); ``b = 1`` prunes
   4x the default share, ``b = -1`` a quarter of it. Step T always keeps exactly
   ``keep_count(N, target)`` whatever ``b`` is.
+- Per-layer terms (only with ``layer_actions = S >= 2``; the action is then ``(K + 1 + S,)``):
+  ``a[K+1:]`` are S control points ``c_0..c_{S-1}`` spread evenly over relative depth [0, 1]; layer l
+  (depth ``l / (L - 1)`` in the masks' order, 0 when L = 1) reads ``m_l`` by linear interpolation
+  between them, so one policy applies to any depth. The layer's combined scores ``c`` are scaled by
+  ``f_l = 4**m_l`` (the step size's range, ``2**(2b)``) before the global top-k, as ``c * f_l`` where
+  ``c > 0`` and ``c / f_l`` elsewhere (a factor above 1 protects the layer whatever the score's sign):
+  the layer gives up fewer weights at this step (``m_l = 1``: as if each of its scores were 4 times
+  higher) or more (``m_l = -1``: a quarter). All
+  ``c_j = 0`` is the mapping without per-layer terms, bit for bit. AMC (He et al., 2018) chooses a
+  ratio per layer; here the global ranking still decides within and across layers, biased per layer.
 
 Observation (float32 ``Box(-5, 5, (13 + 6K,))``; every feature is clipped to [-5, 5])
 -------------------------------------------------------------------------------------
@@ -114,7 +124,8 @@ from panning.pruner import Pruner
 
 __all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "LAYER_FEATURES",
            "LAYER_INDEX_FEATURES", "OBSERVATIONS", "OBS_VERSIONS", "DEFAULT_MAX_LAYERS", "OBS_LIMIT", "OBS_VERSION",
-           "ACTION_MAPPING", "observation_size", "feature_names", "layer_feature_size", "map_action"]
+           "ACTION_MAPPING", "LAYER_FACTOR_BASE", "action_mapping", "action_size", "check_layer_actions",
+           "layer_factors", "observation_size", "feature_names", "layer_feature_size", "map_action"]
 
 GLOBAL_FEATURES = (
     "progress", "default_share", "density", "target_density", "budget_left", "ineffective",
@@ -133,6 +144,39 @@ OBS_VERSION = OBS_VERSIONS["layers"]  # the default layout's
 DEFAULT_MAX_LAYERS = 32
 # Recorded in saved agents for the same reason.
 ACTION_MAPPING = "w=(a+1)/2 (all 0 -> equal); share=min(1, 2**(2b)/steps_left); v1"
+#: the base of the per-layer factor ``f_l = LAYER_FACTOR_BASE ** m_l`` (see the module docstring)
+LAYER_FACTOR_BASE = 4.0
+
+
+def action_mapping(layer_actions: int = 0) -> str:
+    """The action mapping's description recorded in saved agents: :data:`ACTION_MAPPING` without
+    per-layer terms (so agents saved before they existed still load), extended with them."""
+    if layer_actions == 0:
+        return ACTION_MAPPING
+    return f"{ACTION_MAPPING}; layer f=4**interp(depth, {layer_actions} points), c*f (c>0) else c/f; v1"
+
+
+def check_layer_actions(layer_actions: Any) -> int:
+    """``layer_actions`` as an int: 0 (no per-layer terms) or S >= 2 control points; ValueError otherwise."""
+    if isinstance(layer_actions, bool) or not isinstance(layer_actions, (int, np.integer)) or layer_actions < 0 \
+            or layer_actions == 1:
+        raise ValueError(f"layer_actions must be 0 (no per-layer terms) or an integer >= 2 (control points over "
+                         f"depth; one point scales every layer alike, which changes nothing), got {layer_actions!r}")
+    return int(layer_actions)
+
+
+def action_size(num_indices: int, layer_actions: int = 0) -> int:
+    """Length of the action vector: K index weights, one step size, ``layer_actions`` depth points."""
+    return num_indices + 1 + layer_actions
+
+
+def layer_factors(points: Sequence[float], num_layers: int) -> list[float]:
+    """Per-layer score factors ``4**m_l`` of :func:`map_action`'s depth control points, for ``num_layers``
+    layers in order; all points 0 gives exactly 1.0 everywhere."""
+    pts = np.asarray(points, dtype=np.float64)
+    depth = np.arange(num_layers) / (num_layers - 1) if num_layers > 1 else np.zeros(1)
+    m = np.interp(depth, np.linspace(0.0, 1.0, len(pts)), pts)
+    return [float(LAYER_FACTOR_BASE ** v) for v in m]
 
 
 def _check_layout(observation: str) -> None:
@@ -202,19 +246,24 @@ def layer_quantiles(values: Tensor, layer: Tensor, alive: Tensor, ps: Sequence[f
     return out
 
 
-def map_action(action: Any, indices: Sequence[str]) -> tuple[dict[str, float], float]:
-    """(index weights, step-size value b) of an action; clips to [-1, 1], raises on NaN or a wrong shape."""
+def map_action(action: Any, indices: Sequence[str], layer_actions: int = 0
+               ) -> tuple[dict[str, float], float, list[float]]:
+    """(index weights, step-size value b, the ``layer_actions`` depth control points) of an action;
+    clips to [-1, 1], raises on NaN or a wrong shape."""
     K = len(indices)
     a = np.asarray(action, dtype=np.float64).reshape(-1)
-    if a.shape != (K + 1,):
-        raise ValueError(f"expected an action of shape ({K + 1},) for indices {list(indices)}, got {np.shape(action)}")
+    size = action_size(K, layer_actions)
+    if a.shape != (size,):
+        extra = f" and {layer_actions} per-layer terms" if layer_actions else ""
+        raise ValueError(f"expected an action of shape ({size},) for indices {list(indices)}{extra}, "
+                         f"got {np.shape(action)}")
     if np.isnan(a).any():
         raise ValueError(f"action contains NaN: {a.tolist()}")
     a = np.clip(a, -1.0, 1.0)
     w = (a[:K] + 1.0) / 2.0
     if not (w > 0).any():
         w = np.ones(K)
-    return {name: float(v) for name, v in zip(indices, w, strict=True)}, float(a[K])
+    return {name: float(v) for name, v in zip(indices, w, strict=True)}, float(a[K]), [float(v) for v in a[K + 1:]]
 
 
 def _log_density_feature(d: float) -> float:
@@ -235,6 +284,7 @@ class EpisodeStep:
     collapsed: list[str]
     loss_ratio: float
     grad_ratio: float
+    layer_factors: list[float] | None = None  # per layer, in the masks' order (None: no per-layer terms)
 
 
 class PruningEpisode:
@@ -259,8 +309,10 @@ class PruningEpisode:
         seed: int = 0,
         observation: str = "summary",
         max_layers: int = DEFAULT_MAX_LAYERS,
+        layer_actions: int = 0,
     ) -> None:
         _check_layout(observation)
+        self.layer_actions = check_layer_actions(layer_actions)
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -325,7 +377,8 @@ class PruningEpisode:
         """One pruning step driven by ``action`` (see the module docstring for the mapping)."""
         if self.done:
             raise RuntimeError("the episode is over: all pruning steps have run")
-        weights, b = map_action(action, self.indices)
+        weights, b, points = map_action(action, self.indices, self.layer_actions)
+        factors = layer_factors(points, self.num_layers) if points and any(points) else None
         kept_before = self.masks.num_kept
         share, u, keep = self.planned_keep(b)
         self.timing = self._zero_timing()
@@ -335,7 +388,7 @@ class PruningEpisode:
             if wk > 0:
                 self.pruner.normalised_scores(name)
         t1 = time.perf_counter()
-        masks = self.pruner.step(weights, keep)
+        masks = self.pruner.step(weights, keep, layer_factors=factors)
         t2 = time.perf_counter()
         eff = effective_masks(self.model, masks, self.input_shape)
         t3 = time.perf_counter()
@@ -351,7 +404,8 @@ class PruningEpisode:
         self.loss_ratio, self.grad_ratio = self._ratios(loss, grad)
         collapsed = [k for k, m in eff.items() if not bool(m.any())]
         return EpisodeStep(self.t, weights, share, keep, kept_before - keep, masks, eff, collapsed,
-                           self.loss_ratio, self.grad_ratio)
+                           self.loss_ratio, self.grad_ratio,
+                           factors if factors is not None or not self.layer_actions else [1.0] * self.num_layers)
 
     # --------------------------------------------------------------------------- signals
 

@@ -26,10 +26,12 @@ import panning
 from panning import indices as _indices
 from panning.data import balanced_batch, dataset_labels
 from panning.episode import (
-    ACTION_MAPPING,
     DEFAULT_MAX_LAYERS,
     OBS_VERSIONS,
     PruningEpisode,
+    action_mapping,
+    action_size,
+    check_layer_actions,
     feature_names,
     observation_size,
 )
@@ -70,6 +72,8 @@ class Policy:
     #: of layer rows (a network deeper than ``max_layers`` gets a wider layer axis)
     observation: str = "summary"
     max_layers: int = DEFAULT_MAX_LAYERS
+    #: per-layer action terms (depth control points) after the K + 1 (:mod:`panning.episode`)
+    layer_actions: int = 0
 
     @classmethod
     def from_metadata(cls, predict: Predict, meta: Mapping[str, Any], **info: Any) -> Policy:
@@ -79,7 +83,7 @@ class Policy:
             predict, list(meta["indices"]), int(meta["pruning_steps"]), str(meta["mode"]),
             str(meta["normalisation"]), list(meta["exclude"]), int(meta["scoring_per_class"]),
             {"obs_version": meta.get("obs_version"), "trained_timesteps": meta.get("trained_timesteps"), **info},
-            observation, max_layers,
+            observation, max_layers, int(meta.get("layer_actions", 0)),
         )
 
 
@@ -97,6 +101,7 @@ def policy_metadata(env_config: Any, trained_timesteps: int = 0, **extra: Any) -
     env = dataclasses.asdict(env_config) if is_config else dict(env_config)
     idx = list(env["indices"])
     observation, max_layers = str(env.get("observation", "summary")), int(env.get("max_layers", DEFAULT_MAX_LAYERS))
+    layer_actions = int(env.get("layer_actions", 0))
     return {
         "format": FORMAT,
         "panning_version": panning.__version__,
@@ -105,8 +110,9 @@ def policy_metadata(env_config: Any, trained_timesteps: int = 0, **extra: Any) -
         "max_layers": max_layers,
         "observation_size": observation_size(len(idx), observation, max_layers),
         "feature_names": feature_names(idx, observation, max_layers),
-        "action_mapping": ACTION_MAPPING,
-        "action_size": len(idx) + 1,
+        "action_mapping": action_mapping(layer_actions),
+        "action_size": action_size(len(idx), layer_actions),
+        "layer_actions": layer_actions,
         "indices": idx,
         "pruning_steps": int(env["pruning_steps"]),
         "normalisation": env["normalisation"],
@@ -135,9 +141,15 @@ def check_metadata(meta: Any, where: str, indices: Sequence[str] | None = None) 
         known = ", ".join(f"{v} ({k})" for k, v in OBS_VERSIONS.items())
         raise AgentError(f"{where} was trained on observation version {meta['obs_version']} ({observation}); this "
                          f"panning (v{panning.__version__}) builds versions {known}: retrain the agent")
-    if meta["action_mapping"] != ACTION_MAPPING:
+    # files saved before per-layer terms existed name none: 0
+    layer_actions = meta.get("layer_actions", 0)
+    try:
+        layer_actions = check_layer_actions(layer_actions)
+    except ValueError as e:
+        raise AgentError(f"{where}: {e}; the file is damaged") from None
+    if meta["action_mapping"] != action_mapping(layer_actions):
         raise AgentError(f"{where} uses action mapping {meta['action_mapping']!r}; this panning uses "
-                         f"{ACTION_MAPPING!r}: retrain the agent")
+                         f"{action_mapping(layer_actions)!r}: retrain the agent")
     trained = list(meta["indices"])
     unknown = [n for n in trained if n not in _indices.available_indices()]
     if unknown:
@@ -148,6 +160,9 @@ def check_metadata(meta: Any, where: str, indices: Sequence[str] | None = None) 
     if meta["observation_size"] != size or meta["feature_names"] != names:
         raise AgentError(f"{where}: its observation layout does not match this panning's for indices {trained}; "
                          "retrain the agent")
+    if meta["action_size"] != action_size(len(meta["indices"]), layer_actions):
+        raise AgentError(f"{where}: its action size {meta['action_size']} does not match its "
+                         f"{len(meta['indices'])} indices and {layer_actions} per-layer terms; the file is damaged")
     if indices is not None and list(indices) != trained:
         raise AgentError(f"{where} was trained with indices {trained} (in this order); requested {list(indices)}")
 
@@ -210,13 +225,15 @@ def run_policy(
         model, policy.indices, batches, target_sparsity=sparsity, steps=policy.pruning_steps,
         input_shape=input_shape, exclude=exclude, mode=policy.mode,
         normalisation=policy.normalisation, seed=seed, observation=policy.observation, max_layers=max_layers,
+        layer_actions=policy.layer_actions,
     )
     chosen = []
     while not ep.done:
         action = np.asarray(policy.predict(ep.observe()))
         s = ep.step(action)
         chosen.append({"step": s.step, "weights": s.weights, "share": s.share, "keep": s.keep,
-                       "sparsity": s.masks.sparsity, "action": [float(a) for a in action.reshape(-1)]})
+                       "sparsity": s.masks.sparsity, "action": [float(a) for a in action.reshape(-1)],
+                       **({"layer_factors": s.layer_factors} if policy.layer_actions else {})})
     result = finish(ep.pruner, method, "policy", time.perf_counter() - t0)
     result.extra["policy"] = {**policy.info, "indices": list(policy.indices),
                               "pruning_steps": policy.pruning_steps, "steps": chosen}

@@ -8,7 +8,8 @@ One step:
 1. every index in ``Pruner.indices`` scores the *current masked* network
    (:func:`panning.indices.compute_scores`);
 2. each index's scores are normalised over the weights still alive (:func:`normalise`);
-3. the normalised scores are combined with non-negative weights, ``c = sum_k w_k * n_k``;
+3. the normalised scores are combined with non-negative weights, ``c = sum_k w_k * n_k`` (optionally
+   biased per layer by a factor ``f``: ``c * f`` where ``c > 0``, ``c / f`` elsewhere);
 4. the ``keep`` highest combined scores among the alive weights survive
    (:func:`panning.masks.select_topk`, exact count, deterministic tie-break).
 """
@@ -269,9 +270,16 @@ class Pruner:
             raise ValueError("index weights are all zero; at least one index needs a positive weight")
         return w
 
-    def combined_scores(self, weights: Sequence[float] | Mapping[str, float]) -> dict[str, Tensor]:
-        """Weighted sum of normalised index scores, reshaped per parameter."""
+    def combined_scores(self, weights: Sequence[float] | Mapping[str, float],
+                        layer_factors: Sequence[float] | None = None) -> dict[str, Tensor]:
+        """Weighted sum of normalised index scores, reshaped per parameter; ``layer_factors`` (one positive
+        finite factor per masked parameter, in key order) scales each layer's scores as ``c * f`` where
+        ``c > 0`` and ``c / f`` elsewhere, so a factor above 1 protects the layer whatever the sign."""
         w = self.weights_dict(weights)
+        if layer_factors is not None:
+            layer_factors = [float(f) for f in layer_factors]
+            if len(layer_factors) != len(self.masks) or not all(0.0 < f < float("inf") for f in layer_factors):
+                raise ValueError(f"expected {len(self.masks)} positive finite layer factors, got {layer_factors}")
         self.scores([n for n, wk in w.items() if wk != 0.0])  # together: indices that share passes share them
         total: Tensor | None = None
         for name, wk in w.items():
@@ -282,20 +290,26 @@ class Pruner:
         assert total is not None
         out: dict[str, Tensor] = {}
         offset = 0
-        for key, m in self.masks.items():
-            out[key] = total[offset : offset + m.numel()].view(m.shape)
+        for i, (key, m) in enumerate(self.masks.items()):
+            c = total[offset : offset + m.numel()].view(m.shape)
+            if layer_factors is not None and layer_factors[i] != 1.0:
+                f = layer_factors[i]
+                c = torch.where(c > 0, c * f, c / f)
+            out[key] = c
             offset += m.numel()
         return out
 
-    def step(self, weights: Sequence[float] | Mapping[str, float], keep: int) -> Masks:
-        """Prune to exactly ``keep`` weights with the given index weights; returns the new masks."""
+    def step(self, weights: Sequence[float] | Mapping[str, float], keep: int,
+             layer_factors: Sequence[float] | None = None) -> Masks:
+        """Prune to exactly ``keep`` weights with the given index weights (and per-layer factors, see
+        :meth:`combined_scores`); returns the new masks."""
         keep = int(keep)
         limit = self.num_total if self.regrow else self.masks.num_kept
         if keep < 0 or keep > limit:
             raise ValueError(f"keep must be between 0 and the {limit} weights that can be kept, got {keep}")
         w = self.weights_dict(weights)
         t0 = time.perf_counter()
-        combined = self.combined_scores(w)
+        combined = self.combined_scores(w, layer_factors)
         t1 = time.perf_counter()
         masks = select_topk(combined, keep, current=None if self.regrow else self.masks, mode=self.mode,
                             min_per_layer=self.min_per_layer)

@@ -359,7 +359,8 @@ def test_training_on_a_mix_of_networks(tmp_path: Path) -> None:
     res = apply_policy(agent, net, 0.99, images.train)
     assert res.masks.num_kept == keep_count(res.masks.num_total, 0.99)
     for bad, match in [([{"indices": ["snip"]}], r"env_mix\[0\] changes indices"),
-                       ([{"max_layers": 8}], "changes max_layers"), ([{"modle": "mlp"}], "modle"),
+                       ([{"max_layers": 8}], "changes max_layers"), ([{"layer_actions": 2}], "changes layer_actions"),
+                       ([{"modle": "mlp"}], "modle"),
                        ([{"model": "resnet8"}], r"env_mix\[0\]: resnet8 needs an image input_shape")]:
         with pytest.raises(ConfigError, match=match):
             train_agent(dataclasses.replace(cfg, env_mix=bad), tmp_path / "bad", log=lambda s: None)
@@ -437,3 +438,22 @@ def test_evaluation_on_training_initialisations_is_refused(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="unknown eval method"):
         train_agent(bad_method, tmp_path / "r", log=lambda s: None)
     assert not (tmp_path / "r").exists()
+
+
+def test_an_agent_with_per_layer_actions_trains_loads_and_applies_as_in_its_env(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(load_agent_config(TINY), n_timesteps=24, eval_freq=0, checkpoint_freq=0,
+                              env_kwargs={**load_agent_config(TINY).env_kwargs, "layer_actions": 2})
+    out = tmp_path / "run"
+    assert train_agent(cfg, out, log=lambda s: None)["timesteps"] == 24
+    agent = load_agent(out / AGENT_FILE)
+    assert agent.metadata["layer_actions"] == 2 and agent.model.action_space.shape == (len(agent.indices) + 3,)
+    assert any(t.startswith("policy/layer00_log10_factor") for t in _scalars(out))
+    env = PanningEnv(ROOT / "configs" / "env" / "tiny.yaml", target_sparsity=0.95, layer_actions=2)
+    obs, _ = env.reset(options={"init_seed": 7})
+    done = False
+    while not done:
+        action, _ = agent.model.predict(obs, deterministic=True)
+        obs, _, done, _, info = env.step(action)
+    result = apply_policy(agent, env.model, 0.95, batches=env.batches, seed=7)
+    assert result.masks.equal(env.masks) and result.masks.num_kept == keep_count(result.masks.num_total, 0.95)
+    assert result.extra["policy"]["steps"][-1]["layer_factors"] == info["layer_factors"]

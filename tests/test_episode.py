@@ -38,12 +38,12 @@ def episode(steps: int = 4, target: float = 0.99) -> PruningEpisode:
 
 
 def test_map_action_by_hand() -> None:
-    w, b = map_action([1.0, -1.0, 0.0, 0.25], INDICES)
+    w, b, _ = map_action([1.0, -1.0, 0.0, 0.25], INDICES)
     assert w == {"synflow": 1.0, "snip": 0.0, "grasp_abs": 0.5} and b == 0.25
     # out of range values are clipped to [-1, 1] first
-    w, b = map_action(np.array([3.0, -7.0, 0.5, 4.0], np.float32), INDICES)
+    w, b, _ = map_action(np.array([3.0, -7.0, 0.5, 4.0], np.float32), INDICES)
     assert w == {"synflow": 1.0, "snip": 0.0, "grasp_abs": 0.75} and b == 1.0
-    w, b = map_action([-2.0, -1.0, -1.0, -3.0], INDICES)
+    w, b, _ = map_action([-2.0, -1.0, -1.0, -3.0], INDICES)
     assert w == {"synflow": 1.0, "snip": 1.0, "grasp_abs": 1.0} and b == -1.0  # all zero -> equal weights
     with pytest.raises(ValueError, match="NaN"):
         map_action([0.0, float("nan"), 0.0, 0.0], INDICES)
@@ -382,7 +382,7 @@ def test_signals_with_a_masked_layer_the_forward_never_uses(tied) -> None:
 def test_map_action_flattens_and_computes_in_float64() -> None:
     """A batched (1, K+1) action is flattened; float32 actions are mapped with float64 arithmetic."""
     a = np.array([[0.1, -0.3, 0.7, 0.2]], np.float32)
-    w, b = map_action(a, INDICES)
+    w, b, _ = map_action(a, INDICES)
     exact = [(float(np.float32(v)) + 1.0) / 2.0 for v in (0.1, -0.3, 0.7)]
     assert list(w.values()) == exact and b == float(np.float32(0.2))
     with pytest.raises(ValueError, match=r"^expected an action of shape \(4,\) for indices "
