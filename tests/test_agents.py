@@ -7,6 +7,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -190,15 +191,21 @@ def test_agents_saved_before_the_packages_moved_still_load(trained: Path, tmp_pa
                           ref.model.predict(obs, deterministic=True)[0])
 
 
-def test_policy_in_the_env_and_apply_policy_give_the_same_masks(trained: Path) -> None:
-    agent = load_agent(trained / AGENT_FILE)
-    env = PanningEnv(ROOT / "configs" / "env" / "tiny.yaml", target_sparsity=0.95)
+def _env_episode_and_applied(agent: Any, **env_settings: Any) -> tuple[PanningEnv, dict[str, Any], Any]:
+    """The agent's deterministic episode in the tiny env at 95% (init seed 7), its last info, and
+    apply_policy's result on the same network and scoring batch."""
+    env = PanningEnv(ROOT / "configs" / "env" / "tiny.yaml", target_sparsity=0.95, **env_settings)
     obs, _ = env.reset(options={"init_seed": 7})
     done = False
     while not done:
         action, _ = agent.model.predict(obs, deterministic=True)
         obs, _, done, _, info = env.step(action)
-    result = apply_policy(agent, env.model, 0.95, batches=env.batches, seed=7)
+    return env, info, apply_policy(agent, env.model, 0.95, batches=env.batches, seed=7)
+
+
+def test_policy_in_the_env_and_apply_policy_give_the_same_masks(trained: Path) -> None:
+    agent = load_agent(trained / AGENT_FILE)
+    env, _, result = _env_episode_and_applied(agent)
     assert result.masks.equal(env.masks)
     assert result.masks.num_kept == keep_count(result.masks.num_total, 0.95)
     record = result.extra["policy"]
@@ -448,12 +455,6 @@ def test_an_agent_with_per_layer_actions_trains_loads_and_applies_as_in_its_env(
     agent = load_agent(out / AGENT_FILE)
     assert agent.metadata["layer_actions"] == 2 and agent.model.action_space.shape == (len(agent.indices) + 3,)
     assert any(t.startswith("policy/layer00_log10_factor") for t in _scalars(out))
-    env = PanningEnv(ROOT / "configs" / "env" / "tiny.yaml", target_sparsity=0.95, layer_actions=2)
-    obs, _ = env.reset(options={"init_seed": 7})
-    done = False
-    while not done:
-        action, _ = agent.model.predict(obs, deterministic=True)
-        obs, _, done, _, info = env.step(action)
-    result = apply_policy(agent, env.model, 0.95, batches=env.batches, seed=7)
+    env, info, result = _env_episode_and_applied(agent, layer_actions=2)
     assert result.masks.equal(env.masks) and result.masks.num_kept == keep_count(result.masks.num_total, 0.95)
     assert result.extra["policy"]["steps"][-1]["layer_factors"] == info["layer_factors"]
