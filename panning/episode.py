@@ -29,9 +29,9 @@ Action (float32 ``Box(-1, 1, (K + 1 + S,))`` for K indices, S = ``layer_actions`
   ``f_l = 4**m_l`` (the step size's range, ``2**(2b)``) before the global top-k, as ``c * f_l`` where
   ``c > 0`` and ``c / f_l`` elsewhere (a factor above 1 protects the layer whatever the score's sign):
   the layer gives up fewer weights at this step (``m_l = 1``: as if each of its scores were 4 times
-  higher) or more (``m_l = -1``: a quarter). All
-  ``c_j = 0`` is the mapping without per-layer terms, bit for bit. AMC (He et al., 2018) chooses a
-  ratio per layer; here the global ranking still decides within and across layers, biased per layer.
+  higher) or more (``m_l = -1``: a quarter). All ``c_j = 0`` is the mapping without per-layer terms,
+  bit for bit. AMC (He et al., 2018) chooses a ratio per layer; here the global ranking still decides
+  within and across layers, biased per layer.
 
 Observation (float32 ``Box(-5, 5, (13 + 6K,))``; every feature is clipped to [-5, 5])
 -------------------------------------------------------------------------------------
