@@ -2,6 +2,8 @@
 worked out by hand, and carried through the episode, the env, saved-agent metadata and run_policy."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,7 @@ from panning.policy import Policy, check_metadata, policy_metadata, run_policy
 from panning.pruner import Pruner
 
 INDICES = ["synflow", "snip", "grasp_abs"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def net() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -110,16 +113,16 @@ def test_episode_applies_the_interpolated_factors() -> None:
 
 
 def test_env_action_space_info_and_bad_setting() -> None:
-    from envs.panning_env import PanningEnv
+    from panning.envs.panning_env import PanningEnv
 
-    env = PanningEnv("configs/env/digits_mlp.yaml", layer_actions=3, observation="summary", target_sparsity=0.9,
-                     pruning_steps=2, init_seeds=1)
+    env = PanningEnv(ROOT / "configs" / "env" / "digits_mlp.yaml", layer_actions=3, observation="summary",
+                     target_sparsity=0.9, pruning_steps=2, init_seeds=1)
     assert env.action_space.shape == (7,)
     env.reset(seed=0)
     _, _, _, _, info = env.step(np.array([0, 0, 0, 0, 1, 0, -1], np.float32))
     assert info["layer_factors"] == [4.0, 1.0, 0.25]
     with pytest.raises(ConfigError, match="bad Panning env config: layer_actions must be 0"):
-        PanningEnv("configs/env/digits_mlp.yaml", layer_actions=1)
+        PanningEnv(ROOT / "configs" / "env" / "digits_mlp.yaml", layer_actions=1)
 
 
 def test_metadata_records_the_layer_terms_and_old_files_still_load() -> None:
