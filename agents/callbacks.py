@@ -24,6 +24,7 @@ from stable_baselines3.common.logger import Figure, TensorBoardOutputFormat
 
 from panning.agents.policy import save_agent
 from panning.envs.wrappers import FixedEpisodes
+from panning.episode import LAYER_FACTOR_BASE
 from panning.io import write_json
 
 __all__ = ["CKPT_PREFIX", "CUSTOM_SCALARS", "CheckpointKeepLast", "ComparisonEval", "EpisodeLogger", "SaveBest",
@@ -99,8 +100,8 @@ class EpisodeLogger(BaseCallback):
                     self.logger.record_mean(f"policy/weight_{name}", v / total)
                 self.logger.record_mean(f"policy/step{step:02d}_share", info["step_share"])
                 for layer, f in enumerate(info.get("layer_factors") or ()):
-                    # log10 of the factor is the action's interpolated depth term m_l, in [-1, 1]
-                    self.logger.record_mean(f"policy/layer{layer:02d}_log10_factor", math.log10(f))
+                    # the layer's interpolated action term m_l in [-1, 1] (its factor is LAYER_FACTOR_BASE**m_l)
+                    self.logger.record_mean(f"policy/layer{layer:02d}_term", math.log(f, LAYER_FACTOR_BASE))
             if done and "sparsity" in info:
                 self.logger.record_mean("episode/final_sparsity", info["sparsity"])
                 self.logger.record_mean("episode/effective_sparsity", info["effective_sparsity"])

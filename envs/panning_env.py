@@ -170,6 +170,9 @@ class PanningEnvConfig:
             check_layer_actions(self.layer_actions)
         except ValueError as e:
             bad(str(e))
+        if self.layer_actions and self.mode != "global":
+            bad(f"layer_actions biases how much each layer gives up in the global ranking; with mode {self.mode!r} "
+                "each layer's share is fixed, so the terms would do nothing: use mode: global or layer_actions: 0")
         if self.normalisation not in NORMALISATIONS:
             bad(f"unknown normalisation {self.normalisation!r}; known: {', '.join(NORMALISATIONS)}")
         if self.mode not in ("global", "layerwise"):

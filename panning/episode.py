@@ -10,7 +10,7 @@ it imports neither Gymnasium nor Stable-Baselines3. It needs no proxy, no labels
 batch, and no data set object.
 
 Action (float32 ``Box(-1, 1, (K + 1 + S,))`` for K indices, S = ``layer_actions`` (default 0); clipped, NaN raises)
---------------------------------------------------------------------------------------------------------------
+-------------------------------------------------------------------------------------------------------------------
 - ``a[0:K]`` -> index weights ``w_k = (a_k + 1) / 2`` in [0, 1] (so ``[1, -1, -1]`` is exactly
   one-hot on the first index); if all are 0, equal weights are used. The pruner combines the
   normalised scores as ``sum_k w_k * n_k``; only the ratios matter.

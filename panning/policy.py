@@ -101,7 +101,7 @@ def policy_metadata(env_config: Any, trained_timesteps: int = 0, **extra: Any) -
     env = dataclasses.asdict(env_config) if is_config else dict(env_config)
     idx = list(env["indices"])
     observation, max_layers = str(env.get("observation", "summary")), int(env.get("max_layers", DEFAULT_MAX_LAYERS))
-    layer_actions = int(env.get("layer_actions", 0))
+    layer_actions = check_layer_actions(env.get("layer_actions", 0))
     return {
         "format": FORMAT,
         "panning_version": panning.__version__,

@@ -454,7 +454,7 @@ def test_an_agent_with_per_layer_actions_trains_loads_and_applies_as_in_its_env(
     assert train_agent(cfg, out, log=lambda s: None)["timesteps"] == 24
     agent = load_agent(out / AGENT_FILE)
     assert agent.metadata["layer_actions"] == 2 and agent.model.action_space.shape == (len(agent.indices) + 3,)
-    assert any(t.startswith("policy/layer00_log10_factor") for t in _scalars(out))
+    assert any(t.startswith("policy/layer00_term") for t in _scalars(out))
     env, info, result = _env_episode_and_applied(agent, layer_actions=2)
     assert result.masks.equal(env.masks) and result.masks.num_kept == keep_count(result.masks.num_total, 0.95)
     assert result.extra["policy"]["steps"][-1]["layer_factors"] == info["layer_factors"]

@@ -123,6 +123,9 @@ def test_env_action_space_info_and_bad_setting() -> None:
     assert info["layer_factors"] == [4.0, 1.0, 0.25]
     with pytest.raises(ConfigError, match="bad Panning env config: layer_actions must be 0"):
         PanningEnv(ROOT / "configs" / "env" / "digits_mlp.yaml", layer_actions=1)
+    # in layerwise mode each layer's share is fixed: the terms would be inert, so they are refused
+    with pytest.raises(ConfigError, match="with mode 'layerwise' each layer's share is fixed"):
+        PanningEnv(ROOT / "configs" / "env" / "digits_mlp.yaml", layer_actions=2, mode="layerwise")
 
 
 def test_metadata_records_the_layer_terms_and_old_files_still_load() -> None:
@@ -142,6 +145,8 @@ def test_metadata_records_the_layer_terms_and_old_files_still_load() -> None:
         check_metadata({**m, "action_size": 4}, "c.zip")
     with pytest.raises(AgentError, match=r"^d.zip: layer_actions must be 0"):
         check_metadata({**m, "layer_actions": 1}, "d.zip")
+    with pytest.raises(ValueError, match="layer_actions must be 0"):
+        policy_metadata({**env, "layer_actions": 2.7})
 
 
 def test_run_policy_is_the_episode_driven_by_the_same_actions() -> None:
