@@ -378,7 +378,8 @@ class PruningEpisode:
         if self.done:
             raise RuntimeError("the episode is over: all pruning steps have run")
         weights, b, points = map_action(action, self.indices, self.layer_actions)
-        factors = layer_factors(points, self.num_layers) if points and any(points) else None
+        # all-zero terms give factors of exactly 1.0, which the pruner leaves out: the plain mapping
+        factors = layer_factors(points, self.num_layers) if self.layer_actions else None
         kept_before = self.masks.num_kept
         share, u, keep = self.planned_keep(b)
         self.timing = self._zero_timing()
@@ -404,8 +405,7 @@ class PruningEpisode:
         self.loss_ratio, self.grad_ratio = self._ratios(loss, grad)
         collapsed = [k for k, m in eff.items() if not bool(m.any())]
         return EpisodeStep(self.t, weights, share, keep, kept_before - keep, masks, eff, collapsed,
-                           self.loss_ratio, self.grad_ratio,
-                           factors if factors is not None or not self.layer_actions else [1.0] * self.num_layers)
+                           self.loss_ratio, self.grad_ratio, factors)
 
     # --------------------------------------------------------------------------- signals
 
