@@ -2,8 +2,8 @@
 
 ``train_masked`` runs SGD (momentum, weight decay, optional Nesterov) with a per-step learning-rate
 schedule (cosine, step or constant, optional linear warm-up) and keeps pruned weights exactly zero
-throughout through :func:`panning.masks.enforce` (zero gradients, re-zeroed weights and momentum
-after every optimiser step). It is seeded: on the CPU the same model, masks, data and seed give
+throughout (:func:`panning.masks.enforce_tensors`: weights zeroed at the start, gradients zeroed
+at every step, which keeps weight decay and momentum at exactly 0 too). It is seeded: on the CPU the same model, masks, data and seed give
 the same result, and the caller's global RNG state is left untouched.
 """
 from __future__ import annotations
@@ -324,7 +324,7 @@ def train_masked(
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``bundle.train`` under ``masks`` (None = dense); validate each epoch.
 
-    Pruned weights are zero at the start and stay exactly zero (``panning.masks.enforce``; its hooks
+    Pruned weights are zero at the start and stay exactly zero (:func:`masked_sgd_steps`; its hooks
     are removed at the end). ``writer`` (a ``torch.utils.tensorboard.SummaryWriter``) receives per-epoch
     scalars train/loss, train/accuracy, val/loss, val/accuracy, lr and sparsity. ``progress`` shows a
     tqdm bar (None: only when stderr is a terminal). Training stops early if the loss turns
