@@ -54,13 +54,17 @@ def test_env_config_is_valid(path: Path) -> None:
 def test_agent_config_is_valid_and_its_env_resolves_next_to_it(path: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from panning.agents.config import load_agent_config
-    from panning.agents.train import resolve_env_config
+    from panning.agents.train import mix_configs, resolve_env_config
 
     monkeypatch.chdir(tmp_path)  # relative paths in a YAML file do not depend on the working directory
     cfg = load_agent_config(path)
     assert cfg.env is not None and Path(cfg.env).is_absolute() and Path(cfg.env).is_file()
     assert Path(cfg.env).parent == (ROOT / "configs" / "env")
-    assert resolve_env_config(cfg).pruning_steps >= 1
+    env = resolve_env_config(cfg)
+    assert env.pruning_steps >= 1
+    # every entry of a training mix names a model and data set that exist (checked without loading any data)
+    for c in mix_configs(cfg, env):
+        assert c.model in available_models() and c.dataset in available_datasets()
 
 
 def test_relative_paths_are_relative_to_the_yaml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
