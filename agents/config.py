@@ -176,17 +176,24 @@ VEC_ENVS = ("subproc", "dummy", "batched", "ray")
 _POLICY_KEYS = ("net_arch", "activation_fn", "log_std_init", "ortho_init", "squash_output")
 # read by panning.agents.features.extractor_kwargs, which needs the env settings too
 _EXTRACTOR_KEYS = ("features_extractor", "extractor_hidden")
+# applied to the new policy by panning.agents.train (layer_log_std): SB3 has one log_std_init for every action entry
+_PANNING_POLICY_KEYS = ("layer_log_std_init",)
 
 
 def policy_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
     """SB3 ``policy_kwargs`` from plain YAML (activation given by name rather than by Python object)."""
     import torch.nn as nn
 
-    unknown = set(raw) - set(_POLICY_KEYS) - set(_EXTRACTOR_KEYS)
+    unknown = set(raw) - set(_POLICY_KEYS) - set(_EXTRACTOR_KEYS) - set(_PANNING_POLICY_KEYS)
     if unknown:
         raise ConfigError(f"bad agent config: unknown policy_kwargs {sorted(unknown)}; "
-                          f"known: {', '.join(_POLICY_KEYS + _EXTRACTOR_KEYS)}")
-    out = {k: v for k, v in raw.items() if k not in _EXTRACTOR_KEYS}
+                          f"known: {', '.join(_POLICY_KEYS + _EXTRACTOR_KEYS + _PANNING_POLICY_KEYS)}")
+    if "layer_log_std_init" in raw:
+        v = raw["layer_log_std_init"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"bad agent config: policy_kwargs.layer_log_std_init must be a finite number "
+                              f"(the initial log std of the per-layer action terms), got {v!r}")
+    out = {k: v for k, v in raw.items() if k not in _EXTRACTOR_KEYS + _PANNING_POLICY_KEYS}
     if "activation_fn" in out:
         name = out["activation_fn"]
         if name not in _ACTIVATIONS:

@@ -112,6 +112,16 @@ def mix_configs(cfg: AgentConfig, env_config: PanningEnvConfig) -> list[PanningE
     return [mix[i % len(mix)] for i in range(cfg.n_envs)]
 
 
+def layer_log_std(model: PPO, layer_actions: int, value: float) -> None:
+    """Set the initial log std of the last ``layer_actions`` action entries (the per-layer terms) of a new
+    policy to ``value``. SB3 starts every entry at one ``log_std_init``; a smaller noise on the layer terms
+    starts the policy close to scaling no layer (all terms 0) while it learns the index weights."""
+    import torch
+
+    with torch.no_grad():
+        model.policy.log_std[-layer_actions:] = value
+
+
 class _EnvFactory:
     """Builds one monitored env in a worker process (picklable, for SubprocVecEnv)."""
 
@@ -230,6 +240,9 @@ class AgentTraining:
         parse_schedule(cfg.clip_range, "clip_range")
         policy_kwargs(cfg.policy_kwargs)
         extractor_kwargs(dataclasses.asdict(self.env_config), cfg.policy_kwargs)
+        if "layer_log_std_init" in cfg.policy_kwargs and not self.env_config.layer_actions:
+            raise ConfigError("bad agent config: policy_kwargs.layer_log_std_init sets the noise of the per-layer "
+                              "action terms, but the env has none (set layer_actions >= 2 in env_kwargs, or drop it)")
         # each mixed env loads its data and builds its model now, not in a worker (the first len(env_mix)
         # configs are the entries, in order)
         for i, c in enumerate(mix_configs(cfg, self.env_config)[:len(cfg.env_mix)]):
@@ -302,6 +315,8 @@ class AgentTraining:
                            **extractor_kwargs(dataclasses.asdict(self.env_config), cfg.policy_kwargs)},
             seed=cfg.seed, device=cfg.device, verbose=0,
         )
+        if "layer_log_std_init" in cfg.policy_kwargs:
+            layer_log_std(self.model, self.env_config.layer_actions, float(cfg.policy_kwargs["layer_log_std_init"]))
         return self.model
 
     def metadata(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from panning.agents.config import AgentConfig, load_agent_config, parse_schedule
 from panning.agents.policy import META_MEMBER, AgentError, apply_policy, check_agent_file, load_agent
-from panning.agents.train import AGENT_FILE, BEST_FILE, RunExists, train_agent
+from panning.agents.train import AGENT_FILE, BEST_FILE, AgentTraining, RunExists, train_agent
 from panning.config import ConfigError
 from panning.envs.panning_env import PanningEnv
 from panning.masks import keep_count
@@ -389,6 +389,8 @@ def test_agent_config_validation(tmp_path: Path) -> None:
     for bad, match in [({"learning_rate": "exp_1"}, "lin_"), ({"n_steps": 10, "batch_size": 7}, "divide"),
                        ({"vec_env": "gpu"}, "vec_env"),
                        ({"policy_kwargs": {"activation_fn": "gelu2"}}, "activation_fn"),
+                       ({"policy_kwargs": {"layer_log_std_init": "low"}}, "layer_log_std_init must be a finite"),
+                       ({"policy_kwargs": {"layer_log_std_init": float("nan")}}, "layer_log_std_init must be a finite"),
                        ({"eval_targets": [1.0]}, "eval_targets")]:
         with pytest.raises(ConfigError, match=match):
             AgentConfig(**bad)
@@ -448,12 +450,25 @@ def test_evaluation_on_training_initialisations_is_refused(tmp_path: Path) -> No
 
 
 def test_an_agent_with_per_layer_actions_trains_loads_and_applies_as_in_its_env(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(load_agent_config(TINY), n_timesteps=24, eval_freq=0, checkpoint_freq=0,
-                              env_kwargs={**load_agent_config(TINY).env_kwargs, "layer_actions": 2})
+    tiny = load_agent_config(TINY)
+    cfg = dataclasses.replace(tiny, n_timesteps=24, eval_freq=0, checkpoint_freq=0,
+                              env_kwargs={**tiny.env_kwargs, "layer_actions": 2},
+                              policy_kwargs={**tiny.policy_kwargs, "log_std_init": -0.5, "layer_log_std_init": -2.0})
+    training = AgentTraining.from_config(cfg, tmp_path / "fresh", log=lambda s: None)
+    training.prepare()
+    try:
+        log_std = training.create_or_load().policy.log_std.detach()
+    finally:
+        training.close()
+    # the new policy's noise: -0.5 on the index weights and the step size, -2 on the two layer terms
+    assert log_std.tolist() == pytest.approx([-0.5] * (len(training.env_config.indices) + 1) + [-2.0] * 2)
     out = tmp_path / "run"
     assert train_agent(cfg, out, log=lambda s: None)["timesteps"] == 24
     agent = load_agent(out / AGENT_FILE)
     assert agent.metadata["layer_actions"] == 2 and agent.model.action_space.shape == (len(agent.indices) + 3,)
+    with pytest.raises(ConfigError, match="layer_log_std_init sets the noise of the per-layer"):
+        train_agent(dataclasses.replace(cfg, env_kwargs=tiny.env_kwargs), tmp_path / "bad", log=lambda s: None)
+    assert not (tmp_path / "bad").exists()
     assert any(t.startswith("policy/layer00_term") for t in _scalars(out))
     env, info, result = _env_episode_and_applied(agent, layer_actions=2)
     assert result.masks.equal(env.masks) and result.masks.num_kept == keep_count(result.masks.num_total, 0.95)
