@@ -3,8 +3,9 @@
 ``train_masked`` runs SGD (momentum, weight decay, optional Nesterov) with a per-step learning-rate
 schedule (cosine, step or constant, optional linear warm-up) and keeps pruned weights exactly zero
 throughout (:func:`panning.masks.enforce_tensors`: weights zeroed at the start, gradients zeroed
-at every step, which keeps weight decay and momentum at exactly 0 too). It is seeded: on the CPU the same model, masks, data and seed give
-the same result, and the caller's global RNG state is left untouched.
+at every step, which keeps weight decay and momentum at exactly 0 too). It is seeded: on the CPU
+the same model, masks, data and seed give the same result, and the caller's global RNG state is
+left untouched.
 """
 from __future__ import annotations
 
