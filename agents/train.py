@@ -65,8 +65,8 @@ from panning.io import write_json
 from panning.models import build_model
 from panning.pruner import available_methods, prune
 
-__all__ = ["AGENT_FILE", "BEST_FILE", "AgentTraining", "RunExists", "mix_configs", "resolve_env_config",
-           "train_agent"]
+__all__ = ["AGENT_FILE", "BEST_FILE", "AgentTraining", "RunExists", "layer_log_std", "mix_configs",
+           "resolve_env_config", "train_agent"]
 
 AGENT_FILE = "agent.zip"
 BEST_FILE = "best_agent.zip"
