@@ -116,8 +116,6 @@ def layer_log_std(model: PPO, layer_actions: int, value: float) -> None:
     """Set the initial log std of the last ``layer_actions`` action entries (the per-layer terms) of a new
     policy to ``value``. SB3 starts every entry at one ``log_std_init``; a smaller noise on the layer terms
     starts the policy close to scaling no layer (all terms 0) while it learns the index weights."""
-    import torch
-
     with torch.no_grad():
         model.policy.log_std[-layer_actions:] = value
 
