@@ -24,14 +24,32 @@ from panning.models import build_model
 pytestmark = pytest.mark.filterwarnings("ignore:layer collapse")
 
 
-def test_the_default_agent_ships_with_its_training_record() -> None:
-    assert "default" in shipped_agents()
-    record = json.loads((SHIPPED_DIR / "default.json").read_text())
+def test_the_shipped_agents_are_default_and_the_previous_default() -> None:
+    # `summary` (the default until session 12) stays so that the benchmark configs comparing with it reproduce
+    assert shipped_agents() == ["default", "summary"]
+
+
+@pytest.mark.parametrize("name", ["default", "summary"])
+def test_each_shipped_agent_ships_with_its_training_record(name: str) -> None:
+    record = json.loads((SHIPPED_DIR / f"{name}.json").read_text())
+    assert record["name"] == name
     for key in ("config", "commit", "env_steps", "wall_seconds", "machine", "torch", "selected_by"):
         assert record[key], key
-    assert (SHIPPED_DIR / "default.zip").stat().st_size < 2_000_000  # a small file inside the package
-    meta = load_agent("default").metadata
+    assert (SHIPPED_DIR / f"{name}.zip").stat().st_size < 2_000_000  # a small file inside the package
+    meta = load_agent(name).metadata
     assert meta["observation"] in ("layers", "summary") and meta["trained_timesteps"] == record["env_steps"]
+    # the record's config is the one the file was trained with
+    assert meta["agent_config"]["seed"] == record["config"]["seed"]
+    assert meta.get("layer_actions", 0) == record["config"]["env_kwargs"].get("layer_actions", 0)
+
+
+def test_the_summary_agent_prunes_to_the_exact_sparsity_and_differs_from_the_default() -> None:
+    bundle = load_dataset("digits")
+    masks = {name: apply_policy(name, build_model("mlp", 10, bundle.input_shape, seed=5), 0.99, bundle.train).masks
+             for name in ("default", "summary")}
+    for m in masks.values():
+        assert m.num_kept == keep_count(m.num_total, 0.99)
+    assert not masks["default"].equal(masks["summary"])
 
 
 def test_names_and_paths() -> None:
