@@ -38,7 +38,8 @@ COLUMNS = (
     "dataset",
     "model",
     "method",
-    "sparsity",
+    "sparsity",  # achieved by the masks (keep counts are whole numbers), e.g. 0.98000059 for a 0.98 cell
+    "target_sparsity",  # the grid's value, what the table groups by
     "seed",
     "test_accuracy",
     "val_accuracy",

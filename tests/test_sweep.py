@@ -41,6 +41,7 @@ def test_tiny_benchmark_writes_table_csv_plot(tmp_path: Path, capsys: pytest.Cap
     assert tuple(reader.fieldnames or ()) == sweep.COLUMNS
     assert len(rows) == 2 * (1 + 2 * 2)  # per seed: dense + 2 methods x 2 sparsities
     assert {r["method"] for r in rows} == {"dense", "magnitude", "snip"}
+    assert {r["target_sparsity"] for r in rows} == {"0.0", "0.5", "0.9"}  # the grid's values, as written in it
     # every row is its cell's metrics.json, and an accuracy is a count over the 450 test digits
     n_test = len(load_dataset("digits").test)
     assert n_test == 450  # scikit-learn's 1797 digits, 25% held out
