@@ -151,10 +151,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow(r)
 
 
-def _group(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[float]]:
+def _group(rows: list[dict[str, Any]], metric: str = "test_accuracy") -> dict[tuple[str, float], list[float]]:
     groups: dict[tuple[str, float], list[float]] = {}
     for r in rows:
-        groups.setdefault((r["method"], round(float(r["target_sparsity"]), 6)), []).append(float(r["test_accuracy"]))
+        groups.setdefault((r["method"], round(float(r["target_sparsity"]), 6)), []).append(float(r[metric]))
     return groups
 
 
@@ -162,9 +162,10 @@ def _mean_std(v: list[float]) -> tuple[float, float]:
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Test accuracy (%) mean +- std per method (rows) and sparsity (columns); best per column in bold."""
-    groups = _group(rows)
+def markdown_table(rows: list[dict[str, Any]], metric: str = "test_accuracy") -> str:
+    """``metric`` (test or validation accuracy, %) mean +- std per method (rows) and sparsity (columns);
+    best per column in bold."""
+    groups = _group(rows, metric)
     if not groups:
         return "(no finished cells)\n"
     methods = sorted({m for m, _ in groups}, key=lambda m: (m != DENSE, m))
@@ -268,7 +269,10 @@ def write_reports(out: Path, title: str = "", draw: bool = True) -> list[dict[st
     """Rebuild results.csv, results.md and (with ``draw``) the plot from the finished cells."""
     rows = read_rows(out)
     write_csv(rows, out / "results.csv")
-    write_text(out / "results.md", f"# {title}\n\nTest accuracy (%), mean ± std over seeds.\n\n" + markdown_table(rows))
+    # the validation table is what a choice between methods (an agent to ship) may read; the test table is not
+    write_text(out / "results.md", f"# {title}\n\nTest accuracy (%), mean ± std over seeds.\n\n" + markdown_table(rows)
+               + "\nValidation accuracy (%), mean ± std over seeds (the split carved from the training set: what a "
+               "selection may read).\n\n" + markdown_table(rows, "val_accuracy"))
     if rows and draw:
         with atomic_path(out / "accuracy_vs_sparsity.png") as png:  # the temporary name keeps the .png suffix
             plot(rows, png, title)

@@ -56,6 +56,13 @@ def test_tiny_benchmark_writes_table_csv_plot(tmp_path: Path, capsys: pytest.Cap
     assert (out / "accuracy_vs_sparsity.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "± " in md and "**" in md
+    # a second table of validation accuracy, what a selection may read: its means are the CSV's
+    test_md, _, val_md = md.partition("Validation accuracy (%)")
+    assert val_md and "magnitude" in val_md
+    val = [float(r["val_accuracy"]) for r in rows if r["method"] == "magnitude" and r["target_sparsity"] == "0.5"]
+    assert f"| magnitude |  | {100 * sum(val) / len(val):.2f} ± " in val_md.replace("**", "")
+    tst = [float(r["test_accuracy"]) for r in rows if r["method"] == "magnitude" and r["target_sparsity"] == "0.5"]
+    assert f"| magnitude |  | {100 * sum(tst) / len(tst):.2f} ± " in test_md.replace("**", "")
 
 
 def test_interrupted_sweep_resumes_without_rerunning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
