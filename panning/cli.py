@@ -549,6 +549,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("methods:  " + ", ".join(available_methods()))
     print("indices:  " + ", ".join(available_indices()))
     print("inits:    " + ", ".join(INITS))
+    from panning.agents.policy import shipped_agents  # file names only: Stable-Baselines3 is not loaded
+
+    print("agents:   " + ", ".join(shipped_agents()))
     return 0
 
 

@@ -236,7 +236,8 @@ def test_list_names_every_choice(capsys: pytest.CaptureFixture[str]) -> None:
     for line in out.strip().splitlines():
         label, _, names = line.partition(":")
         listed[label.strip()] = names.strip().split(", ")
-    assert set(listed) == {"models", "datasets", "methods", "indices", "inits"}
+    assert set(listed) == {"models", "datasets", "methods", "indices", "inits", "agents"}
+    assert listed["agents"] == ["default", "summary"]  # the shipped agents, `--policy NAME`
     assert listed["models"] == [*available_models(), "tv:<torchvision model>"]
     assert listed["datasets"] == list(available_datasets())
     assert listed["methods"] == list(available_methods())
