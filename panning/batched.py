@@ -179,7 +179,7 @@ def score_networks(
     device = next(models[0].parameters()).device
     dev_batches = [(x.to(device), y.to(device)) for x, y in batches] if batches else None
     with preserved_modes(models[0]), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seeds[0])
+        torch.random.default_generator.manual_seed(seeds[0])
         stacked = _stacked(name, models[0], models, masks, dev_batches, input_shape, loss_fn)
     if key not in _EXACT:
         first = one(0)

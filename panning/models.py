@@ -319,7 +319,7 @@ def reinit_weights(model: nn.Module, init: str, seed: int) -> nn.Module:
     if init not in INITS:
         raise ConfigError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + REINIT_SEED_OFFSET)
+        torch.random.default_generator.manual_seed(seed + REINIT_SEED_OFFSET)
         if init == "default":
             for m in model.modules():
                 reset = getattr(m, "reset_parameters", None)
@@ -354,8 +354,10 @@ def build_model(
             f"unknown model {name!r}; valid: {', '.join(available_models())}, "
             f"or 'tv:<name>' for any torchvision classification model (e.g. tv:resnet18)"
         )
+    # the CPU generator alone: torch.manual_seed would also reseed every CUDA generator, which fork_rng(devices=[])
+    # does not restore (a PPO policy on the GPU would then draw the same exploration noise after every reset)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         if key.startswith(TV_PREFIX):
             model = _build_torchvision(name.strip()[len(TV_PREFIX):], num_classes, input_shape)
         else:

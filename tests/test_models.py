@@ -161,3 +161,23 @@ def test_resnet8_on_digits_images():
     assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     # the stem, two convs a stage, a projection shortcut at each of the two downsampling stages, the classifier
     assert len(Masks.ones(net)) == 10
+
+
+def test_seeded_construction_leaves_the_cuda_generators_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_model, reinit_weights and the stacked scoring seed the CPU generator only: torch.manual_seed would
+    also reseed every CUDA generator (not restored by fork_rng(devices=[])), so a policy on the GPU would
+    draw the same exploration noise after every episode's fresh network."""
+    from panning.batched import score_networks
+    from panning.masks import Masks
+    from panning.models import reinit_weights
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    nets = [build_model("mlp", 10, (64,), seed=s) for s in (0, 1)]
+    reinit_weights(nets[0], "kaiming_normal", seed=3)
+    masks = [Masks.ones(n) for n in nets]
+    score_networks("synflow", nets, masks, input_shape=(64,), seeds=[0, 1])
+    assert calls == []
+    torch.manual_seed(0)  # the check itself can fail: the global seeding does call it
+    assert calls == [0]
