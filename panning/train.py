@@ -93,14 +93,15 @@ class TrainConfig:
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"`` as given.
 
-    Raises ValueError when CUDA is asked for but unavailable, or for an unknown spec.
+    On CUDA it also sets cuDNN to deterministic float32 algorithms (:func:`_exact_cuda`). Raises
+    ConfigError when CUDA is asked for but unavailable, or for an unknown spec.
     """
     if isinstance(spec, torch.device):
         dev = spec
     else:
         s = str(spec).strip().lower()
         if s == "auto":
-            return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            return _exact_cuda(torch.device("cuda")) if torch.cuda.is_available() else torch.device("cpu")
         try:
             dev = torch.device(s)
         except RuntimeError as e:
@@ -110,8 +111,23 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
             raise ConfigError(f"device {spec!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device {spec!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
-    elif dev.type not in ("cpu", "mps"):
+        return _exact_cuda(dev)
+    if dev.type not in ("cpu", "mps"):
         raise ConfigError(f"unsupported device {spec!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def _exact_cuda(dev: torch.device) -> torch.device:
+    """Deterministic cuDNN algorithms in full float32 for everything panning runs on CUDA.
+
+    The project's rule is that one seed gives the same masks, bit for bit, on one machine; cuDNN's
+    autotuner and some of its convolution weight-gradient algorithms are not deterministic, and its
+    convolutions default to TF32, which would make CUDA scores and proxies differ from the float32
+    the indices are defined in by far more than rounding. Matrix products stay float32 (PyTorch's default).
+    """
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
     return dev
 
 

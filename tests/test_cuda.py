@@ -20,11 +20,25 @@ from panning.masks import Masks
 from panning.models import build_model
 from panning.proxy import ProxyEvaluator
 from panning.pruner import Pruner
-from panning.train import TrainConfig, train_masked
+from panning.train import TrainConfig, resolve_device, train_masked
 
 pytestmark = pytest.mark.cuda
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_cuda() -> None:
+    """What every library entry that resolves a device does (the tests below also pass torch.device directly)."""
+    resolve_device(CUDA)
+
+
+def test_resolving_cuda_makes_cudnn_deterministic_float32() -> None:
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    assert resolve_device("auto") == CUDA
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def random_masks(model: torch.nn.Module, density: float, seed: int) -> Masks:

@@ -263,3 +263,11 @@ def test_conv_training_on_cpu_channels_last_matches_nchw(digits, monkeypatch):
     for (name, a), b in zip(nhwc.named_parameters(), nchw.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     assert hist["final_val"]["accuracy"] == pytest.approx(hist_nchw["final_val"]["accuracy"], abs=0.01)
+
+
+def test_resolving_the_cpu_leaves_cudnn_settings_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a CUDA device makes cuDNN deterministic float32 (tests/test_cuda.py checks that on a GPU)."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
