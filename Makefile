@@ -7,7 +7,7 @@ STAMP := $(VENV)/.panning-installed
 DEMO_AGENT := runs/demo/agent
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint typecheck imports layout mutation gpu-check bench-indices clean
+.PHONY: demo test test-all lint typecheck imports layout mutation gpu-check gpu-bundle bench-indices clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -70,13 +70,22 @@ mutation: $(STAMP)
 	$(VENV)/bin/mutmut run --max-children 2 || true
 	$(PY) benchmarks/mutation_score.py
 
-# On a machine with a GPU: the CUDA tests, then the GPU rows of the batched benchmark, written with the
-# device's name to benchmarks/results/gpu_batched.json (and printed as a table). About 5 minutes on one GPU.
-gpu-check: $(STAMP)
-	$(PY) -c "import torch; assert torch.cuda.is_available(), 'make gpu-check needs a CUDA GPU'; print(torch.cuda.get_device_name())"
-	$(VENV)/bin/pytest -q -rs -m cuda tests/test_cuda.py
-	$(PY) benchmarks/bench_batched.py --device cuda --n 1,8,32,64,128 --episodes 32 --warmup 0 \
-		--json benchmarks/results/gpu_batched.json | tee benchmarks/results/gpu_batched.md
+# On a machine with a GPU: the CUDA tests, then the GPU rows of the batched benchmark, with the device's name,
+# into benchmarks/results/gpu_* (or $OUT where set). About 5 minutes on one GPU (not measured yet).
+gpu-check:
+	bash .ci/gpu_check.sh
+
+# For a GPU machine without network whose image has torch but not the rest: .gpu/ (git-ignored) gets the wheels
+# of the packages it lacks and the MNIST files. Carry .gpu there and run `bash .ci/gpu_check.sh`.
+GPU_WHEELS := gymnasium farama-notifications stable-baselines3
+DATA ?= $(or $(PANNING_DATA),../shared/data)
+gpu-bundle: $(STAMP)
+	rm -rf .gpu && mkdir -p .gpu/whl .gpu/data/MNIST/raw
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 -d .gpu/whl \
+		$$($(PY) -c "import importlib.metadata as m; print(' '.join(f'{p}=={m.version(p)}' for p in '$(GPU_WHEELS)'.split()))")
+	cp $(DATA)/MNIST/raw/*.gz .gpu/data/MNIST/raw/
+	du -sh .gpu
 
 bench-indices: $(STAMP)
 	$(PY) benchmarks/bench_indices.py

@@ -164,20 +164,26 @@ def main() -> None:
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     ns = [int(v) for v in args.n.split(",")] if args.n else [1, 8, 32] + ([64, 128] if device.type == "cuda" else [])
-    rows = []
+    rows: list[dict] = []
+
+    def keep(row: dict) -> None:
+        # written after every row, so a crash or a time limit keeps what was measured (a GPU lease is short)
+        row["device"], row["device_name"] = device.type, name
+        rows.append(row)
+        print(row, flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
     proxy = [r for r in PROXY_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])
              and not args.skip_proxy]
     for model, ds, steps in proxy:
         for n in ns:
-            rows.append(proxy_row(model, ds, steps, n, device))
-            print(rows[-1], flush=True)
+            keep(proxy_row(model, ds, steps, n, device))
     if not args.skip_episodes:
         for model, ds, cfg in [r for r in EPISODE_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])]:
             for row in episode_rows(model, ds, cfg, max(ns), args.episodes, args.warmup, device):
-                rows.append(row)
-                print(row, flush=True)
-    for r in rows:
-        r["device"], r["device_name"] = device.type, name
+                keep(row)
     print(f"\ndevice: {name}\n")
     print("| what | model / data | N | steps | one at a time /s | batched /s | speedup | max acc. diff |")
     print("|---|---|---|---|---|---|---|---|")
@@ -187,9 +193,6 @@ def main() -> None:
         kind = f"{r['kind']} ({r['phase']})" if "phase" in r else r["kind"]
         print(f"| {kind} | {r['model']} / {r['dataset']} | {r['n']} | {r['steps']} | "
               f"{r['sequential_per_s']:.2f} {seq_label} | {r['batched_per_s']:.2f} | {r['speedup']:.2f}x | {diff} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
