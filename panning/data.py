@@ -432,7 +432,7 @@ def augment_batch(
     if fill is None:
         fill = (0.0,) * c
     padded = x.new_empty((n, c, h + 2 * padding, w + 2 * padding))
-    padded.copy_(torch.as_tensor(fill, dtype=x.dtype).view(1, c, 1, 1).expand_as(padded))
+    padded.copy_(torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(1, c, 1, 1).expand_as(padded))
     padded[:, :, padding:padding + h, padding:padding + w] = x
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
