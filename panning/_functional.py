@@ -19,6 +19,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "seeded",
     "keep_bits",
     "as_numbers",
     "zero_pruned",
@@ -31,6 +32,25 @@ __all__ = [
     "output_taps",
     "weight_grad_only_convs",
 ]
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block with the CPU generator (and ``device``'s, when it is a GPU) seeded by ``seed``,
+    restoring exactly those generators afterwards: the caller's random streams are left as they were.
+
+    ``torch.manual_seed`` would reseed every CUDA generator while ``fork_rng`` restores only the ones
+    it is given, leaving the others (a PPO policy's on the GPU, say) reseeded for good.
+    """
+    idx = None
+    if device is not None and device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[idx] if idx is not None else []):
+        torch.random.default_generator.manual_seed(seed)
+        if idx is not None:
+            with torch.cuda.device(idx):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 # Signed integer types of the same width as a float type, to AND its bit patterns with a mask.

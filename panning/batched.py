@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from panning._functional import as_numbers, preserved_modes
+from panning._functional import as_numbers, preserved_modes, seeded
 from panning.indices import INDICES, LossFn, compute_scores
 from panning.pruner import Pruner
 
@@ -178,8 +178,7 @@ def score_networks(
         return [one(i) for i in range(n)]
     device = next(models[0].parameters()).device
     dev_batches = [(x.to(device), y.to(device)) for x, y in batches] if batches else None
-    with preserved_modes(models[0]), torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seeds[0])
+    with preserved_modes(models[0]), seeded(seeds[0]):
         stacked = _stacked(name, models[0], models, masks, dev_batches, input_shape, loss_fn)
     if key not in _EXACT:
         first = one(0)

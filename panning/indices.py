@@ -33,8 +33,7 @@ Adding an index is one function plus one decorator::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +45,7 @@ from panning._functional import (
     masked_weights,
     other_tensors,
     preserved_modes,
+    seeded,
     weight_grad_only_convs,
 )
 
@@ -181,12 +181,12 @@ def compute_many(
     family = [n for n in _GRADIENT_FAMILY if n in names]
     if share and len(family) >= 2:
         assert batch_list is not None
-        with preserved_modes(model), _seeded(seed, device):
+        with preserved_modes(model), seeded(seed, device):
             out.update(_gradient_family(model, checked, batch_list, loss_fn, family))
     for spec in specs:
         if spec.name in out:
             continue
-        with preserved_modes(model), _seeded(seed, device):
+        with preserved_modes(model), seeded(seed, device):
             out[spec.name] = spec.fn(model, checked, batch_list, input_shape=input_shape, seed=seed, loss_fn=loss_fn)
     for name in names:
         _check_scores(name, checked, out[name])
@@ -289,19 +289,6 @@ def _check_scores(name: str, masks: Mapping[str, Tensor], scores: Mapping[str, T
             f"index {name!r} produced non-finite scores for {nonfinite} "
             "(non-finite inputs or weights, or a loss that overflows?)"
         )
-
-
-@contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed CPU (and the model's CUDA device) for the index, restoring the global RNG after."""
-    cuda = device.type == "cuda"
-    idx = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
-    with torch.random.fork_rng(devices=[idx] if cuda else []):
-        torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(idx):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 # --------------------------------------------------------------------------- shared pieces

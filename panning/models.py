@@ -29,7 +29,7 @@ Initialisation (``init``), applied to every Conv/Linear module:
 - ``"default"``: PyTorch's (or torchvision's) own initialisation, untouched.
 
 With every option but ``"default"`` biases are set to 0 and norm layers to weight 1, bias 0.
-Construction runs under ``torch.random.fork_rng`` seeded with ``seed``: the same seed gives the same
+Construction runs under :func:`panning._functional.seeded` (the CPU generator): the same seed gives the same
 weights and the caller's global RNG state is left as it was.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from panning._functional import seeded
 from panning.errors import ConfigError
 
 __all__ = [
@@ -318,8 +319,7 @@ def reinit_weights(model: nn.Module, init: str, seed: int) -> nn.Module:
     """
     if init not in INITS:
         raise ConfigError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed + REINIT_SEED_OFFSET)
+    with seeded(seed + REINIT_SEED_OFFSET):
         if init == "default":
             for m in model.modules():
                 reset = getattr(m, "reset_parameters", None)
@@ -354,10 +354,7 @@ def build_model(
             f"unknown model {name!r}; valid: {', '.join(available_models())}, "
             f"or 'tv:<name>' for any torchvision classification model (e.g. tv:resnet18)"
         )
-    # the CPU generator alone: torch.manual_seed would also reseed every CUDA generator, which fork_rng(devices=[])
-    # does not restore (a PPO policy on the GPU would then draw the same exploration noise after every reset)
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
+    with seeded(seed):  # the CPU generator alone: models are built on the CPU
         if key.startswith(TV_PREFIX):
             model = _build_torchvision(name.strip()[len(TV_PREFIX):], num_classes, input_shape)
         else:

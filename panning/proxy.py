@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from panning._functional import seeded
 from panning.data import DataBundle, make_loader
 from panning.errors import ConfigError, DataError
 from panning.hashing import masks_digest, state_digest
@@ -214,11 +215,8 @@ class ProxyEvaluator:
         masks.check(net)
         masks = masks.to(self.device)
         net.train()
-        cuda = ([torch.cuda.current_device() if self.device.index is None else self.device.index]
-                if self.device.type == "cuda" else [])
         # the trained copy comes back in the usual layout: callers may score or save it
-        with cpu_channels_last(net, self.device, self._xtr) as nhwc, torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(s.seed)  # dropout and the like, without touching the caller's RNG
+        with cpu_channels_last(net, self.device, self._xtr) as nhwc, seeded(s.seed, self.device):  # dropout etc.
 
             def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
                 if nhwc and x.dim() == 4:
@@ -274,10 +272,7 @@ class ProxyEvaluator:
             per = F.cross_entropy(out.reshape(n * b, c), y.repeat(n), reduction="none").view(n, b).mean(1)
             return per.sum(), out  # candidates are independent: each gets the gradient of its own mean loss
 
-        cuda = ([torch.cuda.current_device() if self.device.index is None else self.device.index]
-                if self.device.type == "cuda" else [])
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(s.seed)
+        with seeded(s.seed, self.device):
             masked_sgd_steps(params, masks, s, self.batches(), loss_fn, self.lr_at)
         return template, {k: v.detach() for k, v in params.items()}, buffers
 

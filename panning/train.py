@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from panning._functional import preserved_modes
+from panning._functional import preserved_modes, seeded
 from panning.data import DataBundle, make_loader
 from panning.errors import ConfigError, DataError
 
@@ -322,12 +322,6 @@ class _Tally:
         self.bar.update(1)
 
 
-def _rng_devices(dev: torch.device) -> list[int]:
-    if dev.type == "cuda":
-        return [dev.index if dev.index is not None else torch.cuda.current_device()]
-    return []
-
-
 def train_masked(
     model: nn.Module,
     masks: Masks | None,
@@ -389,8 +383,7 @@ def train_masked(
             return F.cross_entropy(out, y), out
 
         # Forked RNG: dropout etc. are seeded by ``seed`` and the caller's RNG stream is not consumed.
-        with torch.random.fork_rng(devices=_rng_devices(dev)):
-            torch.manual_seed(seed)
+        with seeded(seed, dev):
             for epoch in range(1, cfg.epochs + 1):
                 t0 = time.perf_counter()
                 lr_now = cfg.lr * lr_factor(cfg, steps, steps_per_epoch)

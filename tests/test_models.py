@@ -164,12 +164,15 @@ def test_resnet8_on_digits_images():
 
 
 def test_seeded_construction_leaves_the_cuda_generators_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """build_model, reinit_weights and the stacked scoring seed the CPU generator only: torch.manual_seed would
-    also reseed every CUDA generator (not restored by fork_rng(devices=[])), so a policy on the GPU would
-    draw the same exploration noise after every episode's fresh network."""
+    """Seeded construction, scoring, the proxy and training (panning._functional.seeded) seed the CPU generator
+    only on the CPU: torch.manual_seed would also reseed every CUDA generator (not restored by
+    fork_rng(devices=[])), so a policy on the GPU would draw the same exploration noise after every episode."""
     from panning.batched import score_networks
+    from panning.data import load_dataset
     from panning.masks import Masks
     from panning.models import reinit_weights
+    from panning.proxy import ProxyEvaluator
+    from panning.train import TrainConfig, train_masked
 
     calls: list[int] = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
@@ -178,6 +181,10 @@ def test_seeded_construction_leaves_the_cuda_generators_alone(monkeypatch: pytes
     reinit_weights(nets[0], "kaiming_normal", seed=3)
     masks = [Masks.ones(n) for n in nets]
     score_networks("synflow", nets, masks, input_shape=(64,), seeds=[0, 1])
+    bundle = load_dataset("digits")
+    ProxyEvaluator(bundle, steps=2, device="cpu").evaluate(nets[0], masks[0])
+    train_masked(nets[1], masks[1], bundle, TrainConfig(epochs=1, batch_size=256, augment=False), device="cpu",
+                 seed=0, progress=False)
     assert calls == []
     torch.manual_seed(0)  # the check itself can fail: the global seeding does call it
     assert calls == [0]
