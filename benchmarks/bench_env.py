@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from panning.envs.panning_env import PanningEnv
+from panning.episode import PruningEpisode
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("reset", "score", "select", "connectivity", "signal", "features", "proxy", "reference")
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # queued CUDA work would otherwise be charged to whichever later stage waits for it
+    PruningEpisode.sync_timing = args.device != "cpu"
     rows = []
     for c in args.configs:
         if "mnist" in Path(c).name and not shared_data_dir() and not os.environ.get("PANNING_DATA"):

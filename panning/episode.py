@@ -292,7 +292,17 @@ class PruningEpisode:
 
     ``model`` is never modified (the pruner scores it functionally). ``batches`` is the fixed,
     class-balanced scoring batch; its first batch also gives the loss and gradient-norm signals.
+
+    ``timing`` holds the last step's (or the construction's) seconds per stage: ``score``, ``select``,
+    ``connectivity``, ``signal``, ``features``. They are host clock readings; on CUDA, where work is
+    queued, a stage's GPU work is charged to whichever later stage waits for it, unless
+    :attr:`sync_timing` is set.
     """
+
+    #: Synchronise the CUDA device before every clock reading, so ``timing`` charges GPU work to the
+    #: stage that queued it. Off by default because each synchronisation stalls the queue; profiling
+    #: and ``benchmarks/bench_env.py --device cuda`` turn it on (the class attribute or one instance's).
+    sync_timing: bool = False
 
     def __init__(
         self,
@@ -320,6 +330,7 @@ class PruningEpisode:
         if not batches or len(batches[0][0]) == 0:
             raise ValueError("a non-empty scoring batch is needed (it also gives the loss and gradient signals)")
         self.model = model
+        self._cuda = any(p.is_cuda for p in model.parameters())
         self.indices = list(indices)
         self.K = len(self.indices)
         self.batches = list(batches)
@@ -342,12 +353,17 @@ class PruningEpisode:
         self.t = 0
         self.u = 0.0  # fraction of the log-density budget used so far
         self.timing = self._zero_timing()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         self.loss0, self.grad0 = self.signals(self.pruner.masks)
-        self.timing["signal"] += time.perf_counter() - t0
+        self.timing["signal"] += self._clock() - t0
         self.effective = self.pruner.masks
         self.loss_ratio = 0.0
         self.grad_ratio = 0.0
+
+    def _clock(self) -> float:
+        if self.sync_timing and self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     @staticmethod
     def _zero_timing() -> dict[str, float]:
@@ -383,18 +399,18 @@ class PruningEpisode:
         kept_before = self.masks.num_kept
         share, u, keep = self.planned_keep(b)
         self.timing = self._zero_timing()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         self.pruner.scores([n for n, wk in weights.items() if wk > 0])  # usually scored at observation time already
         for name, wk in weights.items():
             if wk > 0:
                 self.pruner.normalised_scores(name)
-        t1 = time.perf_counter()
+        t1 = self._clock()
         masks = self.pruner.step(weights, keep, layer_factors=factors)
-        t2 = time.perf_counter()
+        t2 = self._clock()
         eff = effective_masks(self.model, masks, self.input_shape)
-        t3 = time.perf_counter()
+        t3 = self._clock()
         loss, grad = self.signals(masks)
-        t4 = time.perf_counter()
+        t4 = self._clock()
         self.timing["score"] += t1 - t0
         self.timing["select"] += t2 - t1
         self.timing["connectivity"] += t3 - t2
@@ -438,7 +454,7 @@ class PruningEpisode:
         if score_indices is None:
             score_indices = not self.done
         masks, eff = self.masks, self.effective
-        t_start, score_before = time.perf_counter(), self.timing["score"]
+        t_start, score_before = self._clock(), self.timing["score"]
         T, t = self.T, self.t
         kept = masks.num_kept
         d_now = kept / self.N
@@ -463,18 +479,18 @@ class PruningEpisode:
         if self.observation == "layers":
             obs = np.concatenate([obs, self._layer_block(dens, per_layer)])
         obs = np.nan_to_num(obs, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT)
-        self.timing["features"] += time.perf_counter() - t_start - (self.timing["score"] - score_before)
+        self.timing["features"] += self._clock() - t_start - (self.timing["score"] - score_before)
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
     def _index_features(self, kept: int) -> tuple[list[float], tuple[Tensor, list[Tensor], list[Tensor], int]]:
         """The summary's per-index features, and what the per-layer ones reuse: the alive weights'
         flat positions, each index's normalised scores on them and its next prune set, and m."""
-        t0 = time.perf_counter()
+        t0 = self._clock()
         alive = self.pruner.alive_flat()
         self.pruner.scores(self.indices)  # together: indices that share passes share them
         idx = alive.nonzero().squeeze(1)  # gathering by index: the elements of [alive], far faster on the CPU
         normed = [self.pruner.normalised_scores(name).index_select(0, idx) for name in self.indices]
-        self.timing["score"] += time.perf_counter() - t0
+        self.timing["score"] += self._clock() - t0
         m = kept - self.planned_keep(0.0)[2]  # how many weights a default (b = 0) step would remove next
         lowest = []
         out: list[float] = []

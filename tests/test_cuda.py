@@ -102,3 +102,19 @@ def test_vectorised_env_on_the_gpu_matches_separate_envs() -> None:
         ob, rb, db, _ = b.step(act)
         assert np.array_equal(oa, ob) and np.array_equal(da, db)
         assert np.allclose(ra, rb, atol=1 / 135 + 1e-6)
+
+
+def test_synchronised_episode_timing_on_the_gpu(monkeypatch) -> None:
+    """A GPU episode knows it is on CUDA; with sync_timing its stage times are real, non-negative seconds."""
+    from panning.data import balanced_batch
+    from panning.episode import PruningEpisode
+
+    monkeypatch.setattr(PruningEpisode, "sync_timing", True)
+    b = load_dataset("digits")
+    model = build_model("mlp", 10, (64,), seed=0).to(CUDA)
+    x, y = balanced_batch(b.train, 5, 10, seed=0)
+    ep = PruningEpisode(model, ["synflow", "snip"], [(x.to(CUDA), y.to(CUDA))], target_sparsity=0.9, steps=3)
+    assert ep._cuda
+    ep.observe()
+    ep.step([0.0, 0.0, 0.0])
+    assert all(v >= 0.0 for v in ep.timing.values()) and ep.timing["select"] > 0.0

@@ -466,6 +466,25 @@ def test_timing_accounts_for_each_phase(monkeypatch, tied) -> None:
     assert ep.timing["select"] == timing["select"] and ep.timing["signal"] == timing["signal"]
 
 
+@pytest.mark.parametrize("sync", [False, True])
+def test_sync_timing_synchronises_cuda_before_every_clock_read(monkeypatch, tied, sync) -> None:
+    """With sync_timing on a CUDA episode, every clock read waits for the device first (so queued GPU work
+    is charged to the stage that queued it); off, or on a CPU model, the episode never synchronises."""
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append(1))
+    clock = _Clock()
+    monkeypatch.setattr(episode_module, "time", clock)
+    ep = binary_episode(tied)
+    ep.step([0.0, 0.0, 0.0, 0.0])
+    assert calls == []  # a CPU model: never, whatever sync_timing says
+    monkeypatch.setattr(episode_module.PruningEpisode, "sync_timing", sync)
+    ep._cuda = True  # what a model on the GPU sets; this machine may have none
+    reads = clock.now
+    ep.step([0.0, 0.0, 0.0, 0.0])
+    ep.observe()
+    assert len(calls) == (clock.now - reads if sync else 0)
+
+
 def test_layer_at_exactly_a_tenth_of_the_global_density_is_not_near_collapse(monkeypatch) -> None:
     """layers_near_collapse counts layers strictly below 1/10 of the global density: 5/100 at 300/600 is not."""
 
