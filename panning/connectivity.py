@@ -215,7 +215,8 @@ def effective_masks(model: nn.Module, masks: Masks, input_shape: Sequence[int]) 
     grads, r = None, float("nan")
     for scaled in (False, True):
         grads, r = _path_grads(model, masks, input_shape, scaled)
-        if all(bool(torch.isfinite(g).all()) for g in grads.values()) and r == r and abs(r) != float("inf"):
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
+        if finite and r == r and abs(r) != float("inf"):
             break
     else:
         raise RuntimeError("path counts overflow float64 even with 1/fan_in scaling; cannot compute effective masks")

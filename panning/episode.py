@@ -419,7 +419,7 @@ class PruningEpisode:
         self.u = u
         self.effective = eff
         self.loss_ratio, self.grad_ratio = self._ratios(loss, grad)
-        collapsed = [k for k, m in eff.items() if not bool(m.any())]
+        collapsed = [k for k, c in zip(eff, eff.layer_counts(), strict=True) if c == 0]
         return EpisodeStep(self.t, weights, share, keep, kept_before - keep, masks, eff, collapsed,
                            self.loss_ratio, self.grad_ratio, factors)
 
@@ -467,7 +467,7 @@ class PruningEpisode:
         g += [_log_density_feature(float(dens.min())), _log_density_feature(float(np.median(dens))),
               _log_density_feature(float(dens.max()))]
         g.append(float(np.mean(dens < 0.1 * d_now)))
-        g.append(float(np.mean([not bool(m.any()) for m in eff.values()])))
+        g.append(float(np.mean([c == 0 for c in eff.layer_counts()])))
         g += [self.loss_ratio, self.grad_ratio]
         per_index = [0.0] * (len(INDEX_FEATURES) * self.K)
         per_layer = None
@@ -493,30 +493,38 @@ class PruningEpisode:
         self.timing["score"] += self._clock() - t0
         m = kept - self.planned_keep(0.0)[2]  # how many weights a default (b = 0) step would remove next
         lowest = []
-        out: list[float] = []
-        stats = []
+        raw: list[Tensor] = []  # per index: the 10/50/90% order statistics, share <= 0, sum, top-1% sum
+        at: list[int | None] = []  # where each index's six numbers start in raw
         for n in normed:
             if n.numel() == 0:
-                stats.append((0.0, 0.0, 0.0, 0.0, 0.0))
+                at.append(None)
                 continue
+            at.append(len(raw))
             if m > 0:
                 # the m weights a global top-k on this index alone would drop, with select_topk's tie-break
                 # (what a stable descending sort keeps first; found in linear time)
                 lowest.append(~_topk_mask(n, n.numel() - m))
             mag = n.abs()
             # nearest-rank quantiles and a top-k: linear-time selections, no full sort
-            q10, q50, q90 = (
-                math.log10(float(torch.kthvalue(mag, round(p * (mag.numel() - 1)) + 1).values) + 1e-12) / 3.0
-                for p in (0.1, 0.5, 0.9)
-            )
-            nonpos = float((n <= 0).double().mean())
-            total = float(mag.sum())
             top = max(1, math.ceil(0.01 * mag.numel()))
-            top1 = float(torch.topk(mag, top, sorted=False).values.sum()) / total if total > 0 else 0.0
-            stats.append((q10, q50, q90, nonpos, top1))
-        for k, st in enumerate(stats):
+            raw += [torch.kthvalue(mag, round(p * (mag.numel() - 1)) + 1).values for p in (0.1, 0.5, 0.9)]
+            raw += [(n <= 0).double().mean(), mag.sum(), torch.topk(mag, top, sorted=False).values.sum()]
+        pairs = [(k, j) for k in range(len(lowest)) for j in range(self.K) if j != k] if m > 0 else []
+        first_pair = len(raw)
+        raw += [(lowest[k] & lowest[j]).sum() for k, j in pairs]
+        # one device-to-host transfer for every number below (float64 holds each of them exactly)
+        vals = torch.stack([v.double() for v in raw]).tolist() if raw else []
+        counts = dict(zip(pairs, vals[first_pair:], strict=True))
+        out: list[float] = []
+        for k, a in enumerate(at):
+            if a is None:
+                st = [0.0] * 5
+            else:
+                k10, k50, k90, nonpos, total, topsum = vals[a : a + 6]
+                st = [math.log10(q + 1e-12) / 3.0 for q in (k10, k50, k90)]
+                st += [nonpos, topsum / total if total > 0 else 0.0]
             if m > 0 and self.K > 1:
-                agree = float(np.mean([int((lowest[k] & lowest[j]).sum()) / m for j in range(self.K) if j != k]))
+                agree = float(np.mean([int(counts[k, j]) / m for j in range(self.K) if j != k]))
             else:
                 agree = 1.0
             out += [agree, *st]

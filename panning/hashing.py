@@ -25,6 +25,23 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _host_arrays(tensors: list[Tensor], gather: bool | None = None) -> list[np.ndarray]:
+    """Each tensor's raw bytes (contiguous, flattened) as a CPU uint8 array.
+
+    Tensors that share one accelerator are copied to the host in one transfer (``gather``; by default
+    whenever they are not on the CPU): one copy per tensor would make the host wait for the device once
+    per tensor. The bytes are the same either way.
+    """
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    if gather is None:
+        gather = bool(flat) and flat[0].device.type != "cpu" and all(f.device == flat[0].device for f in flat)
+    if not gather or not flat:
+        return [f.cpu().numpy() for f in flat]
+    host = torch.cat(flat).cpu().numpy()
+    ends = np.cumsum([f.numel() for f in flat])
+    return list(np.split(host, ends[:-1]))
+
+
 def state_digest(model_or_state: nn.Module | Mapping[str, Tensor]) -> str:
     """Hex SHA-256 of a model's parameters and buffers: each name, then the tensor's raw bytes.
 
@@ -33,18 +50,18 @@ def state_digest(model_or_state: nn.Module | Mapping[str, Tensor]) -> str:
     """
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     h = hashlib.sha256()
-    for name, t in state.items():
+    for name, raw in zip(state, _host_arrays(list(state.values())), strict=True):
         h.update(name.encode())
-        t = t.detach().cpu().contiguous()
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        if raw.size:
+            h.update(raw.tobytes())
     return h.hexdigest()
 
 
 def masks_digest(masks: Mapping[str, Tensor]) -> str:
     """Hex SHA-256 of mask names, shapes and bits (bit-packed: cheap even for large networks)."""
     h = hashlib.sha256()
-    for name, m in masks.items():
+    bits = _host_arrays([m.detach().to(torch.bool) for m in masks.values()])
+    for (name, m), raw in zip(masks.items(), bits, strict=True):
         h.update(f"{name}|{tuple(m.shape)}".encode())
-        h.update(np.packbits(m.detach().cpu().reshape(-1).numpy().astype(bool)).tobytes())
+        h.update(np.packbits(raw.astype(bool)).tobytes())
     return h.hexdigest()

@@ -280,7 +280,9 @@ def _check_scores(name: str, masks: Mapping[str, Tensor], scores: Mapping[str, T
         raise RuntimeError(f"index {name!r} returned no or misshapen scores for {bad}")
     # one reduction per tensor: any NaN/inf makes the sum non-finite; only then look closer
     # (a finite tensor whose sum overflows passes the exact check below)
-    sums = torch.stack([scores[k].sum().to(torch.float64).cpu() for k in masks])
+    sums = [scores[k].sum().to(torch.float64) for k in masks]
+    # one device-to-host transfer when the scores share a device (each .cpu() alone would be a sync)
+    sums = torch.stack(sums) if all(t.device == sums[0].device for t in sums) else torch.stack([t.cpu() for t in sums])
     if bool(torch.isfinite(sums).all()):
         return
     nonfinite = [k for k in masks if not bool(torch.isfinite(scores[k]).all())]

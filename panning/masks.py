@@ -192,10 +192,18 @@ class Masks(Mapping[str, Tensor]):
         return f"Masks({len(self)} tensors, kept {self.num_kept}/{self.num_total}, sparsity {self.sparsity:.4f})"
 
     # statistics
+    def layer_counts(self) -> list[int]:
+        """Kept weights per tensor, in key order."""
+        ts = list(self._data.values())
+        if all(t.device == ts[0].device for t in ts):
+            # one device-to-host transfer for all tensors: on a GPU each count read alone would be a sync
+            return torch.stack([torch.count_nonzero(t) for t in ts]).tolist()
+        return [int(torch.count_nonzero(t)) for t in ts]
+
     @property
     def num_kept(self) -> int:
         """Number of kept (True) weights."""
-        return int(sum(int(torch.count_nonzero(m)) for m in self._data.values()))
+        return int(sum(self.layer_counts()))
 
     @property
     def num_total(self) -> int:
@@ -215,12 +223,13 @@ class Masks(Mapping[str, Tensor]):
 
     def layer_density(self) -> dict[str, float]:
         """Kept fraction per tensor."""
-        return {k: (int(torch.count_nonzero(m)) / m.numel() if m.numel() else 1.0) for k, m in self._data.items()}
+        return {k: (c / m.numel() if m.numel() else 1.0)
+                for (k, m), c in zip(self._data.items(), self.layer_counts(), strict=True)}
 
     def report(self) -> str:
         """Plain-text table: name, shape, kept/total, density per tensor, then the total."""
-        rows = [(k, "x".join(map(str, m.shape)) or "scalar", int(torch.count_nonzero(m)), m.numel())
-                for k, m in self._data.items()]
+        rows = [(k, "x".join(map(str, m.shape)) or "scalar", c, m.numel())
+                for (k, m), c in zip(self._data.items(), self.layer_counts(), strict=True)]
         w_name = max(len("layer"), max(len(r[0]) for r in rows), len("total"))
         w_shape = max(len("shape"), max(len(r[1]) for r in rows))
         w_num = max(len(f"{r[2]}/{r[3]}") for r in rows + [("", "", self.num_kept, self.num_total)])
@@ -360,6 +369,21 @@ def largest_sparsity(total: int, keep: int, decimals: int = 6) -> float:
 # top-k selection
 
 
+def _alive_positions(current: Masks, keys: list[str], device: torch.device) -> list[Tensor]:
+    """Per key, the flat positions of the kept weights (``m.reshape(-1).nonzero()``), found with one
+    ``nonzero`` over all layers: on a GPU each ``nonzero`` waits for the device, so one per layer adds up."""
+    parts = [current[k].reshape(-1).to(device) for k in keys]
+    if len(parts) == 1:
+        return [parts[0].nonzero().squeeze(1)]
+    flat = torch.cat(parts).nonzero().squeeze(1)
+    counts = torch.stack([torch.count_nonzero(p) for p in parts]).tolist()
+    out, lo, start = [], 0, 0
+    for p, c in zip(parts, counts, strict=True):
+        out.append(flat[lo : lo + c] - start)
+        lo, start = lo + c, start + p.numel()
+    return out
+
+
 def _topk_mask(flat: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` largest entries; ties go to the lowest index.
 
@@ -493,8 +517,7 @@ def select_topk(
         # work on the alive weights only: pruning schedules spend most steps at high sparsity. Gathering by
         # the alive positions keeps index order, so the tie-break is unchanged (and on the CPU it is far
         # faster than boolean indexing)
-        alive_idx = ([current[k].reshape(-1).to(device).nonzero().squeeze(1) for k in keys]
-                     if current is not None else None)
+        alive_idx = _alive_positions(current, keys, device) if current is not None else None
         vals = []
         for i, k in enumerate(keys):
             v = scores[k].detach().reshape(-1).to(device=device, dtype=dtype)

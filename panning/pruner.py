@@ -62,10 +62,10 @@ def normalise(score: Tensor, alive: Tensor, how: str = "mean", *, alive_index: T
         v = a
     elif how == "mean":
         scale = a.abs().mean()
-        v = a / scale if scale > 0 else a
+        v = torch.where(scale > 0, a / scale, a)  # not ``if scale > 0``: that reads the device's value back
     elif how in ("zscore", "abs_zscore"):
         std = a.std(unbiased=False)
-        z = (a - a.mean()) / std if std > 0 else a - a.mean()
+        z = torch.where(std > 0, (a - a.mean()) / std, a - a.mean())
         v = z.abs() if how == "abs_zscore" else z
     elif how == "rank":
         order = torch.sort(a, stable=True).indices
@@ -317,9 +317,9 @@ class Pruner:
         self.masks = masks
         self._scores = None
         self._normalised, self._alive, self._alive_index = {}, None, None
-        self.history.append(
-            StepRecord(self.steps_done + 1, w, keep, masks.sparsity, t1 - t0, t2 - t1)
-        )
+        # select_topk keeps exactly ``keep``: the sparsity follows without counting the masks again
+        sparsity = 1.0 - keep / self.num_total if self.num_total else 0.0
+        self.history.append(StepRecord(self.steps_done + 1, w, keep, sparsity, t1 - t0, t2 - t1))
         return masks
 
     def step_to_sparsity(self, weights: Sequence[float] | Mapping[str, float], sparsity: float) -> Masks:
