@@ -11,10 +11,11 @@ script builds such masks on one initialisation of the digits MLP, at each sparsi
   b in [-1, 1] at every step, driven through the env's own episode core;
 - the masks of every agent file given with ``--agents`` (applied to the same initialisation).
 
-Ground truth never touches the test split: the digits training pool (1 347 images) is split once
-(stratified, seed 123) into a **truth split** of ``--truth-size`` images and a study pool; every mask
-is fully trained on the study pool (the ``configs/digits_mlp.yaml`` recipe, ``--train-seeds`` training
-orders) and scored on the truth split. The proxy variants carve their validation split (``--val-sizes``)
+Ground truth never touches the test split: the training pool (digits: 1 347 images; ``--config``
+picks another recipe, e.g. ``configs/mnist_lenet300.yaml`` with 60 000) is split once (stratified,
+seed 123) into a **truth split** of ``--truth-size`` images and a study pool; every mask is fully
+trained on the study pool (the config's recipe, ``--epochs`` to shorten it, ``--train-seeds``
+training orders) and scored on the truth split. The proxy variants carve their validation split (``--val-sizes``)
 from the study pool and train on the rest, for each budget in ``--budgets``; both the proxy's
 validation accuracy and its (negated) validation loss are ranked.
 
@@ -68,6 +69,14 @@ def _train_one(job: tuple[int, int]) -> tuple[int, int, float]:
     return i, seed, float(acc)
 
 
+def _proxy_one(job: tuple[str, int]) -> tuple[str, int, float, float, float]:
+    key, i = job
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    r = _JOBS["evaluators"][key].evaluate(_JOBS["model"], _JOBS["masks"][i])
+    return key, i, r.accuracy, r.loss, time.perf_counter() - t0
+
+
 def make_masks(model: torch.nn.Module, batches: list, input_shape: tuple, sparsities: list[float], steps: int,
                mixtures: int, agents: list[str], seed: int) -> list[tuple[str, float, Masks]]:
     out: list[tuple[str, float, Masks]] = []
@@ -115,53 +124,68 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budgets", nargs="+", type=int, default=[100, 200, 400, 800])
     ap.add_argument("--init-seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes for the full trainings (1 thread each)")
-    ap.add_argument("--epochs", type=int, default=None, help="full-training epochs (default: the recipe's 60)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="full-training epochs (default: the recipe's); a step schedule's milestones scale with them")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "digits_mlp.yaml"),
+                    help="the model, data set and full-training recipe (default: the digits MLP)")
+    ap.add_argument("--data-dir", default=None, help="where the data set's files are (default: $PANNING_DATA)")
     ap.add_argument("--json", help="write every number to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    cfg = _config.load(ROOT / "configs" / "digits_mlp.yaml")
+    cfg = _config.load(args.config)
     if args.epochs is not None:
-        cfg = _config.override(cfg, {"train.epochs": args.epochs})
-    pool = load_dataset("digits", val_size=0).train
+        changes: dict[str, Any] = {"train.epochs": args.epochs}
+        if cfg.train.schedule == "step":
+            changes["train.milestones"] = sorted({max(1, round(m * args.epochs / cfg.train.epochs))
+                                                  for m in cfg.train.milestones})
+        cfg = _config.override(cfg, changes)
+    print(f"{cfg.model} on {cfg.dataset}: {cfg.train.epochs} epochs, schedule {cfg.train.schedule} "
+          f"{list(cfg.train.milestones) if cfg.train.schedule == 'step' else ''}", flush=True)
+    pool = load_dataset(cfg.dataset, data_dir=args.data_dir, val_size=0).train
     y = pool.y.numpy()
     study_idx, truth_idx = train_test_split(np.arange(len(y)), test_size=args.truth_size, stratify=y, random_state=123)
     study_idx, truth_idx = np.sort(study_idx), np.sort(truth_idx)
     study, truth = pool.subset(study_idx), pool.subset(truth_idx)
-    base = load_dataset("digits")
+    base = load_dataset(cfg.dataset, data_dir=args.data_dir)
+    classes = base.num_classes
     full = dataclasses.replace(base, train=study, val=truth, test=truth)
-    model = build_model(cfg.model, 10, base.input_shape, seed=args.init_seed, init=cfg.init)
-    batches = [balanced_batch(study, cfg.prune.scoring_per_class, 10, seed=args.init_seed)]
+    model = build_model(cfg.model, classes, base.input_shape, seed=args.init_seed, init=cfg.init)
+    batches = [balanced_batch(study, cfg.prune.scoring_per_class, classes, seed=args.init_seed)]
     t0 = time.perf_counter()
     masks = make_masks(model, batches, base.input_shape, args.sparsities, args.pruning_steps, args.mixtures,
                        args.agents, args.init_seed)
     print(f"{len(masks)} masks in {time.perf_counter() - t0:.0f} s; study pool {len(study)}, truth split {len(truth)} "
           f"({100 / len(truth):.2f} points an image)", flush=True)
 
-    _JOBS.update(model=model, masks=[m for _, _, m in masks], bundle=full, train=cfg.train)
+    evaluators: dict[str, ProxyEvaluator] = {}
+    for v in args.val_sizes:
+        tr, va = train_test_split(np.arange(len(study_idx)), test_size=v, stratify=y[study_idx], random_state=0)
+        pb = dataclasses.replace(base, train=study.subset(np.sort(tr)), val=study.subset(np.sort(va)), test=truth)
+        for b in args.budgets:
+            evaluators[f"val{v}@{b}"] = ProxyEvaluator(pb, cfg.model, settings=ProxySettings(steps=b), device="cpu",
+                                                       cache_size=0)
+    _JOBS.update(model=model, masks=[m for _, _, m in masks], bundle=full, train=cfg.train, evaluators=evaluators)
+    # The proxies go first: they are cheap, and the table's columns exist before the long trainings.
+    proxy_jobs = [(k, i) for k in evaluators for i in range(len(masks))]
     jobs = [(i, s) for i in range(len(masks)) for s in range(args.train_seeds)]
-    t0 = time.perf_counter()
     truth_acc = np.zeros((len(masks), args.train_seeds))
+    proxies: dict[str, list[float]] = {f"{what} {k}": [0.0] * len(masks)
+                                       for k in evaluators for what in ("acc", "loss")}
+    spent: dict[str, float] = dict.fromkeys(evaluators, 0.0)
     with mp.get_context("fork").Pool(args.workers) as pool_:
+        t0 = time.perf_counter()
+        for k, i, acc, loss, sec in pool_.imap_unordered(_proxy_one, proxy_jobs):
+            proxies[f"acc {k}"][i], proxies[f"loss {k}"][i] = acc, -loss
+            spent[k] += sec
+        print(f"  {len(proxy_jobs)} proxy runs in {time.perf_counter() - t0:.0f} s", flush=True)
+        t0 = time.perf_counter()
         for n, (i, s, acc) in enumerate(pool_.imap_unordered(_train_one, jobs), 1):
             truth_acc[i, s] = acc
             if n % 20 == 0:
                 print(f"  full training {n}/{len(jobs)} ({time.perf_counter() - t0:.0f} s)", flush=True)
     full_seconds = (time.perf_counter() - t0) * args.workers / len(jobs)
-
-    proxies: dict[str, list[float]] = {}
-    proxy_seconds: dict[str, float] = {}
-    for v in args.val_sizes:
-        tr, va = train_test_split(np.arange(len(study_idx)), test_size=v, stratify=y[study_idx], random_state=0)
-        pb = dataclasses.replace(base, train=study.subset(np.sort(tr)), val=study.subset(np.sort(va)), test=truth)
-        for b in args.budgets:
-            ev = ProxyEvaluator(pb, cfg.model, settings=ProxySettings(steps=b), device="cpu")
-            t0 = time.perf_counter()
-            res = [ev.evaluate(model, m) for _, _, m in masks]
-            proxy_seconds[f"val{v}@{b}"] = (time.perf_counter() - t0) / len(masks)
-            proxies[f"acc val{v}@{b}"] = [r.accuracy for r in res]
-            proxies[f"loss val{v}@{b}"] = [-r.loss for r in res]
-        print(f"  proxies with val {v} done", flush=True)
+    proxy_seconds = {k: v / len(masks) for k, v in spent.items()}
 
     mean = truth_acc.mean(1)
     half = args.train_seeds // 2
