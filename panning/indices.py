@@ -280,9 +280,10 @@ def _check_scores(name: str, masks: Mapping[str, Tensor], scores: Mapping[str, T
         raise RuntimeError(f"index {name!r} returned no or misshapen scores for {bad}")
     # one reduction per tensor: any NaN/inf makes the sum non-finite; only then look closer
     # (a finite tensor whose sum overflows passes the exact check below)
-    sums = [scores[k].sum().to(torch.float64) for k in masks]
+    parts = [scores[k].sum().to(torch.float64) for k in masks]
     # one device-to-host transfer when the scores share a device (each .cpu() alone would be a sync)
-    sums = torch.stack(sums) if all(t.device == sums[0].device for t in sums) else torch.stack([t.cpu() for t in sums])
+    same = all(t.device == parts[0].device for t in parts)
+    sums = torch.stack(parts if same else [t.cpu() for t in parts])
     if bool(torch.isfinite(sums).all()):
         return
     nonfinite = [k for k in masks if not bool(torch.isfinite(scores[k]).all())]
