@@ -19,38 +19,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 
 from panning import hashing
+from panning._functional import HostReads
 from panning.envs.vec_env import BatchedPanningVecEnv
 
-READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
-         torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.nonzero,
-         torch.nonzero, torch.masked_select, torch.Tensor.masked_select, torch.unique}
 # CPU-only routes: layer_quantiles' kthvalue loop (CUDA sorts instead) and _host_arrays' copy per tensor
 # (tensors on one GPU are copied in one transfer: 2 reads a digest there)
 CPU_ONLY = ("layer_quantiles", "_host_arrays")
 
 
-class HostReads(TorchFunctionMode):
-    """Counts READS by kind and by the innermost library line that made them."""
+class WhereRead(HostReads):
+    """The library's host-read counter, also tallying the innermost library line of each read."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.kinds: collections.Counter[str] = collections.Counter()
         self.lines: collections.Counter[str] = collections.Counter()
         self.cpu_only = 0
         self.on = False
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if self.on and func in READS:
-            self.kinds[func.__name__] += 1
-            lib = [f for f in traceback.extract_stack()[:-1] if "/panning/" in f.filename]
-            self.cpu_only += any(f.name in CPU_ONLY for f in lib)
-            if lib:
-                f = lib[-1]
-                self.lines[f"{f.filename.rsplit('/panning/', 1)[-1]}:{f.lineno} {f.name}"] += 1
-        return func(*args, **(kwargs or {}))
+    def record(self, func: object) -> None:
+        lib = [f for f in traceback.extract_stack()[:-2] if "/panning/" in f.filename]
+        self.cpu_only += any(f.name in CPU_ONLY for f in lib)
+        if lib:
+            f = lib[-1]
+            self.lines[f"{f.filename.rsplit('/panning/', 1)[-1]}:{f.lineno} {f.name}"] += 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     env.seed(0)
     env.reset()
     rng = np.random.default_rng(0)
-    reads = HostReads()
+    reads = WhereRead()
     digests = [0]
     gather = getattr(hashing, "_host_arrays", None)  # absent before the digests gathered their copies
 
@@ -90,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             env.step(actions)
             reads.on = False
     per = args.n * args.steps
-    total = sum(reads.kinds.values())
+    total = reads.n
     if gather is not None:
         hashing._host_arrays = gather  # type: ignore[assignment]
     cpu_only = reads.cpu_only - 2 * digests[0]  # on a GPU: one .cpu() and one .numpy() a digest
@@ -99,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.steps} env steps (rewards and references included)")
     print(f"host reads per episode step: {total / per:.1f} ({(total - cpu_only) / per:.1f} on a GPU's route; "
           f"{cpu_only / per:.1f} on CPU-only routes)")
-    print("by kind: " + ", ".join(f"{k} {v / per:.1f}" for k, v in reads.kinds.most_common()))
+    print("by kind: " + ", ".join(f"{k} {v / per:.1f}" for k, v in sorted(reads.kinds.items(), key=lambda kv: -kv[1])))
     for line, v in reads.lines.most_common(args.top):
         print(f"{v / per:8.1f}  {line}")
 

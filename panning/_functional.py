@@ -20,6 +20,9 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "seeded",
+    "one_read",
+    "HOST_READS",
+    "HostReads",
     "keep_bits",
     "as_numbers",
     "zero_pruned",
@@ -51,6 +54,44 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
             with torch.cuda.device(idx):
                 torch.cuda.manual_seed(seed)
         yield
+
+
+def one_read(values: Sequence[Tensor]) -> Tensor:
+    """0-d tensors stacked into one, on their device when they all share it, else on the CPU: reading the
+    result back (``.tolist()``, ``bool(...)``) is one device-to-host transfer, not one per value, which on a
+    GPU is one wait for the queued work instead of many."""
+    same = all(v.device == values[0].device for v in values)
+    return torch.stack(list(values) if same else [v.cpu() for v in values])
+
+
+#: Tensor calls that copy a device value to the host; on a GPU each waits for the queued work.
+HOST_READS = frozenset({
+    torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__,
+    torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.nonzero, torch.nonzero,
+    torch.masked_select, torch.Tensor.masked_select, torch.unique,
+})
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the :data:`HOST_READS` calls made while it is active and :attr:`on`, by kind (``kinds``) and in
+    all (``n``). The count is a property of the code, so it can be taken on the CPU; subclasses may override
+    :meth:`record` to say where the reads are made (``benchmarks/host_syncs.py`` does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+        self.kinds: dict[str, int] = {}
+        self.on = True
+
+    def record(self, func: object) -> None:
+        """Called once per host read."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.on and func in HOST_READS:
+            self.n += 1
+            self.kinds[func.__name__] = self.kinds.get(func.__name__, 0) + 1
+            self.record(func)
+        return func(*args, **(kwargs or {}))
 
 
 # Signed integer types of the same width as a float type, to AND its bit patterns with a mask.

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from panning._functional import one_read
 from panning.masks import Masks, _prunable_with_modules
 
 __all__ = ["collapsed_layers", "effective_masks", "effective_sparsity"]
@@ -215,7 +216,7 @@ def effective_masks(model: nn.Module, masks: Masks, input_shape: Sequence[int]) 
     grads, r = None, float("nan")
     for scaled in (False, True):
         grads, r = _path_grads(model, masks, input_shape, scaled)
-        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
+        finite = not grads or bool(one_read([torch.isfinite(g).all() for g in grads.values()]).all())
         if finite and r == r and abs(r) != float("inf"):
             break
     else:

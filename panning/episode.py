@@ -117,7 +117,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panning._functional import functional_forward, masked_weights, other_tensors, preserved_modes
+from panning._functional import functional_forward, masked_weights, one_read, other_tensors, preserved_modes
 from panning.connectivity import effective_masks
 from panning.masks import Masks, _topk_mask, check_keep, keep_count
 from panning.pruner import Pruner
@@ -513,7 +513,7 @@ class PruningEpisode:
         first_pair = len(raw)
         raw += [(lowest[k] & lowest[j]).sum() for k, j in pairs]
         # one device-to-host transfer for every number below (float64 holds each of them exactly)
-        vals = torch.stack([v.double() for v in raw]).tolist() if raw else []
+        vals = one_read([v.double() for v in raw]).tolist() if raw else []
         counts = dict(zip(pairs, vals[first_pair:], strict=True))
         out: list[float] = []
         for k, a in enumerate(at):

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from panning._functional import (
     functional_forward,
     masked_weights,
+    one_read,
     other_tensors,
     preserved_modes,
     seeded,
@@ -280,10 +281,7 @@ def _check_scores(name: str, masks: Mapping[str, Tensor], scores: Mapping[str, T
         raise RuntimeError(f"index {name!r} returned no or misshapen scores for {bad}")
     # one reduction per tensor: any NaN/inf makes the sum non-finite; only then look closer
     # (a finite tensor whose sum overflows passes the exact check below)
-    parts = [scores[k].sum().to(torch.float64) for k in masks]
-    # one device-to-host transfer when the scores share a device (each .cpu() alone would be a sync)
-    same = all(t.device == parts[0].device for t in parts)
-    sums = torch.stack(parts if same else [t.cpu() for t in parts])
+    sums = one_read([scores[k].sum().to(torch.float64) for k in masks])
     if bool(torch.isfinite(sums).all()):
         return
     nonfinite = [k for k in masks if not bool(torch.isfinite(scores[k]).all())]

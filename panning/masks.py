@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from panning._functional import keep_bits, zero_pruned
+from panning._functional import keep_bits, one_read, zero_pruned
 from panning.errors import ConfigError, MaskError
 
 __all__ = [
@@ -194,11 +194,7 @@ class Masks(Mapping[str, Tensor]):
     # statistics
     def layer_counts(self) -> list[int]:
         """Kept weights per tensor, in key order."""
-        ts = list(self._data.values())
-        if all(t.device == ts[0].device for t in ts):
-            # one device-to-host transfer for all tensors: on a GPU each count read alone would be a sync
-            return torch.stack([torch.count_nonzero(t) for t in ts]).tolist()
-        return [int(torch.count_nonzero(t)) for t in ts]
+        return one_read([torch.count_nonzero(t) for t in self._data.values()]).tolist()
 
     @property
     def num_kept(self) -> int:
@@ -376,9 +372,10 @@ def _alive_positions(current: Masks, keys: list[str], device: torch.device) -> l
     if len(parts) == 1:
         return [parts[0].nonzero().squeeze(1)]
     flat = torch.cat(parts).nonzero().squeeze(1)
-    counts = torch.stack([torch.count_nonzero(p) for p in parts]).tolist()
+    counts = dict(zip(current, current.layer_counts(), strict=True))
     out, lo, start = [], 0, 0
-    for p, c in zip(parts, counts, strict=True):
+    for k, p in zip(keys, parts, strict=True):
+        c = counts[k]
         out.append(flat[lo : lo + c] - start)
         lo, start = lo + c, start + p.numel()
     return out

@@ -6,27 +6,12 @@ pin that gathering them changes no value and no digest.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 
+from panning._functional import HostReads as _Reads
 from panning.hashing import _host_arrays, masks_digest, state_digest
 from panning.masks import Masks
-
-READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
-         torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.nonzero}
-
-
-class _Reads(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        self.n += func in READS
-        return func(*args, **(kwargs or {}))
 
 
 def _masks(layers: int) -> Masks:
