@@ -47,6 +47,11 @@ class AgentConfig:
     gpus_per_env: float = 0.0
     ray_address: str | None = None
     seed: int = 0
+    # start the policy (and value) network from a saved agent instead of at random: an agent file or a
+    # shipped agent ("shipped:default"). Its indices, observation layout, action mapping and network must be
+    # this run's; its log std comes with it (policy_kwargs' log_std_init / layer_log_std_init then do nothing).
+    # Ignored by --resume, whose checkpoint holds the weights.
+    init_agent: str | None = field(default=None, metadata={"path": True})
     policy: str = "MlpPolicy"
     # PPO, by SB3's names. One env step costs a pruning step (and a proxy training at episode end),
     # so rollouts are short: n_steps * n_envs env steps per update, not SB3's 2048.

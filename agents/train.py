@@ -54,13 +54,14 @@ from panning.agents.config import (
     sb3_schedules,
 )
 from panning.agents.features import extractor_kwargs
-from panning.agents.policy import agent_metadata, read_metadata, save_agent
+from panning.agents.policy import agent_metadata, agent_path, check_agent_file, read_metadata, save_agent
 from panning.distributed import RayCluster
 from panning.envs.panning_env import PanningEnv, PanningEnvConfig, make_config
 from panning.envs.ray_vec_env import RayVecEnv
 from panning.envs.vec_env import BatchedPanningVecEnv, SubprocBatchedVecEnv, setup_env_process
 from panning.envs.wrappers import FixedEpisodes
-from panning.errors import ConfigError, RunDirError
+from panning.errors import AgentError, ConfigError, RunDirError
+from panning.hashing import file_digest
 from panning.io import write_json
 from panning.models import build_model
 from panning.pruner import available_methods, prune
@@ -91,6 +92,13 @@ def resolve_env_config(cfg: AgentConfig) -> PanningEnvConfig:
 # what a policy's spaces and metadata depend on: every env of a mix must agree on these
 _POLICY_SETTINGS = ("indices", "pruning_steps", "observation", "max_layers", "layer_actions", "normalisation", "mode",
                     "exclude", "scoring_per_class")
+# policy_kwargs that set only a new network's starting noise: a warm start (init_agent) brings its own
+_NOISE_KWARGS = ("log_std_init", "layer_log_std_init")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would give it back (tuples as lists), so a saved setting compares equal to a live one."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def mix_configs(cfg: AgentConfig, env_config: PanningEnvConfig) -> list[PanningEnvConfig]:
@@ -194,6 +202,7 @@ class AgentTraining:
         self.eval_core: PanningEnv | None = None
         self.ray: RayCluster | None = None
         self.resumed_from: int | None = None  # timesteps of the checkpoint a resumed run started from
+        self.init_digest: str | None = None  # sha256 of the init_agent file a new run started from
         self.wall = 0.0
         self.interrupted = False
 
@@ -249,6 +258,7 @@ class AgentTraining:
             except ConfigError as e:
                 raise ConfigError(f"env_mix[{i}]: {e}") from None
         self._check_eval_settings()
+        self._check_init_agent()
         torch.set_num_threads(cfg.threads)
         self.eval_core = PanningEnv(self.env_config)
         if not self.resume and self.overwrite and out.exists():
@@ -268,6 +278,30 @@ class AgentTraining:
             if cfg.eval_freq and shared:
                 raise ConfigError(f"bad agent config: eval_init_seeds {shared} are also training initialisations "
                                   f"({pool.start}..{pool.stop - 1}); evaluate on held-out seeds")
+
+    def _check_init_agent(self) -> None:
+        """A warm start's agent must fit this run: the same indices, policy settings and network."""
+        cfg = self.cfg
+        if cfg.init_agent is None or self.resume:
+            return
+        where = f"bad agent config: init_agent {cfg.init_agent}"
+        try:
+            meta = check_agent_file(cfg.init_agent, self.env_config.indices)
+        except AgentError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        env = _plain(dataclasses.asdict(self.env_config))
+        theirs = meta.get("env", {})
+        changed = [f"{k} {theirs.get(k)!r} (here {env[k]!r})" for k in _POLICY_SETTINGS if theirs.get(k) != env[k]]
+        if changed:
+            raise ConfigError(f"{where} was trained with {'; '.join(changed)}; a warm start needs the same policy "
+                              "settings in env_kwargs")
+        net = _plain((meta.get("agent_config") or {}).get("policy_kwargs"))
+        if net is not None:
+            mine = _plain(cfg.policy_kwargs)
+            keys = sorted((set(net) | set(mine)) - set(_NOISE_KWARGS))
+            changed = [f"{k} {net.get(k)!r} (here {mine.get(k)!r})" for k in keys if net.get(k) != mine.get(k)]
+            if changed:
+                raise ConfigError(f"{where} has a different network: policy_kwargs {'; '.join(changed)}")
 
     def _remove_run(self, keep_config: bool = False) -> None:
         """Delete an agent run's own files (and nothing else) from the run directory."""
@@ -313,14 +347,22 @@ class AgentTraining:
                            **extractor_kwargs(dataclasses.asdict(self.env_config), cfg.policy_kwargs)},
             seed=cfg.seed, device=cfg.device, verbose=0,
         )
-        if "layer_log_std_init" in cfg.policy_kwargs:
+        if cfg.init_agent is not None:
+            # every weight, the log std and the optimiser state of the saved agent replace the new ones
+            path = agent_path(cfg.init_agent)
+            self.model.set_parameters(str(path), exact_match=True, device=cfg.device)
+            self.init_digest = file_digest(path)
+            self.log(f"the policy starts from {path} (sha256 {self.init_digest[:12]})")
+        elif "layer_log_std_init" in cfg.policy_kwargs:
             layer_log_std(self.model, self.env_config.layer_actions, float(cfg.policy_kwargs["layer_log_std_init"]))
         return self.model
 
     def metadata(self) -> dict[str, Any]:
         """panning's metadata for the agent files of this run, at the model's current step count."""
         assert self.model is not None
-        return agent_metadata(self.env_config, self.model.num_timesteps, agent_config=_config.to_dict(self.cfg))
+        extra = {} if self.init_digest is None else {"init_agent_sha256": self.init_digest}
+        return agent_metadata(self.env_config, self.model.num_timesteps, agent_config=_config.to_dict(self.cfg),
+                              **extra)
 
     # ------------------------------------------------------------------------------- step 3
 

@@ -20,6 +20,7 @@ from panning.agents.policy import META_MEMBER, AgentError, apply_policy, check_a
 from panning.agents.train import AGENT_FILE, BEST_FILE, AgentTraining, RunExists, train_agent
 from panning.config import ConfigError
 from panning.envs.panning_env import PanningEnv
+from panning.hashing import file_digest
 from panning.masks import keep_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -473,3 +474,39 @@ def test_an_agent_with_per_layer_actions_trains_loads_and_applies_as_in_its_env(
     env, info, result = _env_episode_and_applied(agent, layer_actions=2)
     assert result.masks.equal(env.masks) and result.masks.num_kept == keep_count(result.masks.num_total, 0.95)
     assert result.extra["policy"]["steps"][-1]["layer_factors"] == info["layer_factors"]
+
+
+def test_a_warm_start_begins_from_the_saved_agent_and_refuses_one_that_does_not_fit(trained: Path,
+                                                                                     tmp_path: Path) -> None:
+    """init_agent: the new run's policy is the saved agent's, weight for weight, before it learns; an agent
+    trained with other policy settings or another network is refused before anything is written."""
+    src = trained / AGENT_FILE
+    cfg = dataclasses.replace(load_agent_config(TINY), init_agent=str(src), n_timesteps=24, eval_freq=0)
+    run = AgentTraining.from_config(cfg, tmp_path / "warm", log=lambda s: None)
+    run.prepare()
+    try:
+        model = run.create_or_load()
+        saved = load_agent(src).model.policy.state_dict()
+        for name, value in model.policy.state_dict().items():
+            assert torch.equal(value, saved[name]), name
+        run.learn(24)
+        run.save()
+    finally:
+        run.close()
+    meta = check_agent_file(tmp_path / "warm" / AGENT_FILE)
+    assert meta["init_agent_sha256"] == file_digest(src)
+    assert meta["agent_config"]["init_agent"] == str(src)
+    cold = AgentTraining.from_config(dataclasses.replace(cfg, init_agent=None), tmp_path / "cold", log=lambda s: None)
+    cold.prepare()
+    try:
+        assert not torch.equal(cold.create_or_load().policy.action_net.weight, saved["action_net.weight"])
+    finally:
+        cold.close()
+    for change, match in [({"env_kwargs": {"observation": "summary"}}, r"observation 'layers' \(here 'summary'\)"),
+                          ({"env_kwargs": {"pruning_steps": 4}}, r"pruning_steps 3 \(here 4\)"),
+                          ({"policy_kwargs": {"net_arch": [8, 8], "activation_fn": "tanh"}}, "different network"),
+                          ({"init_agent": str(tmp_path / "none.zip")}, "does not exist")]:
+        out = tmp_path / "refused"
+        with pytest.raises(ConfigError, match=r"^bad agent config: init_agent .*" + match):
+            AgentTraining.from_config(dataclasses.replace(cfg, **change), out, log=lambda s: None).prepare()
+        assert not out.exists()
