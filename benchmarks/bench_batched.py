@@ -35,6 +35,7 @@ import torch
 
 from panning.alloc import tune_malloc
 from panning.data import DataBundle, InMemoryDataset, balanced_batch, load_dataset
+from panning.errors import UsageError
 from panning.models import build_model
 from panning.proxy import ProxyEvaluator
 from panning.pruner import prune
@@ -176,6 +177,10 @@ def main() -> None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
+    known = sorted({r[:2] for r in PROXY_ROWS + EPISODE_ROWS})
+    if not any(args.model in (None, m) and args.dataset in (None, d) for m, d in known):
+        raise UsageError(f"no row for --model {args.model} --dataset {args.dataset}; rows: "
+                         + ", ".join(f"{m}/{d}" for m, d in known))
     proxy = [r for r in PROXY_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])
              and not args.skip_proxy]
     for model, ds, steps in proxy:
@@ -197,4 +202,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from panning.cli import run_guarded
+
+    # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
+    raise SystemExit(run_guarded(main, Path(__file__).name))

@@ -39,6 +39,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -307,4 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from panning.cli import run_guarded
+
+    # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
+    raise SystemExit(run_guarded(main, Path(__file__).name))

@@ -145,4 +145,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from panning.cli import run_guarded
+
+    # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
+    raise SystemExit(run_guarded(main, Path(__file__).name))

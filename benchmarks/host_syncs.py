@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,4 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from panning.cli import run_guarded
+
+    # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
+    raise SystemExit(run_guarded(main, Path(__file__).name))

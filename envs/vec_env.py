@@ -36,6 +36,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 from panning.batched import prefill_scores
 from panning.data import DataBundle
 from panning.envs.panning_env import PanningEnv, PanningEnvConfig, PendingStep
+from panning.errors import UsageError
 from panning.proxy import ProxyResult
 
 __all__ = ["BatchedPanningVecEnv", "SubprocBatchedVecEnv", "setup_env_process"]
@@ -51,7 +52,7 @@ class BatchedPanningVecEnv(VecEnv):
     def __init__(self, config: PanningEnvConfig | dict[str, Any] | str | Path | None, n_envs: int, *,
                  bundle: DataBundle | None = None, **overrides: Any) -> None:
         if n_envs < 1:
-            raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+            raise UsageError(f"n_envs must be >= 1, got {n_envs}")
         first = PanningEnv(config, bundle=bundle, **overrides)
         self.envs = [first] + [PanningEnv(first.config, bundle=bundle) for _ in range(n_envs - 1)]
         if bundle is not None:  # a caller's own data: one private evaluator and reference cache for all

@@ -555,45 +555,56 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, prog: str = "panning") -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
         msg = f"{msg}: {e.filename}"
-    return msg if msg.startswith("panning") else f"panning: error: {msg}"
+    return msg if msg.startswith(prog) else f"{prog}: error: {msg}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse and run; bad input is one line and exit 2, a bug a traceback and exit 1."""
+def run_guarded(func: Callable[[], int | None], prog: str = "panning") -> int:
+    """Run ``func`` as a command: its exit code, or (bad input: a :class:`PanningError` or a user's OS
+    error) one line on stderr and exit 2, or (a bug) the traceback and exit 1. The ``panning`` command
+    and the scripts under ``benchmarks/`` end the same way."""
     import warnings
 
     # one readable line per warning (layer collapse, ...), not a source excerpt; restored on return
     original_format = warnings.formatwarning
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"panning: warning: {msg}\n"
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"{prog}: warning: {msg}\n"
+    try:
+        return func() or 0
+    except (PanningError, *USER_OS_ERRORS) as e:
+        print(_one_line(e, prog), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # anything else is a bug: keep everything a report needs
+        traceback.print_exc()
+        print(f"{prog}: internal error: this is a bug in panning {panning.__version__}, not a problem with your "
+              "input; please report it on the project's issue tracker with the traceback above and the command "
+              "you ran", file=sys.stderr)
+        return EXIT_BUG
+    finally:
+        warnings.formatwarning = original_format
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse and run; bad input is one line and exit 2, a bug a traceback and exit 1."""
     from panning.alloc import tune_malloc
 
     tune_malloc()  # we own this process: keep freed tensor memory for reuse (see panning/alloc.py)
     parser = build_parser()
-    try:
+
+    def run() -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
             parser.print_help()
             return EXIT_USAGE
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
-    except (PanningError, *USER_OS_ERRORS) as e:
-        print(_one_line(e), file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("panning: interrupted", file=sys.stderr)
-        return 130
-    except Exception:  # anything else is a bug: keep everything a report needs
-        traceback.print_exc()
-        print(f"panning: internal error: this is a bug in panning {panning.__version__}, not a problem with your "
-              "input; please report it on the project's issue tracker with the traceback above and the command "
-              "you ran", file=sys.stderr)
-        return EXIT_BUG
-    finally:
-        warnings.formatwarning = original_format
+
+    return run_guarded(run)
 
 
 if __name__ == "__main__":

@@ -436,3 +436,34 @@ def test_seed_flag_sets_initialisation_and_random_masks(tiny: Path, tmp_path: Pa
         assert info["init_sha256"] == state_digest(build_model("mlp", 10, (64,), seed=seed))
     a, b = Masks.load(dirs[0] / "masks.pt"), Masks.load(dirs[1] / "masks.pt")
     assert a.num_kept == b.num_kept == 5_020 and not a.equal(b)
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("host_syncs.py", ["--n", "0"], "n_envs must be >= 1"),
+    ("bench_batched.py", ["--model", "nope"], "no row for --model nope"),
+    ("proxy_trust.py", ["--config", "configs/bench/nope.yaml"], "does not exist"),
+])
+def test_benchmark_scripts_end_bad_input_like_the_command(script: str, args: list[str], expected: str) -> None:
+    """A script under benchmarks/ given a bad flag or file prints one line naming itself and exits 2."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"{script}: error: ") and expected in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    from panning.cli import run_guarded
+    from panning.errors import ConfigError
+
+    def bug() -> int:
+        raise ValueError("not the user's fault")
+
+    def bad() -> int:
+        raise ConfigError("line one\nline two")
+
+    assert run_guarded(bug, "x.py") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "x.py: internal error" in err
+    assert run_guarded(bad, "x.py") == 2
+    assert capsys.readouterr().err == "x.py: error: line one\n"
+    assert run_guarded(lambda: None, "x.py") == 0
