@@ -332,6 +332,9 @@ class AgentTraining:
                 # fresh, step-dependent seeds for the rest of the run (SB3 does not save RNG states)
                 model.set_random_seed(cfg.seed + model.num_timesteps)
                 self.resumed_from = model.num_timesteps
+                record = out / "train.json"  # a warm start's origin, kept across sessions
+                if record.is_file():
+                    self.init_digest = json.loads(record.read_text()).get("init_agent_sha256")
                 self.log(f"resuming {out} from {path.name} at {model.num_timesteps} steps")
                 self.model = model
                 return model
@@ -428,6 +431,8 @@ class AgentTraining:
             "steps_per_second": (model.num_timesteps - start) / max(self.wall, 1e-9),
             "finished": not self.interrupted and model.num_timesteps >= cfg.n_timesteps,
         }
+        if self.init_digest is not None:
+            record["init_agent_sha256"] = self.init_digest
         if self.interrupted:
             path = out / "checkpoints" / f"{CKPT_PREFIX}_interrupted_{model.num_timesteps}_steps.zip"
             path.parent.mkdir(parents=True, exist_ok=True)

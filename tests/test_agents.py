@@ -481,7 +481,7 @@ def test_a_warm_start_begins_from_the_saved_agent_and_refuses_one_that_does_not_
     """init_agent: the new run's policy is the saved agent's, weight for weight, before it learns; an agent
     trained with other policy settings or another network is refused before anything is written."""
     src = trained / AGENT_FILE
-    cfg = dataclasses.replace(load_agent_config(TINY), init_agent=str(src), n_timesteps=24, eval_freq=0)
+    cfg = dataclasses.replace(load_agent_config(TINY), init_agent=str(src), n_timesteps=48, eval_freq=0)
     run = AgentTraining.from_config(cfg, tmp_path / "warm", log=lambda s: None)
     run.prepare()
     try:
@@ -489,12 +489,14 @@ def test_a_warm_start_begins_from_the_saved_agent_and_refuses_one_that_does_not_
         saved = load_agent(src).model.policy.state_dict()
         for name, value in model.policy.state_dict().items():
             assert torch.equal(value, saved[name]), name
-        run.learn(24)
+        run.learn(24)  # half the run, then a later session resumes it: the origin stays recorded
         run.save()
     finally:
         run.close()
+    assert check_agent_file(tmp_path / "warm" / AGENT_FILE)["init_agent_sha256"] == file_digest(src)
+    assert train_agent(None, tmp_path / "warm", resume=True, log=lambda s: None)["timesteps"] == 48
     meta = check_agent_file(tmp_path / "warm" / AGENT_FILE)
-    assert meta["init_agent_sha256"] == file_digest(src)
+    assert meta["trained_timesteps"] == 48 and meta["init_agent_sha256"] == file_digest(src)
     assert meta["agent_config"]["init_agent"] == str(src)
     cold = AgentTraining.from_config(dataclasses.replace(cfg, init_agent=None), tmp_path / "cold", log=lambda s: None)
     cold.prepare()
