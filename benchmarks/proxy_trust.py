@@ -21,7 +21,8 @@ validation accuracy and its (negated) validation loss are ranked.
 
 Reported per sparsity: Spearman's rho between each proxy variant and the truth **among the masks within
 3 points of the best mask** there (the issue's measure), and over all masks; and, as the ceiling any
-proxy faces, the rho between two halves of the truth's own training seeds. Run by hand, e.g.
+proxy faces, the rho between two halves of the truth's own training seeds. ``--truth-from`` reuses an earlier
+run's truth (the same masks) and runs only the proxies, to try new budgets and validation sizes. Run by hand, e.g.
 
     .venv/bin/python benchmarks/proxy_trust.py --agents shipped:default --json benchmarks/results/proxy_trust.json
 """
@@ -44,6 +45,7 @@ from sklearn.model_selection import train_test_split
 from panning import config as _config
 from panning.data import balanced_batch, load_dataset
 from panning.episode import PruningEpisode
+from panning.errors import UsageError
 from panning.masks import Masks
 from panning.models import build_model
 from panning.policy import run_policy
@@ -107,6 +109,28 @@ def make_masks(model: torch.nn.Module, batches: list, input_shape: tuple, sparsi
     return out
 
 
+# what the masks and their truth depend on: an earlier study's truth is reused only if all of these agree
+_TRUTH_ARGS = ("config", "epochs", "init_seed", "sparsities", "mixtures", "agents", "pruning_steps", "truth_size")
+
+
+def _truth_source(args: argparse.Namespace) -> dict[str, Any]:
+    path = Path(args.truth_from)
+    if not path.is_file():
+        raise UsageError(f"--truth-from {path} does not exist; give the --json of an earlier run")
+    prev = json.loads(path.read_text())
+    old = prev.get("args", {})
+    differ = [f"--{k.replace('_', '-')} {old.get(k)!r} (here {getattr(args, k)!r})" for k in _TRUTH_ARGS
+              if _same_path(k, old.get(k)) != _same_path(k, getattr(args, k))]
+    if differ:
+        raise UsageError(f"--truth-from {path} was run with {'; '.join(differ)}; its truth is not these masks'")
+    return prev
+
+
+def _same_path(key: str, value: Any) -> Any:
+    """A config path as the file it names, so a relative and an absolute spelling agree."""
+    return str(Path(value).resolve()) if key == "config" and value else value
+
+
 def rho(a: list[float], b: list[float]) -> float:
     r = spearmanr(a, b).statistic
     return float(r) if np.isfinite(r) else float("nan")
@@ -130,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="the model, data set and full-training recipe (default: the digits MLP)")
     ap.add_argument("--data-dir", default=None, help="where the data set's files are (default: $PANNING_DATA)")
     ap.add_argument("--json", help="write every number to this file")
+    ap.add_argument("--truth-from", default=None,
+                    help="take the full-training truth from this earlier --json run of the same masks (same config, "
+                         "epochs, init seed, sparsities, mixtures, agents, steps, truth size) and only run the "
+                         "proxies: new budgets and validation sizes against a truth that cost hours")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -152,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     full = dataclasses.replace(base, train=study, val=truth, test=truth)
     model = build_model(cfg.model, classes, base.input_shape, seed=args.init_seed, init=cfg.init)
     batches = [balanced_batch(study, cfg.prune.scoring_per_class, classes, seed=args.init_seed)]
+    prev = _truth_source(args) if args.truth_from else None
     t0 = time.perf_counter()
     masks = make_masks(model, batches, base.input_shape, args.sparsities, args.pruning_steps, args.mixtures,
                        args.agents, args.init_seed)
@@ -168,8 +197,16 @@ def main(argv: list[str] | None = None) -> None:
     _JOBS.update(model=model, masks=[m for _, _, m in masks], bundle=full, train=cfg.train, evaluators=evaluators)
     # The proxies go first: they are cheap, and the table's columns exist before the long trainings.
     proxy_jobs = [(k, i) for k in evaluators for i in range(len(masks))]
-    jobs = [(i, s) for i in range(len(masks)) for s in range(args.train_seeds)]
-    truth_acc = np.zeros((len(masks), args.train_seeds))
+    if prev is not None:
+        found = [(m["mask"], m["sparsity"]) for m in prev["masks"]]
+        if found != [(n, s) for n, s, _ in masks]:
+            raise UsageError(f"--truth-from {args.truth_from}: its masks are not this run's ({len(found)} vs "
+                             f"{len(masks)}, or in another order); run the full study instead")
+        truth_acc = np.array([m["truth"] for m in prev["masks"]], dtype=float)
+        args.train_seeds = truth_acc.shape[1]
+    else:
+        truth_acc = np.zeros((len(masks), args.train_seeds))
+    jobs = [] if prev is not None else [(i, s) for i in range(len(masks)) for s in range(args.train_seeds)]
     proxies: dict[str, list[float]] = {f"{what} {k}": [0.0] * len(masks)
                                        for k in evaluators for what in ("acc", "loss")}
     spent: dict[str, float] = dict.fromkeys(evaluators, 0.0)
@@ -184,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
             truth_acc[i, s] = acc
             if n % 20 == 0:
                 print(f"  full training {n}/{len(jobs)} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    full_seconds = (time.perf_counter() - t0) * args.workers / len(jobs)
+    full_seconds = (time.perf_counter() - t0) * args.workers / len(jobs) if jobs else prev["full_seconds_per_run"]
     proxy_seconds = {k: v / len(masks) for k, v in spent.items()}
 
     mean = truth_acc.mean(1)

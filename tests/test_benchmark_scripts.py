@@ -1,0 +1,34 @@
+"""Scripts under benchmarks/ whose options change what they measure (not how fast): run small, end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_STUDY = ["--sparsities", "0.99", "--val-sizes", "95", "--epochs", "2", "--workers", "1"]
+
+
+def _proxy_trust(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "proxy_trust.py"), *TINY_STUDY, *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_proxy_trust_reuses_an_earlier_truth_for_new_proxies(tmp_path: Path) -> None:
+    """--truth-from: the same masks and truth without training them again; new budgets are ranked against it,
+    and the budget both runs share gives the same proxy numbers and rho. A study of other masks is refused."""
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    r = _proxy_trust("--mixtures", "1", "--train-seeds", "2", "--budgets", "20", "--json", str(first))
+    assert r.returncode == 0, r.stderr
+    r = _proxy_trust("--mixtures", "1", "--budgets", "20", "40", "--truth-from", str(first), "--json", str(second))
+    assert r.returncode == 0, r.stderr
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert [m["truth"] for m in a["masks"]] == [m["truth"] for m in b["masks"]]
+    assert b["full_seconds_per_run"] == a["full_seconds_per_run"]  # carried over: no training ran
+    for ma, mb in zip(a["masks"], b["masks"], strict=True):
+        assert ma["proxy"]["acc val95@20"] == mb["proxy"]["acc val95@20"]
+        assert "acc val95@40" in mb["proxy"]
+    assert a["table"][0]["rho_near"]["acc val95@20"] == b["table"][0]["rho_near"]["acc val95@20"]
+    r = _proxy_trust("--mixtures", "2", "--budgets", "20", "--truth-from", str(first))
+    assert r.returncode == 2 and "--mixtures 1 (here 2)" in r.stderr and r.stderr.count("\n") == 1
