@@ -46,6 +46,7 @@ from panning import config as _config
 from panning.data import balanced_batch, load_dataset
 from panning.episode import PruningEpisode
 from panning.errors import UsageError
+from panning.hashing import masks_digest
 from panning.masks import Masks
 from panning.models import build_model
 from panning.policy import run_policy
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(masks)} masks in {time.perf_counter() - t0:.0f} s; study pool {len(study)}, truth split {len(truth)} "
           f"({100 / len(truth):.2f} points an image)", flush=True)
 
+    digests = [masks_digest(m) for _, _, m in masks]
     evaluators: dict[str, ProxyEvaluator] = {}
     for v in args.val_sizes:
         tr, va = train_test_split(np.arange(len(study_idx)), test_size=v, stratify=y[study_idx], random_state=0)
@@ -199,9 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     proxy_jobs = [(k, i) for k in evaluators for i in range(len(masks))]
     if prev is not None:
         found = [(m["mask"], m["sparsity"]) for m in prev["masks"]]
-        if found != [(n, s) for n, s, _ in masks]:
-            raise UsageError(f"--truth-from {args.truth_from}: its masks are not this run's ({len(found)} vs "
-                             f"{len(masks)}, or in another order); run the full study instead")
+        # studies written before the digests were recorded are matched by name alone
+        same = found == [(n, s) for n, s, _ in masks] and all(
+            m.get("digest", digest) == digest for m, digest in zip(prev["masks"], digests, strict=True))
+        if not same:
+            raise UsageError(f"--truth-from {args.truth_from}: its masks are not this run's (other names, order or "
+                             "bits: the code that builds them changed?); run the full study instead")
         truth_acc = np.array([m["truth"] for m in prev["masks"]], dtype=float)
         args.train_seeds = truth_acc.shape[1]
     else:
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "full_seconds_per_run": full_seconds, "proxy_seconds_per_mask": proxy_seconds,
-            "masks": [{"mask": n, "sparsity": s, "truth": truth_acc[i].tolist(),
+            "masks": [{"mask": n, "sparsity": s, "digest": digests[i], "truth": truth_acc[i].tolist(),
                        "proxy": {k: p[i] for k, p in proxies.items()}} for i, (n, s, _) in enumerate(masks)],
             "table": table,
         }, indent=2))
