@@ -16,12 +16,15 @@ A training run directory holds:
 - ``checkpoints/ppo_<steps>_steps.zip``: periodic checkpoints (and one written on Ctrl-C);
 - ``best_agent.zip``: the best policy by deterministic evaluation; ``agent.zip``: the final one.
   Both carry panning's metadata (:mod:`panning.agents.policy`);
-- ``eval.json``: every evaluation's numbers; ``train.json``: timesteps, episodes, wall time.
+- ``eval.json``: every evaluation's numbers; ``train.json``: timesteps, episodes, wall time;
+- ``init_agent.json`` (a warm start, ``init_agent``): the agent the policy started from and its sha256.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -34,6 +37,8 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecMonitor
 
 from panning import config as _config
@@ -61,9 +66,10 @@ from panning.envs.ray_vec_env import RayVecEnv
 from panning.envs.vec_env import BatchedPanningVecEnv, SubprocBatchedVecEnv, setup_env_process
 from panning.envs.wrappers import FixedEpisodes
 from panning.errors import AgentError, ConfigError, RunDirError
-from panning.hashing import file_digest
+from panning.hashing import bytes_digest
 from panning.io import write_json
 from panning.models import build_model
+from panning.policy import metadata_layout
 from panning.pruner import available_methods, prune
 
 __all__ = ["AGENT_FILE", "BEST_FILE", "AgentTraining", "RunExists", "layer_log_std", "mix_configs",
@@ -72,8 +78,10 @@ __all__ = ["AGENT_FILE", "BEST_FILE", "AgentTraining", "RunExists", "layer_log_s
 AGENT_FILE = "agent.zip"
 BEST_FILE = "best_agent.zip"
 CONFIG_FILE = "agent.yaml"
+INIT_FILE = "init_agent.json"  # a warm start's origin (init_agent and its sha256)
 TB_NAME = "PPO"
-_RUN_FILES = (AGENT_FILE, BEST_FILE, "train.json", "eval.json", "eval_best.json", "evaluations.npz", "train.log")
+_RUN_FILES = (AGENT_FILE, BEST_FILE, INIT_FILE, "train.json", "eval.json", "eval_best.json", "evaluations.npz",
+              "train.log")
 _RUN_DIRS = ("checkpoints", "tb")
 
 
@@ -92,8 +100,6 @@ def resolve_env_config(cfg: AgentConfig) -> PanningEnvConfig:
 # what a policy's spaces and metadata depend on: every env of a mix must agree on these
 _POLICY_SETTINGS = ("indices", "pruning_steps", "observation", "max_layers", "layer_actions", "normalisation", "mode",
                     "exclude", "scoring_per_class")
-# policy_kwargs that set only a new network's starting noise: a warm start (init_agent) brings its own
-_NOISE_KWARGS = ("log_std_init", "layer_log_std_init")
 
 
 def _plain(value: Any) -> Any:
@@ -203,6 +209,7 @@ class AgentTraining:
         self.ray: RayCluster | None = None
         self.resumed_from: int | None = None  # timesteps of the checkpoint a resumed run started from
         self.init_digest: str | None = None  # sha256 of the init_agent file a new run started from
+        self._init_bytes: bytes | None = None  # that file, read once by the check in prepare()
         self.wall = 0.0
         self.interrupted = False
 
@@ -214,8 +221,12 @@ class AgentTraining:
         """A new run of ``config`` (an :class:`AgentConfig` or its YAML file) into ``out``."""
         cfg = load_agent_config(config) if isinstance(config, (str, Path)) else (config or AgentConfig())
         env_config = resolve_env_config(cfg)
-        # inline the env settings: the run directory is self-contained
-        cfg = dataclasses.replace(cfg, env=None, env_kwargs=dataclasses.asdict(env_config))
+        # inline the env settings: the run directory is self-contained (and a relative init_agent given in
+        # code is made absolute, or --resume would look for it beside agent.yaml)
+        init = cfg.init_agent
+        if init is not None and not os.path.isabs(init) and Path(init).exists():
+            init = str(Path(init).resolve())
+        cfg = dataclasses.replace(cfg, env=None, env_kwargs=dataclasses.asdict(env_config), init_agent=init)
         return cls(cfg, env_config, Path(out), resume=False, overwrite=overwrite, **kwargs)
 
     @classmethod
@@ -258,9 +269,9 @@ class AgentTraining:
             except ConfigError as e:
                 raise ConfigError(f"env_mix[{i}]: {e}") from None
         self._check_eval_settings()
-        self._check_init_agent()
         torch.set_num_threads(cfg.threads)
         self.eval_core = PanningEnv(self.env_config)
+        self._check_init_agent()
         if not self.resume and self.overwrite and out.exists():
             self._remove_run()
         out.mkdir(parents=True, exist_ok=True)
@@ -280,28 +291,56 @@ class AgentTraining:
                                   f"({pool.start}..{pool.stop - 1}); evaluate on held-out seeds")
 
     def _check_init_agent(self) -> None:
-        """A warm start's agent must fit this run: the same indices, policy settings and network."""
+        """A warm start's agent must fit this run: the same indices, policy settings and network (compared
+        by the shapes of every saved tensor, and the activation). Its bytes are read here, once: the weights
+        loaded later and the sha256 recorded are those of one file, even if --overwrite or a live run
+        replaces it meanwhile."""
         cfg = self.cfg
-        if cfg.init_agent is None or self.resume:
+        if cfg.init_agent is None or (self.resume and self._saved_models()):
             return
         where = f"bad agent config: init_agent {cfg.init_agent}"
         try:
             meta = check_agent_file(cfg.init_agent, self.env_config.indices)
+            path = agent_path(cfg.init_agent)
         except AgentError as e:
             raise ConfigError(f"{where}: {e}") from None
+        observation, max_layers = metadata_layout(meta)
+        theirs = {**{k: meta[k] for k in _POLICY_SETTINGS if k in meta}, "observation": observation,
+                  "max_layers": max_layers, "layer_actions": meta.get("layer_actions", 0)}  # older files name none
         env = _plain(dataclasses.asdict(self.env_config))
-        theirs = meta.get("env", {})
-        changed = [f"{k} {theirs.get(k)!r} (here {env[k]!r})" for k in _POLICY_SETTINGS if theirs.get(k) != env[k]]
+        changed = [f"{k} {theirs[k]!r} (here {env[k]!r})" for k in _POLICY_SETTINGS if _plain(theirs[k]) != env[k]]
         if changed:
             raise ConfigError(f"{where} was trained with {'; '.join(changed)}; a warm start needs the same policy "
                               "settings in env_kwargs")
-        net = _plain((meta.get("agent_config") or {}).get("policy_kwargs"))
-        if net is not None:
-            mine = _plain(cfg.policy_kwargs)
-            keys = sorted((set(net) | set(mine)) - set(_NOISE_KWARGS))
-            changed = [f"{k} {net.get(k)!r} (here {mine.get(k)!r})" for k in keys if net.get(k) != mine.get(k)]
-            if changed:
-                raise ConfigError(f"{where} has a different network: policy_kwargs {'; '.join(changed)}")
+        data = path.read_bytes()
+        _, params, _ = load_from_zip_file(io.BytesIO(data), device="cpu", print_system_info=False)
+        assert self.eval_core is not None
+        mine = ActorCriticPolicy(self.eval_core.observation_space, self.eval_core.action_space, lambda _: 0.0,
+                                 **self._policy_kwargs())
+        want = {k: tuple(v.shape) for k, v in mine.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in (params or {}).get("policy", {}).items()}
+        if have != want:
+            diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+            raise ConfigError(f"{where} has a different network (first difference: {diff[0]}, {have.get(diff[0])} "
+                              f"in the agent, {want.get(diff[0])} here); set policy_kwargs as it was trained")
+        act = ((meta.get("agent_config") or {}).get("policy_kwargs") or {}).get("activation_fn", "tanh")
+        here = cfg.policy_kwargs.get("activation_fn", "tanh")  # SB3's PPO default is tanh
+        if act != here:
+            raise ConfigError(f"{where} has activation_fn {act!r} (here {here!r}); set policy_kwargs as it was trained")
+        self._init_bytes, self.init_digest = data, bytes_digest(data)
+
+    def _policy_kwargs(self) -> dict[str, Any]:
+        """SB3's policy_kwargs of this run (the network and its features extractor)."""
+        return {**policy_kwargs(self.cfg.policy_kwargs),
+                **extractor_kwargs(dataclasses.asdict(self.env_config), self.cfg.policy_kwargs)}
+
+    def _saved_models(self) -> list[tuple[int, Path]]:
+        """What a resumed run can continue from: its checkpoints and final agent, with their step counts."""
+        found = checkpoints(self.out / "checkpoints")
+        final = self.out / AGENT_FILE
+        if final.is_file():
+            found.append((int(read_metadata(final).get("trained_timesteps", 0)), final))
+        return found
 
     def _remove_run(self, keep_config: bool = False) -> None:
         """Delete an agent run's own files (and nothing else) from the run directory."""
@@ -321,10 +360,7 @@ class AgentTraining:
                                   names=("n_envs", "cpus_per_env", "gpus_per_env")).__enter__()
         self.venv = _make_vec_env(cfg, self.env_config)
         if self.resume:
-            found = checkpoints(out / "checkpoints")
-            final = out / AGENT_FILE
-            if final.is_file():
-                found.append((int(read_metadata(final).get("trained_timesteps", 0)), final))
+            found = self._saved_models()
             if found:
                 path = max(found, key=lambda f: f[0])[1]
                 model = PPO.load(path, env=self.venv, device=cfg.device, tensorboard_log=str(out / "tb"),
@@ -332,9 +368,8 @@ class AgentTraining:
                 # fresh, step-dependent seeds for the rest of the run (SB3 does not save RNG states)
                 model.set_random_seed(cfg.seed + model.num_timesteps)
                 self.resumed_from = model.num_timesteps
-                record = out / "train.json"  # a warm start's origin, kept across sessions
-                if record.is_file():
-                    self.init_digest = json.loads(record.read_text()).get("init_agent_sha256")
+                if (out / INIT_FILE).is_file():  # a warm start's origin, kept across sessions
+                    self.init_digest = json.loads((out / INIT_FILE).read_text())["sha256"]
                 self.log(f"resuming {out} from {path.name} at {model.num_timesteps} steps")
                 self.model = model
                 return model
@@ -346,16 +381,13 @@ class AgentTraining:
             gae_lambda=cfg.gae_lambda, clip_range=parse_schedule(cfg.clip_range, "clip_range"), ent_coef=cfg.ent_coef,
             vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, normalize_advantage=cfg.normalize_advantage,
             target_kl=cfg.target_kl, tensorboard_log=str(out / "tb"),
-            policy_kwargs={**policy_kwargs(cfg.policy_kwargs),
-                           **extractor_kwargs(dataclasses.asdict(self.env_config), cfg.policy_kwargs)},
-            seed=cfg.seed, device=cfg.device, verbose=0,
+            policy_kwargs=self._policy_kwargs(), seed=cfg.seed, device=cfg.device, verbose=0,
         )
-        if cfg.init_agent is not None:
+        if self._init_bytes is not None:
             # every weight, the log std and the optimiser state of the saved agent replace the new ones
-            path = agent_path(cfg.init_agent)
-            self.model.set_parameters(str(path), exact_match=True, device=cfg.device)
-            self.init_digest = file_digest(path)
-            self.log(f"the policy starts from {path} (sha256 {self.init_digest[:12]})")
+            self.model.set_parameters(io.BytesIO(self._init_bytes), exact_match=True, device=cfg.device)
+            write_json(out / INIT_FILE, {"init_agent": cfg.init_agent, "sha256": self.init_digest})
+            self.log(f"the policy starts from {cfg.init_agent} (sha256 {str(self.init_digest)[:12]})")
         elif "layer_log_std_init" in cfg.policy_kwargs:
             layer_log_std(self.model, self.env_config.layer_actions, float(cfg.policy_kwargs["layer_log_std_init"]))
         return self.model
@@ -431,8 +463,6 @@ class AgentTraining:
             "steps_per_second": (model.num_timesteps - start) / max(self.wall, 1e-9),
             "finished": not self.interrupted and model.num_timesteps >= cfg.n_timesteps,
         }
-        if self.init_digest is not None:
-            record["init_agent_sha256"] = self.init_digest
         if self.interrupted:
             path = out / "checkpoints" / f"{CKPT_PREFIX}_interrupted_{model.num_timesteps}_steps.zip"
             path.parent.mkdir(parents=True, exist_ok=True)

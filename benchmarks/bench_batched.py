@@ -24,7 +24,6 @@ dataset, n, device, sequential_per_s, batched_per_s, speedup, max_abs_accuracy_d
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from panning.alloc import tune_malloc
+from panning.cli import OneLineParser, run_guarded
 from panning.data import DataBundle, InMemoryDataset, balanced_batch, load_dataset
 from panning.errors import UsageError
 from panning.models import build_model
@@ -147,7 +147,7 @@ def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
     ap.add_argument("--dataset")
     ap.add_argument("--n", default=None, help="comma-separated candidate counts (default 1,8,32; and 128 on CUDA)")
@@ -177,19 +177,21 @@ def main() -> None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
-    known = sorted({r[:2] for r in PROXY_ROWS + EPISODE_ROWS})
-    if not any(args.model in (None, m) and args.dataset in (None, d) for m, d in known):
-        raise UsageError(f"no row for --model {args.model} --dataset {args.dataset}; rows: "
-                         + ", ".join(f"{m}/{d}" for m, d in known))
     proxy = [r for r in PROXY_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])
              and not args.skip_proxy]
+    episodes = [r for r in EPISODE_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])
+                and not args.skip_episodes]
+    if not proxy and not episodes:
+        rows_ = [f"{r[0]}/{r[1]} ({kind})" for kind, table in (("proxy", PROXY_ROWS), ("episodes", EPISODE_ROWS))
+                 for r in table]
+        raise UsageError(f"nothing to measure for --model {args.model} --dataset {args.dataset} with the --skip "
+                         f"flags given; rows: {', '.join(rows_)}")
     for model, ds, steps in proxy:
         for n in ns:
             keep(proxy_row(model, ds, steps, n, device))
-    if not args.skip_episodes:
-        for model, ds, cfg in [r for r in EPISODE_ROWS if args.model in (None, r[0]) and args.dataset in (None, r[1])]:
-            for row in episode_rows(model, ds, cfg, max(ns), args.episodes, args.warmup, device):
-                keep(row)
+    for model, ds, cfg in episodes:
+        for row in episode_rows(model, ds, cfg, max(ns), args.episodes, args.warmup, device):
+            keep(row)
     print(f"\ndevice: {name}\n")
     print("| what | model / data | N | steps | one at a time /s | batched /s | speedup | max acc. diff |")
     print("|---|---|---|---|---|---|---|---|")
@@ -202,7 +204,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from panning.cli import run_guarded
-
     # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
     raise SystemExit(run_guarded(main, Path(__file__).name))

@@ -20,7 +20,6 @@ whole episode. Not a test: run it by hand, e.g.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from panning.cli import OneLineParser, run_guarded
 from panning.envs.panning_env import PanningEnv
 from panning.episode import PruningEpisode
 
@@ -86,7 +86,7 @@ def bench(config: str, episodes: int, device: str, reward: str | None, seed: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=[str(ROOT / "configs/env/digits_mlp.yaml"),
                                                      str(ROOT / "configs/env/mnist_lenet300.yaml")])
     ap.add_argument("--episodes", type=int, default=3)
@@ -115,7 +115,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from panning.cli import run_guarded
-
     # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
     raise SystemExit(run_guarded(main, Path(__file__).name))

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from panning.alloc import tune_malloc
+from panning.cli import OneLineParser, run_guarded
 from panning.indices import available_indices, compute_scores
 from panning.machine import cpu_model
 from panning.models import build_model
@@ -213,7 +214,7 @@ def machine_info(device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=128, help="samples per batch (default 128)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed repeats per index (median of paired ratios; default 5)")
@@ -308,7 +309,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from panning.cli import run_guarded
-
     # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
     raise SystemExit(run_guarded(main, Path(__file__).name))

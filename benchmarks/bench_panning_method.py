@@ -11,7 +11,6 @@ runs (or two versions of the code, run one after the other) can be compared on t
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from panning.cli import OneLineParser, run_guarded
 from panning.models import build_model
 from panning.pruner import prune
 
@@ -56,7 +56,7 @@ def masks_sha(masks) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="panning,panning_authors")
     ap.add_argument("--model", default="lenet5")
     ap.add_argument("--sparsity", type=float, default=0.99)
@@ -100,7 +100,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from panning.cli import run_guarded
-
     # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
     raise SystemExit(run_guarded(main, Path(__file__).name))

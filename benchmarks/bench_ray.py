@@ -25,7 +25,6 @@ cells per minute, and speed-ups over ``workers 1`` and ``serial``. Not a test.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import shutil
@@ -34,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from panning.cli import OneLineParser, run_guarded
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -65,7 +66,7 @@ def listening(pattern: str = "raylet|gcs_server|ray::|python") -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1: 8 cells each (default 1)")
     ap.add_argument("--skip-nodes", action="store_true")
@@ -145,7 +146,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from panning.cli import run_guarded
-
     # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
     raise SystemExit(run_guarded(main, Path(__file__).name))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from panning.alloc import tune_malloc
+from panning.cli import OneLineParser, run_guarded
 from panning.masks import Masks, enforce, prunable_parameters
 from panning.models import build_model
 from panning.train import cpu_channels_last
@@ -55,7 +56,7 @@ def masked_fill_reference(model: torch.nn.Module, masks: Masks, opt: torch.optim
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="lenet300", choices=sorted(SHAPES))
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--steps", type=int, default=200, help="steps per timed block")
@@ -128,7 +129,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from panning.cli import run_guarded
-
     # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
     raise SystemExit(run_guarded(main, Path(__file__).name))

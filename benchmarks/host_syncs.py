@@ -12,7 +12,6 @@ apart: on a GPU the first sorts instead and the second copies all tensors in one
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import traceback
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from panning import hashing
 from panning._functional import HostReads
+from panning.cli import OneLineParser, run_guarded
 from panning.envs.vec_env import BatchedPanningVecEnv
 
 # CPU-only routes: layer_quantiles' kthvalue loop (CUDA sorts instead) and _host_arrays' copy per tensor
@@ -48,7 +48,7 @@ class WhereRead(HostReads):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/env/digits_mlp.yaml")
     ap.add_argument("--model", default=None)
     ap.add_argument("--dataset", default=None)
@@ -99,7 +99,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from panning.cli import run_guarded
-
     # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
     raise SystemExit(run_guarded(main, Path(__file__).name))

@@ -9,10 +9,11 @@ surviving mutants (``mutmut show NAME`` prints a diff); ``--json PATH`` writes t
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
+
+from panning.cli import OneLineParser, run_guarded
 
 KILLED = {1: "killed", 3: "killed", 36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
 
@@ -25,7 +26,7 @@ def status(code: int | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mutants", type=Path, default=Path("mutants"))
     ap.add_argument("--survivors", action="store_true", help="list the surviving mutants")
     ap.add_argument("--json", type=Path, help="write the per-module table here")
@@ -57,7 +58,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from panning.cli import run_guarded
-
     # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
     raise SystemExit(run_guarded(main, Path(__file__).name))

@@ -18,7 +18,6 @@ and the proxy's seconds per mask. Not a test: run it by hand, e.g.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -29,8 +28,10 @@ import torch
 from scipy.stats import spearmanr
 
 from panning import config as _config
+from panning.cli import OneLineParser, run_guarded
 from panning.config import RunConfig
 from panning.data import balanced_batch, load_dataset
+from panning.errors import UsageError
 from panning.masks import Masks
 from panning.models import build_model
 from panning.proxy import ProxyEvaluator
@@ -54,7 +55,7 @@ def make_masks(model, indices, mix, sparsities, batches, input_shape, steps, see
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="RunConfig YAML for the full training (default: mlp on digits, --epochs)")
     ap.add_argument("--epochs", type=int, default=40, help="full-training epochs when no --config is given")
     ap.add_argument("--indices", nargs="+", default=["synflow", "snip", "grasp_abs", "magnitude", "random"])
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         full_seconds = old["full_seconds_per_run"]
         missing = [k for k in masks if k not in test_acc]
         if missing:
-            raise SystemExit(f"--truth-from {args.truth_from} lacks masks {missing}")
+            raise UsageError(f"--truth-from {args.truth_from} lacks masks {missing}")
     for key, m in masks.items():
         if key in test_acc:
             continue
@@ -156,7 +157,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from panning.cli import run_guarded
-
     # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
     raise SystemExit(run_guarded(main, Path(__file__).name))

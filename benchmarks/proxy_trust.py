@@ -43,6 +43,7 @@ from scipy.stats import spearmanr
 from sklearn.model_selection import train_test_split
 
 from panning import config as _config
+from panning.cli import OneLineParser, run_guarded
 from panning.data import balanced_batch, load_dataset
 from panning.episode import PruningEpisode
 from panning.errors import UsageError
@@ -114,16 +115,25 @@ def make_masks(model: torch.nn.Module, batches: list, input_shape: tuple, sparsi
 _TRUTH_ARGS = ("config", "epochs", "init_seed", "sparsities", "mixtures", "agents", "pruning_steps", "truth_size")
 
 
-def _truth_source(args: argparse.Namespace) -> dict[str, Any]:
+def _truth_source(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
     path = Path(args.truth_from)
     if not path.is_file():
         raise UsageError(f"--truth-from {path} does not exist; give the --json of an earlier run")
-    prev = json.loads(path.read_text())
-    old = prev.get("args", {})
+    try:
+        prev = json.loads(path.read_text())
+        old, masks = prev["args"], prev["masks"]
+        if not (isinstance(old, dict) and isinstance(masks, list) and "full_seconds_per_run" in prev
+                and all("truth" in m and "mask" in m for m in masks)):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise UsageError(f"--truth-from {path} is not the --json of a proxy_trust.py run") from None
     differ = [f"--{k.replace('_', '-')} {old.get(k)!r} (here {getattr(args, k)!r})" for k in _TRUTH_ARGS
               if _same_path(k, old.get(k)) != _same_path(k, getattr(args, k))]
     if differ:
         raise UsageError(f"--truth-from {path} was run with {'; '.join(differ)}; its truth is not these masks'")
+    if "recipe" in prev and prev["recipe"] != recipe:  # studies before the recipe was recorded: by path alone
+        raise UsageError(f"--truth-from {path} trained with another recipe ({prev['recipe']}; here {recipe}): "
+                         "the config file changed since")
     return prev
 
 
@@ -138,7 +148,7 @@ def rho(a: list[float], b: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.98, 0.99, 0.995])
     ap.add_argument("--mixtures", type=int, default=8)
     ap.add_argument("--agents", nargs="*", default=[], help="agent files or shipped names whose masks join the set")
@@ -181,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     full = dataclasses.replace(base, train=study, val=truth, test=truth)
     model = build_model(cfg.model, classes, base.input_shape, seed=args.init_seed, init=cfg.init)
     batches = [balanced_batch(study, cfg.prune.scoring_per_class, classes, seed=args.init_seed)]
-    prev = _truth_source(args) if args.truth_from else None
+    recipe = _config.to_dict(cfg.train)  # the full training the truth is; compared by --truth-from
+    prev = _truth_source(args, recipe) if args.truth_from else None
     t0 = time.perf_counter()
     masks = make_masks(model, batches, base.input_shape, args.sparsities, args.pruning_steps, args.mixtures,
                        args.agents, args.init_seed)
@@ -258,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
               + " ".join(f"{e['rho_all'][k]:>10.2f}" for e in table) + f" {np.nanmean(near):>9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "args": vars(args), "full_seconds_per_run": full_seconds, "proxy_seconds_per_mask": proxy_seconds,
+            "args": vars(args), "recipe": recipe, "full_seconds_per_run": full_seconds,
+            "proxy_seconds_per_mask": proxy_seconds,
             "masks": [{"mask": n, "sparsity": s, "digest": digests[i], "truth": truth_acc[i].tolist(),
                        "proxy": {k: p[i] for k, p in proxies.items()}} for i, (n, s, _) in enumerate(masks)],
             "table": table,
@@ -266,7 +278,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from panning.cli import run_guarded
-
     # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
     raise SystemExit(run_guarded(main, Path(__file__).name))

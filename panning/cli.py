@@ -30,8 +30,10 @@ EXIT_BUG = 1
 USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, no usage dump
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are the project's: one line through :func:`run_guarded`, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
@@ -67,9 +69,9 @@ def _run_parser(sub: Any, name: str, help: str, groups: Sequence[str], *,
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``panning`` command."""
-    parser = _Parser(prog="panning", description="Prune neural networks before training.")
+    parser = OneLineParser(prog="panning", description="Prune neural networks before training.")
     parser.add_argument("--version", action="version", version=f"panning {panning.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
 
     p = _run_parser(sub, "prune", "compute masks for a freshly initialised network",
                     ("model", "data", "device", "prune"))

@@ -13,7 +13,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["file_digest", "masks_digest", "state_digest"]
+__all__ = ["bytes_digest", "file_digest", "masks_digest", "state_digest"]
+
+
+def bytes_digest(data: bytes) -> str:
+    """Hex SHA-256 of bytes already in memory (a file read once: what was hashed is what was used)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def file_digest(path: str | Path) -> str:

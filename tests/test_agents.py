@@ -506,9 +506,35 @@ def test_a_warm_start_begins_from_the_saved_agent_and_refuses_one_that_does_not_
         cold.close()
     for change, match in [({"env_kwargs": {"observation": "summary"}}, r"observation 'layers' \(here 'summary'\)"),
                           ({"env_kwargs": {"pruning_steps": 4}}, r"pruning_steps 3 \(here 4\)"),
-                          ({"policy_kwargs": {"net_arch": [8, 8], "activation_fn": "tanh"}}, "different network"),
+                          ({"policy_kwargs": {"net_arch": [8, 8], "activation_fn": "tanh"}},
+                           r"different network \(first difference: .*\(16, 192\) in the agent, \(8, 192\) here"),
+                          ({"policy_kwargs": {"net_arch": [16, 16], "activation_fn": "relu"}},
+                           "activation_fn 'tanh' \\(here 'relu'\\)"),
                           ({"init_agent": str(tmp_path / "none.zip")}, "does not exist")]:
         out = tmp_path / "refused"
         with pytest.raises(ConfigError, match=r"^bad agent config: init_agent .*" + match):
             AgentTraining.from_config(dataclasses.replace(cfg, **change), out, log=lambda s: None).prepare()
         assert not out.exists()
+
+
+def test_a_warm_start_reads_its_agent_once_and_accepts_older_files(trained: Path, tmp_path: Path) -> None:
+    """--overwrite of the run that holds the init agent still starts from that agent (its bytes were read
+    before the run's files went); a shipped agent saved before per-layer terms existed (no layer_actions in
+    its metadata) fits a run with none."""
+    out = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(trained, out)
+    digest = file_digest(out / BEST_FILE)
+    cfg = dataclasses.replace(load_agent_config(TINY), init_agent=str(out / BEST_FILE), n_timesteps=24, eval_freq=0)
+    train_agent(cfg, out, overwrite=True, log=lambda s: None)
+    assert not (out / BEST_FILE).exists()  # the old run's files are gone; the new agent remembers its origin
+    assert check_agent_file(out / AGENT_FILE)["init_agent_sha256"] == digest
+    assert json.loads((out / "init_agent.json").read_text())["sha256"] == digest
+    summary = AgentConfig(env=str(ROOT / "configs" / "env" / "digits_mlp.yaml"), init_agent="shipped:summary",
+                          env_kwargs={"observation": "summary", "init_seeds": 0},
+                          policy_kwargs={"net_arch": [64, 64], "activation_fn": "tanh",
+                                         "features_extractor": "flatten"}, eval_freq=0)
+    run = AgentTraining.from_config(summary, tmp_path / "summary", log=lambda s: None)
+    run.prepare()
+    assert run.init_digest == file_digest(ROOT / "agents" / "shipped" / "summary.zip")

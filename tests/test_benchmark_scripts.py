@@ -32,7 +32,13 @@ def test_proxy_trust_reuses_an_earlier_truth_for_new_proxies(tmp_path: Path) -> 
     assert a["table"][0]["rho_near"]["acc val95@20"] == b["table"][0]["rho_near"]["acc val95@20"]
     r = _proxy_trust("--mixtures", "2", "--budgets", "20", "--truth-from", str(first))
     assert r.returncode == 2 and "--mixtures 1 (here 2)" in r.stderr and r.stderr.count("\n") == 1
-    a["masks"][0]["digest"] = "0" * 64  # the code that builds the masks changed since
-    first.write_text(json.dumps(a))
-    r = _proxy_trust("--mixtures", "1", "--budgets", "20", "--truth-from", str(first))
-    assert r.returncode == 2 and "bits" in r.stderr
+    r = _proxy_trust("--mixtures", "1", "--budgets", "20", "--truth-from", str(first), "--epochs", "3")
+    assert r.returncode == 2 and "--epochs 2 (here 3)" in r.stderr
+    for change, match in [(lambda d: d["masks"][0].update(digest="0" * 64), "bits"),  # the mask code changed
+                          (lambda d: d["recipe"].update(lr=0.5), "another recipe"),  # the config file changed
+                          (lambda d: d.pop("masks"), "not the --json of a proxy_trust.py run")]:
+        edited = json.loads(json.dumps(a))
+        change(edited)
+        first.write_text(json.dumps(edited))
+        r = _proxy_trust("--mixtures", "1", "--budgets", "20", "--truth-from", str(first))
+        assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr

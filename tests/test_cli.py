@@ -440,7 +440,8 @@ def test_seed_flag_sets_initialisation_and_random_masks(tiny: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("script, args, expected", [
     ("host_syncs.py", ["--n", "0"], "n_envs must be >= 1"),
-    ("bench_batched.py", ["--model", "nope"], "no row for --model nope"),
+    ("bench_batched.py", ["--model", "nope"], "nothing to measure for --model nope"),
+    ("bench_env.py", ["--model", "nope"], "unrecognized arguments: --model nope"),
     ("proxy_trust.py", ["--config", "configs/bench/nope.yaml"], "does not exist"),
 ])
 def test_benchmark_scripts_end_bad_input_like_the_command(script: str, args: list[str], expected: str) -> None:
@@ -448,7 +449,7 @@ def test_benchmark_scripts_end_bad_input_like_the_command(script: str, args: lis
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
                        cwd=REPO, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith(f"{script}: error: ") and expected in r.stderr and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"{script}: ") and expected in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_a_bug_keeps_its_traceback_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
