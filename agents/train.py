@@ -209,7 +209,8 @@ class AgentTraining:
         self.ray: RayCluster | None = None
         self.resumed_from: int | None = None  # timesteps of the checkpoint a resumed run started from
         self.init_digest: str | None = None  # sha256 of the init_agent file a new run started from
-        self._init_bytes: bytes | None = None  # that file, read once by the check in prepare()
+        # that file's tensors (policy, optimiser state), read once by the check in prepare()
+        self._init_params: dict[str, Any] | None = None
         self.wall = 0.0
         self.interrupted = False
 
@@ -313,12 +314,13 @@ class AgentTraining:
             raise ConfigError(f"{where} was trained with {'; '.join(changed)}; a warm start needs the same policy "
                               "settings in env_kwargs")
         data = path.read_bytes()
-        _, params, _ = load_from_zip_file(io.BytesIO(data), device="cpu", print_system_info=False)
+        _, loaded, _ = load_from_zip_file(io.BytesIO(data), device="cpu", print_system_info=False)
+        params: dict[str, Any] = loaded or {}  # SB3's hint says tensors; each entry is a state dict
         assert self.eval_core is not None
         mine = ActorCriticPolicy(self.eval_core.observation_space, self.eval_core.action_space, lambda _: 0.0,
                                  **self._policy_kwargs())
         want = {k: tuple(v.shape) for k, v in mine.state_dict().items()}
-        have = {k: tuple(v.shape) for k, v in (params or {}).get("policy", {}).items()}
+        have = {k: tuple(v.shape) for k, v in params.get("policy", {}).items()}
         if have != want:
             diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
             raise ConfigError(f"{where} has a different network (first difference: {diff[0]}, {have.get(diff[0])} "
@@ -327,7 +329,7 @@ class AgentTraining:
         here = cfg.policy_kwargs.get("activation_fn", "tanh")  # SB3's PPO default is tanh
         if act != here:
             raise ConfigError(f"{where} has activation_fn {act!r} (here {here!r}); set policy_kwargs as it was trained")
-        self._init_bytes, self.init_digest = data, bytes_digest(data)
+        self._init_params, self.init_digest = params, bytes_digest(data)
 
     def _policy_kwargs(self) -> dict[str, Any]:
         """SB3's policy_kwargs of this run (the network and its features extractor)."""
@@ -383,9 +385,9 @@ class AgentTraining:
             target_kl=cfg.target_kl, tensorboard_log=str(out / "tb"),
             policy_kwargs=self._policy_kwargs(), seed=cfg.seed, device=cfg.device, verbose=0,
         )
-        if self._init_bytes is not None:
+        if self._init_params is not None:
             # every weight, the log std and the optimiser state of the saved agent replace the new ones
-            self.model.set_parameters(io.BytesIO(self._init_bytes), exact_match=True, device=cfg.device)
+            self.model.set_parameters(self._init_params, exact_match=True, device=cfg.device)
             write_json(out / INIT_FILE, {"init_agent": cfg.init_agent, "sha256": self.init_digest})
             self.log(f"the policy starts from {cfg.init_agent} (sha256 {str(self.init_digest)[:12]})")
         elif "layer_log_std_init" in cfg.policy_kwargs:
