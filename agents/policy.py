@@ -31,12 +31,21 @@ from panning.config import SHIPPED_PREFIX
 from panning.errors import AgentError
 from panning.hashing import file_digest
 from panning.io import atomic_path
-from panning.policy import FORMAT, Policy, check_metadata, check_spaces, policy_metadata, run_policy
+from panning.policy import (
+    FORMAT,
+    Policy,
+    check_metadata,
+    check_spaces,
+    metadata_layout,
+    policy_metadata,
+    run_policy,
+)
 from panning.pruner import PruneResult
 
 __all__ = [
     "FORMAT",
     "META_MEMBER",
+    "POLICY_SETTINGS",
     "SHIPPED_DIR",
     "agent_path",
     "shipped_agents",
@@ -48,6 +57,7 @@ __all__ = [
     "check_agent_file",
     "load_agent",
     "load_policy",
+    "policy_settings",
     "read_metadata",
     "save_agent",
 ]
@@ -55,6 +65,21 @@ __all__ = [
 META_MEMBER = "panning.json"
 #: agents that ship inside the package (``<name>.zip`` and ``<name>.json``, how it was trained)
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+#: env settings a policy's spaces and the meaning of its observations depend on: every env it acts in,
+#: and every env of a training mix, must have the values it was trained with
+POLICY_SETTINGS = ("indices", "pruning_steps", "observation", "max_layers", "layer_actions", "normalisation", "mode",
+                   "exclude", "scoring_per_class")
+
+
+def policy_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`POLICY_SETTINGS` an agent was trained with, from its metadata (files from before the
+    per-layer observation or per-layer terms name neither: their defaults, ``summary`` and 0)."""
+    observation, max_layers = metadata_layout(meta)
+    out = {k: meta[k] for k in POLICY_SETTINGS if k in meta}
+    out.update(observation=observation, max_layers=max_layers, layer_actions=meta.get("layer_actions", 0))
+    return out
 
 
 def shipped_agents() -> list[str]:

@@ -59,7 +59,15 @@ from panning.agents.config import (
     sb3_schedules,
 )
 from panning.agents.features import extractor_kwargs
-from panning.agents.policy import agent_metadata, agent_path, check_agent_file, read_metadata, save_agent
+from panning.agents.policy import (
+    POLICY_SETTINGS,
+    agent_metadata,
+    agent_path,
+    check_agent_file,
+    policy_settings,
+    read_metadata,
+    save_agent,
+)
 from panning.distributed import RayCluster
 from panning.envs.panning_env import PanningEnv, PanningEnvConfig, make_config
 from panning.envs.ray_vec_env import RayVecEnv
@@ -69,7 +77,6 @@ from panning.errors import AgentError, ConfigError, RunDirError
 from panning.hashing import bytes_digest
 from panning.io import write_json
 from panning.models import build_model
-from panning.policy import metadata_layout
 from panning.pruner import available_methods, prune
 
 __all__ = ["AGENT_FILE", "BEST_FILE", "AgentTraining", "RunExists", "layer_log_std", "mix_configs",
@@ -97,9 +104,7 @@ def resolve_env_config(cfg: AgentConfig) -> PanningEnvConfig:
     return make_config(base, where=f"env_kwargs (over {path or 'the defaults'})", **cfg.env_kwargs)
 
 
-# what a policy's spaces and metadata depend on: every env of a mix must agree on these
-_POLICY_SETTINGS = ("indices", "pruning_steps", "observation", "max_layers", "layer_actions", "normalisation", "mode",
-                    "exclude", "scoring_per_class")
+
 
 
 def _plain(value: Any) -> Any:
@@ -118,7 +123,7 @@ def mix_configs(cfg: AgentConfig, env_config: PanningEnvConfig) -> list[PanningE
             c = make_config(env_config, **entry)
         except ConfigError as e:
             raise ConfigError(f"env_mix[{i}]: {e}") from None
-        changed = [k for k in _POLICY_SETTINGS if getattr(c, k) != getattr(env_config, k)]
+        changed = [k for k in POLICY_SETTINGS if getattr(c, k) != getattr(env_config, k)]
         if changed:
             raise ConfigError(f"bad agent config: env_mix[{i}] changes {', '.join(changed)}; one policy needs the same "
                               "value in every env (set it in env_kwargs instead)")
@@ -305,11 +310,9 @@ class AgentTraining:
             path = agent_path(cfg.init_agent)
         except AgentError as e:
             raise ConfigError(f"{where}: {e}") from None
-        observation, max_layers = metadata_layout(meta)
-        theirs = {**{k: meta[k] for k in _POLICY_SETTINGS if k in meta}, "observation": observation,
-                  "max_layers": max_layers, "layer_actions": meta.get("layer_actions", 0)}  # older files name none
+        theirs = policy_settings(meta)
         env = _plain(dataclasses.asdict(self.env_config))
-        changed = [f"{k} {theirs[k]!r} (here {env[k]!r})" for k in _POLICY_SETTINGS if _plain(theirs[k]) != env[k]]
+        changed = [f"{k} {theirs[k]!r} (here {env[k]!r})" for k in POLICY_SETTINGS if _plain(theirs[k]) != env[k]]
         if changed:
             raise ConfigError(f"{where} was trained with {'; '.join(changed)}; a warm start needs the same policy "
                               "settings in env_kwargs")

@@ -42,3 +42,27 @@ def test_proxy_trust_reuses_an_earlier_truth_for_new_proxies(tmp_path: Path) -> 
         first.write_text(json.dumps(edited))
         r = _proxy_trust("--mixtures", "1", "--budgets", "20", "--truth-from", str(first))
         assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_agent_reward_scores_agent_files_and_checkpoints_on_the_same_episodes(tmp_path: Path) -> None:
+    """agent_reward.py: an agent file and a checkpoint of its run (policy settings from the run's agent.yaml)
+    play every (target, init) episode; the same agent twice scores the same; a stray zip is refused."""
+    from panning.agents.train import train_agent
+
+    run = tmp_path / "run"
+    train_agent(REPO / "configs" / "agent" / "tiny.yaml", run, log=lambda s: None)
+    ckpt = sorted((run / "checkpoints").glob("*.zip"))[-1]
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "agent_reward.py"), "--env", "configs/env/tiny.yaml",
+           "--targets", "0.9", "--inits", "1000", "1001", "--threads", "1", "--json", str(out)]
+    r = subprocess.run([*cmd, "--agents", str(run / "agent.zip"), str(ckpt), str(run / "agent.zip")],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["episodes"]
+    assert len(rows) == 3 * 2 and all(x["proxy_accuracy"] is not None for x in rows)
+    assert [x["reward"] for x in rows[:2]] == [x["reward"] for x in rows[4:]]
+    assert "| agent | mean | 90% |" in r.stdout
+    stray = tmp_path / "stray.zip"
+    stray.write_bytes(ckpt.read_bytes())
+    r = subprocess.run([*cmd, "--agents", str(stray)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 2 and "not a checkpoint of a training run" in r.stderr and r.stderr.count("\n") == 1
