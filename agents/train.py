@@ -104,9 +104,6 @@ def resolve_env_config(cfg: AgentConfig) -> PanningEnvConfig:
     return make_config(base, where=f"env_kwargs (over {path or 'the defaults'})", **cfg.env_kwargs)
 
 
-
-
-
 def _plain(value: Any) -> Any:
     """``value`` as JSON would give it back (tuples as lists), so a saved setting compares equal to a live one."""
     return json.loads(json.dumps(value, default=str))
