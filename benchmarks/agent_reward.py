@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +25,34 @@ import numpy as np
 import torch
 
 from panning.agents.config import load_agent_config, sb3_schedules
-from panning.agents.policy import META_MEMBER, POLICY_SETTINGS, agent_path, policy_settings, read_metadata
+from panning.agents.policy import META_MEMBER, POLICY_SETTINGS, agent_path, load_agent, policy_settings
 from panning.cli import OneLineParser, run_guarded
 from panning.errors import UsageError
 
 
-def settings_of(agent: str) -> tuple[Path, dict[str, Any]]:
-    """The agent's file and the env settings its policy needs."""
+def load(agent: str) -> tuple[Any, dict[str, Any]]:
+    """The agent's SB3 model and the env settings its policy needs. An agent file is loaded and checked
+    by :func:`panning.agents.policy.load_agent`; a checkpoint takes its settings from its run."""
+    from stable_baselines3 import PPO
+
     path = agent_path(agent)
     if not path.is_file():
         raise UsageError(f"agent {agent}: no such file or shipped agent")
-    import zipfile
-
-    with zipfile.ZipFile(path) as zf:
-        has_meta = META_MEMBER in zf.namelist()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            has_meta = META_MEMBER in zf.namelist()
+    except zipfile.BadZipFile:
+        raise UsageError(f"{path} is not an agent file (not a zip archive)") from None
     if has_meta:
-        return path, policy_settings(read_metadata(path))
+        loaded = load_agent(path)
+        return loaded.model, policy_settings(loaded.metadata)
     run = path.parent.parent / "agent.yaml"  # RUN/checkpoints/ppo_N_steps.zip
     if path.parent.name != "checkpoints" or not run.is_file():
         raise UsageError(f"{path} has no panning metadata and is not a checkpoint of a training run "
                          "(RUN/checkpoints/*.zip beside RUN/agent.yaml)")
     env = load_agent_config(run).env_kwargs
-    return path, {k: env[k] for k in POLICY_SETTINGS if k in env}
+    model = PPO.load(path, device="cpu", custom_objects=sb3_schedules())
+    return model, {k: env[k] for k in POLICY_SETTINGS if k in env}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,21 +65,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    from stable_baselines3 import PPO
-
     from panning.envs.panning_env import PanningEnv
 
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {"init_seeds": 0}
     if args.proxy_steps is not None:
         overrides["proxy"] = {"steps": args.proxy_steps}
-    agents = [(a, *settings_of(a)) for a in args.agents]  # every file checked before any episode runs
-    envs: dict[str, PanningEnv] = {}
+    agents = [(a, *load(a)) for a in args.agents]  # every file checked before any episode runs
+    envs: dict[str, PanningEnv] = {}  # one per distinct policy settings: agents alike share its references
     rows: list[dict[str, Any]] = []
-    for name, path, settings in agents:
+    for name, model, settings in agents:
         key = json.dumps(settings, sort_keys=True, default=str)
-        env = envs.get(key) or envs.setdefault(key, PanningEnv(args.env, **{**overrides, **settings}))
-        model = PPO.load(path, device="cpu", custom_objects=sb3_schedules())
+        if key not in envs:
+            envs[key] = PanningEnv(args.env, **{**overrides, **settings})
+        env = envs[key]
         t0 = time.perf_counter()
         for target in args.targets:
             for init in args.inits:

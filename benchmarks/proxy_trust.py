@@ -220,9 +220,10 @@ def main(argv: list[str] | None = None) -> None:
                              "bits: the code that builds them changed?); run the full study instead")
         truth_acc = np.array([m["truth"] for m in prev["masks"]], dtype=float)
         args.train_seeds = truth_acc.shape[1]
+        jobs: list[tuple[int, int]] = []  # the truth is known: no full training
     else:
         truth_acc = np.zeros((len(masks), args.train_seeds))
-    jobs = [] if prev is not None else [(i, s) for i in range(len(masks)) for s in range(args.train_seeds)]
+        jobs = [(i, s) for i in range(len(masks)) for s in range(args.train_seeds)]
     proxies: dict[str, list[float]] = {f"{what} {k}": [0.0] * len(masks)
                                        for k in evaluators for what in ("acc", "loss")}
     spent: dict[str, float] = dict.fromkeys(evaluators, 0.0)

@@ -66,3 +66,6 @@ def test_agent_reward_scores_agent_files_and_checkpoints_on_the_same_episodes(tm
     stray.write_bytes(ckpt.read_bytes())
     r = subprocess.run([*cmd, "--agents", str(stray)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 2 and "not a checkpoint of a training run" in r.stderr and r.stderr.count("\n") == 1
+    stray.write_text("not a zip")
+    r = subprocess.run([*cmd, "--agents", str(stray)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 2 and "not a zip archive" in r.stderr and r.stderr.count("\n") == 1
