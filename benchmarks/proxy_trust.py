@@ -34,12 +34,13 @@ import dataclasses
 import json
 import multiprocessing as mp
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import ConstantInputWarning, spearmanr
 from sklearn.model_selection import train_test_split
 
 from panning import config as _config
@@ -143,7 +144,10 @@ def _same_path(key: str, value: Any) -> Any:
 
 
 def rho(a: list[float], b: list[float]) -> float:
-    r = spearmanr(a, b).statistic
+    """Spearman's rho; NaN (without scipy's warning) where one side is constant, e.g. one mask near the best."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        r = spearmanr(a, b).statistic
     return float(r) if np.isfinite(r) else float("nan")
 
 

@@ -1,18 +1,52 @@
 """Scripts under benchmarks/ whose options change what they measure (not how fast): run small, end to end."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
-import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+
+from panning.cli import run_guarded
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STUDY = ["--sparsities", "0.99", "--val-sizes", "95", "--epochs", "2", "--workers", "1"]
 
 
-def _proxy_trust(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "proxy_trust.py"), *TINY_STUDY, *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    """The scripts set one torch thread for their workers; the tests run them in this process (a subprocess
+    costs seconds of imports each), so the thread count is put back for the tests after."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "benchmarks" / name)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # the worker pool pickles the script's functions by module name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(name: str, *args: str) -> SimpleNamespace:
+    """The script as its ``__main__`` runs it (``run_guarded``): exit code, stdout and stderr."""
+    mod, out, err = _script(name), io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = run_guarded(lambda: mod.main(list(args)), name)
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def _proxy_trust(*args: str) -> SimpleNamespace:
+    return _run("proxy_trust.py", *TINY_STUDY, *args)
 
 
 def test_proxy_trust_reuses_an_earlier_truth_for_new_proxies(tmp_path: Path) -> None:
@@ -53,10 +87,9 @@ def test_agent_reward_scores_agent_files_and_checkpoints_on_the_same_episodes(tm
     train_agent(REPO / "configs" / "agent" / "tiny.yaml", run, log=lambda s: None)
     ckpt = sorted((run / "checkpoints").glob("*.zip"))[-1]
     out = tmp_path / "r.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "agent_reward.py"), "--env", "configs/env/tiny.yaml",
-           "--targets", "0.9", "--inits", "1000", "1001", "--threads", "1", "--json", str(out)]
-    r = subprocess.run([*cmd, "--agents", str(run / "agent.zip"), str(ckpt), str(run / "agent.zip")],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    cmd = ["--env", str(REPO / "configs" / "env" / "tiny.yaml"), "--targets", "0.9", "--inits", "1000", "1001",
+           "--threads", "1", "--json", str(out)]
+    r = _run("agent_reward.py", *cmd, "--agents", str(run / "agent.zip"), str(ckpt), str(run / "agent.zip"))
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["episodes"]
     assert len(rows) == 3 * 2 and all(x["proxy_accuracy"] is not None for x in rows)
@@ -64,8 +97,9 @@ def test_agent_reward_scores_agent_files_and_checkpoints_on_the_same_episodes(tm
     assert "| agent | mean | 90% |" in r.stdout
     stray = tmp_path / "stray.zip"
     stray.write_bytes(ckpt.read_bytes())
-    r = subprocess.run([*cmd, "--agents", str(stray)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = _run("agent_reward.py", *cmd, "--agents", str(stray))
     assert r.returncode == 2 and "not a checkpoint of a training run" in r.stderr and r.stderr.count("\n") == 1
     stray.write_text("not a zip")
-    r = subprocess.run([*cmd, "--agents", str(stray)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = _run("agent_reward.py", *cmd, "--agents", str(stray))
     assert r.returncode == 2 and "not a zip archive" in r.stderr and r.stderr.count("\n") == 1
+
