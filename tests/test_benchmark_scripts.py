@@ -103,3 +103,40 @@ def test_agent_reward_scores_agent_files_and_checkpoints_on_the_same_episodes(tm
     r = _run("agent_reward.py", *cmd, "--agents", str(stray))
     assert r.returncode == 2 and "not a zip archive" in r.stderr and r.stderr.count("\n") == 1
 
+
+def test_headroom_search_picks_by_validation_and_reproduces_the_sweep_cells(tmp_path: Path) -> None:
+    """headroom.py: a fixed method's figure at the protocol's training seed is the sweep cell's own result (the
+    same pruning and training path), the search's pick is the mixture with the best mean validation accuracy,
+    and the headroom is its test accuracy minus the best single index's. Bad flags: one line, exit 2."""
+    from panning.runs import run_cell
+    from panning.sweep import Cell, load_sweep
+
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(f"base: {REPO / 'configs' / 'digits_mlp.yaml'}\nmethods: [synflow, snip]\n"
+                     "sparsities: [0.99]\nseeds: [3]\noverrides: {train.epochs: 2}\n")
+    out = tmp_path / "h.json"
+    r = _run("headroom.py", "--bench", str(bench), "--mixtures", "3", "--draws", "2", "--propose", "shipped:default",
+             "--train-seeds", "2", "--workers", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    sweep, base = load_sweep(bench)
+    cell = run_cell(base, Cell("synflow", 0.99, 3), tmp_path / "cell")
+    synflow = next(c for c in d["candidates"] if c["name"] == "synflow")
+    assert synflow["test"][0] == cell["test_accuracy"] and synflow["val"][0] == cell["val_accuracy"]
+    mixes = [c for c in d["candidates"] if c["name"].startswith("mix")]
+    assert len(mixes) == 3 and len({c["digest"] for c in mixes}) == 3  # three different actions
+    pick = max(mixes, key=lambda c: (sum(c["val"]) / 2, -int(c["name"][3:])))  # ties: the first drawn
+    e = d["table"][0]
+    assert e["picks"]["search"] == [pick["name"]]
+    best = max(("synflow", "snip"), key=lambda n: e["methods"][n]["test_protocol"])
+    assert e["best_single_test_protocol"] == best
+    for label in ("search", "search (agent draws)"):
+        assert abs(e["headroom_test_protocol"][label] - (e["methods"][label]["test_protocol"]
+                                                        - e["methods"][best]["test_protocol"])) < 1e-12
+    draws = [c for c in d["candidates"] if c["name"].startswith("draw")]
+    assert len(draws) == 2 and draws[0]["actions"] != draws[1]["actions"]  # sampled, not the deterministic action
+    agent = next(c for c in d["candidates"] if c["name"] == "draw0")
+    assert len(agent["actions"]) == 10  # the policy's pruning steps
+    for bad, match in [(["--mixtures", "-1"], "--mixtures must be at least 0"), (["--draws", "2"], "needs --propose")]:
+        r = _run("headroom.py", "--bench", str(bench), *bad)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and match in r.stderr, r.stderr

@@ -1,0 +1,269 @@
+"""How much room does the agent's action space leave above the best single index? Random search, chosen on validation.
+
+The agent acts by weighting the indices and sizing each pruning step. Whether it *can* beat the best single
+index by the issue's margin depends on whether masks that much better exist in that space at all. This script
+asks the question under a sweep's own protocol (``--bench``, e.g. ``configs/bench/demo.yaml``: its base
+recipe, methods, agents, sparsities and seeds), for each seed and sparsity:
+
+- every method and agent of the sweep, pruned exactly as its cell prunes them (``panning.runs.prune_model``
+  on ``cell_config``), so their figures at the protocol's training seed are the sweep's cells, digit for digit;
+- ``--mixtures`` random points of the agent's action space, driven through the env's episode core on the
+  same initialisation and scoring batch: Dirichlet(1) weights over the env's indices and a random step size
+  in [-1, 1] at each of ``--pruning-steps`` steps (the agent's action, without per-layer terms);
+- with ``--draws K --propose AGENT``, K actions drawn from the agent's own stochastic policy (its Gaussian around
+  the deterministic action it plays, step by step) instead of uniformly: a search that starts where the agent is.
+- every mask fully trained with the sweep's recipe under ``--train-seeds`` training orders (seed, seed +
+  1000, ...; the first is the protocol's own), scored on the validation split carved from the training set.
+
+**Search** picks, per seed and sparsity, the mixture with the best mean validation accuracy (no test image is
+read to choose it) and reports that mask's test accuracy; ``search (agent draws)`` does the same among the
+draws. It is what an agent with a perfect full-training reward could reach by trying that many actions; its
+margin over the best single index (by test mean, as the acceptance tables compare) is the headroom. Test
+accuracy is reported at the protocol's training seed (comparable with the sweep's table) and as the mean over
+all training seeds (less noisy). Run by hand:
+
+    .venv/bin/python benchmarks/headroom.py --bench configs/bench/demo.yaml --mixtures 40 --json out.json
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from panning import config as _config
+from panning.cli import OneLineParser, run_guarded
+from panning.data import load_dataset
+from panning.episode import PruningEpisode
+from panning.errors import UsageError
+from panning.hashing import masks_digest
+from panning.masks import Masks
+from panning.policy import run_policy
+from panning.runs import cell_config, prune_model, scoring_batches, setup
+from panning.sweep import DENSE, Cell, load_sweep
+from panning.train import evaluate, train_masked
+
+ROOT = Path(__file__).resolve().parents[1]
+MIX = "mix"  # the prefix of a random search candidate's name
+DRAW = "draw"  # ... and of an agent-proposed one
+SEARCHES = {MIX: "search", DRAW: "search (agent draws)"}
+
+_JOBS: dict[str, Any] = {}  # what forked training workers read: models, masks, data, recipe
+
+
+def _train_one(job: tuple[int, int]) -> tuple[int, int, float, float]:
+    """Fully train candidate ``i`` with training seed ``tseed``: (i, tseed, val accuracy, test accuracy)."""
+    i, tseed = job
+    torch.set_num_threads(1)
+    cand = _JOBS["candidates"][i]
+    net = copy.deepcopy(_JOBS["models"][cand["seed"]])
+    bundle, device = _JOBS["bundle"], _JOBS["device"]
+    train_masked(net, _JOBS["masks"][i], bundle, _JOBS["train"], device=device, seed=tseed, progress=False)
+    val = evaluate(net, bundle.val, device, bundle.num_classes)["accuracy"]
+    test = evaluate(net, bundle.test, device, bundle.num_classes)["accuracy"]
+    return i, tseed, float(val), float(test)
+
+
+class _Sampled:
+    """``observation -> action`` drawn from an SB3 agent's stochastic policy (picklable, unlike a lambda)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self, observation: np.ndarray) -> np.ndarray:
+        if np.shape(observation) != self.model.observation_space.shape:
+            raise UsageError("the proposing agent cannot read this network's observation (more layers than its "
+                             "max_layers); propose with another agent")
+        action, _ = self.model.predict(observation, deterministic=False)
+        return np.asarray(action)
+
+
+def build_candidates(bench: str, mixtures: int, steps: int, indices: list[str], data_dir: str | None,
+                     mix_seed: int, draws: int = 0, propose: str | None = None
+                     ) -> tuple[list[dict[str, Any]], list[Masks], dict[int, torch.nn.Module], Any, Any]:
+    """The masks: the sweep's methods and agents as its cells prune them, ``mixtures`` uniformly random actions
+    and ``draws`` episodes of the ``propose`` agent's stochastic policy."""
+    sweep, base = load_sweep(bench)
+    if data_dir:
+        base = _config.override(base, {"data_dir": data_dir})
+    if base.reinit:
+        raise UsageError(f"{bench}: its base config re-initialises before training (reinit), which this script "
+                         "does not follow; use a sweep without it")
+    policies: dict[str, Any] = {}
+    if sweep.agents:
+        from panning.agents.policy import load_policy
+
+        policies = {name: load_policy(path) for name, path in sweep.agents.items()}
+    sampler = None
+    if draws:
+        from panning.agents.policy import as_policy, load_agent
+
+        agent = load_agent(str(propose))
+        sampler = dataclasses.replace(as_policy(agent), predict=_Sampled(agent.model))
+    bundle = load_dataset(base.dataset, base.data_dir, download=base.download, seed=base.split_seed)
+    paths = {name: str(p.info.get("path", name)) for name, p in policies.items()}
+    cands: list[dict[str, Any]] = []
+    masks: list[Masks] = []
+    models: dict[int, torch.nn.Module] = {}
+    train_cfg = None
+    for seed in sweep.seeds:
+        rng = np.random.default_rng([mix_seed, seed])  # the same draws whatever the other seeds are
+        uniform = [(rng.dirichlet(np.ones(len(indices))), rng.uniform(-1, 1, steps)) for _ in range(mixtures)]
+        for k, sparsity in enumerate(sweep.sparsities):
+            for method in [m for m in sweep.methods if m != DENSE]:
+                c = cell_config(base, Cell(method, sparsity, seed), paths)
+                s = setup(c, bundle)
+                models.setdefault(seed, copy.deepcopy(s.model).cpu())
+                train_cfg = c.train
+                masks.append(prune_model(c, s, policies.get(method)).masks.cpu())
+                cands.append({"name": method, "seed": seed, "sparsity": sparsity})
+            c = cell_config(base, Cell(sweep.methods[0], sparsity, seed), paths)
+            s = setup(c, bundle)
+            models.setdefault(seed, copy.deepcopy(s.model).cpu())
+            train_cfg = c.train
+            batches = scoring_batches(c, s.bundle, s.device)
+            for j, (w, b) in enumerate(uniform):
+                ep = PruningEpisode(s.model, indices, batches, target_sparsity=sparsity, steps=steps,
+                                    input_shape=s.bundle.input_shape, exclude=c.prune.exclude, seed=seed)
+                for t in range(steps):
+                    ep.step(np.r_[2 * w - 1, b[t]])
+                masks.append(ep.masks.cpu())
+                cands.append({"name": f"{MIX}{j}", "seed": seed, "sparsity": sparsity,
+                              "weights": [round(float(x), 4) for x in w], "steps": [round(float(x), 4) for x in b]})
+            for j in range(draws if sampler is not None else 0):
+                # SB3 samples with torch's global generator: seeded per draw, so a draw does not depend on the others
+                torch.manual_seed(int(np.random.SeedSequence([mix_seed, seed, k, j]).generate_state(1)[0]))
+                result = run_policy(sampler, s.model, sparsity, batches=batches, input_shape=s.bundle.input_shape,
+                                    exclude=c.prune.exclude or None, seed=seed, method=f"{DRAW}{j}")
+                masks.append(result.masks.cpu())
+                cands.append({"name": f"{DRAW}{j}", "seed": seed, "sparsity": sparsity,
+                              "actions": [[round(a, 4) for a in st["action"]]
+                                          for st in result.extra["policy"]["steps"]]})
+    return cands, masks, models, bundle, train_cfg
+
+
+def summarise(cands: list[dict[str, Any]], seeds: list[int], sparsities: list[float]) -> list[dict[str, Any]]:
+    """Per sparsity: each method's test accuracy (protocol seed and all seeds), the search's pick, the margins."""
+    table = []
+    for sp in sparsities:
+        rows = [c for c in cands if c["sparsity"] == sp]
+        names = sorted({c["name"] for c in rows if not c["name"].startswith(tuple(SEARCHES))})
+        per: dict[str, dict[str, float]] = {}
+        for n in names:
+            mine = [c for c in rows if c["name"] == n]
+            per[n] = {"test_protocol": float(np.mean([c["test"][0] for c in mine])),
+                      "test_all": float(np.mean([np.mean(c["test"]) for c in mine])),
+                      "val": float(np.mean([np.mean(c["val"]) for c in mine]))}
+        picked: dict[str, list[str]] = {}
+        for prefix, label in SEARCHES.items():
+            picks = []
+            for seed in seeds:
+                found = [c for c in rows if c["seed"] == seed and c["name"].startswith(prefix)]
+                if found:  # the best mean validation accuracy; ties: the first drawn
+                    picks.append(max(found, key=lambda c: (float(np.mean(c["val"])), -int(c["name"][len(prefix):]))))
+            if picks:
+                per[label] = {"test_protocol": float(np.mean([c["test"][0] for c in picks])),
+                              "test_all": float(np.mean([np.mean(c["test"]) for c in picks])),
+                              "val": float(np.mean([np.mean(c["val"]) for c in picks]))}
+                picked[label] = [c["name"] for c in picks]
+        singles = [n for n in names if n in _SINGLE_INDICES]
+        entry: dict[str, Any] = {"sparsity": sp, "methods": per, "picks": picked}
+        for key in ("test_protocol", "test_all"):
+            if singles:
+                best_single = max(singles, key=lambda n: per[n][key])
+                entry[f"best_single_{key}"] = best_single
+                entry[f"headroom_{key}"] = {label: per[label][key] - per[best_single][key]
+                                            for label in SEARCHES.values() if label in per}
+        table.append(entry)
+    return table
+
+
+# the single indices as fixed methods (the sweep may also hold panning's table, agents and random)
+_SINGLE_INDICES = ("synflow", "snip", "grasp", "grasp_abs", "fts", "magnitude", "synflow_l2", "ntk_sap", "px",
+                   "prospr", "force", "iter_snip")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", default=str(ROOT / "configs" / "bench" / "demo.yaml"),
+                    help="the sweep whose protocol to follow (its base recipe, methods, agents, sparsities, seeds)")
+    ap.add_argument("--mixtures", type=int, default=40, help="random actions tried per seed and sparsity")
+    ap.add_argument("--pruning-steps", type=int, default=10, help="steps of each random action (the env's T)")
+    ap.add_argument("--indices", nargs="+", default=["synflow", "snip", "grasp_abs"],
+                    help="the indices the random actions weight (the env's)")
+    ap.add_argument("--train-seeds", type=int, default=3,
+                    help="training orders per mask: seed, seed + 1000, ... (the first is the sweep's own)")
+    ap.add_argument("--draws", type=int, default=0,
+                    help="also search among this many episodes of --propose's stochastic policy per seed and sparsity")
+    ap.add_argument("--propose", default=None, help="the agent (file or shipped name) whose policy --draws samples")
+    ap.add_argument("--mix-seed", type=int, default=0, help="seed of the random actions and draws")
+    ap.add_argument("--workers", type=int, default=2, help="processes for the full trainings (1 thread each)")
+    ap.add_argument("--data-dir", default=None, help="where the data set's files are (default: $PANNING_DATA)")
+    ap.add_argument("--json", help="write every number to this file")
+    args = ap.parse_args(argv)
+    for flag in ("mixtures", "draws", "pruning_steps", "train_seeds", "workers"):
+        least = 0 if flag in ("mixtures", "draws") else 1
+        if getattr(args, flag) < least:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least {least}")
+    if args.draws and not args.propose:
+        raise UsageError("--draws needs --propose AGENT: the agent whose stochastic policy proposes the actions")
+    if args.json and Path(args.json).exists():
+        raise UsageError(f"--json {args.json} exists; choose another path or remove it")
+    torch.set_num_threads(1)
+    sweep, _ = load_sweep(args.bench)
+    if _config.load(sweep.base).device not in ("cpu", "auto"):
+        print("note: the trainings run on the CPU here")
+
+    t0 = time.perf_counter()
+    cands, masks, models, bundle, train_cfg = build_candidates(args.bench, args.mixtures, args.pruning_steps,
+                                                               args.indices, args.data_dir, args.mix_seed, args.draws,
+                                                               args.propose)
+    for c, m in zip(cands, masks, strict=True):
+        c["digest"] = masks_digest(m)
+    print(f"{len(cands)} masks in {time.perf_counter() - t0:.0f} s; validation {len(bundle.val)} images "
+          f"({100 / len(bundle.val):.2f} points each), test {len(bundle.test)}", flush=True)
+    train_seeds = [1000 * j for j in range(args.train_seeds)]  # offsets from the cell's seed
+    _JOBS.update(candidates=cands, masks=masks, models=models, bundle=bundle, train=train_cfg, device="cpu")
+    jobs = [(i, c["seed"] + off) for i, c in enumerate(cands) for off in train_seeds]
+    results: dict[tuple[int, int], tuple[float, float]] = {}
+    t0 = time.perf_counter()
+    with mp.get_context("fork").Pool(args.workers) as pool:
+        for n, (i, tseed, val, test) in enumerate(pool.imap_unordered(_train_one, jobs), 1):
+            results[(i, tseed)] = (val, test)
+            if n % 50 == 0:
+                print(f"  full training {n}/{len(jobs)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    seconds = time.perf_counter() - t0
+    for i, c in enumerate(cands):
+        c["val"] = [results[(i, c["seed"] + off)][0] for off in train_seeds]
+        c["test"] = [results[(i, c["seed"] + off)][1] for off in train_seeds]
+    table = summarise(cands, list(sweep.seeds), list(sweep.sparsities))
+
+    print(f"\n{len(jobs)} full trainings in {seconds:.0f} s ({seconds * args.workers / max(1, len(jobs)):.2f} s a run "
+          f"on one core); a search picks per seed the best of its candidates ({args.mixtures} uniformly random "
+          f"actions; {args.draws} draws of {args.propose or 'no agent'}) by mean validation accuracy over "
+          f"{args.train_seeds} training seeds")
+    for e in table:
+        print(f"\nsparsity {e['sparsity']}: test accuracy (%), mean over seeds {list(sweep.seeds)}; picked: "
+              + "; ".join(f"{label} {', '.join(names)}" for label, names in e["picks"].items()))
+        print(f"  {'method':<22} {'test (protocol seed)':>21} {'test (all train seeds)':>23} {'validation':>11}")
+        for n, v in sorted(e["methods"].items(), key=lambda kv: -kv[1]["test_protocol"]):
+            print(f"  {n:<22} {100 * v['test_protocol']:>21.2f} {100 * v['test_all']:>23.2f} {100 * v['val']:>11.2f}")
+        for key in ("test_protocol", "test_all"):
+            for label, gain in e.get(f"headroom_{key}", {}).items():
+                print(f"  {label} - best single index ({e[f'best_single_{key}']}), {key.replace('_', ' ')}: "
+                      f"{100 * gain:+.2f} points")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "recipe": _config.to_dict(train_cfg),
+                                               "seconds_per_run": seconds * args.workers / max(1, len(jobs)),
+                                               "candidates": cands, "table": table}, indent=2))
+
+
+if __name__ == "__main__":
+    # bad flags or files: one line and exit 2, as the panning command does; a bug keeps its traceback
+    raise SystemExit(run_guarded(main, Path(__file__).name))
