@@ -171,32 +171,37 @@ def load_agent(path: str | Path, indices: Sequence[str] | None = None, device: s
     return LoadedAgent(model, meta, p, file_digest(p))
 
 
-class _Deterministic:
-    """``observation -> action`` of an SB3 model, deterministic (picklable, unlike a lambda)."""
+class _Actions:
+    """``observation -> action`` of an SB3 model (picklable, unlike a lambda): the deterministic action, or with
+    ``deterministic=False`` one drawn from the policy's distribution with torch's global generator."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, deterministic: bool = True) -> None:
         self.model = model
+        self.deterministic = deterministic
 
     def __call__(self, observation: np.ndarray) -> np.ndarray:
         space = self.model.observation_space
         if np.shape(observation) == space.shape:
-            action, _ = self.model.predict(observation, deterministic=True)
+            action, _ = self.model.predict(observation, deterministic=self.deterministic)
             return np.asarray(action)
         # A layers observation of a network deeper than the policy's max_layers: SB3's predict checks the
         # shape against the training space, but the set extractor reads any number of rows. The same steps
-        # as predict: the deterministic action, clipped to the action space.
+        # as predict: the action, clipped to the action space.
         import torch
 
         policy = self.model.policy
         obs = torch.as_tensor(np.asarray(observation, dtype=np.float32), device=policy.device).reshape(1, -1)
         with torch.no_grad():
-            action = policy._predict(obs, deterministic=True).cpu().numpy().reshape(self.model.action_space.shape)
+            action = policy._predict(obs, deterministic=self.deterministic).cpu().numpy().reshape(
+                self.model.action_space.shape)
         return np.clip(action, self.model.action_space.low, self.model.action_space.high)
 
 
-def as_policy(agent: LoadedAgent) -> Policy:
-    """The library's :class:`panning.policy.Policy` of a loaded agent (its metadata and deterministic actions)."""
-    return Policy.from_metadata(_Deterministic(agent.model), agent.metadata, path=str(agent.path), sha256=agent.sha256)
+def as_policy(agent: LoadedAgent, deterministic: bool = True) -> Policy:
+    """The library's :class:`panning.policy.Policy` of a loaded agent (its metadata and deterministic actions;
+    ``deterministic=False`` samples them instead, for searches over the agent's own proposals)."""
+    return Policy.from_metadata(_Actions(agent.model, deterministic), agent.metadata, path=str(agent.path),
+                                sha256=agent.sha256)
 
 
 def load_policy(path: str | Path, indices: Sequence[str] | None = None, device: str = "cpu") -> Policy:

@@ -7,13 +7,16 @@ recipe, methods, agents, sparsities and seeds), for each seed and sparsity:
 
 - every method and agent of the sweep, pruned exactly as its cell prunes them (``panning.runs.prune_model``
   on ``cell_config``), so their figures at the protocol's training seed are the sweep's cells, digit for digit;
-- ``--mixtures`` random points of the agent's action space, driven through the env's episode core on the
-  same initialisation and scoring batch: Dirichlet(1) weights over the env's indices and a random step size
-  in [-1, 1] at each of ``--pruning-steps`` steps (the agent's action, without per-layer terms);
+- ``--mixtures`` random points of the agent's action space per seed (the same K actions at every sparsity),
+  driven through the env's episode core on the same initialisation and scoring batch: Dirichlet(1) weights
+  over the env's indices and a random step size in [-1, 1] at each of ``--pruning-steps`` steps (the agent's
+  action without per-layer terms; global selection, mean normalisation, the sweep's ``exclude``);
 - with ``--draws K --propose AGENT``, K actions drawn from the agent's own stochastic policy (its Gaussian around
   the deterministic action it plays, step by step) instead of uniformly: a search that starts where the agent is.
 - every mask fully trained with the sweep's recipe under ``--train-seeds`` training orders (seed, seed +
   1000, ...; the first is the protocol's own), scored on the validation split carved from the training set.
+  Pruning and training run on the CPU, one torch thread a worker: a sweep run on a GPU, or with other thread
+  counts, may differ from these figures in the last digits (checked equal: the digits MLP on the CPU).
 
 **Search** picks, per seed and sparsity, the mixture with the best mean validation accuracy (no test image is
 read to choose it) and reports that mask's test accuracy; ``search (agent draws)`` does the same among the
@@ -27,7 +30,6 @@ all training seeds (less noisy). Run by hand:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import multiprocessing as mp
 import time
@@ -47,7 +49,7 @@ from panning.masks import Masks
 from panning.policy import run_policy
 from panning.runs import cell_config, prune_model, scoring_batches, setup
 from panning.sweep import DENSE, Cell, load_sweep
-from panning.train import evaluate, train_masked
+from panning.train import evaluate, resolve_device, train_masked
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX = "mix"  # the prefix of a random search candidate's name
@@ -70,20 +72,6 @@ def _train_one(job: tuple[int, int]) -> tuple[int, int, float, float]:
     return i, tseed, float(val), float(test)
 
 
-class _Sampled:
-    """``observation -> action`` drawn from an SB3 agent's stochastic policy (picklable, unlike a lambda)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def __call__(self, observation: np.ndarray) -> np.ndarray:
-        if np.shape(observation) != self.model.observation_space.shape:
-            raise UsageError("the proposing agent cannot read this network's observation (more layers than its "
-                             "max_layers); propose with another agent")
-        action, _ = self.model.predict(observation, deterministic=False)
-        return np.asarray(action)
-
-
 def build_candidates(bench: str, mixtures: int, steps: int, indices: list[str], data_dir: str | None,
                      mix_seed: int, draws: int = 0, propose: str | None = None
                      ) -> tuple[list[dict[str, Any]], list[Masks], dict[int, torch.nn.Module], Any, Any]:
@@ -92,6 +80,10 @@ def build_candidates(bench: str, mixtures: int, steps: int, indices: list[str], 
     sweep, base = load_sweep(bench)
     if data_dir:
         base = _config.override(base, {"data_dir": data_dir})
+    if resolve_device(base.device).type != "cpu":
+        print(f"note: {bench} runs on {base.device}; this script prunes and trains on the CPU, so its figures may "
+              "differ from that sweep's cells in the last digits")
+    base = _config.override(base, {"device": "cpu"})  # the forked training workers cannot share a CUDA context
     if base.reinit:
         raise UsageError(f"{bench}: its base config re-initialises before training (reinit), which this script "
                          "does not follow; use a sweep without it")
@@ -104,8 +96,7 @@ def build_candidates(bench: str, mixtures: int, steps: int, indices: list[str], 
     if draws:
         from panning.agents.policy import as_policy, load_agent
 
-        agent = load_agent(str(propose))
-        sampler = dataclasses.replace(as_policy(agent), predict=_Sampled(agent.model))
+        sampler = as_policy(load_agent(str(propose)), deterministic=False)
     bundle = load_dataset(base.dataset, base.data_dir, download=base.download, seed=base.split_seed)
     paths = {name: str(p.info.get("path", name)) for name, p in policies.items()}
     cands: list[dict[str, Any]] = []
@@ -115,14 +106,14 @@ def build_candidates(bench: str, mixtures: int, steps: int, indices: list[str], 
     for seed in sweep.seeds:
         rng = np.random.default_rng([mix_seed, seed])  # the same draws whatever the other seeds are
         uniform = [(rng.dirichlet(np.ones(len(indices))), rng.uniform(-1, 1, steps)) for _ in range(mixtures)]
-        for k, sparsity in enumerate(sweep.sparsities):
+        for sparsity in sweep.sparsities:
             for method in [m for m in sweep.methods if m != DENSE]:
                 c = cell_config(base, Cell(method, sparsity, seed), paths)
                 s = setup(c, bundle)
                 models.setdefault(seed, copy.deepcopy(s.model).cpu())
                 train_cfg = c.train
                 masks.append(prune_model(c, s, policies.get(method)).masks.cpu())
-                cands.append({"name": method, "seed": seed, "sparsity": sparsity})
+                cands.append({"name": method, "kind": "method", "seed": seed, "sparsity": sparsity})
             c = cell_config(base, Cell(sweep.methods[0], sparsity, seed), paths)
             s = setup(c, bundle)
             models.setdefault(seed, copy.deepcopy(s.model).cpu())
@@ -134,15 +125,16 @@ def build_candidates(bench: str, mixtures: int, steps: int, indices: list[str], 
                 for t in range(steps):
                     ep.step(np.r_[2 * w - 1, b[t]])
                 masks.append(ep.masks.cpu())
-                cands.append({"name": f"{MIX}{j}", "seed": seed, "sparsity": sparsity,
+                cands.append({"name": f"{MIX}{j}", "kind": MIX, "draw": j, "seed": seed, "sparsity": sparsity,
                               "weights": [round(float(x), 4) for x in w], "steps": [round(float(x), 4) for x in b]})
             for j in range(draws if sampler is not None else 0):
                 # SB3 samples with torch's global generator: seeded per draw, so a draw does not depend on the others
-                torch.manual_seed(int(np.random.SeedSequence([mix_seed, seed, k, j]).generate_state(1)[0]))
+                key = [mix_seed, seed, round(sparsity * 1e6), j]
+                torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
                 result = run_policy(sampler, s.model, sparsity, batches=batches, input_shape=s.bundle.input_shape,
                                     exclude=c.prune.exclude or None, seed=seed, method=f"{DRAW}{j}")
                 masks.append(result.masks.cpu())
-                cands.append({"name": f"{DRAW}{j}", "seed": seed, "sparsity": sparsity,
+                cands.append({"name": f"{DRAW}{j}", "kind": DRAW, "draw": j, "seed": seed, "sparsity": sparsity,
                               "actions": [[round(a, 4) for a in st["action"]]
                                           for st in result.extra["policy"]["steps"]]})
     return cands, masks, models, bundle, train_cfg
@@ -153,7 +145,7 @@ def summarise(cands: list[dict[str, Any]], seeds: list[int], sparsities: list[fl
     table = []
     for sp in sparsities:
         rows = [c for c in cands if c["sparsity"] == sp]
-        names = sorted({c["name"] for c in rows if not c["name"].startswith(tuple(SEARCHES))})
+        names = sorted({c["name"] for c in rows if c["kind"] == "method"})
         per: dict[str, dict[str, float]] = {}
         for n in names:
             mine = [c for c in rows if c["name"] == n]
@@ -161,12 +153,12 @@ def summarise(cands: list[dict[str, Any]], seeds: list[int], sparsities: list[fl
                       "test_all": float(np.mean([np.mean(c["test"]) for c in mine])),
                       "val": float(np.mean([np.mean(c["val"]) for c in mine]))}
         picked: dict[str, list[str]] = {}
-        for prefix, label in SEARCHES.items():
+        for kind, label in SEARCHES.items():
             picks = []
             for seed in seeds:
-                found = [c for c in rows if c["seed"] == seed and c["name"].startswith(prefix)]
-                if found:  # the best mean validation accuracy; ties: the first drawn
-                    picks.append(max(found, key=lambda c: (float(np.mean(c["val"])), -int(c["name"][len(prefix):]))))
+                found = [c for c in rows if c["seed"] == seed and c["kind"] == kind]
+                if found:  # the best mean validation accuracy (never test); ties: the first drawn
+                    picks.append(max(found, key=lambda c: (float(np.mean(c["val"])), -c["draw"])))
             if picks:
                 per[label] = {"test_protocol": float(np.mean([c["test"][0] for c in picks])),
                               "test_all": float(np.mean([np.mean(c["test"]) for c in picks])),
@@ -217,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(f"--json {args.json} exists; choose another path or remove it")
     torch.set_num_threads(1)
     sweep, _ = load_sweep(args.bench)
-    if _config.load(sweep.base).device not in ("cpu", "auto"):
-        print("note: the trainings run on the CPU here")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"--json {args.json}: its folder does not exist")
 
     t0 = time.perf_counter()
     cands, masks, models, bundle, train_cfg = build_candidates(args.bench, args.mixtures, args.pruning_steps,
