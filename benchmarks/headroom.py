@@ -16,7 +16,8 @@ recipe, methods, agents, sparsities and seeds), for each seed and sparsity:
 - every mask fully trained with the sweep's recipe under ``--train-seeds`` training orders (seed, seed +
   1000, ...; the first is the protocol's own), scored on the validation split carved from the training set.
   Pruning and training run on the CPU, one torch thread a worker: a sweep run on a GPU, or with other thread
-  counts, may differ from these figures in the last digits (checked equal: the digits MLP on the CPU).
+  counts, may differ from these figures in the last digits (checked equal on the CPU: the digits MLP and
+  MNIST LeNet-300-100 cells of BENCHMARKS.md).
 
 **Search** picks, per seed and sparsity, the mixture with the best mean validation accuracy (no test image is
 read to choose it) and reports that mask's test accuracy; ``search (agent draws)`` does the same among the
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bench", default=str(ROOT / "configs" / "bench" / "demo.yaml"),
                     help="the sweep whose protocol to follow (its base recipe, methods, agents, sparsities, seeds)")
-    ap.add_argument("--mixtures", type=int, default=40, help="random actions tried per seed and sparsity")
+    ap.add_argument("--mixtures", type=int, default=40,
+                    help="random actions tried per seed (the same at every sparsity)")
     ap.add_argument("--pruning-steps", type=int, default=10, help="steps of each random action (the env's T)")
     ap.add_argument("--indices", nargs="+", default=["synflow", "snip", "grasp_abs"],
                     help="the indices the random actions weight (the env's)")
