@@ -173,8 +173,38 @@ def summarise(cands: list[dict[str, Any]], seeds: list[int], sparsities: list[fl
                 entry[f"best_single_{key}"] = best_single
                 entry[f"headroom_{key}"] = {label: per[label][key] - per[best_single][key]
                                             for label in SEARCHES.values() if label in per}
+        if singles:
+            entry["best_of_k"] = {label: best_of_k(rows, seeds, kind, entry["best_single_test_all"])
+                                  for kind, label in SEARCHES.items() if label in per}
         table.append(entry)
     return table
+
+
+def best_of_k(rows: list[dict[str, Any]], seeds: list[int], kind: str, reference: str,
+              trials: int = 2000) -> dict[str, float]:
+    """What a smaller search would have gained: for K = 1, 2, 5, 10, 20, 40, ... up to the candidates there are,
+    the test accuracy (mean over training orders) of the best-by-validation among K candidates drawn at random
+    without replacement, minus ``reference``'s, averaged over ``trials`` draws and the seeds (fixed RNG)."""
+    rng = np.random.default_rng(0)
+    per_seed = []
+    for seed in seeds:
+        found = sorted((c for c in rows if c["seed"] == seed and c["kind"] == kind), key=lambda c: c["draw"])
+        ref = [c for c in rows if c["seed"] == seed and c["name"] == reference]
+        if found and ref:
+            per_seed.append((np.array([np.mean(c["val"]) for c in found]),
+                             np.array([np.mean(c["test"]) for c in found]), float(np.mean(ref[0]["test"]))))
+    if not per_seed:
+        return {}
+    n = min(len(v) for v, _, _ in per_seed)
+    out = {}
+    for k in [k for k in (1, 2, 5, 10, 20, 40, 80, 160) if k < n] + [n]:
+        gains = []
+        for val, test, ref_test in per_seed:
+            for _ in range(trials if k < len(val) else 1):
+                idx = np.sort(rng.choice(len(val), k, replace=False))
+                gains.append(test[idx[np.argmax(val[idx])]] - ref_test)  # argmax: the first drawn on ties
+        out[str(k)] = float(np.mean(gains))
+    return out
 
 
 # the single indices as fixed methods (the sweep may also hold panning's table, agents and random)
@@ -200,7 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2, help="processes for the full trainings (1 thread each)")
     ap.add_argument("--data-dir", default=None, help="where the data set's files are (default: $PANNING_DATA)")
     ap.add_argument("--json", help="write every number to this file")
+    ap.add_argument("--from-json", default=None,
+                    help="summarise an earlier run's --json again (table, best-of-K curves); nothing is trained")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return _from_json(args.from_json)
     for flag in ("mixtures", "draws", "pruning_steps", "train_seeds", "workers"):
         least = 0 if flag in ("mixtures", "draws") else 1
         if getattr(args, flag) < least:
@@ -242,8 +276,17 @@ def main(argv: list[str] | None = None) -> None:
           f"on one core); a search picks per seed the best of its candidates ({args.mixtures} uniformly random "
           f"actions; {args.draws} draws of {args.propose or 'no agent'}) by mean validation accuracy over "
           f"{args.train_seeds} training seeds")
+    report(table, list(sweep.seeds))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "recipe": _config.to_dict(train_cfg),
+                                               "seconds_per_run": seconds * args.workers / max(1, len(jobs)),
+                                               "candidates": cands, "table": table}, indent=2))
+
+
+def report(table: list[dict[str, Any]], seeds: list[int]) -> None:
+    """Print the summary: per sparsity, every method's and search's test accuracy and the margins."""
     for e in table:
-        print(f"\nsparsity {e['sparsity']}: test accuracy (%), mean over seeds {list(sweep.seeds)}; picked: "
+        print(f"\nsparsity {e['sparsity']}: test accuracy (%), mean over seeds {seeds}; picked: "
               + "; ".join(f"{label} {', '.join(names)}" for label, names in e["picks"].items()))
         print(f"  {'method':<22} {'test (protocol seed)':>21} {'test (all train seeds)':>23} {'validation':>11}")
         for n, v in sorted(e["methods"].items(), key=lambda kv: -kv[1]["test_protocol"]):
@@ -252,10 +295,24 @@ def main(argv: list[str] | None = None) -> None:
             for label, gain in e.get(f"headroom_{key}", {}).items():
                 print(f"  {label} - best single index ({e[f'best_single_{key}']}), {key.replace('_', ' ')}: "
                       f"{100 * gain:+.2f} points")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "recipe": _config.to_dict(train_cfg),
-                                               "seconds_per_run": seconds * args.workers / max(1, len(jobs)),
-                                               "candidates": cands, "table": table}, indent=2))
+        for label, curve in e.get("best_of_k", {}).items():
+            print(f"  {label} among K random candidates, expected gain over {e['best_single_test_all']} (all train "
+                  "seeds): " + ", ".join(f"K={k} {100 * g:+.2f}" for k, g in curve.items()))
+
+
+def _from_json(path: str) -> None:
+    p = Path(path)
+    try:
+        cands = json.loads(p.read_text())["candidates"]
+        seeds = sorted({int(c["seed"]) for c in cands})
+        sparsities = sorted({float(c["sparsity"]) for c in cands})
+        table = summarise(cands, seeds, sparsities)
+    except FileNotFoundError:
+        raise UsageError(f"--from-json {p} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise UsageError(f"--from-json {p} is not the --json of a headroom.py run") from None
+    print(f"{p}: {len(cands)} trained masks, summarised again (nothing trained)")
+    report(table, seeds)
 
 
 if __name__ == "__main__":

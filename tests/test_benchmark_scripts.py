@@ -130,7 +130,10 @@ def test_headroom_search_picks_by_validation_and_reproduces_the_sweep_cells(tmp_
     assert r.returncode == 0, r.stderr
     assert next(c for c in json.loads(one.read_text())["candidates"] if c["kind"] == "draw")["digest"] == \
         draws[0]["digest"]
+    r = _run("headroom.py", "--from-json", str(out))  # summarised again, nothing trained: the same table
+    assert r.returncode == 0 and "summarised again" in r.stdout and "K=1 " in r.stdout, r.stderr
     for bad, match in [(["--mixtures", "-1"], "--mixtures must be at least 0"), (["--draws", "2"], "needs --propose"),
+                       (["--from-json", str(bench)], "not the --json of a headroom.py run"),
                        (["--json", str(tmp_path / "nope" / "h.json")], "its folder does not exist")]:
         r = _run("headroom.py", "--bench", str(bench), *bad)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and match in r.stderr, r.stderr
@@ -160,3 +163,6 @@ def test_headroom_summary_chooses_on_validation_never_test() -> None:
     assert e["best_single_test_protocol"] == "snip" and e["best_single_test_all"] == "snip"
     assert e["headroom_test_protocol"]["search"] == pytest.approx(0.65 - 0.90)
     assert e["methods"]["synflow"]["test_all"] == pytest.approx((0.81 + 0.84) / 2)
+    # a smaller search: K = 2 is the whole search (the picks above, against snip's 0.90); K = 1 any candidate
+    assert e["best_of_k"]["search"]["2"] == pytest.approx((0.70 - 0.90 + 0.60 - 0.90) / 2)
+    assert e["best_of_k"]["search"]["1"] == pytest.approx((0.70 + 0.99 + 0.60 + 0.95) / 4 - 0.90, abs=0.02)
