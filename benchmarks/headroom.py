@@ -42,14 +42,16 @@ import torch
 
 from panning import config as _config
 from panning.cli import OneLineParser, run_guarded
+from panning.config import RunConfig
 from panning.data import load_dataset
 from panning.episode import PruningEpisode
 from panning.errors import UsageError
 from panning.hashing import masks_digest
 from panning.masks import Masks
 from panning.policy import run_policy
+from panning.pruner import METHODS
 from panning.runs import cell_config, prune_model, scoring_batches, setup
-from panning.sweep import DENSE, Cell, load_sweep
+from panning.sweep import DENSE, Cell, SweepConfig, load_sweep
 from panning.train import evaluate, resolve_device, train_masked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +75,11 @@ def _train_one(job: tuple[int, int]) -> tuple[int, int, float, float]:
     return i, tseed, float(val), float(test)
 
 
-def build_candidates(bench: str, mixtures: int, steps: int, indices: list[str], data_dir: str | None,
-                     mix_seed: int, draws: int = 0, propose: str | None = None
+def build_candidates(bench: str, sweep: SweepConfig, base: RunConfig, mixtures: int, steps: int, indices: list[str],
+                     data_dir: str | None, mix_seed: int, draws: int = 0, propose: str | None = None
                      ) -> tuple[list[dict[str, Any]], list[Masks], dict[int, torch.nn.Module], Any, Any]:
-    """The masks: the sweep's methods and agents as its cells prune them, ``mixtures`` uniformly random actions
-    and ``draws`` episodes of the ``propose`` agent's stochastic policy."""
-    sweep, base = load_sweep(bench)
+    """The masks: the sweep's (``load_sweep(bench)``) methods and agents as its cells prune them, ``mixtures``
+    uniformly random actions and ``draws`` episodes of the ``propose`` agent's stochastic policy."""
     if data_dir:
         base = _config.override(base, {"data_dir": data_dir})
     if resolve_device(base.device).type != "cpu":
@@ -103,23 +104,19 @@ def build_candidates(bench: str, mixtures: int, steps: int, indices: list[str], 
     cands: list[dict[str, Any]] = []
     masks: list[Masks] = []
     models: dict[int, torch.nn.Module] = {}
-    train_cfg = None
     for seed in sweep.seeds:
         rng = np.random.default_rng([mix_seed, seed])  # the same draws whatever the other seeds are
         uniform = [(rng.dirichlet(np.ones(len(indices))), rng.uniform(-1, 1, steps)) for _ in range(mixtures)]
+        # the seed's network and scoring batch, as every cell of this seed builds them (the sparsity plays no part)
+        c = cell_config(base, Cell(sweep.methods[0], sweep.sparsities[0], seed), paths)
+        s = setup(c, bundle)
+        models[seed] = copy.deepcopy(s.model).cpu()
+        batches = scoring_batches(c, s.bundle, s.device)
         for sparsity in sweep.sparsities:
             for method in [m for m in sweep.methods if m != DENSE]:
-                c = cell_config(base, Cell(method, sparsity, seed), paths)
-                s = setup(c, bundle)
-                models.setdefault(seed, copy.deepcopy(s.model).cpu())
-                train_cfg = c.train
-                masks.append(prune_model(c, s, policies.get(method)).masks.cpu())
+                cm = cell_config(base, Cell(method, sparsity, seed), paths)
+                masks.append(prune_model(cm, setup(cm, bundle), policies.get(method)).masks.cpu())
                 cands.append({"name": method, "kind": "method", "seed": seed, "sparsity": sparsity})
-            c = cell_config(base, Cell(sweep.methods[0], sparsity, seed), paths)
-            s = setup(c, bundle)
-            models.setdefault(seed, copy.deepcopy(s.model).cpu())
-            train_cfg = c.train
-            batches = scoring_batches(c, s.bundle, s.device)
             for j, (w, b) in enumerate(uniform):
                 ep = PruningEpisode(s.model, indices, batches, target_sparsity=sparsity, steps=steps,
                                     input_shape=s.bundle.input_shape, exclude=c.prune.exclude, seed=seed)
@@ -138,7 +135,7 @@ def build_candidates(bench: str, mixtures: int, steps: int, indices: list[str], 
                 cands.append({"name": f"{DRAW}{j}", "kind": DRAW, "draw": j, "seed": seed, "sparsity": sparsity,
                               "actions": [[round(a, 4) for a in st["action"]]
                                           for st in result.extra["policy"]["steps"]]})
-    return cands, masks, models, bundle, train_cfg
+    return cands, masks, models, bundle, base.train
 
 
 def summarise(cands: list[dict[str, Any]], seeds: list[int], sparsities: list[float]) -> list[dict[str, Any]]:
@@ -147,12 +144,7 @@ def summarise(cands: list[dict[str, Any]], seeds: list[int], sparsities: list[fl
     for sp in sparsities:
         rows = [c for c in cands if c["sparsity"] == sp]
         names = sorted({c["name"] for c in rows if c["kind"] == "method"})
-        per: dict[str, dict[str, float]] = {}
-        for n in names:
-            mine = [c for c in rows if c["name"] == n]
-            per[n] = {"test_protocol": float(np.mean([c["test"][0] for c in mine])),
-                      "test_all": float(np.mean([np.mean(c["test"]) for c in mine])),
-                      "val": float(np.mean([np.mean(c["val"]) for c in mine]))}
+        per = {n: _figures([c for c in rows if c["name"] == n]) for n in names}
         picked: dict[str, list[str]] = {}
         for kind, label in SEARCHES.items():
             picks = []
@@ -161,9 +153,7 @@ def summarise(cands: list[dict[str, Any]], seeds: list[int], sparsities: list[fl
                 if found:  # the best mean validation accuracy (never test); ties: the first drawn
                     picks.append(max(found, key=lambda c: (float(np.mean(c["val"])), -c["draw"])))
             if picks:
-                per[label] = {"test_protocol": float(np.mean([c["test"][0] for c in picks])),
-                              "test_all": float(np.mean([np.mean(c["test"]) for c in picks])),
-                              "val": float(np.mean([np.mean(c["val"]) for c in picks]))}
+                per[label] = _figures(picks)
                 picked[label] = [c["name"] for c in picks]
         singles = [n for n in names if n in _SINGLE_INDICES]
         entry: dict[str, Any] = {"sparsity": sp, "methods": per, "picks": picked}
@@ -178,6 +168,14 @@ def summarise(cands: list[dict[str, Any]], seeds: list[int], sparsities: list[fl
                                   for kind, label in SEARCHES.items() if label in per}
         table.append(entry)
     return table
+
+
+def _figures(cands: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean over ``cands`` (one per seed) of the test accuracy at the protocol's training seed, of the test and of
+    the validation accuracy over all training seeds."""
+    return {"test_protocol": float(np.mean([c["test"][0] for c in cands])),
+            "test_all": float(np.mean([np.mean(c["test"]) for c in cands])),
+            "val": float(np.mean([np.mean(c["val"]) for c in cands]))}
 
 
 def best_of_k(rows: list[dict[str, Any]], seeds: list[int], kind: str, reference: str,
@@ -207,9 +205,9 @@ def best_of_k(rows: list[dict[str, Any]], seeds: list[int], kind: str, reference
     return out
 
 
-# the single indices as fixed methods (the sweep may also hold panning's table, agents and random)
-_SINGLE_INDICES = ("synflow", "snip", "grasp", "grasp_abs", "fts", "magnitude", "synflow_l2", "ntk_sap", "px",
-                   "prospr", "force", "iter_snip")
+# the fixed methods of one index (the sweep may also hold panning's table and agents); random is the baseline,
+# not a saliency index the acceptance compares with
+_SINGLE_INDICES = frozenset(n for n, m in METHODS.items() if len(m.indices) == 1 and n != "random")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,15 +241,15 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError("--draws needs --propose AGENT: the agent whose stochastic policy proposes the actions")
     if args.json and Path(args.json).exists():
         raise UsageError(f"--json {args.json} exists; choose another path or remove it")
-    torch.set_num_threads(1)
-    sweep, _ = load_sweep(args.bench)
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UsageError(f"--json {args.json}: its folder does not exist")
+    torch.set_num_threads(1)
+    sweep, base = load_sweep(args.bench)
 
     t0 = time.perf_counter()
-    cands, masks, models, bundle, train_cfg = build_candidates(args.bench, args.mixtures, args.pruning_steps,
-                                                               args.indices, args.data_dir, args.mix_seed, args.draws,
-                                                               args.propose)
+    cands, masks, models, bundle, train_cfg = build_candidates(args.bench, sweep, base, args.mixtures,
+                                                               args.pruning_steps, args.indices, args.data_dir,
+                                                               args.mix_seed, args.draws, args.propose)
     for c, m in zip(cands, masks, strict=True):
         c["digest"] = masks_digest(m)
     print(f"{len(cands)} masks in {time.perf_counter() - t0:.0f} s; validation {len(bundle.val)} images "
