@@ -17,7 +17,10 @@ Rows (without ``--model``: all of them):
 
 Prints a markdown table; ``--json PATH`` writes one row per measurement with the keys ``model,
 dataset, n, device, sequential_per_s, batched_per_s, speedup, max_abs_accuracy_diff`` (plus
-``kind``, ``steps``, ``device_name``, and ``phase`` for episodes). Not a test: run it by hand, e.g.
+``kind``, ``steps``, ``device_name``, and ``phase`` for episodes). Proxy rows of Linear-only networks also
+carry the work done per second (``sequential_gflops``, ``batched_gflops``: the layers' multiply-adds, a lower
+bound) beside ``peak_gflops``, what one large float32 matrix product reaches on the device: how close a
+stacked proxy already is to the roof, which bounds the speed-up any batching can give. Not a test: run it by hand, e.g.
 
     .venv/bin/python benchmarks/bench_batched.py --model mlp --dataset digits --n 1,8,32
     .venv/bin/python benchmarks/bench_batched.py --device cuda --json benchmarks/results/gpu_batched.json
@@ -71,6 +74,34 @@ def bundle(name: str) -> DataBundle:
     return b
 
 
+def linear_flops(net: torch.nn.Module, train_samples: int, eval_samples: int) -> float | None:
+    """Floating-point operations of a proxy run of a network of Linear layers only (None otherwise): 2 per
+    multiply-add, forward (``2 * in * out`` a sample and layer) and backward (twice the forward: the input's and
+    the weight's gradients) for each training sample, forward only for each evaluated one. Biases, activations
+    and the optimizer are left out (a lower bound on the work)."""
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    if any(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) for m in net.modules()):
+        return None
+    macs = sum(m.in_features * m.out_features for m in layers)
+    return 2.0 * macs * (3 * train_samples + eval_samples)
+
+
+def peak_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """What this device's matrix product reaches (the roof a compute-bound proxy can approach): the median
+    GFLOP/s of ``repeats`` float32 ``size x size`` products, with this process's thread count."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * size**3 / float(np.median(times)) / 1e9
+
+
 def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device) -> dict:
     b = bundle(ds)
     inits = [build_model(model, b.num_classes, b.input_shape, seed=s).to(device) for s in range(n)]
@@ -89,8 +120,11 @@ def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device) -> 
     sync()
     t2 = time.perf_counter()
     seq, bat = n / (t1 - t0), n / (t2 - t1)
+    flops = linear_flops(inits[0], steps * ev.settings.batch_size, len(b.val))
     return {"kind": "proxy", "model": model, "dataset": ds, "n": n, "steps": steps, "sequential_per_s": seq,
             "batched_per_s": bat, "speedup": bat / seq,
+            "sequential_gflops": None if flops is None else seq * flops / 1e9,
+            "batched_gflops": None if flops is None else bat * flops / 1e9,
             "max_abs_accuracy_diff": max(abs(a.accuracy - c.accuracy) for a, c in zip(one, many, strict=True))}
 
 
@@ -186,9 +220,10 @@ def main() -> None:
                  for r in table]
         raise UsageError(f"nothing to measure for --model {args.model} --dataset {args.dataset} with the --skip "
                          f"flags given; rows: {', '.join(rows_)}")
+    peak = peak_gflops(device) if proxy else None
     for model, ds, steps in proxy:
         for n in ns:
-            keep(proxy_row(model, ds, steps, n, device))
+            keep({**proxy_row(model, ds, steps, n, device), "peak_gflops": peak})
     for model, ds, cfg in episodes:
         for row in episode_rows(model, ds, cfg, max(ns), args.episodes, args.warmup, device):
             keep(row)
@@ -201,6 +236,14 @@ def main() -> None:
         kind = f"{r['kind']} ({r['phase']})" if "phase" in r else r["kind"]
         print(f"| {kind} | {r['model']} / {r['dataset']} | {r['n']} | {r['steps']} | "
               f"{r['sequential_per_s']:.2f} {seq_label} | {r['batched_per_s']:.2f} | {r['speedup']:.2f}x | {diff} |")
+    roof = [r for r in rows if r.get("sequential_gflops") is not None]
+    if roof:
+        print(f"\nLinear-layer work done per second (GFLOP/s, a lower bound: biases, activations and the optimizer "
+              f"left out) against a {2048}x{2048} float32 matrix product's {peak:.0f} GFLOP/s on this device:")
+        for r in roof:
+            print(f"  proxy {r['model']} / {r['dataset']}, N = {r['n']}: one at a time {r['sequential_gflops']:.1f} "
+                  f"({100 * r['sequential_gflops'] / peak:.0f}% of it), batched {r['batched_gflops']:.1f} "
+                  f"({100 * r['batched_gflops'] / peak:.0f}%)")
 
 
 if __name__ == "__main__":

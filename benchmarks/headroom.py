@@ -44,7 +44,7 @@ from panning import config as _config
 from panning.cli import OneLineParser, run_guarded
 from panning.config import RunConfig
 from panning.data import load_dataset
-from panning.episode import PruningEpisode
+from panning.episode import PruningEpisode, check_layer_actions
 from panning.errors import UsageError
 from panning.hashing import masks_digest
 from panning.masks import Masks
@@ -76,10 +76,12 @@ def _train_one(job: tuple[int, int]) -> tuple[int, int, float, float]:
 
 
 def build_candidates(bench: str, sweep: SweepConfig, base: RunConfig, mixtures: int, steps: int, indices: list[str],
-                     data_dir: str | None, mix_seed: int, draws: int = 0, propose: str | None = None
+                     data_dir: str | None, mix_seed: int, draws: int = 0, propose: str | None = None,
+                     shared: bool = False, layer_actions: int = 0
                      ) -> tuple[list[dict[str, Any]], list[Masks], dict[int, torch.nn.Module], Any, Any]:
     """The masks: the sweep's (``load_sweep(bench)``) methods and agents as its cells prune them, ``mixtures``
-    uniformly random actions and ``draws`` episodes of the ``propose`` agent's stochastic policy."""
+    uniformly random actions (the same on every seed if ``shared``, else drawn per seed; with ``layer_actions``
+    S per-layer depth points too) and ``draws`` episodes of the ``propose`` agent's stochastic policy."""
     if data_dir:
         base = _config.override(base, {"data_dir": data_dir})
     if resolve_device(base.device).type != "cpu":
@@ -105,8 +107,13 @@ def build_candidates(bench: str, sweep: SweepConfig, base: RunConfig, mixtures: 
     masks: list[Masks] = []
     models: dict[int, torch.nn.Module] = {}
     for seed in sweep.seeds:
-        rng = np.random.default_rng([mix_seed, seed])  # the same draws whatever the other seeds are
-        uniform = [(rng.dirichlet(np.ones(len(indices))), rng.uniform(-1, 1, steps)) for _ in range(mixtures)]
+        # per seed: the same draws whatever the other seeds are; shared: one action list judged on every seed
+        rng = np.random.default_rng([mix_seed] if shared else [mix_seed, seed])
+        # the per-layer points are drawn once per action and kept over its steps (a layer's standing bias, as
+        # AMC's per-layer ratios): drawn anew at every step they would mostly average out; none drawn when S = 0,
+        # so runs without them keep their actions
+        uniform = [(rng.dirichlet(np.ones(len(indices))), rng.uniform(-1, 1, steps),
+                    rng.uniform(-1, 1, layer_actions) if layer_actions else np.zeros(0)) for _ in range(mixtures)]
         # the seed's network and scoring batch, as every cell of this seed builds them (the sparsity plays no part)
         c = cell_config(base, Cell(sweep.methods[0], sweep.sparsities[0], seed), paths)
         s = setup(c, bundle)
@@ -117,14 +124,16 @@ def build_candidates(bench: str, sweep: SweepConfig, base: RunConfig, mixtures: 
                 cm = cell_config(base, Cell(method, sparsity, seed), paths)
                 masks.append(prune_model(cm, setup(cm, bundle), policies.get(method)).masks.cpu())
                 cands.append({"name": method, "kind": "method", "seed": seed, "sparsity": sparsity})
-            for j, (w, b) in enumerate(uniform):
+            for j, (w, b, layers) in enumerate(uniform):
                 ep = PruningEpisode(s.model, indices, batches, target_sparsity=sparsity, steps=steps,
+                                    layer_actions=layer_actions,
                                     input_shape=s.bundle.input_shape, exclude=c.prune.exclude, seed=seed)
                 for t in range(steps):
-                    ep.step(np.r_[2 * w - 1, b[t]])
+                    ep.step(np.r_[2 * w - 1, b[t], layers])
                 masks.append(ep.masks.cpu())
                 cands.append({"name": f"{MIX}{j}", "kind": MIX, "draw": j, "seed": seed, "sparsity": sparsity,
-                              "weights": [round(float(x), 4) for x in w], "steps": [round(float(x), 4) for x in b]})
+                              "weights": [round(float(x), 4) for x in w], "steps": [round(float(x), 4) for x in b],
+                              **({"layers": [round(float(x), 4) for x in layers]} if layer_actions else {})})
             for j in range(draws if sampler is not None else 0):
                 # SB3 samples with torch's global generator: seeded per draw, so a draw does not depend on the others
                 key = [mix_seed, seed, round(sparsity * 1e6), j]
@@ -166,6 +175,9 @@ def summarise(cands: list[dict[str, Any]], seeds: list[int], sparsities: list[fl
         if singles:
             entry["best_of_k"] = {label: best_of_k(rows, seeds, kind, entry["best_single_test_all"])
                                   for kind, label in SEARCHES.items() if label in per}
+            held = {label: held_out_order(rows, seeds, kind, entry["best_single_test_all"])
+                    for kind, label in SEARCHES.items() if label in per}
+            entry["held_out_order"] = {k: v for k, v in held.items() if v is not None}
         table.append(entry)
     return table
 
@@ -205,6 +217,72 @@ def best_of_k(rows: list[dict[str, Any]], seeds: list[int], kind: str, reference
     return out
 
 
+def fixed_action(chosen_on: list[dict[str, Any]], judged_on: list[dict[str, Any]],
+                 sparsities: list[float]) -> list[dict[str, Any]]:
+    """One action for every network, as a policy that ignores its observation plays: per sparsity, the random
+    action with the best mean validation accuracy over ``chosen_on``'s seeds (ties: the first drawn), judged by
+    its test accuracy on ``judged_on``'s seeds against the best single index there. Both runs need
+    ``--shared-actions`` (actions are matched by their weights and step sizes). Also: Spearman's rho between
+    the actions' validation on the choosing seeds and their test on the judging seeds (does an action's quality
+    carry over to other initialisations?) and the best action by the judging seeds' test, a ceiling that a
+    choice on other networks cannot be expected to reach (never reported as a result)."""
+    from scipy.stats import spearmanr
+
+    out = []
+    for sp in sparsities:
+        pick, judge = _per_action(chosen_on, sp), _per_action(judged_on, sp)
+        for run in (pick, judge):
+            seeds = {c["seed"] for v in run.values() for c in v}
+            if any(len(v) != len(seeds) for v in run.values()):
+                raise UsageError("a run's random actions differ from seed to seed: run it with --shared-actions")
+        common = [k for k in pick if k in judge]
+        if not common:
+            raise UsageError("no random action is in both runs at the same sparsity: run both with "
+                             "--shared-actions and the same --mix-seed, --indices and --pruning-steps")
+        chosen = max(common, key=lambda k: (float(np.mean([np.mean(c["val"]) for c in pick[k]])),
+                                            -pick[k][0]["draw"]))
+        rows = [c for c in judged_on if c["sparsity"] == sp]
+        singles = sorted({c["name"] for c in rows if c["kind"] == "method" and c["name"] in _SINGLE_INDICES})
+        per = {n: _figures([c for c in rows if c["name"] == n]) for n in singles}
+        fixed = _figures(judge[chosen])
+        best = max(singles, key=lambda n: per[n]["test_all"]) if singles else None
+        ceiling = max(common, key=lambda k: _figures(judge[k])["test_all"])
+        out.append({"sparsity": sp, "action": pick[chosen][0]["name"], "actions": len(common), "fixed": fixed,
+                    "best_single": best, "best_single_figures": per.get(best) if best else None,
+                    "gain_test_all": fixed["test_all"] - per[best]["test_all"] if best else None,
+                    "gain_test_protocol": fixed["test_protocol"] - per[best]["test_protocol"] if best else None,
+                    "rho": float(spearmanr([np.mean([np.mean(c["val"]) for c in pick[k]]) for k in common],
+                                           [_figures(judge[k])["test_all"] for k in common]).statistic),
+                    "ceiling_action": judge[ceiling][0]["name"], "ceiling": _figures(judge[ceiling])})
+    return out
+
+
+def _per_action(cands: list[dict[str, Any]], sparsity: float) -> dict[tuple, list[dict[str, Any]]]:
+    """The random candidates at ``sparsity`` grouped by their action (weights and step sizes), one per seed."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for c in cands:
+        if c["kind"] == MIX and c["sparsity"] == sparsity:
+            groups.setdefault((tuple(c["weights"]), tuple(c["steps"]), tuple(c.get("layers", ()))), []).append(c)
+    return groups
+
+
+def held_out_order(rows: list[dict[str, Any]], seeds: list[int], kind: str, reference: str) -> float | None:
+    """The search's gain over ``reference`` when its pick cannot profit from a lucky training run: for each
+    training order r, choose by mean validation over the *other* orders and read the test accuracy of order r
+    (both the pick's and the reference's), averaged over r and the seeds. None with fewer than 2 orders."""
+    gains = []
+    for seed in seeds:
+        found = sorted((c for c in rows if c["seed"] == seed and c["kind"] == kind), key=lambda c: c["draw"])
+        ref = [c for c in rows if c["seed"] == seed and c["name"] == reference]
+        if not found or not ref or len(ref[0]["test"]) < 2:
+            return None
+        for r in range(len(ref[0]["test"])):
+            pick = max(found, key=lambda c: (float(np.mean([v for o, v in enumerate(c["val"]) if o != r])),
+                                             -c["draw"]))
+            gains.append(pick["test"][r] - ref[0]["test"][r])
+    return float(np.mean(gains)) if gains else None
+
+
 # the fixed methods of one index (the sweep may also hold panning's table and agents); random is the baseline,
 # not a saliency index the acceptance compares with
 _SINGLE_INDICES = frozenset(n for n, m in METHODS.items() if len(m.indices) == 1 and n != "random")
@@ -217,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mixtures", type=int, default=40,
                     help="random actions tried per seed (the same at every sparsity)")
     ap.add_argument("--pruning-steps", type=int, default=10, help="steps of each random action (the env's T)")
+    ap.add_argument("--layer-actions", type=int, default=0,
+                    help="add S >= 2 per-layer depth points to each random action (the env's layer_actions), drawn "
+                         "once per action in [-1, 1]")
     ap.add_argument("--indices", nargs="+", default=["synflow", "snip", "grasp_abs"],
                     help="the indices the random actions weight (the env's)")
     ap.add_argument("--train-seeds", type=int, default=3,
@@ -224,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draws", type=int, default=0,
                     help="also search among this many episodes of --propose's stochastic policy per seed and sparsity")
     ap.add_argument("--propose", default=None, help="the agent (file or shipped name) whose policy --draws samples")
+    ap.add_argument("--shared-actions", action="store_true",
+                    help="try the same random actions on every seed (else each seed draws its own), so that "
+                         "--fixed-from can judge one action across networks")
+    ap.add_argument("--fixed-from", default=None,
+                    help="an earlier --shared-actions run's --json on other seeds: choose one action there by "
+                         "validation and report it on this run's seeds (what a fixed policy would reach)")
     ap.add_argument("--mix-seed", type=int, default=0, help="seed of the random actions and draws")
     ap.add_argument("--workers", type=int, default=2, help="processes for the full trainings (1 thread each)")
     ap.add_argument("--data-dir", default=None, help="where the data set's files are (default: $PANNING_DATA)")
@@ -231,12 +318,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-json", default=None,
                     help="summarise an earlier run's --json again (table, best-of-K curves); nothing is trained")
     args = ap.parse_args(argv)
+    chooser = _load_run(args.fixed_from, "--fixed-from") if args.fixed_from else None
     if args.from_json:
-        return _from_json(args.from_json)
+        return _from_json(args.from_json, chooser)
     for flag in ("mixtures", "draws", "pruning_steps", "train_seeds", "workers"):
         least = 0 if flag in ("mixtures", "draws") else 1
         if getattr(args, flag) < least:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least {least}")
+    if args.layer_actions:
+        try:
+            check_layer_actions(args.layer_actions)
+        except ValueError as e:
+            raise UsageError(f"--layer-actions: {e}") from None
+    if args.fixed_from and not args.shared_actions:
+        raise UsageError("--fixed-from judges one action on every seed: add --shared-actions")
     if args.draws and not args.propose:
         raise UsageError("--draws needs --propose AGENT: the agent whose stochastic policy proposes the actions")
     if args.json and Path(args.json).exists():
@@ -249,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     cands, masks, models, bundle, train_cfg = build_candidates(args.bench, sweep, base, args.mixtures,
                                                                args.pruning_steps, args.indices, args.data_dir,
-                                                               args.mix_seed, args.draws, args.propose)
+                                                               args.mix_seed, args.draws, args.propose,
+                                                               args.shared_actions, args.layer_actions)
     for c, m in zip(cands, masks, strict=True):
         c["digest"] = masks_digest(m)
     print(f"{len(cands)} masks in {time.perf_counter() - t0:.0f} s; validation {len(bundle.val)} images "
@@ -275,10 +371,11 @@ def main(argv: list[str] | None = None) -> None:
           f"actions; {args.draws} draws of {args.propose or 'no agent'}) by mean validation accuracy over "
           f"{args.train_seeds} training seeds")
     report(table, list(sweep.seeds))
+    fixed = _report_fixed(chooser, cands, list(sweep.sparsities)) if chooser else None
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "recipe": _config.to_dict(train_cfg),
                                                "seconds_per_run": seconds * args.workers / max(1, len(jobs)),
-                                               "candidates": cands, "table": table}, indent=2))
+                                               "candidates": cands, "table": table, "fixed": fixed}, indent=2))
 
 
 def report(table: list[dict[str, Any]], seeds: list[int]) -> None:
@@ -293,24 +390,60 @@ def report(table: list[dict[str, Any]], seeds: list[int]) -> None:
             for label, gain in e.get(f"headroom_{key}", {}).items():
                 print(f"  {label} - best single index ({e[f'best_single_{key}']}), {key.replace('_', ' ')}: "
                       f"{100 * gain:+.2f} points")
+        for label, gain in e.get("held_out_order", {}).items():
+            print(f"  {label} chosen on the other training orders' validation, test of the held-out order, "
+                  f"gain over {e['best_single_test_all']}: {100 * gain:+.2f} points")
         for label, curve in e.get("best_of_k", {}).items():
             print(f"  {label} among K random candidates, expected gain over {e['best_single_test_all']} (all train "
                   "seeds): " + ", ".join(f"K={k} {100 * g:+.2f}" for k, g in curve.items()))
 
 
-def _from_json(path: str) -> None:
+def _report_fixed(chooser: list[dict[str, Any]], cands: list[dict[str, Any]],
+                  sparsities: list[float]) -> list[dict[str, Any]]:
+    """Print and return :func:`fixed_action` with actions chosen on ``chooser``'s seeds, judged on ``cands``'."""
+    rows = fixed_action(chooser, cands, sparsities)
+    seeds = sorted({c["seed"] for c in chooser})
+    if set(seeds) & {c["seed"] for c in cands}:
+        print(f"note: the action is chosen on seeds {seeds}, some of which it is judged on: its figures are biased up")
+    for e in rows:
+        f, b = e["fixed"], e["best_single_figures"]
+        print(f"\nsparsity {e['sparsity']}: one action for every network, chosen by validation on seeds {seeds} "
+              f"among {e['actions']} ({e['action']}): test {100 * f['test_protocol']:.2f} (protocol seed), "
+              f"{100 * f['test_all']:.2f} (all train seeds)"
+              + (f"; best single index {e['best_single']} {100 * b['test_protocol']:.2f} / {100 * b['test_all']:.2f}"
+                 f"; gain {100 * e['gain_test_protocol']:+.2f} / {100 * e['gain_test_all']:+.2f} points" if b else ""))
+        print(f"  rho(validation on the choosing seeds, test here) over the actions: {e['rho']:.2f}; the best "
+              f"action by test here ({e['ceiling_action']}, a ceiling, not a result): "
+              f"{100 * e['ceiling']['test_all']:.2f}")
+    return rows
+
+
+def _load_run(path: str, flag: str) -> list[dict[str, Any]]:
+    """The trained candidates of an earlier run's ``--json``."""
     p = Path(path)
     try:
         cands = json.loads(p.read_text())["candidates"]
-        seeds = sorted({int(c["seed"]) for c in cands})
-        sparsities = sorted({float(c["sparsity"]) for c in cands})
-        table = summarise(cands, seeds, sparsities)
+        if not all({"seed", "sparsity", "kind", "name", "val", "test"} <= c.keys() for c in cands):
+            raise ValueError("a candidate lacks the keys every summary reads")
+        return list(cands)
     except FileNotFoundError:
-        raise UsageError(f"--from-json {p} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        raise UsageError(f"--from-json {p} is not the --json of a headroom.py run") from None
-    print(f"{p}: {len(cands)} trained masks, summarised again (nothing trained)")
+        raise UsageError(f"{flag} {p} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        raise UsageError(f"{flag} {p} is not the --json of a headroom.py run") from None
+
+
+def _from_json(path: str, chooser: list[dict[str, Any]] | None = None) -> None:
+    cands = _load_run(path, "--from-json")
+    seeds = sorted({int(c["seed"]) for c in cands})
+    sparsities = sorted({float(c["sparsity"]) for c in cands})
+    try:
+        table = summarise(cands, seeds, sparsities)
+    except (KeyError, TypeError, ValueError):
+        raise UsageError(f"--from-json {path} is not the --json of a headroom.py run") from None
+    print(f"{path}: {len(cands)} trained masks, summarised again (nothing trained)")
     report(table, seeds)
+    if chooser:
+        _report_fixed(chooser, cands, sparsities)
 
 
 if __name__ == "__main__":

@@ -166,3 +166,89 @@ def test_headroom_summary_chooses_on_validation_never_test() -> None:
     # a smaller search: K = 2 is the whole search (the picks above, against snip's 0.90); K = 1 any candidate
     assert e["best_of_k"]["search"]["2"] == pytest.approx((0.70 - 0.90 + 0.60 - 0.90) / 2)
     assert e["best_of_k"]["search"]["1"] == pytest.approx((0.70 + 0.99 + 0.60 + 0.95) / 4 - 0.90, abs=0.02)
+    assert e["held_out_order"]["search"] == pytest.approx((0.70 - 0.90 + 0.60 - 0.90) / 2)
+    # held out: order 0's test is read after choosing on order 1's validation (mix1), and the other way round
+    rows = [cand("synflow", "method", 0, [0.5, 0.5], [0.6, 0.6]),
+            cand("mix0", "mix", 0, [0.9, 0.5], [0.5, 0.7], 0), cand("mix1", "mix", 0, [0.6, 0.6], [0.8, 0.8], 1)]
+    assert headroom.held_out_order(rows, [0], "mix", "synflow") == pytest.approx((0.8 - 0.6 + 0.7 - 0.6) / 2)
+    assert headroom.held_out_order([{**c, "val": c["val"][:1], "test": c["test"][:1]} for c in rows], [0], "mix",
+                                   "synflow") is None  # one training order: nothing to hold out
+
+
+def test_headroom_fixed_action_is_chosen_on_other_seeds_by_validation() -> None:
+    """One action for every network: chosen by mean validation over the choosing run's seeds (never the judged
+    run's test), reported on the judged run's seeds against the best single index there; runs whose actions
+    differ per seed are refused."""
+    headroom = _script("headroom.py")
+    sys.modules.pop(headroom.__name__, None)
+    from panning.errors import UsageError
+
+    def mix(j: int, seed: int, val: float, test: float, w: float = 0.0) -> dict:
+        return {"name": f"mix{j}", "kind": "mix", "draw": j, "seed": seed, "sparsity": 0.99, "val": [val],
+                "test": [test], "weights": [round(j + w, 4), 0.0, 0.0], "steps": [0.5]}
+
+    def method(name: str, seed: int, test: float) -> dict:
+        return {"name": name, "kind": "method", "seed": seed, "sparsity": 0.99, "val": [0.5], "test": [test]}
+
+    # choosing seeds 10, 11: mix0 has the best mean validation (its test there is poor and never read)
+    chooser = [mix(0, 10, 0.90, 0.10), mix(0, 11, 0.80, 0.10), mix(1, 10, 0.95, 0.99), mix(1, 11, 0.70, 0.99),
+               mix(2, 10, 0.60, 0.99), mix(2, 11, 0.60, 0.99)]
+    judged = [mix(0, 0, 0.1, 0.86), mix(0, 1, 0.1, 0.90), mix(1, 0, 0.9, 0.95), mix(1, 1, 0.9, 0.95),
+              mix(2, 0, 0.1, 0.50), mix(2, 1, 0.1, 0.50),
+              method("synflow", 0, 0.80), method("synflow", 1, 0.84), method("snip", 0, 0.6), method("snip", 1, 0.6)]
+    e = headroom.fixed_action(chooser, judged, [0.99])[0]
+    assert e["action"] == "mix0" and e["actions"] == 3
+    assert e["fixed"]["test_all"] == pytest.approx(0.88) and e["best_single"] == "synflow"
+    assert e["gain_test_all"] == pytest.approx(0.88 - 0.82)
+    assert e["ceiling_action"] == "mix1" and e["ceiling"]["test_all"] == pytest.approx(0.95)
+    assert e["rho"] == pytest.approx(0.5)  # validation there 0.85 / 0.825 / 0.60 against test here 0.88 / 0.95 / 0.50
+    per_seed = [mix(0, 10, 0.9, 0.1), mix(0, 11, 0.9, 0.1, w=0.1)]  # each seed drew its own action
+    with pytest.raises(UsageError, match="--shared-actions"):
+        headroom.fixed_action(per_seed, judged, [0.99])
+
+
+def test_headroom_shared_actions_are_the_same_on_every_seed(tmp_path: Path) -> None:
+    """--shared-actions tries one list of random actions on every seed (without it each seed draws its own), and
+    --fixed-from reports the action chosen on a run's seeds; without --shared-actions it is refused up front.
+    --layer-actions adds per-layer depth points to each action."""
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(f"base: {REPO / 'configs' / 'digits_mlp.yaml'}\nmethods: [synflow]\nsparsities: [0.99]\n"
+                     "seeds: [3, 4]\noverrides: {train.epochs: 1, device: cpu}\n")
+    flags = ["--bench", str(bench), "--mixtures", "2", "--train-seeds", "1", "--workers", "1"]
+    shared, own = tmp_path / "shared.json", tmp_path / "own.json"
+    assert _run("headroom.py", *flags, "--shared-actions", "--json", str(shared)).returncode == 0
+    assert _run("headroom.py", *flags, "--json", str(own)).returncode == 0
+
+    def actions(path: Path, seed: int) -> list:
+        return [(c["weights"], c["steps"]) for c in json.loads(path.read_text())["candidates"]
+                if c["kind"] == "mix" and c["seed"] == seed]
+
+    assert actions(shared, 3) == actions(shared, 4) and actions(own, 3) != actions(own, 4)
+    r = _run("headroom.py", "--from-json", str(shared), "--fixed-from", str(shared))
+    assert r.returncode == 0 and "one action for every network" in r.stdout and "biased up" in r.stdout, r.stderr
+    r = _run("headroom.py", *flags, "--fixed-from", str(shared))
+    assert r.returncode == 2 and "add --shared-actions" in r.stderr and r.stderr.count("\n") == 1
+    # per-layer points: the first action keeps its weights and steps (the points are drawn after them), its
+    # mask changes
+    layered = tmp_path / "layered.json"
+    r = _run("headroom.py", *flags, "--shared-actions", "--layer-actions", "3", "--json", str(layered))
+    assert r.returncode == 0, r.stderr
+    first = [next(c for c in json.loads(f.read_text())["candidates"] if c["name"] == "mix0") for f in (shared, layered)]
+    assert (first[0]["weights"], first[0]["steps"]) == (first[1]["weights"], first[1]["steps"])
+    assert len(first[1]["layers"]) == 3 and "layers" not in first[0] and first[0]["digest"] != first[1]["digest"]
+    r = _run("headroom.py", *flags, "--layer-actions", "1")
+    assert r.returncode == 2 and "--layer-actions" in r.stderr and r.stderr.count("\n") == 1
+    r = _run("headroom.py", "--from-json", str(shared), "--fixed-from", str(own))
+    assert r.returncode == 2 and "run it with --shared-actions" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_bench_batched_counts_linear_work_and_measures_the_roof() -> None:
+    """The roofline figures of bench_batched.py: a Linear network's proxy work is 2 flops a multiply-add, three
+    passes a training sample and one an evaluated sample; convolutional networks get none (not counted)."""
+    bench = _script("bench_batched.py")
+    sys.modules.pop(bench.__name__, None)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert bench.linear_flops(net, 10, 5) == 2 * (3 * 4 + 4 * 2) * (3 * 10 + 5)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2, 2))
+    assert bench.linear_flops(conv, 10, 5) is None
+    assert bench.peak_gflops(torch.device("cpu"), size=64, repeats=2) > 0
