@@ -19,12 +19,18 @@ recipe, methods, agents, sparsities and seeds), for each seed and sparsity:
   counts, may differ from these figures in the last digits (checked equal on the CPU: the digits MLP and
   MNIST LeNet-300-100 cells of BENCHMARKS.md).
 
+With ``--shared-actions`` the K random actions are the same on every seed, and ``--fixed-from RUN.json`` (an
+earlier such run on other seeds) chooses **one action for every network** there by mean validation accuracy
+and reports it here: what a policy that plays the same action whatever it observes can reach.
+``--layer-actions S`` adds S per-layer depth points (the env's ``layer_actions``) to each random action.
+
 **Search** picks, per seed and sparsity, the mixture with the best mean validation accuracy (no test image is
 read to choose it) and reports that mask's test accuracy; ``search (agent draws)`` does the same among the
 draws. It is what an agent with a perfect full-training reward could reach by trying that many actions; its
 margin over the best single index (by test mean, as the acceptance tables compare) is the headroom. Test
 accuracy is reported at the protocol's training seed (comparable with the sweep's table) and as the mean over
-all training seeds (less noisy). Run by hand:
+all training seeds (less noisy), and chosen on the other training orders' validation and read on the held-out
+order's test (so that a lucky training run cannot flatter it). Run by hand:
 
     .venv/bin/python benchmarks/headroom.py --bench configs/bench/demo.yaml --mixtures 40 --json out.json
 """
@@ -222,10 +228,11 @@ def fixed_action(chosen_on: list[dict[str, Any]], judged_on: list[dict[str, Any]
     """One action for every network, as a policy that ignores its observation plays: per sparsity, the random
     action with the best mean validation accuracy over ``chosen_on``'s seeds (ties: the first drawn), judged by
     its test accuracy on ``judged_on``'s seeds against the best single index there. Both runs need
-    ``--shared-actions`` (actions are matched by their weights and step sizes). Also: Spearman's rho between
-    the actions' validation on the choosing seeds and their test on the judging seeds (does an action's quality
-    carry over to other initialisations?) and the best action by the judging seeds' test, a ceiling that a
-    choice on other networks cannot be expected to reach (never reported as a result)."""
+    ``--shared-actions`` (actions are matched by their weights, step sizes and per-layer points). Also:
+    Spearman's rho between the actions' validation on the choosing seeds and their test on the judging seeds
+    (does an action's quality carry over to other initialisations?) and the best action by the judging seeds'
+    test, a ceiling that a choice on other networks cannot be expected to reach (never reported as a
+    result)."""
     from scipy.stats import spearmanr
 
     out = []
@@ -252,7 +259,8 @@ def fixed_action(chosen_on: list[dict[str, Any]], judged_on: list[dict[str, Any]
                     "gain_test_all": fixed["test_all"] - per[best]["test_all"] if best else None,
                     "gain_test_protocol": fixed["test_protocol"] - per[best]["test_protocol"] if best else None,
                     "rho": float(spearmanr([np.mean([np.mean(c["val"]) for c in pick[k]]) for k in common],
-                                           [_figures(judge[k])["test_all"] for k in common]).statistic),
+                                           [_figures(judge[k])["test_all"] for k in common]).statistic)
+                    if len(common) > 2 else float("nan"),  # no rank correlation of one or two actions
                     "ceiling_action": judge[ceiling][0]["name"], "ceiling": _figures(judge[ceiling])})
     return out
 

@@ -63,6 +63,7 @@ def test_tiny_benchmark_writes_table_csv_plot(tmp_path: Path, capsys: pytest.Cap
     assert f"| magnitude |  | {100 * sum(val) / len(val):.2f} ± " in val_md.replace("**", "")
     tst = [float(r["test_accuracy"]) for r in rows if r["method"] == "magnitude" and r["target_sparsity"] == "0.5"]
     assert f"| magnitude |  | {100 * sum(tst) / len(tst):.2f} ± " in test_md.replace("**", "")
+    assert "minus the best single index of the column" in val_md  # the paired table (magnitude, snip: one index)
 
 
 def test_interrupted_sweep_resumes_without_rerunning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,3 +314,23 @@ def test_the_plot_is_redrawn_at_most_every_draw_every_seconds_and_at_the_end(
     drawn.clear()
     sweep.run_sweep(sw, cfg, tmp_path / "out2", fake_cell, log=lambda s: None)
     assert drawn == [1, 2, 3, 4, 5, 6]  # the last cell's reports are the closing ones, written once
+
+
+def test_paired_table_pairs_each_method_with_the_best_single_index_seed_by_seed() -> None:
+    """The reference is the column's best one-index method by mean test accuracy; differences are paired on the
+    seeds both have, with the standard error of their mean; no one-index method: no table."""
+    def row(method: str, sparsity: float, seed: int, acc: float) -> dict:
+        return {"method": method, "target_sparsity": sparsity, "seed": seed, "test_accuracy": acc}
+
+    rows = [row("dense", 0.0, 0, 0.99),
+            row("synflow", 0.9, 0, 0.90), row("synflow", 0.9, 1, 0.80), row("synflow", 0.9, 2, 0.85),
+            row("snip", 0.9, 0, 0.50), row("snip", 0.9, 1, 0.50), row("snip", 0.9, 2, 0.50),
+            # the agent is 1 point better on every seed: a mean of +1.00 and no spread, though the seeds vary
+            row("agent", 0.9, 0, 0.91), row("agent", 0.9, 1, 0.81), row("agent", 0.9, 2, 0.86),
+            row("panning", 0.9, 0, 0.92), row("panning", 0.9, 1, 0.80)]  # seed 2 missing: two pairs
+    table = sweep.paired_table(rows)
+    assert "| agent | +1.00 ± 0.00 (n=3) vs synflow |" in table
+    assert "| panning | +1.00 ± 1.00 (n=2) vs synflow |" in table  # differences +2 and 0
+    assert "| synflow | (reference: synflow) |" in table and "dense" not in table
+    assert "| snip | -35.00 ± 2.89 (n=3) vs synflow |" in table
+    assert sweep.paired_table([r for r in rows if r["method"] in ("agent", "panning")]) == ""
