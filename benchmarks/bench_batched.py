@@ -76,14 +76,15 @@ def bundle(name: str) -> DataBundle:
 
 def linear_flops(net: torch.nn.Module, train_samples: int, eval_samples: int) -> float | None:
     """Floating-point operations of a proxy run of a network of Linear layers only (None otherwise): 2 per
-    multiply-add, forward (``2 * in * out`` a sample and layer) and backward (twice the forward: the input's and
-    the weight's gradients) for each training sample, forward only for each evaluated one. Biases, activations
-    and the optimizer are left out (a lower bound on the work)."""
-    layers = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    multiply-add; per training sample the forward (``in * out`` a layer) and the backward (the weight's
+    gradient, and the input's for every layer but the first, whose input needs none); per evaluated sample the
+    forward. Biases, activations and the optimizer are left out (a lower bound on the work)."""
     if any(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) for m in net.modules()):
         return None
-    macs = sum(m.in_features * m.out_features for m in layers)
-    return 2.0 * macs * (3 * train_samples + eval_samples)
+    macs = [m.in_features * m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    if not macs:
+        return None
+    return 2.0 * ((3 * sum(macs) - macs[0]) * train_samples + sum(macs) * eval_samples)
 
 
 def peak_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
@@ -100,6 +101,24 @@ def peak_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> flo
         sync()
         times.append(time.perf_counter() - t0)
     return 2.0 * size**3 / float(np.median(times)) / 1e9
+
+
+def profile_stacked(model: str, ds: str, steps: int, n: int, device: torch.device) -> str:
+    """torch.profiler's table (operators by own time) of one stacked evaluation of ``n`` candidates: where a
+    batched proxy's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    b = bundle(ds)
+    inits = [build_model(model, b.num_classes, b.input_shape, seed=s).to(device) for s in range(n)]
+    x, y = balanced_batch(b.train, 5, b.num_classes, seed=0)
+    masks = [prune(m, "snip", 0.95, [(x.to(device), y.to(device))]).masks for m in inits]
+    ev = ProxyEvaluator(b, steps=steps, cache_size=0, device=device, max_candidates=n, stacked=True)
+    ev.evaluate_many(inits[:2], masks[:2])  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        ev.evaluate_many(inits, masks)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return str(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
 def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device) -> dict:
@@ -194,6 +213,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads of this process, for both sides of the proxy rows (default: all cores)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", action="store_true",
+                    help="after the proxy rows, profile one stacked evaluation at the largest N of each proxy row")
     args = ap.parse_args()
     tune_malloc()
     torch.set_num_threads(args.threads)
@@ -224,6 +245,9 @@ def main() -> None:
     for model, ds, steps in proxy:
         for n in ns:
             keep({**proxy_row(model, ds, steps, n, device), "peak_gflops": peak})
+    for model, ds, steps in proxy if args.profile else []:
+        print(f"\nprofile: one stacked evaluation, {model} / {ds}, N = {max(ns)}, {steps} steps\n"
+              + profile_stacked(model, ds, steps, max(ns), device), flush=True)
     for model, ds, cfg in episodes:
         for row in episode_rows(model, ds, cfg, max(ns), args.episodes, args.warmup, device):
             keep(row)

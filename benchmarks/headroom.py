@@ -257,7 +257,9 @@ def fixed_action(chosen_on: list[dict[str, Any]], judged_on: list[dict[str, Any]
         out.append({"sparsity": sp, "action": pick[chosen][0]["name"], "actions": len(common), "fixed": fixed,
                     "best_single": best, "best_single_figures": per.get(best) if best else None,
                     "gain_test_all": fixed["test_all"] - per[best]["test_all"] if best else None,
-                    "gain_test_protocol": fixed["test_protocol"] - per[best]["test_protocol"] if best else None,
+                    # each figure against its own best single index, as summarise compares
+                    "gain_test_protocol": fixed["test_protocol"] - max(v["test_protocol"] for v in per.values())
+                    if best else None,
                     "rho": float(spearmanr([np.mean([np.mean(c["val"]) for c in pick[k]]) for k in common],
                                            [_figures(judge[k])["test_all"] for k in common]).statistic)
                     if len(common) > 2 else float("nan"),  # no rank correlation of one or two actions
@@ -326,7 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-json", default=None,
                     help="summarise an earlier run's --json again (table, best-of-K curves); nothing is trained")
     args = ap.parse_args(argv)
-    chooser = _load_run(args.fixed_from, "--fixed-from") if args.fixed_from else None
+    chooser = None
+    if args.fixed_from:
+        chooser, chooser_args = _load_run(args.fixed_from, "--fixed-from")
+        _check_chooser(chooser, chooser_args, _load_run(args.from_json, "--from-json")[1] if args.from_json
+                       else vars(args))
     if args.from_json:
         return _from_json(args.from_json, chooser)
     for flag in ("mixtures", "draws", "pruning_steps", "train_seeds", "workers"):
@@ -379,11 +385,14 @@ def main(argv: list[str] | None = None) -> None:
           f"actions; {args.draws} draws of {args.propose or 'no agent'}) by mean validation accuracy over "
           f"{args.train_seeds} training seeds")
     report(table, list(sweep.seeds))
-    fixed = _report_fixed(chooser, cands, list(sweep.sparsities)) if chooser else None
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "recipe": _config.to_dict(train_cfg),
-                                               "seconds_per_run": seconds * args.workers / max(1, len(jobs)),
-                                               "candidates": cands, "table": table, "fixed": fixed}, indent=2))
+    out = {"args": vars(args), "recipe": _config.to_dict(train_cfg),
+           "seconds_per_run": seconds * args.workers / max(1, len(jobs)), "candidates": cands, "table": table}
+    if args.json:  # written before the fixed-action report, so that nothing trained is lost to it
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    if chooser:
+        out["fixed"] = _report_fixed(chooser, cands, list(sweep.sparsities))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 def report(table: list[dict[str, Any]], seeds: list[int]) -> None:
@@ -426,24 +435,48 @@ def _report_fixed(chooser: list[dict[str, Any]], cands: list[dict[str, Any]],
     return rows
 
 
-def _load_run(path: str, flag: str) -> list[dict[str, Any]]:
-    """The trained candidates of an earlier run's ``--json``."""
+def _load_run(path: str, flag: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The trained candidates of an earlier run's ``--json`` and the arguments it ran with."""
     p = Path(path)
     try:
-        cands = json.loads(p.read_text())["candidates"]
-        if not all({"seed", "sparsity", "kind", "name", "val", "test"} <= c.keys() for c in cands):
-            raise ValueError("a candidate lacks the keys every summary reads")
-        return list(cands)
+        data = json.loads(p.read_text())
+        cands, args = list(data["candidates"]), dict(data.get("args") or {})
+        for c in cands:
+            if not {"seed", "sparsity", "kind", "name", "val", "test"} <= c.keys() or \
+                    c["kind"] == MIX and not {"weights", "steps", "draw"} <= c.keys():
+                raise ValueError("a candidate lacks the keys the summaries read")
+            c["seed"], c["sparsity"] = int(c["seed"]), float(c["sparsity"])
+            [float(v) for v in c["val"] + c["test"]]
+        if not cands:
+            raise ValueError("no candidate")
+        return cands, args
     except FileNotFoundError:
         raise UsageError(f"{flag} {p} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError):
         raise UsageError(f"{flag} {p} is not the --json of a headroom.py run") from None
 
 
+def _check_chooser(chooser: list[dict[str, Any]], chooser_args: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Refuse a ``--fixed-from`` run whose actions cannot be this run's, before anything is trained: actions
+    drawn per seed, or another index set, step count or per-layer setting (same numbers, other meanings)."""
+    for sp in {c["sparsity"] for c in chooser}:
+        groups = _per_action(chooser, sp)
+        seeds = {c["seed"] for v in groups.values() for c in v}
+        if any(len(v) != len(seeds) for v in groups.values()):
+            raise UsageError("--fixed-from: that run's random actions differ from seed to seed (it ran without "
+                             "--shared-actions)")
+    for key in ("indices", "pruning_steps", "layer_actions"):
+        default = 0 if key == "layer_actions" else None  # runs before --layer-actions had none
+        theirs, ours = chooser_args.get(key, default), mine.get(key, default)
+        if theirs is not None and ours is not None and theirs != ours:
+            raise UsageError(f"--fixed-from: that run has {key.replace('_', '-')} {theirs}, this one {ours}; "
+                             "its actions would mean something else here")
+
+
 def _from_json(path: str, chooser: list[dict[str, Any]] | None = None) -> None:
-    cands = _load_run(path, "--from-json")
-    seeds = sorted({int(c["seed"]) for c in cands})
-    sparsities = sorted({float(c["sparsity"]) for c in cands})
+    cands = _load_run(path, "--from-json")[0]
+    seeds = sorted({c["seed"] for c in cands})
+    sparsities = sorted({c["sparsity"] for c in cands})
     try:
         table = summarise(cands, seeds, sparsities)
     except (KeyError, TypeError, ValueError):

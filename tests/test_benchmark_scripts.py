@@ -205,6 +205,10 @@ def test_headroom_fixed_action_is_chosen_on_other_seeds_by_validation() -> None:
     per_seed = [mix(0, 10, 0.9, 0.1), mix(0, 11, 0.9, 0.1, w=0.1)]  # each seed drew its own action
     with pytest.raises(UsageError, match="--shared-actions"):
         headroom.fixed_action(per_seed, judged, [0.99])
+    # shared across its seeds, but none of the judged run's actions
+    other = [{**c, "weights": [9.0 + c["draw"], 0.0, 0.0]} for c in chooser]
+    with pytest.raises(UsageError, match="no random action is in both runs"):
+        headroom.fixed_action(other, judged, [0.99])
 
 
 def test_headroom_shared_actions_are_the_same_on_every_seed(tmp_path: Path) -> None:
@@ -239,16 +243,35 @@ def test_headroom_shared_actions_are_the_same_on_every_seed(tmp_path: Path) -> N
     r = _run("headroom.py", *flags, "--layer-actions", "1")
     assert r.returncode == 2 and "--layer-actions" in r.stderr and r.stderr.count("\n") == 1
     r = _run("headroom.py", "--from-json", str(shared), "--fixed-from", str(own))
-    assert r.returncode == 2 and "run it with --shared-actions" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and "ran without --shared-actions" in r.stderr and r.stderr.count("\n") == 1
+    data = json.loads(shared.read_text())
+    bad = tmp_path / "bad.json"
+    for change, match in [(lambda d: d["args"].update(indices=["snip", "synflow", "grasp_abs"]), "indices"),
+                          (lambda d: d.update(candidates=[]), "not the --json of a headroom.py run"),
+                          (lambda d: d["candidates"][0].update(seed="x"), "not the --json of a headroom.py run")]:
+        d = json.loads(json.dumps(data))
+        change(d)
+        bad.write_text(json.dumps(d))
+        r = _run("headroom.py", "--from-json", str(shared), "--fixed-from", str(bad))
+        assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_bench_batched_counts_linear_work_and_measures_the_roof() -> None:
     """The roofline figures of bench_batched.py: a Linear network's proxy work is 2 flops a multiply-add, three
-    passes a training sample and one an evaluated sample; convolutional networks get none (not counted)."""
+    passes a training sample (two for the first layer: its input needs no gradient) and one an evaluated sample;
+    convolutional networks get none (not counted)."""
     bench = _script("bench_batched.py")
     sys.modules.pop(bench.__name__, None)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    assert bench.linear_flops(net, 10, 5) == 2 * (3 * 4 + 4 * 2) * (3 * 10 + 5)
+    assert bench.linear_flops(net, 10, 5) == 2 * ((2 * 3 * 4 + 3 * 4 * 2) * 10 + (3 * 4 + 4 * 2) * 5)
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2, 2))
     assert bench.linear_flops(conv, 10, 5) is None
     assert bench.peak_gflops(torch.device("cpu"), size=64, repeats=2) > 0
+    # the count matches autograd's own: with the input not requiring a gradient, the first layer's backward
+    # computes the weight's gradient only
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(10, 3)
+    with FlopCounterMode(display=False) as fc:
+        net(x).sum().backward()
+    assert fc.get_total_flops() == 2 * (2 * 3 * 4 + 3 * 4 * 2) * 10

@@ -327,10 +327,12 @@ def test_paired_table_pairs_each_method_with_the_best_single_index_seed_by_seed(
             row("snip", 0.9, 0, 0.50), row("snip", 0.9, 1, 0.50), row("snip", 0.9, 2, 0.50),
             # the agent is 1 point better on every seed: a mean of +1.00 and no spread, though the seeds vary
             row("agent", 0.9, 0, 0.91), row("agent", 0.9, 1, 0.81), row("agent", 0.9, 2, 0.86),
-            row("panning", 0.9, 0, 0.92), row("panning", 0.9, 1, 0.80)]  # seed 2 missing: two pairs
+            row("panning", 0.9, 0, 0.92), row("panning", 0.9, 1, 0.80),  # seed 2 missing: two pairs
+            row("random", 0.9, 0, 0.95), row("random", 0.9, 1, 0.95), row("random", 0.9, 2, 0.95)]  # not an index
     table = sweep.paired_table(rows)
     assert "| agent | +1.00 ± 0.00 (n=3) vs synflow |" in table
     assert "| panning | +1.00 ± 1.00 (n=2) vs synflow |" in table  # differences +2 and 0
     assert "| synflow | (reference: synflow) |" in table and "dense" not in table
     assert "| snip | -35.00 ± 2.89 (n=3) vs synflow |" in table
-    assert sweep.paired_table([r for r in rows if r["method"] in ("agent", "panning")]) == ""
+    assert "| random | +10.00 ± 2.89 (n=3) vs synflow |" in table  # compared, never the reference
+    assert sweep.paired_table([r for r in rows if r["method"] in ("agent", "panning", "random")]) == ""
