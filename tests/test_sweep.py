@@ -35,6 +35,7 @@ def test_tiny_benchmark_writes_table_csv_plot(tmp_path: Path, capsys: pytest.Cap
     assert main(["benchmark", "--config", str(cfg), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| method |" in printed and "magnitude" in printed
+    assert "paired seed by seed" in printed and "vs " in printed  # magnitude and snip: one index each
     with (out / "results.csv").open() as f:
         reader = csv.DictReader(f)
         rows = list(reader)
