@@ -87,7 +87,10 @@ def linear_flops(net: torch.nn.Module, train_samples: int, eval_samples: int) ->
     return 2.0 * ((3 * sum(macs) - macs[0]) * train_samples + sum(macs) * eval_samples)
 
 
-def peak_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+PEAK_SIZE = 2048  # the square float32 matrix product whose speed is the roof
+
+
+def peak_gflops(device: torch.device, size: int = PEAK_SIZE, repeats: int = 5) -> float:
     """What this device's matrix product reaches (the roof a compute-bound proxy can approach): the median
     GFLOP/s of ``repeats`` float32 ``size x size`` products, with this process's thread count."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
@@ -108,11 +111,7 @@ def profile_stacked(model: str, ds: str, steps: int, n: int, device: torch.devic
     batched proxy's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    b = bundle(ds)
-    inits = [build_model(model, b.num_classes, b.input_shape, seed=s).to(device) for s in range(n)]
-    x, y = balanced_batch(b.train, 5, b.num_classes, seed=0)
-    masks = [prune(m, "snip", 0.95, [(x.to(device), y.to(device))]).masks for m in inits]
-    ev = ProxyEvaluator(b, steps=steps, cache_size=0, device=device, max_candidates=n, stacked=True)
+    _, inits, masks, ev = _candidates(model, ds, steps, n, device)
     ev.evaluate_many(inits[:2], masks[:2])  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -121,12 +120,19 @@ def profile_stacked(model: str, ds: str, steps: int, n: int, device: torch.devic
     return str(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
-def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device) -> dict:
+def _candidates(model: str, ds: str, steps: int, n: int, device: torch.device
+                ) -> tuple[DataBundle, list[torch.nn.Module], list, ProxyEvaluator]:
+    """The data, ``n`` initialisations, their SNIP masks at 95% and a stacking proxy evaluator, caches off."""
     b = bundle(ds)
     inits = [build_model(model, b.num_classes, b.input_shape, seed=s).to(device) for s in range(n)]
     x, y = balanced_batch(b.train, 5, b.num_classes, seed=0)
     masks = [prune(m, "snip", 0.95, [(x.to(device), y.to(device))]).masks for m in inits]
-    ev = ProxyEvaluator(b, steps=steps, cache_size=0, device=device, max_candidates=n, stacked=True)
+    return b, inits, masks, ProxyEvaluator(b, steps=steps, cache_size=0, device=device, max_candidates=n,
+                                           stacked=True)
+
+
+def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device) -> dict:
+    b, inits, masks, ev = _candidates(model, ds, steps, n, device)
     ev.evaluate(inits[0], masks[0])  # warm-up (allocator, kernels) of both routes: vmap's first use costs too
     ev.evaluate_many(inits[:1], masks[:1])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -263,7 +269,8 @@ def main() -> None:
     roof = [r for r in rows if r.get("sequential_gflops") is not None]
     if roof:
         print(f"\nLinear-layer work done per second (GFLOP/s, a lower bound: biases, activations and the optimizer "
-              f"left out) against a {2048}x{2048} float32 matrix product's {peak:.0f} GFLOP/s on this device:")
+              f"left out) against a {PEAK_SIZE}x{PEAK_SIZE} float32 matrix product's {peak:.0f} GFLOP/s on this "
+              "device:")
         for r in roof:
             print(f"  proxy {r['model']} / {r['dataset']}, N = {r['n']}: one at a time {r['sequential_gflops']:.1f} "
                   f"({100 * r['sequential_gflops'] / peak:.0f}% of it), batched {r['batched_gflops']:.1f} "

@@ -55,7 +55,7 @@ from panning.errors import UsageError
 from panning.hashing import masks_digest
 from panning.masks import Masks
 from panning.policy import run_policy
-from panning.pruner import METHODS
+from panning.pruner import SINGLE_INDEX_METHODS
 from panning.runs import cell_config, prune_model, scoring_batches, setup
 from panning.sweep import DENSE, Cell, SweepConfig, load_sweep
 from panning.train import evaluate, resolve_device, train_masked
@@ -170,7 +170,7 @@ def summarise(cands: list[dict[str, Any]], seeds: list[int], sparsities: list[fl
             if picks:
                 per[label] = _figures(picks)
                 picked[label] = [c["name"] for c in picks]
-        singles = [n for n in names if n in _SINGLE_INDICES]
+        singles = [n for n in names if n in SINGLE_INDEX_METHODS]
         entry: dict[str, Any] = {"sparsity": sp, "methods": per, "picks": picked}
         for key in ("test_protocol", "test_all"):
             if singles:
@@ -204,11 +204,10 @@ def best_of_k(rows: list[dict[str, Any]], seeds: list[int], kind: str, reference
     rng = np.random.default_rng(0)
     per_seed = []
     for seed in seeds:
-        found = sorted((c for c in rows if c["seed"] == seed and c["kind"] == kind), key=lambda c: c["draw"])
-        ref = [c for c in rows if c["seed"] == seed and c["name"] == reference]
+        found, ref = _seed_search(rows, seed, kind, reference)
         if found and ref:
             per_seed.append((np.array([np.mean(c["val"]) for c in found]),
-                             np.array([np.mean(c["test"]) for c in found]), float(np.mean(ref[0]["test"]))))
+                             np.array([np.mean(c["test"]) for c in found]), float(np.mean(ref["test"]))))
     if not per_seed:
         return {}
     n = min(len(v) for v, _, _ in per_seed)
@@ -237,11 +236,7 @@ def fixed_action(chosen_on: list[dict[str, Any]], judged_on: list[dict[str, Any]
 
     out = []
     for sp in sparsities:
-        pick, judge = _per_action(chosen_on, sp), _per_action(judged_on, sp)
-        for run in (pick, judge):
-            seeds = {c["seed"] for v in run.values() for c in v}
-            if any(len(v) != len(seeds) for v in run.values()):
-                raise UsageError("a run's random actions differ from seed to seed: run it with --shared-actions")
+        pick, judge = _shared_actions(chosen_on, sp), _shared_actions(judged_on, sp)
         common = [k for k in pick if k in judge]
         if not common:
             raise UsageError("no random action is in both runs at the same sparsity: run both with "
@@ -249,7 +244,7 @@ def fixed_action(chosen_on: list[dict[str, Any]], judged_on: list[dict[str, Any]
         chosen = max(common, key=lambda k: (float(np.mean([np.mean(c["val"]) for c in pick[k]])),
                                             -pick[k][0]["draw"]))
         rows = [c for c in judged_on if c["sparsity"] == sp]
-        singles = sorted({c["name"] for c in rows if c["kind"] == "method" and c["name"] in _SINGLE_INDICES})
+        singles = sorted({c["name"] for c in rows if c["kind"] == "method" and c["name"] in SINGLE_INDEX_METHODS})
         per = {n: _figures([c for c in rows if c["name"] == n]) for n in singles}
         fixed = _figures(judge[chosen])
         best = max(singles, key=lambda n: per[n]["test_all"]) if singles else None
@@ -267,12 +262,17 @@ def fixed_action(chosen_on: list[dict[str, Any]], judged_on: list[dict[str, Any]
     return out
 
 
-def _per_action(cands: list[dict[str, Any]], sparsity: float) -> dict[tuple, list[dict[str, Any]]]:
-    """The random candidates at ``sparsity`` grouped by their action (weights and step sizes), one per seed."""
+def _shared_actions(cands: list[dict[str, Any]], sparsity: float, who: str = "a run"
+                    ) -> dict[tuple, list[dict[str, Any]]]:
+    """The random candidates at ``sparsity`` grouped by their action (weights, step sizes, per-layer points), one
+    per seed; a UsageError naming ``who`` when the actions differ from seed to seed (no --shared-actions)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for c in cands:
         if c["kind"] == MIX and c["sparsity"] == sparsity:
             groups.setdefault((tuple(c["weights"]), tuple(c["steps"]), tuple(c.get("layers", ()))), []).append(c)
+    seeds = {c["seed"] for v in groups.values() for c in v}
+    if any(len(v) != len(seeds) for v in groups.values()):
+        raise UsageError(f"{who}'s random actions differ from seed to seed (it ran without --shared-actions)")
     return groups
 
 
@@ -282,20 +282,22 @@ def held_out_order(rows: list[dict[str, Any]], seeds: list[int], kind: str, refe
     (both the pick's and the reference's), averaged over r and the seeds. None with fewer than 2 orders."""
     gains = []
     for seed in seeds:
-        found = sorted((c for c in rows if c["seed"] == seed and c["kind"] == kind), key=lambda c: c["draw"])
-        ref = [c for c in rows if c["seed"] == seed and c["name"] == reference]
-        if not found or not ref or len(ref[0]["test"]) < 2:
+        found, ref = _seed_search(rows, seed, kind, reference)
+        if not found or ref is None or len(ref["test"]) < 2:
             return None
-        for r in range(len(ref[0]["test"])):
+        for r in range(len(ref["test"])):
             pick = max(found, key=lambda c: (float(np.mean([v for o, v in enumerate(c["val"]) if o != r])),
                                              -c["draw"]))
-            gains.append(pick["test"][r] - ref[0]["test"][r])
+            gains.append(pick["test"][r] - ref["test"][r])
     return float(np.mean(gains)) if gains else None
 
 
-# the fixed methods of one index (the sweep may also hold panning's table and agents); random is the baseline,
-# not a saliency index the acceptance compares with
-_SINGLE_INDICES = frozenset(n for n, m in METHODS.items() if len(m.indices) == 1 and n != "random")
+def _seed_search(rows: list[dict[str, Any]], seed: int, kind: str, reference: str
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """A seed's candidates of ``kind`` in the order drawn (ties go to the first) and its ``reference`` cell."""
+    found = sorted((c for c in rows if c["seed"] == seed and c["kind"] == kind), key=lambda c: c["draw"])
+    return found, next((c for c in rows if c["seed"] == seed and c["name"] == reference), None)
+
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -460,11 +462,7 @@ def _check_chooser(chooser: list[dict[str, Any]], chooser_args: dict[str, Any], 
     """Refuse a ``--fixed-from`` run whose actions cannot be this run's, before anything is trained: actions
     drawn per seed, or another index set, step count or per-layer setting (same numbers, other meanings)."""
     for sp in {c["sparsity"] for c in chooser}:
-        groups = _per_action(chooser, sp)
-        seeds = {c["seed"] for v in groups.values() for c in v}
-        if any(len(v) != len(seeds) for v in groups.values()):
-            raise UsageError("--fixed-from: that run's random actions differ from seed to seed (it ran without "
-                             "--shared-actions)")
+        _shared_actions(chooser, sp, "--fixed-from: that run")
     for key in ("indices", "pruning_steps", "layer_actions"):
         default = 0 if key == "layer_actions" else None  # runs before --layer-actions had none
         theirs, ours = chooser_args.get(key, default), mine.get(key, default)

@@ -354,10 +354,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             sw, cfg, args.out, lambda c, cell, d: runs.run_cell(c, cell, d, bundle, progress=None, agents=policies),
             seeds=args.seeds)
     print(sweep.markdown_table(rows), end="")
-    paired = sweep.paired_table(rows)
-    if paired:  # the margins a comparison with the best index needs: the seeds' own spread cancels in pairs
-        print("\nminus the best single index of each column, paired seed by seed (points, mean ± standard error):\n"
-              + paired, end="")
+    # the margins a comparison with the best index needs: the seeds' own spread cancels in the pairs
+    print(sweep.paired_section(rows), end="")
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'accuracy_vs_sparsity.png'}")
     return 0
 

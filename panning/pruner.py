@@ -446,6 +446,10 @@ METHODS: dict[str, Method] = {
     ),
 }
 
+#: the fixed methods of one saliency index, what "the best single index" is chosen among; random is the
+#: baseline, not an index (the multi-index methods, panning's tables and agents are not single indices)
+SINGLE_INDEX_METHODS = frozenset(n for n, m in METHODS.items() if len(m.indices) == 1 and n != "random")
+
 
 def available_methods() -> list[str]:
     """Names accepted by :func:`prune`."""

@@ -197,9 +197,8 @@ def paired_table(rows: list[dict[str, Any]]) -> str:
     acceptance margin of a point needs ("+1.0 over the best index" on 3 seeds is within one standard error
     on small data sets); empty when no column has a single index."""
     from panning.analysis import paired_comparison
-    from panning.pruner import METHODS
+    from panning.pruner import SINGLE_INDEX_METHODS
 
-    singles = {n for n, m in METHODS.items() if len(m.indices) == 1 and n != "random"}
     by_seed: dict[tuple[str, float], dict[int, float]] = {}
     for r in rows:
         key = (r["method"], round(float(r["target_sparsity"]), 6))
@@ -207,7 +206,8 @@ def paired_table(rows: list[dict[str, Any]]) -> str:
     sparsities = sorted({s for m, s in by_seed if m != DENSE})
     refs = {}
     for s in sparsities:
-        cands = [(statistics.fmean(v.values()), m) for (m, s2), v in by_seed.items() if s2 == s and m in singles]
+        cands = [(statistics.fmean(v.values()), m) for (m, s2), v in by_seed.items()
+                 if s2 == s and m in SINGLE_INDEX_METHODS]
         if cands:
             refs[s] = max(cands)[1]
     if not refs:
@@ -313,17 +313,19 @@ def write_reports(out: Path, title: str = "", draw: bool = True) -> list[dict[st
     # the validation table is what a choice between methods (an agent to ship) may read; the test table is not
     write_text(out / "results.md", f"# {title}\n\nTest accuracy (%), mean ± std over seeds.\n\n" + markdown_table(rows)
                + "\nValidation accuracy (%), mean ± std over seeds (the split carved from the training set: what a "
-               "selection may read).\n\n" + markdown_table(rows, "val_accuracy") + _paired_section(rows))
+               "selection may read).\n\n" + markdown_table(rows, "val_accuracy") + paired_section(rows))
     if rows and draw:
         with atomic_path(out / "accuracy_vs_sparsity.png") as png:  # the temporary name keeps the .png suffix
             plot(rows, png, title)
     return rows
 
 
-def _paired_section(rows: list[dict[str, Any]]) -> str:
+def paired_section(rows: list[dict[str, Any]]) -> str:
+    """:func:`paired_table` under its heading, as results.md ends and ``panning benchmark`` prints it; empty
+    without a single index."""
     table = paired_table(rows)
-    return ("\nTest accuracy minus the best single index of the column, seed by seed (points): mean ± standard "
-            "error of the paired differences (n pairs).\n\n" + table) if table else ""
+    return ("\nTest accuracy minus the best single index of the column, paired seed by seed (points): mean ± "
+            "standard error of the differences (n pairs).\n\n" + table) if table else ""
 
 
 #: ``(run config, cell, folder)``: computes the cell and writes its prune.json and metrics.json
