@@ -33,7 +33,7 @@ from panning.hashing import masks_digest, state_digest
 from panning.masks import Masks
 from panning.train import cpu_channels_last, masked_sgd_steps, resolve_device
 
-__all__ = ["ProxyEvaluator", "ProxyResult", "ProxySettings"]
+__all__ = ["ProxyEvaluator", "ProxyResult", "ProxySettings", "fold_of"]
 
 ModelSpec = str | Callable[[], nn.Module] | None
 
@@ -52,7 +52,15 @@ class ProxyResult:
 @dataclass(frozen=True)
 class ProxySettings:
     """The short training run. ``steps`` SGD steps of ``batch_size`` samples (drop-last, reshuffled each
-    pass); the learning rate follows ``schedule`` ("cosine" to 0, or "constant") over those steps."""
+    pass); the learning rate follows ``schedule`` ("cosine" to 0, or "constant") over those steps.
+
+    ``folds`` > 1 makes it a K-fold proxy: the training and validation splits are pooled and dealt,
+    class by class, into ``folds`` folds (seeded by ``seed``); the candidate is trained once per fold on
+    the other folds and scored on that one, and accuracy and loss are pooled over every example of the
+    pool, each validating once. It costs ``folds`` short trainings; what it buys is the resolution of a
+    validation split as large as the whole pool (digits: 1 347 images, 0.074 point each, where a
+    250-image split gives 0.4) and an average over ``folds`` training runs.
+    """
 
     steps: int = 200
     batch_size: int = 128
@@ -62,6 +70,7 @@ class ProxySettings:
     nesterov: bool = False
     schedule: str = "cosine"
     seed: int = 0
+    folds: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -79,6 +88,8 @@ class ProxySettings:
             problems.append("nesterov needs momentum > 0")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 1:
+            problems.append(f"folds must be an int >= 1 (1: one validation split), got {self.folds!r}")
         if problems:
             raise ConfigError("bad proxy settings: " + "; ".join(problems))
 
@@ -88,6 +99,37 @@ def _split_tensors(dataset: Dataset, what: str) -> tuple[Tensor, Tensor]:
         raise DataError(f"the {what} split is empty; the proxy needs training and validation data")
     loader = make_loader(dataset, 1, shuffle=False)  # materialises (x, y) tensors once
     return loader.x, loader.y
+
+
+@dataclass(frozen=True)
+class _Split:
+    """One training/validation split of the proxy. ``rows`` (K-fold proxies): the rows of ``xtr``/``ytr``,
+    the whole pool, that this split trains on; the pool is then held once for all folds."""
+
+    xtr: Tensor
+    ytr: Tensor
+    xva: Tensor
+    yva: Tensor
+    rows: Tensor | None = None
+
+    @property
+    def n_train(self) -> int:
+        return int(self.rows.shape[0] if self.rows is not None else self.xtr.shape[0])
+
+
+def fold_of(y: Tensor, folds: int, seed: int) -> Tensor:
+    """The fold (0..folds-1) of every example: each class's examples in a seeded random order, dealt
+    round-robin, continuing where the previous class stopped, so every fold has each class's share
+    and the fold sizes differ by at most one."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(y.shape[0], dtype=torch.long)
+    start = 0
+    for c in torch.unique(y.cpu(), sorted=True).tolist():
+        idx = (y.cpu() == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.shape[0], generator=g)]
+        out[idx] = (torch.arange(idx.shape[0]) + start) % folds
+        start += idx.shape[0]
+    return out
 
 
 class ProxyEvaluator:
@@ -120,6 +162,7 @@ class ProxyEvaluator:
         settings: ProxySettings | None = None,
         max_candidates: int | None = None,
         stacked: bool | str = "auto",
+        folds: int = 1,
     ) -> None:
         xtr, ytr = _split_tensors(bundle.train, "training")
         # Only train and val are kept: the reward can never reach the test split through us.
@@ -128,16 +171,21 @@ class ProxyEvaluator:
             steps, batch_size, lr, momentum = settings.steps, settings.batch_size, settings.lr, settings.momentum
             weight_decay, nesterov, schedule, seed = (settings.weight_decay, settings.nesterov, settings.schedule,
                                                       settings.seed)
+            folds = settings.folds
         if steps is not None and epochs is not None:
             raise ValueError("give the proxy budget as steps or as epochs, not both")
         if epochs is not None:
             if not (isinstance(epochs, (int, float)) and epochs > 0 and math.isfinite(epochs)):
                 raise ConfigError(f"epochs must be a positive number, got {epochs!r}")
             if isinstance(batch_size, int) and batch_size >= 1:
-                steps = max(1, math.ceil(float(epochs) * xtr.shape[0] / min(batch_size, xtr.shape[0])))
+                n = xtr.shape[0]
+                if isinstance(folds, int) and folds > 1:  # a fold trains on all folds but one
+                    n = (n + xva.shape[0]) * (folds - 1) // folds
+                steps = max(1, math.ceil(float(epochs) * n / min(batch_size, n)))
         self.settings = ProxySettings(
             steps=200 if steps is None else steps, batch_size=batch_size, lr=float(lr), momentum=float(momentum),
             weight_decay=float(weight_decay), nesterov=bool(nesterov), schedule=schedule, seed=int(seed),
+            folds=folds,
         )
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
@@ -145,8 +193,7 @@ class ProxyEvaluator:
         self.num_classes = int(bundle.num_classes)
         self.input_shape = tuple(bundle.input_shape)
         self._model_spec = model
-        self._xtr, self._ytr = xtr.to(self.device), ytr.to(self.device)
-        self._xva, self._yva = xva.to(self.device), yva.to(self.device)
+        self._splits = self._make_splits(xtr, ytr, xva, yva)
         self.cache_size = int(cache_size)
         if max_candidates is not None and max_candidates < 1:
             raise ConfigError(f"max_candidates must be >= 1, got {max_candidates}")
@@ -163,6 +210,23 @@ class ProxyEvaluator:
     def steps(self) -> int:
         """The training budget in SGD steps."""
         return self.settings.steps
+
+    def _make_splits(self, xtr: Tensor, ytr: Tensor, xva: Tensor, yva: Tensor) -> list[_Split]:
+        k = self.settings.folds
+        if k == 1:
+            return [_Split(xtr.to(self.device), ytr.to(self.device), xva.to(self.device), yva.to(self.device))]
+        x, y = torch.cat([xtr, xva]), torch.cat([ytr, yva])
+        if x.shape[0] < 2 * k:
+            raise ConfigError(f"folds={k} needs at least {2 * k} training and validation examples, got {x.shape[0]}")
+        fold = fold_of(y, k, self.settings.seed)
+        xd, yd = x.to(self.device), y.to(self.device)
+        return [_Split(xd, yd, xd[(fold == j).to(self.device)], yd[(fold == j).to(self.device)],
+                       rows=(fold != j).nonzero().flatten().to(self.device)) for j in range(k)]
+
+    @property
+    def val_size(self) -> int:
+        """The number of validation examples the accuracy is pooled over (with K folds: the whole pool)."""
+        return sum(int(sp.xva.shape[0]) for sp in self._splits)
 
     def clear_cache(self) -> None:
         """Forget every cached result."""
@@ -202,13 +266,18 @@ class ProxyEvaluator:
             return 0.5 * s.lr * (1.0 + math.cos(math.pi * step / s.steps))
         return s.lr
 
-    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """The training batches of the budget, in the seeded order every candidate sees."""
-        for idx in self._order(self._xtr.shape[0]):
-            yield self._xtr[idx], self._ytr[idx]
+    def batches(self, split: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """The training batches of the budget, in the seeded order every candidate sees (on fold ``split``'s
+        training rows for a K-fold proxy)."""
+        sp = self._splits[split]
+        for idx in self._order(sp.n_train):
+            if sp.rows is not None:
+                idx = sp.rows[idx]
+            yield sp.xtr[idx], sp.ytr[idx]
 
-    def train(self, init: nn.Module | Mapping[str, Tensor], masks: Masks) -> nn.Module:
-        """A trained copy of the masked network (pruned weights exactly zero); ``init`` is untouched."""
+    def train(self, init: nn.Module | Mapping[str, Tensor], masks: Masks, split: int = 0) -> nn.Module:
+        """A trained copy of the masked network (pruned weights exactly zero); ``init`` is untouched.
+        ``split``: which fold's training rows, for a K-fold proxy."""
         s = self.settings
         net = self._fresh(init).to(self.device)
         masks = masks if isinstance(masks, Masks) else Masks(dict(masks))
@@ -216,7 +285,8 @@ class ProxyEvaluator:
         masks = masks.to(self.device)
         net.train()
         # the trained copy comes back in the usual layout: callers may score or save it
-        with cpu_channels_last(net, self.device, self._xtr) as nhwc, seeded(s.seed, self.device):  # dropout etc.
+        example = self._splits[split].xtr
+        with cpu_channels_last(net, self.device, example) as nhwc, seeded(s.seed, self.device):  # dropout etc.
 
             def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
                 if nhwc and x.dim() == 4:
@@ -224,7 +294,8 @@ class ProxyEvaluator:
                 out = net(x)
                 return F.cross_entropy(out, y), out
 
-            masked_sgd_steps(dict(net.named_parameters()), dict(masks.items()), s, self.batches(), loss_fn, self.lr_at)
+            masked_sgd_steps(dict(net.named_parameters()), dict(masks.items()), s, self.batches(split), loss_fn,
+                             self.lr_at)
         return net
 
     # ----------------------------------------------------------------------------- N at once
@@ -249,7 +320,7 @@ class ProxyEvaluator:
         return template, params, buffers, stacked_masks
 
     def train_many(self, inits: Sequence[nn.Module | Mapping[str, Tensor]],
-                   masks_list: Sequence[Masks | Mapping[str, Tensor]]) -> tuple[nn.Module, dict, dict]:
+                   masks_list: Sequence[Masks | Mapping[str, Tensor]], split: int = 0) -> tuple[nn.Module, dict, dict]:
         """Train N candidates (an initialisation and masks each) of one architecture as one stacked
         computation: ``torch.func.functional_call`` + ``vmap`` over parameters and buffers stacked along
         a leading axis, through the same :func:`panning.train.masked_sgd_steps` (pruned weights exactly
@@ -273,15 +344,17 @@ class ProxyEvaluator:
             return per.sum(), out  # candidates are independent: each gets the gradient of its own mean loss
 
         with seeded(s.seed, self.device):
-            masked_sgd_steps(params, masks, s, self.batches(), loss_fn, self.lr_at)
+            masked_sgd_steps(params, masks, s, self.batches(split), loss_fn, self.lr_at)
         return template, {k: v.detach() for k, v in params.items()}, buffers
 
     @torch.no_grad()
-    def score_many(self, template: nn.Module, params: dict, buffers: dict,
-                   chunk: int = 2048) -> list[tuple[float, float]]:
-        """(accuracy, mean cross-entropy) on the validation split of each of N stacked candidates, eval mode."""
+    def _sums_many(self, template: nn.Module, params: dict, buffers: dict, split: int,
+                   chunk: int = 2048) -> tuple[Tensor, Tensor]:
+        """(correct predictions, summed float64 cross-entropy) on split ``split``'s validation rows, per
+        stacked candidate, eval mode; left on the device."""
         from torch.func import functional_call, vmap
 
+        sp = self._splits[split]
         was = template.training
         template.eval()
         n_cand = next(iter(params.values())).shape[0]
@@ -289,15 +362,22 @@ class ProxyEvaluator:
         loss = torch.zeros(n_cand, device=self.device, dtype=torch.float64)
         batched = vmap(lambda p, b, x: functional_call(template, (p, b), (x,)), in_dims=(0, 0, None))
         try:
-            for lo in range(0, self._xva.shape[0], chunk):
-                out = batched(params, buffers, self._xva[lo : lo + chunk])
-                y = self._yva[lo : lo + chunk]
+            for lo in range(0, sp.xva.shape[0], chunk):
+                out = batched(params, buffers, sp.xva[lo : lo + chunk])
+                y = sp.yva[lo : lo + chunk]
                 correct += (out.argmax(2) == y).sum(1)
                 n, b, c = out.shape
                 loss += F.cross_entropy(out.double().reshape(n * b, c), y.repeat(n), reduction="none").view(n, b).sum(1)
         finally:
             template.train(was)
-        n = self._xva.shape[0]
+        return correct, loss
+
+    def score_many(self, template: nn.Module, params: dict, buffers: dict,
+                   chunk: int = 2048, split: int = 0) -> list[tuple[float, float]]:
+        """(accuracy, mean cross-entropy) on the validation split (fold ``split``'s) of each of N stacked
+        candidates, eval mode."""
+        correct, loss = self._sums_many(template, params, buffers, split, chunk)
+        n = self._splits[split].xva.shape[0]
         return [(float(c) / n, float(v) / n) for c, v in zip(correct.cpu(), loss.cpu(), strict=True)]
 
     def chunk_size(self, example: nn.Module | Mapping[str, Tensor] | None = None) -> int:
@@ -367,9 +447,15 @@ class ProxyEvaluator:
             for lo in range(0, len(todo), size):
                 part = todo[lo : lo + size]
                 t0 = time.perf_counter()
-                template, params, buffers = self.train_many([inits[i] for i, _ in part],
-                                                            [masks_list[i] for i, _ in part])
-                scores = self.score_many(template, params, buffers)
+                sums = []
+                for j in range(len(self._splits)):  # K-fold: every fold's training, pooled (one split otherwise)
+                    template, params, buffers = self.train_many([inits[i] for i, _ in part],
+                                                                [masks_list[i] for i, _ in part], split=j)
+                    sums.append(self._sums_many(template, params, buffers, j))
+                correct = torch.stack([c for c, _ in sums]).sum(0)
+                loss_sum = torch.stack([v for _, v in sums]).sum(0)
+                n = self.val_size
+                scores = [(float(c) / n, float(v) / n) for c, v in zip(correct.cpu(), loss_sum.cpu(), strict=True)]
                 seconds = (time.perf_counter() - t0) / len(part)
                 for (i, key), (acc, loss) in zip(part, scores, strict=True):
                     self.misses += 1
@@ -383,21 +469,28 @@ class ProxyEvaluator:
         return [r for r in results if r is not None]
 
     @torch.no_grad()
-    def score(self, net: nn.Module, chunk: int = 2048) -> tuple[float, float]:
-        """(accuracy, mean cross-entropy) of ``net`` on the validation split, in eval mode."""
+    def _sums(self, net: nn.Module, split: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+        """(correct predictions, summed float64 cross-entropy) of ``net`` on split ``split``'s validation
+        rows, eval mode; 0-d tensors left on the device."""
+        sp = self._splits[split]
         was = net.training
         net.eval()
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         loss = torch.zeros((), device=self.device, dtype=torch.float64)
         try:
-            for lo in range(0, self._xva.shape[0], chunk):
-                out = net(self._xva[lo : lo + chunk])
-                y = self._yva[lo : lo + chunk]
+            for lo in range(0, sp.xva.shape[0], chunk):
+                out = net(sp.xva[lo : lo + chunk])
+                y = sp.yva[lo : lo + chunk]
                 correct += (out.argmax(1) == y).sum()
                 loss += F.cross_entropy(out.double(), y, reduction="sum")
         finally:
             net.train(was)
-        n = self._xva.shape[0]
+        return correct, loss
+
+    def score(self, net: nn.Module, chunk: int = 2048, split: int = 0) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) of ``net`` on the validation split (fold ``split``'s), in eval mode."""
+        correct, loss = self._sums(net, split, chunk)
+        n = self._splits[split].xva.shape[0]
         return float(correct) / n, float(loss) / n
 
     def key(self, init: nn.Module | Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> tuple:
@@ -405,7 +498,8 @@ class ProxyEvaluator:
         return (state_digest(init), masks_digest(masks), tuple(sorted(asdict(self.settings).items())))
 
     def evaluate(self, init: nn.Module | Mapping[str, Tensor], masks: Masks) -> ProxyResult:
-        """Train a copy of ``init`` under ``masks`` for the budget; accuracy and loss on the validation split."""
+        """Train a copy of ``init`` under ``masks`` for the budget; accuracy and loss on the validation split
+        (pooled over the folds of a K-fold proxy, each fold's copy trained on the other folds)."""
         t0 = time.perf_counter()
         key = self.key(init, masks) if self.cache_size else None
         if key is not None and key in self._cache:
@@ -414,8 +508,11 @@ class ProxyEvaluator:
             hit = self._cache[key]
             return ProxyResult(hit.accuracy, hit.loss, time.perf_counter() - t0, True, hit.steps)
         self.misses += 1
-        net = self.train(init, masks)
-        acc, loss = self.score(net)
+        # K-fold: every fold's training, pooled (one split otherwise)
+        sums = [self._sums(self.train(init, masks, split=j), j) for j in range(len(self._splits))]
+        correct = torch.stack([c for c, _ in sums]).sum()
+        total = torch.stack([v for _, v in sums]).sum()
+        acc, loss = float(correct) / self.val_size, float(total) / self.val_size
         if not math.isfinite(loss):
             loss = float("inf")
         result = ProxyResult(acc, loss, time.perf_counter() - t0, False, self.settings.steps)

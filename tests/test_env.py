@@ -189,6 +189,21 @@ def test_final_proxy_accuracy_is_the_proxy_of_the_final_masks() -> None:
     assert steps[-1][1] == acc  # reward: absolute, no shaping
 
 
+def test_a_k_fold_proxy_rewards_through_the_env() -> None:
+    """``proxy: {folds: K}`` in the env config: the reward is the K-fold proxy of the final masks, pooled over
+    the whole training pool (train and validation splits)."""
+    clear_caches()
+    env = tiny(proxy={"folds": 3})
+    assert env.proxy.settings == ProxySettings(steps=10, batch_size=64, folds=3)
+    rng = np.random.default_rng(1)
+    steps = run(env, [rng.uniform(-1, 1, env.K + 1).astype(np.float32) for _ in range(3)], seed=2)
+    acc = steps[-1][4]["proxy_accuracy"]
+    assert acc == independent_proxy_accuracy(env)
+    pool = len(env.bundle.train) + len(env.bundle.val)
+    assert env.proxy.val_size == pool and acc * pool == pytest.approx(round(acc * pool), abs=1e-9)
+    clear_caches()
+
+
 _ENV_CACHE: dict[str, PanningEnv] = {}
 
 

@@ -12,7 +12,7 @@ from panning.hashing import masks_digest as masks_hash
 from panning.hashing import state_digest as state_hash
 from panning.masks import Masks, prunable_parameters
 from panning.models import build_model
-from panning.proxy import ProxyEvaluator
+from panning.proxy import ProxyEvaluator, ProxySettings, fold_of
 
 
 class Poisoned(Dataset):
@@ -131,3 +131,63 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- K-fold proxy
+
+
+def test_folds_deal_every_class_evenly() -> None:
+    y = torch.tensor([0] * 10 + [1] * 7 + [2] * 4)
+    fold = fold_of(y, 3, seed=5)
+    assert torch.equal(fold, fold_of(y, 3, seed=5))  # seeded
+    sizes = torch.bincount(fold, minlength=3)
+    assert int(sizes.max() - sizes.min()) <= 1
+    for c, n in ((0, 10), (1, 7), (2, 4)):
+        per = torch.bincount(fold[y == c], minlength=3)
+        assert int(per.sum()) == n and int(per.max() - per.min()) <= 1
+    assert not torch.equal(fold, fold_of(y, 3, seed=6))
+
+
+def test_a_fold_never_trains_on_what_it_validates(digits) -> None:
+    """With K folds every pooled example validates exactly once, and never in a split that trains on it."""
+    ev = ProxyEvaluator(digits, steps=3, folds=4, device="cpu", cache_size=0)
+    pool = len(digits.train) + len(digits.val)
+    assert ev.val_size == pool
+    seen: list[bytes] = []
+    for j, sp in enumerate(ev._splits):
+        val = {row.numpy().tobytes() for row in sp.xva}
+        seen += [row.numpy().tobytes() for row in sp.xva]
+        trained = {row.numpy().tobytes() for x, _ in ev.batches(split=j) for row in x}
+        # digits holds a few identical images; a train row equal to a validation row is one of those
+        assert len(trained & val) <= 3, f"fold {j} trains on {len(trained & val)} of its validation images"
+    assert len(seen) == pool
+
+
+def test_k_fold_accuracy_pools_every_fold(digits) -> None:
+    model = build_model("mlp", 10, (64,), seed=0)
+    masks = random_masks(model, 0.1)
+    ev = ProxyEvaluator(digits, steps=15, batch_size=64, folds=3, device="cpu", cache_size=0)
+    correct = 0
+    for j, sp in enumerate(ev._splits):
+        acc, _ = ev.score(ev.train(model, masks, split=j), split=j)
+        correct += round(acc * sp.xva.shape[0])
+    res = ev.evaluate(model, masks)
+    assert res.accuracy == correct / ev.val_size
+    one = ProxyEvaluator(digits, steps=15, batch_size=64, device="cpu", cache_size=0).evaluate(model, masks)
+    assert res.accuracy != one.accuracy  # another validation set, not the one split renamed
+    # stacked (N at once) pools the folds the same way, up to one validation example of float rounding
+    inits = [model, build_model("mlp", 10, (64,), seed=1)]
+    many = ev.evaluate_many(inits, [masks, random_masks(inits[1], 0.1, seed=1)])
+    assert abs(many[0].accuracy - res.accuracy) <= 1 / ev.val_size
+    assert many[1].accuracy != many[0].accuracy
+
+
+def test_bad_folds(digits) -> None:
+    with pytest.raises(ValueError, match="folds"):
+        ProxySettings(folds=0)
+    with pytest.raises(ValueError, match="folds"):
+        ProxyEvaluator(digits, folds=True, device="cpu")  # type: ignore[arg-type]
+    tiny = dataclasses.replace(digits, train=torch.utils.data.Subset(digits.train, range(5)),
+                               val=torch.utils.data.Subset(digits.val, range(2)))
+    with pytest.raises(ValueError, match="folds=4 needs at least 8"):
+        ProxyEvaluator(tiny, folds=4, device="cpu")
