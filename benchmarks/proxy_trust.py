@@ -21,8 +21,12 @@ validation accuracy and its (negated) validation loss are ranked.
 
 Reported per sparsity: Spearman's rho between each proxy variant and the truth **among the masks within
 3 points of the best mask** there (the issue's measure), and over all masks; and, as the ceiling any
-proxy faces, the rho between two halves of the truth's own training seeds. ``--truth-from`` reuses an earlier
-run's truth (the same masks) and runs only the proxies, to try new budgets and validation sizes. Run by hand, e.g.
+proxy faces, the rho between two halves of the truth's own training seeds, and between the same trainings
+read on two halves of the truth split's images (how far the truth's ranking rests on its own images, which
+no proxy validating elsewhere can share). ``--folds`` adds K-fold proxies, ``--repeats`` a split's proxy
+averaged over training seeds, ``--recipe`` proxies trained with the truth's own recipe. ``--truth-from``
+reuses an earlier run's truth (the same masks) and runs only the proxies, to try new budgets and
+validation sizes. Run by hand, e.g.
 
     .venv/bin/python benchmarks/proxy_trust.py --agents shipped:default --json benchmarks/results/proxy_trust.json
 """
@@ -65,21 +69,31 @@ WINDOW = 0.03  # "within 3 points of the best"
 _JOBS: dict[str, Any] = {}  # what forked training workers read: the masks, the init, the data, the recipe
 
 
-def _train_one(job: tuple[int, int]) -> tuple[int, int, float]:
+def _train_one(job: tuple[int, int]) -> tuple[int, int, float, float, float]:
+    """(mask, seed, accuracy on the truth split, and on each of its two halves)."""
     i, seed = job
     torch.set_num_threads(1)
     net = copy.deepcopy(_JOBS["model"])
     train_masked(net, _JOBS["masks"][i], _JOBS["bundle"], _JOBS["train"], device="cpu", seed=seed, progress=False)
-    acc = evaluate(net, _JOBS["bundle"].val, "cpu", _JOBS["bundle"].num_classes)["accuracy"]
-    return i, seed, float(acc)
+    classes = _JOBS["bundle"].num_classes
+    acc = evaluate(net, _JOBS["bundle"].val, "cpu", classes)["accuracy"]
+    a, b = (evaluate(net, half, "cpu", classes)["accuracy"] for half in _JOBS["halves"])
+    return i, seed, float(acc), float(a), float(b)
 
 
 def _proxy_one(job: tuple[str, int]) -> tuple[str, int, float, float, float]:
+    """One variant's proxy of mask ``i``: its evaluators' accuracies and losses pooled over their validation
+    examples (one evaluator; K folds that together validate on the whole study pool; R training seeds)."""
     key, i = job
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    r = _JOBS["evaluators"][key].evaluate(_JOBS["model"], _JOBS["masks"][i])
-    return key, i, r.accuracy, r.loss, time.perf_counter() - t0
+    acc = loss = 0.0
+    total = 0
+    for ev in _JOBS["evaluators"][key]:
+        r = ev.evaluate(_JOBS["model"], _JOBS["masks"][i])
+        n = ev.val_size
+        acc, loss, total = acc + r.accuracy * n, loss + r.loss * n, total + n
+    return key, i, acc / total, loss / total, time.perf_counter() - t0
 
 
 def make_masks(model: torch.nn.Module, batches: list, input_shape: tuple, sparsities: list[float], steps: int,
@@ -161,6 +175,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-seeds", type=int, default=4)
     ap.add_argument("--val-sizes", nargs="+", type=int, default=[95, 250, 450])
     ap.add_argument("--budgets", nargs="+", type=int, default=[100, 200, 400, 800])
+    ap.add_argument("--folds", nargs="*", type=int, default=[],
+                    help="also K-fold proxies (ProxySettings.folds): K short trainings, each validating on one fold "
+                         "of the study pool and training on the rest, pooled over all of it")
+    ap.add_argument("--repeats", nargs="*", type=int, default=[],
+                    help="also each validation split's proxy averaged over R training seeds (R times the cost, "
+                         "the same validation images): what K folds cost, without their extra images")
+    ap.add_argument("--recipe", action="store_true",
+                    help="also proxies that train with the truth's own recipe (the config's epochs, batch size, "
+                         "learning rate, momentum and decay; cosine) on the proxy's training split")
     ap.add_argument("--init-seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes for the full trainings (1 thread each)")
     ap.add_argument("--epochs", type=int, default=None,
@@ -174,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
                          "epochs, init seed, sparsities, mixtures, agents, steps, truth size) and only run the "
                          "proxies: new budgets and validation sizes against a truth that cost hours")
     args = ap.parse_args(argv)
+    if any(k < 2 for k in args.folds) or any(r < 2 for r in args.repeats):
+        raise UsageError(f"--folds and --repeats take counts >= 2, got {args.folds} and {args.repeats}")
     torch.set_num_threads(1)
 
     cfg = _config.load(args.config)
@@ -190,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     study_idx, truth_idx = train_test_split(np.arange(len(y)), test_size=args.truth_size, stratify=y, random_state=123)
     study_idx, truth_idx = np.sort(study_idx), np.sort(truth_idx)
     study, truth = pool.subset(study_idx), pool.subset(truth_idx)
+    # two stratified halves of the truth split: how far its ranking of the masks rests on its own images
+    half_a, half_b = train_test_split(np.arange(len(truth_idx)), test_size=0.5, stratify=y[truth_idx], random_state=1)
+    halves = (truth.subset(np.sort(half_a)), truth.subset(np.sort(half_b)))
     base = load_dataset(cfg.dataset, data_dir=args.data_dir)
     classes = base.num_classes
     full = dataclasses.replace(base, train=study, val=truth, test=truth)
@@ -204,14 +232,30 @@ def main(argv: list[str] | None = None) -> None:
           f"({100 / len(truth):.2f} points an image)", flush=True)
 
     digests = [masks_digest(m) for _, _, m in masks]
-    evaluators: dict[str, ProxyEvaluator] = {}
+    # a variant is a list of evaluators whose validation results are pooled (_proxy_one)
+    evaluators: dict[str, list[ProxyEvaluator]] = {}
+
+    def proxy(train_idx: np.ndarray, val_idx: np.ndarray, steps: int | str, seed: int = 0,
+              folds: int = 1) -> ProxyEvaluator:
+        pb = dataclasses.replace(base, train=study.subset(np.sort(train_idx)), val=study.subset(np.sort(val_idx)),
+                                 test=truth)
+        if steps == "recipe":  # the truth's own training (epochs, batch, lr, momentum, decay) on the proxy's split
+            t = cfg.train
+            return ProxyEvaluator(pb, cfg.model, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+                                  weight_decay=t.weight_decay, seed=seed, folds=folds, device="cpu", cache_size=0)
+        return ProxyEvaluator(pb, cfg.model, settings=ProxySettings(steps=int(steps), seed=seed, folds=folds),
+                              device="cpu", cache_size=0)
+
     for v in args.val_sizes:
         tr, va = train_test_split(np.arange(len(study_idx)), test_size=v, stratify=y[study_idx], random_state=0)
-        pb = dataclasses.replace(base, train=study.subset(np.sort(tr)), val=study.subset(np.sort(va)), test=truth)
-        for b in args.budgets:
-            evaluators[f"val{v}@{b}"] = ProxyEvaluator(pb, cfg.model, settings=ProxySettings(steps=b), device="cpu",
-                                                       cache_size=0)
-    _JOBS.update(model=model, masks=[m for _, _, m in masks], bundle=full, train=cfg.train, evaluators=evaluators)
+        for b in [*args.budgets, *(["recipe"] if args.recipe else [])]:
+            evaluators[f"val{v}@{b}"] = [proxy(tr, va, b)]
+            for r in args.repeats:
+                evaluators[f"val{v}@{b}x{r}"] = [proxy(tr, va, b, seed=j) for j in range(r)]
+            for k in args.folds:  # the library's K-fold proxy: it pools this split's train and val again
+                evaluators[f"cv{k}@{b}"] = [proxy(tr, va, b, folds=k)]
+    _JOBS.update(model=model, masks=[m for _, _, m in masks], bundle=full, train=cfg.train, evaluators=evaluators,
+                 halves=halves)
     # The proxies go first: they are cheap, and the table's columns exist before the long trainings.
     proxy_jobs = [(k, i) for k in evaluators for i in range(len(masks))]
     if prev is not None:
@@ -224,9 +268,13 @@ def main(argv: list[str] | None = None) -> None:
                              "bits: the code that builds them changed?); run the full study instead")
         truth_acc = np.array([m["truth"] for m in prev["masks"]], dtype=float)
         args.train_seeds = truth_acc.shape[1]
+        # studies written before the halves were recorded have no image-half ceiling
+        halves_acc = np.array([m.get("truth_halves", np.full((args.train_seeds, 2), np.nan).tolist())
+                               for m in prev["masks"]], dtype=float)
         jobs: list[tuple[int, int]] = []  # the truth is known: no full training
     else:
         truth_acc = np.zeros((len(masks), args.train_seeds))
+        halves_acc = np.zeros((len(masks), args.train_seeds, 2))
         jobs = [(i, s) for i in range(len(masks)) for s in range(args.train_seeds)]
     proxies: dict[str, list[float]] = {f"{what} {k}": [0.0] * len(masks)
                                        for k in evaluators for what in ("acc", "loss")}
@@ -238,8 +286,9 @@ def main(argv: list[str] | None = None) -> None:
             spent[k] += sec
         print(f"  {len(proxy_jobs)} proxy runs in {time.perf_counter() - t0:.0f} s", flush=True)
         t0 = time.perf_counter()
-        for n, (i, s, acc) in enumerate(pool_.imap_unordered(_train_one, jobs), 1):
+        for n, (i, s, acc, a, b) in enumerate(pool_.imap_unordered(_train_one, jobs), 1):
             truth_acc[i, s] = acc
+            halves_acc[i, s] = a, b
             if n % 20 == 0:
                 print(f"  full training {n}/{len(jobs)} ({time.perf_counter() - t0:.0f} s)", flush=True)
     full_seconds = (time.perf_counter() - t0) * args.workers / len(jobs) if jobs else prev["full_seconds_per_run"]
@@ -256,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
                                  "near_names": [masks[i][0] for i in near], "best": float(best)}
         if half:
             entry["ceiling_near"] = rho(list(truth_acc[near, :half].mean(1)), list(truth_acc[near, half:].mean(1)))
+        # the same trainings read on two disjoint halves of the truth's images: a proxy validating on other
+        # images cannot agree with the truth much better than the truth agrees with itself here
+        entry["image_ceiling_near"] = rho(list(halves_acc[near, :, 0].mean(1)), list(halves_acc[near, :, 1].mean(1)))
         entry["rho_near"] = {k: rho([p[i] for i in near], [mean[i] for i in near]) for k, p in proxies.items()}
         entry["rho_all"] = {k: rho([p[i] for i in rows], [mean[i] for i in rows]) for k, p in proxies.items()}
         table.append(entry)
@@ -263,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nfull training: {full_seconds:.1f} s a run; truth = mean of {args.train_seeds} seeds on the truth split")
     for e in table:
         print(f"\nsparsity {e['sparsity']}: {e['near']} of {e['masks']} masks within 3 points of the best "
-              f"({100 * e['best']:.2f}); seed-half ceiling rho {e.get('ceiling_near', float('nan')):.2f}")
+              f"({100 * e['best']:.2f}); seed-half ceiling rho {e.get('ceiling_near', float('nan')):.2f}, "
+              f"image-half {e['image_ceiling_near']:.2f}")
         print("  " + ", ".join(f"{masks_name}" for masks_name in e["near_names"]))
     keys = list(proxies)
     print(f"\n{'proxy':<18} {'s/mask':>7} " + " ".join(f"{'near@' + str(e['sparsity']):>11}" for e in table)
@@ -277,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
             "args": vars(args), "recipe": recipe, "full_seconds_per_run": full_seconds,
             "proxy_seconds_per_mask": proxy_seconds,
             "masks": [{"mask": n, "sparsity": s, "digest": digests[i], "truth": truth_acc[i].tolist(),
+                       "truth_halves": halves_acc[i].tolist(),
                        "proxy": {k: p[i] for k, p in proxies.items()}} for i, (n, s, _) in enumerate(masks)],
             "table": table,
         }, indent=2))

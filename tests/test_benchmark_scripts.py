@@ -72,6 +72,28 @@ def test_proxy_trust_reuses_an_earlier_truth_for_new_proxies(tmp_path: Path) -> 
         assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_proxy_trust_pools_folds_repeats_and_reads_the_truth_on_two_image_halves(tmp_path: Path) -> None:
+    """--folds, --repeats and --recipe add their variants; the truth is also read on two halves of its images
+    (a ceiling reported per sparsity); bad counts are refused in one line."""
+    out = tmp_path / "s.json"
+    r = _proxy_trust("--mixtures", "1", "--train-seeds", "2", "--budgets", "10", "--folds", "2", "--repeats", "2",
+                     "--recipe", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    keys = set(d["masks"][0]["proxy"])
+    assert {"acc val95@10", "acc val95@10x2", "acc cv2@10", "acc val95@recipe", "loss cv2@recipe"} <= keys
+    n_truth = 400  # the default --truth-size: halves of 200 images each
+    for m in d["masks"]:
+        assert len(m["truth_halves"]) == 2
+        for acc, (a, b) in zip(m["truth"], m["truth_halves"], strict=True):
+            assert abs(acc - (a + b) / 2) <= 1 / n_truth
+    # two training seeds of one split: their mean is what a repeated proxy reports, not the first seed's alone
+    assert any(m["proxy"]["loss val95@10x2"] != m["proxy"]["loss val95@10"] for m in d["masks"])
+    assert "image_ceiling_near" in d["table"][0] and "image-half" in r.stdout
+    r = _proxy_trust("--budgets", "10", "--folds", "1")
+    assert r.returncode == 2 and "--folds and --repeats take counts >= 2" in r.stderr and r.stderr.count("\n") == 1
+
+
 def test_agent_reward_scores_agent_files_and_checkpoints_on_the_same_episodes(tmp_path: Path) -> None:
     """agent_reward.py: an agent file and a checkpoint of its run (policy settings from the run's agent.yaml)
     play every (target, init) episode; the same agent twice scores the same; a stray zip is refused."""
