@@ -140,7 +140,8 @@ class ProxyEvaluator:
     the bundle's classes and input shape) or a zero-argument factory. It is not needed when a
     module is passed. ``steps`` is the budget in SGD steps; ``epochs`` (a float) may be given
     instead and is converted to ``ceil(epochs * n_train / batch_size)`` steps. ``settings`` (a
-    :class:`ProxySettings`) gives every training setting at once, in place of the keywords.
+    :class:`ProxySettings`) gives every training setting at once, in place of the keywords. ``folds``
+    > 1: a K-fold proxy over the training and validation splits pooled (:class:`ProxySettings`).
     """
 
     def __init__(
