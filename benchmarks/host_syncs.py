@@ -20,14 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from panning import episode as episode_mod
 from panning import hashing
+from panning import masks as masks_mod
 from panning._functional import HostReads
 from panning.cli import OneLineParser, run_guarded
 from panning.envs.vec_env import BatchedPanningVecEnv
 
-# CPU-only routes: layer_quantiles' kthvalue loop (CUDA sorts instead) and _host_arrays' copy per tensor
-# (tensors on one GPU are copied in one transfer: 2 reads a digest there)
-CPU_ONLY = ("layer_quantiles", "_host_arrays")
+# CPU-only routes: layer_quantiles' kthvalue loop (CUDA sorts instead), _host_arrays' copy per tensor
+# (tensors on one GPU are copied in one transfer: 2 reads a digest there) and _topk_mask's tie handling
+# (off the CPU it hands over to _topk_mask_on_device, which reads nothing: checked with --device-topk)
+CPU_ONLY = ("layer_quantiles", "_host_arrays", "_topk_mask")
 
 
 class WhereRead(HostReads):
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=4, help="episodes stepped together")
     ap.add_argument("--steps", type=int, default=20, help="env steps counted (10 pruning steps an episode)")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--device-topk", action="store_true",
+                    help="take _topk_mask's GPU route on the CPU too, to count its reads rather than assume them")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     overrides: dict[str, Any] = {"init_seeds": 0, "target_grid": 0, "target_range": [0.98, 0.998], "layer_actions": 3,
@@ -77,6 +82,12 @@ def main(argv: list[str] | None = None) -> None:
 
     if gather is not None:  # a GPU copies each digest's tensors at once
         hashing._host_arrays = counted  # type: ignore[assignment]
+    topk = masks_mod._topk_mask
+    if args.device_topk:  # the masks module's selections and the episode's features (it imports the function)
+        def device_topk(flat: torch.Tensor, k: int) -> torch.Tensor:
+            return topk(flat, k) if k <= 0 or k >= flat.numel() else masks_mod._topk_mask_on_device(flat, k)
+
+        masks_mod._topk_mask = episode_mod._topk_mask = device_topk  # type: ignore[assignment]
     with reads:
         for _ in range(args.steps):
             actions = rng.uniform(-1, 1, (args.n, *env.action_space.shape)).astype(np.float32)
@@ -87,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     total = reads.n
     if gather is not None:
         hashing._host_arrays = gather  # type: ignore[assignment]
+    masks_mod._topk_mask = episode_mod._topk_mask = topk  # type: ignore[assignment]
     cpu_only = reads.cpu_only - 2 * digests[0]  # on a GPU: one .cpu() and one .numpy() a digest
     layers = len(env.envs[0].episode.masks)
     print(f"{env.envs[0].config.model} / {env.envs[0].config.dataset}, {layers} prunable layers, N = {args.n}, "

@@ -133,7 +133,7 @@ class Masks(Mapping[str, Tensor]):
     :class:`MaskError`). Behaves as a read-only mapping in the given key order.
     """
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_counts")
 
     def __init__(self, masks: Mapping[str, Any]) -> None:
         if isinstance(masks, Masks):
@@ -193,8 +193,20 @@ class Masks(Mapping[str, Tensor]):
 
     # statistics
     def layer_counts(self) -> list[int]:
-        """Kept weights per tensor, in key order."""
-        return one_read([torch.count_nonzero(t) for t in self._data.values()]).tolist()
+        """Kept weights per tensor, in key order.
+
+        Counted once per state of the tensors: an episode step asks for them a dozen times (densities,
+        kept counts, the observation) and on a GPU each count is a wait for the device. The cache is
+        keyed by the tensors' version counters, which every in-place change bumps (edits through
+        ``.data`` or a NumPy view bypass them; the tensors are the Masks' own copies, not to be edited).
+        """
+        versions = tuple(t._version for t in self._data.values())
+        cached = getattr(self, "_counts", None)
+        if cached is not None and cached[0] == versions:
+            return list(cached[1])
+        counts = one_read([torch.count_nonzero(t) for t in self._data.values()]).tolist()
+        self._counts = (versions, counts)
+        return list(counts)
 
     @property
     def num_kept(self) -> int:
@@ -393,6 +405,8 @@ def _topk_mask(flat: Tensor, k: int) -> Tensor:
         return torch.zeros(n, dtype=torch.bool, device=flat.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=flat.device)
+    if flat.device.type != "cpu":
+        return _topk_mask_on_device(flat, k)
     threshold = torch.topk(flat, k, sorted=False).values.min()
     chosen = flat > threshold
     need = k - int(torch.count_nonzero(chosen))
@@ -401,6 +415,16 @@ def _topk_mask(flat: Tensor, k: int) -> Tensor:
         return chosen | ties
     chosen[ties.nonzero().reshape(-1)[:need]] = True
     return chosen
+
+
+def _topk_mask_on_device(flat: Tensor, k: int) -> Tensor:
+    """:func:`_topk_mask` for 0 < k < n without reading a count back to the host (on a GPU each such read
+    waits for the device): the first ``need`` ties by position, through a cumulative count. On the CPU the
+    reads cost nothing and the cumulative pass would, so :func:`_topk_mask` keeps its own route there."""
+    threshold = torch.topk(flat, k, sorted=False).values.min()
+    chosen = flat > threshold
+    ties = flat == threshold
+    return chosen | (ties & (ties.cumsum(0) <= k - chosen.sum()))
 
 
 def _apportion(keep: int, weights: list[int], lower: list[int], upper: list[int]) -> list[int]:

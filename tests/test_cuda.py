@@ -118,3 +118,17 @@ def test_synchronised_episode_timing_on_the_gpu(monkeypatch) -> None:
     ep.observe()
     ep.step([0.0, 0.0, 0.0])
     assert all(v >= 0.0 for v in ep.timing.values()) and ep.timing["select"] > 0.0
+
+
+def test_topk_on_the_gpu_reads_nothing_back_and_keeps_what_the_cpu_keeps() -> None:
+    from panning._functional import HostReads
+    from panning.masks import _topk_mask
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randint(-3, 4, (5000,), generator=g).float()  # seven values: ties everywhere
+    for k in (1, 777, 4999):
+        with HostReads() as r:
+            on_gpu = _topk_mask(flat.to(CUDA), k)
+        assert r.n == 0
+        assert torch.equal(on_gpu.cpu(), _topk_mask(flat, k))
+

@@ -21,13 +21,17 @@ def _masks(layers: int) -> Masks:
 
 def test_mask_counts_read_back_once_however_many_layers() -> None:
     for layers in (1, 7):
-        m = _masks(layers)
-        expected = [int(torch.count_nonzero(t)) for t in m.values()]
+        expected = [int(torch.count_nonzero(t)) for t in _masks(layers).values()]
         for what in ("layer_counts", "num_kept", "layer_density"):
+            m = _masks(layers)
             with _Reads() as r:
                 got = getattr(m, what)
                 got = got() if callable(got) else got
             assert r.n == 1, (what, layers, r.n)
+            with _Reads() as r:  # the same masks again: counted already, nothing to read
+                again = getattr(m, what)
+                assert (again() if callable(again) else again) == got
+            assert r.n == 0, (what, layers, r.n)
             if what == "layer_counts":
                 assert got == expected
             elif what == "num_kept":

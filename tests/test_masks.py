@@ -14,6 +14,8 @@ from torch.nn.utils import prune
 from panning.masks import (
     MaskError,
     Masks,
+    _topk_mask,
+    _topk_mask_on_device,
     enforce,
     from_torch_prune,
     keep_count,
@@ -844,3 +846,24 @@ def test_select_topk_validates_plain_current_masks():
     """A plain mapping given as current is validated like Masks: a non-binary entry is refused."""
     with pytest.raises(MaskError, match=r"^mask 'a' is not binary"):
         select_topk({"a": torch.tensor([1.0, 2.0, 3.0])}, 1, current={"a": torch.tensor([2, 0, 1])})
+
+
+@FEW
+@given(values=st.lists(st.integers(-3, 3), min_size=2, max_size=60), frac=st.floats(0, 1))
+def test_the_device_topk_route_chooses_as_the_cpu_route(values, frac):
+    """_topk_mask's route without host reads (taken on a GPU) keeps exactly what its CPU route keeps,
+    ties to the lowest position included (few distinct values: many ties)."""
+    flat = torch.tensor(values, dtype=torch.float32)
+    k = min(max(1, round(frac * flat.numel())), flat.numel() - 1)
+    assert torch.equal(_topk_mask_on_device(flat, k), _topk_mask(flat, k))
+
+
+def test_layer_counts_are_counted_again_after_an_in_place_change():
+    m = Masks({"a": torch.tensor([True, True, False]), "b": torch.ones(4, dtype=torch.bool)})
+    assert m.layer_counts() == [2, 4] and m.num_kept == 6
+    m["b"][0] = False  # in place: the tensor's version counter moves, so the cached counts are not reused
+    assert m.layer_counts() == [2, 3] and m.num_kept == 5
+    m["a"].logical_and_(torch.tensor([True, False, False]))
+    assert m.layer_counts() == [1, 3]
+    c = copy.deepcopy(m)
+    assert c.layer_counts() == [1, 3] and c.num_kept == 4
