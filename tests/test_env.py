@@ -71,7 +71,8 @@ def test_registered_and_made_from_yaml_and_kwargs() -> None:
     env.close()
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "digits_mlp.yaml", "mnist_lenet300.yaml", "mnist_lenet300_trusted.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "digits_mlp.yaml", "mnist_lenet300.yaml", "mnist_lenet300_trusted.yaml",
+                                  "mnist_lenet300_recipe.yaml"])
 def test_shipped_yaml_files_load(name: str) -> None:
     """Every setting the file gives is the config's value; every other one is the documented default."""
     path = ROOT / "configs" / "env" / name
