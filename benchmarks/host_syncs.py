@@ -88,17 +88,19 @@ def main(argv: list[str] | None = None) -> None:
             return topk(flat, k) if k <= 0 or k >= flat.numel() else masks_mod._topk_mask_on_device(flat, k)
 
         masks_mod._topk_mask = episode_mod._topk_mask = device_topk  # type: ignore[assignment]
-    with reads:
-        for _ in range(args.steps):
-            actions = rng.uniform(-1, 1, (args.n, *env.action_space.shape)).astype(np.float32)
-            reads.on = True
-            env.step(actions)
-            reads.on = False
+    try:
+        with reads:
+            for _ in range(args.steps):
+                actions = rng.uniform(-1, 1, (args.n, *env.action_space.shape)).astype(np.float32)
+                reads.on = True
+                env.step(actions)
+                reads.on = False
+    finally:
+        if gather is not None:
+            hashing._host_arrays = gather  # type: ignore[assignment]
+        masks_mod._topk_mask = episode_mod._topk_mask = topk  # type: ignore[assignment]
     per = args.n * args.steps
     total = reads.n
-    if gather is not None:
-        hashing._host_arrays = gather  # type: ignore[assignment]
-    masks_mod._topk_mask = episode_mod._topk_mask = topk  # type: ignore[assignment]
     cpu_only = reads.cpu_only - 2 * digests[0]  # on a GPU: one .cpu() and one .numpy() a digest
     layers = len(env.envs[0].episode.masks)
     print(f"{env.envs[0].config.model} / {env.envs[0].config.dataset}, {layers} prunable layers, N = {args.n}, "

@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="also each validation split's proxy averaged over R training seeds (R times the cost, "
                          "the same validation images): what K folds cost, without their extra images")
     ap.add_argument("--recipe", action="store_true",
-                    help="also proxies that train with the truth's own recipe (the config's epochs, batch size, "
-                         "learning rate, momentum and decay; cosine) on the proxy's training split")
+                    help="also proxies that train with the truth's epochs, batch size, learning rate, momentum and "
+                         "decay (with a cosine schedule, whatever the recipe's) on the proxy's training split")
     ap.add_argument("--init-seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes for the full trainings (1 thread each)")
     ap.add_argument("--epochs", type=int, default=None,
@@ -235,25 +235,25 @@ def main(argv: list[str] | None = None) -> None:
     # a variant is a list of evaluators whose validation results are pooled (_proxy_one)
     evaluators: dict[str, list[ProxyEvaluator]] = {}
 
-    def proxy(train_idx: np.ndarray, val_idx: np.ndarray, steps: int | str, seed: int = 0,
-              folds: int = 1) -> ProxyEvaluator:
-        pb = dataclasses.replace(base, train=study.subset(np.sort(train_idx)), val=study.subset(np.sort(val_idx)),
-                                 test=truth)
-        if steps == "recipe":  # the truth's own training (epochs, batch, lr, momentum, decay) on the proxy's split
+    def proxy(pb: Any, steps: int | str, seed: int = 0, folds: int = 1) -> ProxyEvaluator:
+        if steps == "recipe":  # the truth's epochs, batch, lr, momentum and decay (cosine) on the proxy's split
             t = cfg.train
             return ProxyEvaluator(pb, cfg.model, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
                                   weight_decay=t.weight_decay, seed=seed, folds=folds, device="cpu", cache_size=0)
         return ProxyEvaluator(pb, cfg.model, settings=ProxySettings(steps=int(steps), seed=seed, folds=folds),
                               device="cpu", cache_size=0)
 
-    for v in args.val_sizes:
+    budgets = [*args.budgets, *(["recipe"] if args.recipe else [])]
+    for n, v in enumerate(args.val_sizes):
         tr, va = train_test_split(np.arange(len(study_idx)), test_size=v, stratify=y[study_idx], random_state=0)
-        for b in [*args.budgets, *(["recipe"] if args.recipe else [])]:
-            evaluators[f"val{v}@{b}"] = [proxy(tr, va, b)]
+        pb = dataclasses.replace(base, train=study.subset(np.sort(tr)), val=study.subset(np.sort(va)), test=truth)
+        for b in budgets:
+            evaluators[f"val{v}@{b}"] = [proxy(pb, b)]
             for r in args.repeats:
-                evaluators[f"val{v}@{b}x{r}"] = [proxy(tr, va, b, seed=j) for j in range(r)]
-            for k in args.folds:  # the library's K-fold proxy: it pools this split's train and val again
-                evaluators[f"cv{k}@{b}"] = [proxy(tr, va, b, folds=k)]
+                evaluators[f"val{v}@{b}x{r}"] = [proxy(pb, b, seed=j) for j in range(r)]
+            if n == 0:  # the library's K-fold proxy pools this split's train and val again: the whole study pool
+                for k in args.folds:
+                    evaluators[f"cv{k}@{b}"] = [proxy(pb, b, folds=k)]
     _JOBS.update(model=model, masks=[m for _, _, m in masks], bundle=full, train=cfg.train, evaluators=evaluators,
                  halves=halves)
     # The proxies go first: they are cheap, and the table's columns exist before the long trainings.

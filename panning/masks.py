@@ -197,15 +197,20 @@ class Masks(Mapping[str, Tensor]):
 
         Counted once per state of the tensors: an episode step asks for them a dozen times (densities,
         kept counts, the observation) and on a GPU each count is a wait for the device. The cache is
-        keyed by the tensors' version counters, which every in-place change bumps (edits through
-        ``.data`` or a NumPy view bypass them; the tensors are the Masks' own copies, not to be edited).
+        keyed by the tensors' identities and version counters, which every in-place change bumps (edits
+        through ``.data`` or a NumPy view bypass them; the tensors are the Masks' own copies, not to be
+        edited); a copy's tensors are new ones, so it counts again. Inference tensors have no version
+        counter and are counted every time.
         """
-        versions = tuple(t._version for t in self._data.values())
+        try:
+            key: tuple | None = tuple((id(t), t._version) for t in self._data.values())
+        except RuntimeError:  # inference-mode tensors
+            key = None
         cached = getattr(self, "_counts", None)
-        if cached is not None and cached[0] == versions:
+        if key is not None and cached is not None and cached[0] == key:
             return list(cached[1])
         counts = one_read([torch.count_nonzero(t) for t in self._data.values()]).tolist()
-        self._counts = (versions, counts)
+        self._counts = (key, counts)
         return list(counts)
 
     @property

@@ -59,7 +59,8 @@ class ProxySettings:
     the other folds and scored on that one, and accuracy and loss are pooled over every example of the
     pool, each validating once. It costs ``folds`` short trainings; what it buys is the resolution of a
     validation split as large as the whole pool (digits: 1 347 images, 0.074 point each, where a
-    250-image split gives 0.4) and an average over ``folds`` training runs.
+    250-image split gives 0.4) and an average over ``folds`` training runs. ``steps`` is each fold's
+    budget (what :attr:`ProxyResult.steps` reports).
     """
 
     steps: int = 200

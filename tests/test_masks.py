@@ -867,3 +867,9 @@ def test_layer_counts_are_counted_again_after_an_in_place_change():
     assert m.layer_counts() == [1, 3]
     c = copy.deepcopy(m)
     assert c.layer_counts() == [1, 3] and c.num_kept == 4
+    m["a"].zero_()  # edited after its last count, then copied: the copy's fresh tensors are counted afresh
+    c = copy.deepcopy(m)
+    assert c.layer_counts() == [0, 3] and m.layer_counts() == [0, 3]
+    with torch.inference_mode():
+        i = Masks({"a": torch.tensor([True, False])})
+        assert i.layer_counts() == [1] and i.num_kept == 1
