@@ -331,12 +331,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="summarise an earlier run's --json again (table, best-of-K curves); nothing is trained")
     args = ap.parse_args(argv)
     chooser = None
+    earlier = _load_run(args.from_json, "--from-json") if args.from_json else None
     if args.fixed_from:
         chooser, chooser_args = _load_run(args.fixed_from, "--fixed-from")
-        _check_chooser(chooser, chooser_args, _load_run(args.from_json, "--from-json")[1] if args.from_json
-                       else vars(args))
-    if args.from_json:
-        return _from_json(args.from_json, chooser)
+        _check_chooser(chooser, chooser_args, earlier[1] if earlier else vars(args))
+    if earlier:
+        return _from_json(args.from_json, earlier[0], chooser)
     for flag in ("mixtures", "draws", "pruning_steps", "train_seeds", "workers"):
         least = 0 if flag in ("mixtures", "draws") else 1
         if getattr(args, flag) < least:
@@ -471,8 +471,8 @@ def _check_chooser(chooser: list[dict[str, Any]], chooser_args: dict[str, Any], 
                              "its actions would mean something else here")
 
 
-def _from_json(path: str, chooser: list[dict[str, Any]] | None = None) -> None:
-    cands = _load_run(path, "--from-json")[0]
+def _from_json(path: str, cands: list[dict[str, Any]], chooser: list[dict[str, Any]] | None = None) -> None:
+    """Summarise the candidates of the earlier run at ``path`` again (and the fixed action, given a chooser)."""
     seeds = sorted({c["seed"] for c in cands})
     sparsities = sorted({c["sparsity"] for c in cands})
     try:

@@ -24,7 +24,8 @@ Reported per sparsity: Spearman's rho between each proxy variant and the truth *
 proxy faces, the rho between two halves of the truth's own training seeds, and between the same trainings
 read on two halves of the truth split's images (how far the truth's ranking rests on its own images, which
 no proxy validating elsewhere can share). ``--folds`` adds K-fold proxies, ``--repeats`` a split's proxy
-averaged over training seeds, ``--recipe`` proxies trained with the truth's own recipe. ``--truth-from``
+averaged over training seeds, ``--recipe`` proxies trained with the truth's epochs, batch size, learning
+rate, momentum and decay (always cosine). ``--truth-from``
 reuses an earlier run's truth (the same masks) and runs only the proxies, to try new budgets and
 validation sizes. Run by hand, e.g.
 
@@ -83,7 +84,8 @@ def _train_one(job: tuple[int, int]) -> tuple[int, int, float, float, float]:
 
 def _proxy_one(job: tuple[str, int]) -> tuple[str, int, float, float, float]:
     """One variant's proxy of mask ``i``: its evaluators' accuracies and losses pooled over their validation
-    examples (one evaluator; K folds that together validate on the whole study pool; R training seeds)."""
+    examples (one evaluator, or R training seeds of one split for ``--repeats``; a K-fold proxy is one
+    evaluator that pools its folds itself)."""
     key, i = job
     torch.set_num_threads(1)
     t0 = time.perf_counter()

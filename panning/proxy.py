@@ -123,10 +123,11 @@ def fold_of(y: Tensor, folds: int, seed: int) -> Tensor:
     round-robin, continuing where the previous class stopped, so every fold has each class's share
     and the fold sizes differ by at most one."""
     g = torch.Generator().manual_seed(seed)
+    y = y.cpu()
     out = torch.empty(y.shape[0], dtype=torch.long)
     start = 0
-    for c in torch.unique(y.cpu(), sorted=True).tolist():
-        idx = (y.cpu() == c).nonzero().flatten()
+    for c in torch.unique(y, sorted=True).tolist():
+        idx = (y == c).nonzero().flatten()
         idx = idx[torch.randperm(idx.shape[0], generator=g)]
         out[idx] = (torch.arange(idx.shape[0]) + start) % folds
         start += idx.shape[0]
@@ -220,10 +221,9 @@ class ProxyEvaluator:
         x, y = torch.cat([xtr, xva]), torch.cat([ytr, yva])
         if x.shape[0] < 2 * k:
             raise ConfigError(f"folds={k} needs at least {2 * k} training and validation examples, got {x.shape[0]}")
-        fold = fold_of(y, k, self.settings.seed)
+        fold = fold_of(y, k, self.settings.seed).to(self.device)
         xd, yd = x.to(self.device), y.to(self.device)
-        return [_Split(xd, yd, xd[(fold == j).to(self.device)], yd[(fold == j).to(self.device)],
-                       rows=(fold != j).nonzero().flatten().to(self.device)) for j in range(k)]
+        return [_Split(xd, yd, xd[fold == j], yd[fold == j], rows=(fold != j).nonzero().flatten()) for j in range(k)]
 
     @property
     def val_size(self) -> int:
