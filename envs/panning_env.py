@@ -190,6 +190,8 @@ class PanningEnvConfig:
                 bad(f"proxy: {e}")
         if not isinstance(self.proxy, ProxySettings):
             bad(f"proxy must be the proxy's settings (steps, batch_size, lr, ...), got {self.proxy!r}")
+        if self.proxy.sparse and self.model not in ("mlp", "lenet300"):
+            bad(f"proxy sparse: true trains the mlp and lenet300 models only, not {self.model!r}; set sparse: false")
 
     @classmethod
     def normalise_yaml(cls, data: Mapping[str, Any]) -> dict[str, Any]:

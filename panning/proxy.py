@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from panning._functional import seeded
+from panning._sparse import SparseMLPStack
+from panning._sparse import supports as sparse_supports
 from panning.data import DataBundle, make_loader
 from panning.errors import ConfigError, DataError
 from panning.hashing import masks_digest, state_digest
@@ -61,6 +63,12 @@ class ProxySettings:
     validation split as large as the whole pool (digits: 1 347 images, 0.074 point each, where a
     250-image split gives 0.4) and an average over ``folds`` training runs. ``steps`` is each fold's
     budget (what :attr:`ProxyResult.steps` reports).
+
+    ``sparse`` trains panning's MLP (``mlp``, ``lenet300``) as sparse matrices of its kept weights
+    (:mod:`panning._sparse`): the same arithmetic up to float rounding, and at the agent's sparsities
+    (98-99.8%) several times faster than dense matrix products on the CPU (BENCHMARKS.md). Its
+    results are its own: a mask's accuracy may differ from the dense route's by rounding, so it is a
+    setting of the proxy (and of its cache key), off by default.
     """
 
     steps: int = 200
@@ -72,6 +80,7 @@ class ProxySettings:
     schedule: str = "cosine"
     seed: int = 0
     folds: int = 1
+    sparse: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -91,6 +100,8 @@ class ProxySettings:
             problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 1:
             problems.append(f"folds must be an int >= 1 (1: one validation split), got {self.folds!r}")
+        if not isinstance(self.sparse, bool):
+            problems.append(f"sparse must be true or false, got {self.sparse!r}")
         if problems:
             raise ConfigError("bad proxy settings: " + "; ".join(problems))
 
@@ -166,6 +177,7 @@ class ProxyEvaluator:
         max_candidates: int | None = None,
         stacked: bool | str = "auto",
         folds: int = 1,
+        sparse: bool = False,
     ) -> None:
         xtr, ytr = _split_tensors(bundle.train, "training")
         # Only train and val are kept: the reward can never reach the test split through us.
@@ -174,7 +186,7 @@ class ProxyEvaluator:
             steps, batch_size, lr, momentum = settings.steps, settings.batch_size, settings.lr, settings.momentum
             weight_decay, nesterov, schedule, seed = (settings.weight_decay, settings.nesterov, settings.schedule,
                                                       settings.seed)
-            folds = settings.folds
+            folds, sparse = settings.folds, settings.sparse
         if steps is not None and epochs is not None:
             raise ValueError("give the proxy budget as steps or as epochs, not both")
         if epochs is not None:
@@ -188,7 +200,7 @@ class ProxyEvaluator:
         self.settings = ProxySettings(
             steps=200 if steps is None else steps, batch_size=batch_size, lr=float(lr), momentum=float(momentum),
             weight_decay=float(weight_decay), nesterov=bool(nesterov), schedule=schedule, seed=int(seed),
-            folds=folds,
+            folds=folds, sparse=sparse,
         )
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
@@ -281,6 +293,13 @@ class ProxyEvaluator:
         """A trained copy of the masked network (pruned weights exactly zero); ``init`` is untouched.
         ``split``: which fold's training rows, for a K-fold proxy."""
         s = self.settings
+        if s.sparse:
+            stack = self._train_sparse([init], [masks], split)
+            net = self._fresh(init).to(self.device)
+            with torch.no_grad():
+                for k, v in stack.dense_state(0).items():
+                    net.get_parameter(k).copy_(v)
+            return net
         net = self._fresh(init).to(self.device)
         masks = masks if isinstance(masks, Masks) else Masks(dict(masks))
         masks.check(net)
@@ -382,6 +401,45 @@ class ProxyEvaluator:
         n = self._splits[split].xva.shape[0]
         return [(float(c) / n, float(v) / n) for c, v in zip(correct.cpu(), loss.cpu(), strict=True)]
 
+    def _train_sparse(self, inits: Sequence[nn.Module | Mapping[str, Tensor]],
+                      masks_list: Sequence[Masks | Mapping[str, Tensor]], split: int = 0) -> SparseMLPStack:
+        """:meth:`train_many` by the sparse route (``settings.sparse``): the same SGD loop, data order and
+        seed, over each layer's kept values (:class:`panning._sparse.SparseMLPStack`)."""
+        s = self.settings
+        nets = [self._fresh(i) for i in inits]
+        masks = [m if isinstance(m, Masks) else Masks(dict(m)) for m in masks_list]
+        for net, m in zip(nets, masks, strict=True):
+            if not sparse_supports(net):
+                raise ConfigError(f"the sparse proxy (sparse: true) trains panning's MLP (mlp, lenet300) only, "
+                                  f"not {type(net).__name__}; set sparse: false")
+            m.check(net)
+        shapes = {k: v.shape for k, v in nets[0].state_dict().items()}
+        if any({k: v.shape for k, v in n.state_dict().items()} != shapes for n in nets[1:]):
+            raise ValueError("evaluate_many trains candidates of one architecture; got different state shapes")
+        stack = SparseMLPStack(nets, [dict(m.items()) for m in masks], self.device)
+
+        def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            out = stack.forward(x)  # (N, batch, classes)
+            per = F.cross_entropy(out.transpose(1, 2), y.expand(stack.n, -1), reduction="none").mean(1)
+            return per.sum(), out  # each candidate gets the gradient of its own mean loss
+
+        with seeded(s.seed, self.device):
+            masked_sgd_steps(stack.params, None, s, self.batches(split), loss_fn, self.lr_at)
+        return stack
+
+    @torch.no_grad()
+    def _sums_sparse(self, stack: SparseMLPStack, split: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+        """:meth:`_sums_many` for a sparse stack."""
+        sp = self._splits[split]
+        correct = torch.zeros(stack.n, device=self.device, dtype=torch.long)
+        loss = torch.zeros(stack.n, device=self.device, dtype=torch.float64)
+        for lo in range(0, sp.xva.shape[0], chunk):
+            out = stack.forward(sp.xva[lo : lo + chunk])
+            y = sp.yva[lo : lo + chunk]
+            correct += (out.argmax(2) == y).sum(1)
+            loss += F.cross_entropy(out.double().transpose(1, 2), y.expand(stack.n, -1), reduction="none").sum(1)
+        return correct, loss
+
     def chunk_size(self, example: nn.Module | Mapping[str, Tensor] | None = None) -> int:
         """How many candidates :meth:`evaluate_many` trains at once: ``max_candidates`` if set; on CUDA
         what 70% of the free memory holds, measured per candidate (a one-candidate probe step of
@@ -413,6 +471,8 @@ class ProxyEvaluator:
         "auto"): on CUDA always; on the CPU only networks without convolutions, whose stacked form
         is batched matrix products (vmapped convolutions become grouped ones, 3x slower than one
         channels_last network at a time on the 2-core CPU: BENCHMARKS.md)."""
+        if self.settings.sparse:
+            return True  # block-diagonal sparse matrices: N candidates cost N times one, with one loop
         if self.stacked != "auto":
             return bool(self.stacked)
         if self.device.type == "cuda":
@@ -451,6 +511,10 @@ class ProxyEvaluator:
                 t0 = time.perf_counter()
                 sums = []
                 for j in range(len(self._splits)):  # K-fold: every fold's training, pooled (one split otherwise)
+                    if self.settings.sparse:
+                        stack = self._train_sparse([inits[i] for i, _ in part], [masks_list[i] for i, _ in part], j)
+                        sums.append(self._sums_sparse(stack, j))
+                        continue
                     template, params, buffers = self.train_many([inits[i] for i, _ in part],
                                                                 [masks_list[i] for i, _ in part], split=j)
                     sums.append(self._sums_many(template, params, buffers, j))
@@ -502,6 +566,8 @@ class ProxyEvaluator:
     def evaluate(self, init: nn.Module | Mapping[str, Tensor], masks: Masks) -> ProxyResult:
         """Train a copy of ``init`` under ``masks`` for the budget; accuracy and loss on the validation split
         (pooled over the folds of a K-fold proxy, each fold's copy trained on the other folds)."""
+        if self.settings.sparse:  # one route for one and for many: a candidate scores the same either way
+            return self.evaluate_many([init], [masks])[0]
         t0 = time.perf_counter()
         key = self.key(init, masks) if self.cache_size else None
         if key is not None and key in self._cache:
