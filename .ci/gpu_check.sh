@@ -44,4 +44,8 @@ rc=0
 "$py" -P -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$dest/gpu_tests.log" || rc=$?
 "$py" benchmarks/bench_batched.py --device cuda --n 1,8,32,64,128 --episodes 32 --warmup 0 \
     --json "$dest/gpu_batched.json" 2>&1 | tee "$dest/gpu_batched.md" || { s=$?; [ "$rc" -ne 0 ] || rc=$s; }
+# the proxy's sparse route (cuSPARSE) at the agent's sparsity, against the dense one-at-a-time proxy
+"$py" benchmarks/bench_batched.py --device cuda --model lenet300 --dataset mnist --sparse --sparsity 0.99 \
+    --skip-episodes --n 1,8,32,64,128 --json "$dest/gpu_batched_sparse.json" 2>&1 \
+    | tee "$dest/gpu_batched_sparse.md" || { s=$?; [ "$rc" -ne 0 ] || rc=$s; }
 exit "$rc"

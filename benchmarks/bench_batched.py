@@ -14,6 +14,9 @@ Rows (without ``--model``: all of them):
   after ``--warmup`` more untimed episodes (references cached: most of an agent's training).
 - ``episodes_2proc``: the same, the N episodes split over two processes of N/2 stacked episodes each
   (:class:`SubprocBatchedVecEnv`, one thread each), against the same two ``SubprocVecEnv`` workers.
+- ``proxy_sparse`` (``--sparse``, mlp and lenet300): the batched side trains by the proxy's sparse route
+  (``ProxySettings.sparse``) against today's dense one-at-a-time proxy; ``--sparsity`` sets the masks' sparsity
+  (default 95%). With ``--sparse`` the episode rows' vectorised sides use it too (``episodes_sparse``).
 
 Prints a markdown table; ``--json PATH`` writes one row per measurement with the keys ``model,
 dataset, n, device, sequential_per_s, batched_per_s, speedup, max_abs_accuracy_diff`` (plus
@@ -106,12 +109,13 @@ def peak_gflops(device: torch.device, size: int = PEAK_SIZE, repeats: int = 5) -
     return 2.0 * size**3 / float(np.median(times)) / 1e9
 
 
-def profile_stacked(model: str, ds: str, steps: int, n: int, device: torch.device) -> str:
+def profile_stacked(model: str, ds: str, steps: int, n: int, device: torch.device, sparsity: float = 0.95,
+                    sparse: bool = False) -> str:
     """torch.profiler's table (operators by own time) of one stacked evaluation of ``n`` candidates: where a
     batched proxy's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    _, inits, masks, ev = _candidates(model, ds, steps, n, device)
+    _, inits, masks, ev = _candidates(model, ds, steps, n, device, sparsity, sparse)
     ev.evaluate_many(inits[:2], masks[:2])  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -120,25 +124,29 @@ def profile_stacked(model: str, ds: str, steps: int, n: int, device: torch.devic
     return str(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
-def _candidates(model: str, ds: str, steps: int, n: int, device: torch.device
-                ) -> tuple[DataBundle, list[torch.nn.Module], list, ProxyEvaluator]:
-    """The data, ``n`` initialisations, their SNIP masks at 95% and a stacking proxy evaluator, caches off."""
+def _candidates(model: str, ds: str, steps: int, n: int, device: torch.device, sparsity: float = 0.95,
+                sparse: bool = False) -> tuple[DataBundle, list[torch.nn.Module], list, ProxyEvaluator]:
+    """The data, ``n`` initialisations, their SNIP masks at ``sparsity`` and a stacking proxy evaluator
+    (the sparse route with ``sparse``), caches off."""
     b = bundle(ds)
     inits = [build_model(model, b.num_classes, b.input_shape, seed=s).to(device) for s in range(n)]
     x, y = balanced_batch(b.train, 5, b.num_classes, seed=0)
-    masks = [prune(m, "snip", 0.95, [(x.to(device), y.to(device))]).masks for m in inits]
+    masks = [prune(m, "snip", sparsity, [(x.to(device), y.to(device))]).masks for m in inits]
     return b, inits, masks, ProxyEvaluator(b, steps=steps, cache_size=0, device=device, max_candidates=n,
-                                           stacked=True)
+                                           stacked=True, sparse=sparse)
 
 
-def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device) -> dict:
-    b, inits, masks, ev = _candidates(model, ds, steps, n, device)
-    ev.evaluate(inits[0], masks[0])  # warm-up (allocator, kernels) of both routes: vmap's first use costs too
+def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device, sparsity: float = 0.95,
+              sparse: bool = False) -> dict:
+    b, inits, masks, ev = _candidates(model, ds, steps, n, device, sparsity, sparse)
+    # one at a time is always today's dense route: the sparse rows measure the sparse route against it
+    one_ev = ProxyEvaluator(b, steps=steps, cache_size=0, device=device) if sparse else ev
+    one_ev.evaluate(inits[0], masks[0])  # warm-up (allocator, kernels) of both routes: vmap's first use costs too
     ev.evaluate_many(inits[:1], masks[:1])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    one = [ev.evaluate(m, k) for m, k in zip(inits, masks, strict=True)]
+    one = [one_ev.evaluate(m, k) for m, k in zip(inits, masks, strict=True)]
     sync()
     t1 = time.perf_counter()
     many = ev.evaluate_many(inits, masks)
@@ -146,7 +154,8 @@ def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device) -> 
     t2 = time.perf_counter()
     seq, bat = n / (t1 - t0), n / (t2 - t1)
     flops = linear_flops(inits[0], steps * ev.settings.batch_size, len(b.val))
-    return {"kind": "proxy", "model": model, "dataset": ds, "n": n, "steps": steps, "sequential_per_s": seq,
+    return {"kind": "proxy_sparse" if sparse else "proxy", "model": model, "dataset": ds, "n": n, "steps": steps,
+            "sparsity": sparsity, "sequential_per_s": seq,
             "batched_per_s": bat, "speedup": bat / seq,
             "sequential_gflops": None if flops is None else seq * flops / 1e9,
             "batched_gflops": None if flops is None else bat * flops / 1e9,
@@ -176,7 +185,7 @@ def _episodes(venv, episodes: int, n: int, warmup: int) -> tuple[float, float | 
 
 
 def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: int,
-                 device: torch.device) -> list[dict]:
+                 device: torch.device, sparse: bool = False) -> list[dict]:
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
     from panning.agents.train import _EnvFactory
@@ -189,6 +198,8 @@ def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: 
         seq = _episodes(sub, episodes, 2, warmup)
     finally:
         sub.close()
+    if sparse:  # the vectorised sides train their proxies by the sparse route; the two workers stay dense
+        env_cfg = make_config(env_cfg, proxy={"sparse": True})
     bat = _episodes(BatchedPanningVecEnv(env_cfg, n), episodes, n, warmup)  # this process's threads: all cores
     two = SubprocBatchedVecEnv(env_cfg, n, 2, threads=1)  # N/2 stacked episodes in each of two processes
     try:
@@ -196,7 +207,7 @@ def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: 
     finally:
         two.close()
     rows = []
-    for kind, b_rates in (("episodes", bat), ("episodes_2proc", bat2)):
+    for kind, b_rates in (("episodes" + "_sparse" * sparse, bat), ("episodes_2proc" + "_sparse" * sparse, bat2)):
         for phase, s, b in (("cold", seq[0], b_rates[0]), ("warm", seq[1], b_rates[1])):
             if s is not None and b is not None:
                 rows.append({"kind": kind, "phase": phase, "model": model, "dataset": ds, "n": n,
@@ -221,7 +232,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", action="store_true",
                     help="after the proxy rows, profile one stacked evaluation at the largest N of each proxy row")
+    ap.add_argument("--sparse", action="store_true",
+                    help="the batched side trains by the proxy's sparse route (ProxySettings.sparse; mlp and lenet300 "
+                         "only), against today's dense one-at-a-time proxy and dense workers")
+    ap.add_argument("--sparsity", type=float, default=0.95,
+                    help="sparsity of the proxy rows' SNIP masks (default 0.95)")
     args = ap.parse_args()
+    if not 0 <= args.sparsity < 1:
+        raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.sparse and args.model not in ("mlp", "lenet300"):
+        raise UsageError("--sparse measures the sparse route, which trains mlp and lenet300 only: add --model mlp "
+                         "or --model lenet300")
     tune_malloc()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -250,12 +271,12 @@ def main() -> None:
     peak = peak_gflops(device) if proxy else None
     for model, ds, steps in proxy:
         for n in ns:
-            keep({**proxy_row(model, ds, steps, n, device), "peak_gflops": peak})
+            keep({**proxy_row(model, ds, steps, n, device, args.sparsity, args.sparse), "peak_gflops": peak})
     for model, ds, steps in proxy if args.profile else []:
         print(f"\nprofile: one stacked evaluation, {model} / {ds}, N = {max(ns)}, {steps} steps\n"
-              + profile_stacked(model, ds, steps, max(ns), device), flush=True)
+              + profile_stacked(model, ds, steps, max(ns), device, args.sparsity, args.sparse), flush=True)
     for model, ds, cfg in episodes:
-        for row in episode_rows(model, ds, cfg, max(ns), args.episodes, args.warmup, device):
+        for row in episode_rows(model, ds, cfg, max(ns), args.episodes, args.warmup, device, args.sparse):
             keep(row)
     print(f"\ndevice: {name}\n")
     print("| what | model / data | N | steps | one at a time /s | batched /s | speedup | max acc. diff |")
@@ -263,7 +284,7 @@ def main() -> None:
     for r in rows:
         diff = "" if r["max_abs_accuracy_diff"] is None else f"{r['max_abs_accuracy_diff']:.4f}"
         seq_label = "2 workers" if r["kind"].startswith("episodes") else ""
-        kind = f"{r['kind']} ({r['phase']})" if "phase" in r else r["kind"]
+        kind = f"{r['kind']} ({r['phase']})" if "phase" in r else f"{r['kind']} at {100 * r['sparsity']:g}%"
         print(f"| {kind} | {r['model']} / {r['dataset']} | {r['n']} | {r['steps']} | "
               f"{r['sequential_per_s']:.2f} {seq_label} | {r['batched_per_s']:.2f} | {r['speedup']:.2f}x | {diff} |")
     roof = [r for r in rows if r.get("sequential_gflops") is not None]

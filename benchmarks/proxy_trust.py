@@ -25,9 +25,9 @@ proxy faces, the rho between two halves of the truth's own training seeds, and b
 read on two halves of the truth split's images (how far the truth's ranking rests on its own images, which
 no proxy validating elsewhere can share). ``--folds`` adds K-fold proxies, ``--repeats`` a split's proxy
 averaged over training seeds, ``--recipe`` proxies trained with the truth's epochs, batch size, learning
-rate, momentum and decay (always cosine). ``--truth-from``
-reuses an earlier run's truth (the same masks) and runs only the proxies, to try new budgets and
-validation sizes. Run by hand, e.g.
+rate, momentum and decay (always cosine), ``--sparse`` a twin of every variant trained by the proxy's
+sparse route. ``--truth-from`` reuses an earlier run's truth (the same masks; agents the earlier run had
+may be left out) and runs only the proxies, to try new budgets and validation sizes. Run by hand, e.g.
 
     .venv/bin/python benchmarks/proxy_trust.py --agents shipped:default --json benchmarks/results/proxy_trust.json
 """
@@ -144,8 +144,10 @@ def _truth_source(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str,
             raise TypeError
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise UsageError(f"--truth-from {path} is not the --json of a proxy_trust.py run") from None
+    # fewer agents than the earlier run is fine (an agent file may be gone): their masks are left out
     differ = [f"--{k.replace('_', '-')} {old.get(k)!r} (here {getattr(args, k)!r})" for k in _TRUTH_ARGS
-              if _same_path(k, old.get(k)) != _same_path(k, getattr(args, k))]
+              if _same_path(k, old.get(k)) != _same_path(k, getattr(args, k))
+              and not (k == "agents" and set(getattr(args, k)) <= set(old.get(k) or []))]
     if differ:
         raise UsageError(f"--truth-from {path} was run with {'; '.join(differ)}; its truth is not these masks'")
     if "recipe" in prev and prev["recipe"] != recipe:  # studies before the recipe was recorded: by path alone
@@ -186,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recipe", action="store_true",
                     help="also proxies that train with the truth's epochs, batch size, learning rate, momentum and "
                          "decay (with a cosine schedule, whatever the recipe's) on the proxy's training split")
+    ap.add_argument("--skip-changed", action="store_true",
+                    help="with --truth-from: leave out the masks this run does not build bit for bit as the earlier "
+                         "one did (another machine's rounding can flip a near tie), instead of refusing")
+    ap.add_argument("--sparse", action="store_true",
+                    help="also every proxy variant by the proxy's sparse route (ProxySettings.sparse; mlp and "
+                         "lenet300), named with +sp")
     ap.add_argument("--init-seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes for the full trainings (1 thread each)")
     ap.add_argument("--epochs", type=int, default=None,
@@ -237,37 +245,46 @@ def main(argv: list[str] | None = None) -> None:
     # a variant is a list of evaluators whose validation results are pooled (_proxy_one)
     evaluators: dict[str, list[ProxyEvaluator]] = {}
 
-    def proxy(pb: Any, steps: int | str, seed: int = 0, folds: int = 1) -> ProxyEvaluator:
+    def proxy(pb: Any, steps: int | str, seed: int = 0, folds: int = 1, sparse: bool = False) -> ProxyEvaluator:
         if steps == "recipe":  # the truth's epochs, batch, lr, momentum and decay (cosine) on the proxy's split
             t = cfg.train
             return ProxyEvaluator(pb, cfg.model, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                                  weight_decay=t.weight_decay, seed=seed, folds=folds, device="cpu", cache_size=0)
-        return ProxyEvaluator(pb, cfg.model, settings=ProxySettings(steps=int(steps), seed=seed, folds=folds),
-                              device="cpu", cache_size=0)
+                                  weight_decay=t.weight_decay, seed=seed, folds=folds, device="cpu", cache_size=0,
+                                  sparse=sparse)
+        return ProxyEvaluator(pb, cfg.model, settings=ProxySettings(steps=int(steps), seed=seed, folds=folds,
+                                                                    sparse=sparse), device="cpu", cache_size=0)
 
     budgets = [*args.budgets, *(["recipe"] if args.recipe else [])]
-    for n, v in enumerate(args.val_sizes):
-        tr, va = train_test_split(np.arange(len(study_idx)), test_size=v, stratify=y[study_idx], random_state=0)
-        pb = dataclasses.replace(base, train=study.subset(np.sort(tr)), val=study.subset(np.sort(va)), test=truth)
-        for b in budgets:
-            evaluators[f"val{v}@{b}"] = [proxy(pb, b)]
-            for r in args.repeats:
-                evaluators[f"val{v}@{b}x{r}"] = [proxy(pb, b, seed=j) for j in range(r)]
-            if n == 0:  # the library's K-fold proxy pools this split's train and val again: the whole study pool
-                for k in args.folds:
-                    evaluators[f"cv{k}@{b}"] = [proxy(pb, b, folds=k)]
-    _JOBS.update(model=model, masks=[m for _, _, m in masks], bundle=full, train=cfg.train, evaluators=evaluators,
-                 halves=halves)
-    # The proxies go first: they are cheap, and the table's columns exist before the long trainings.
-    proxy_jobs = [(k, i) for k in evaluators for i in range(len(masks))]
+    for sp, tag in [(False, "")] + ([(True, "+sp")] if args.sparse else []):
+        for n, v in enumerate(args.val_sizes):
+            tr, va = train_test_split(np.arange(len(study_idx)), test_size=v, stratify=y[study_idx], random_state=0)
+            pb = dataclasses.replace(base, train=study.subset(np.sort(tr)), val=study.subset(np.sort(va)), test=truth)
+            for b in budgets:
+                evaluators[f"val{v}@{b}{tag}"] = [proxy(pb, b, sparse=sp)]
+                for r in args.repeats:
+                    evaluators[f"val{v}@{b}x{r}{tag}"] = [proxy(pb, b, seed=j, sparse=sp) for j in range(r)]
+                if n == 0:  # the library's K-fold proxy pools this split's train and val again: the whole study pool
+                    for k in args.folds:
+                        evaluators[f"cv{k}@{b}{tag}"] = [proxy(pb, b, folds=k, sparse=sp)]
     if prev is not None:
-        found = [(m["mask"], m["sparsity"]) for m in prev["masks"]]
+        by_name = {(m["mask"], m["sparsity"]): m for m in prev["masks"]}
         # studies written before the digests were recorded are matched by name alone
-        same = found == [(n, s) for n, s, _ in masks] and all(
-            m.get("digest", digest) == digest for m, digest in zip(prev["masks"], digests, strict=True))
-        if not same:
-            raise UsageError(f"--truth-from {args.truth_from}: its masks are not this run's (other names, order or "
-                             "bits: the code that builds them changed?); run the full study instead")
+        kept = [by_name.get((n, s)) for n, s, _ in masks]
+        bad = [f"{n} at {s}" for (n, s, _), m, d in zip(masks, kept, digests, strict=True)
+               if m is None or m.get("digest", d) != d]
+        if bad and not args.skip_changed:
+            raise UsageError(f"--truth-from {args.truth_from}: its masks are not this run's ({len(bad)} differ in name "
+                             f"or bits, e.g. {bad[0]}: the code that builds them changed, or another machine's "
+                             "rounding?); run the full study, or leave them out with --skip-changed")
+        if bad:  # built differently here: no truth for them
+            print(f"  --skip-changed: left out {', '.join(bad)} (not built bit for bit as in --truth-from)", flush=True)
+            keep = [i for i, (m, d) in enumerate(zip(kept, digests, strict=True))
+                    if m is not None and m.get("digest", d) == d]
+            masks, digests, kept = [masks[i] for i in keep], [digests[i] for i in keep], [kept[i] for i in keep]
+        if len(kept) < len(prev["masks"]):
+            print(f"  --truth-from: {len(prev['masks']) - len(kept)} of its masks left out (agents not given here"
+                  f"{', or built differently' if bad else ''})", flush=True)
+        prev = {**prev, "masks": kept}
         truth_acc = np.array([m["truth"] for m in prev["masks"]], dtype=float)
         args.train_seeds = truth_acc.shape[1]
         # studies written before the halves were recorded have no image-half ceiling
@@ -278,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         truth_acc = np.zeros((len(masks), args.train_seeds))
         halves_acc = np.zeros((len(masks), args.train_seeds, 2))
         jobs = [(i, s) for i in range(len(masks)) for s in range(args.train_seeds)]
+    _JOBS.update(model=model, masks=[m for _, _, m in masks], bundle=full, train=cfg.train, evaluators=evaluators,
+                 halves=halves)
+    # The proxies go first: they are cheap, and the table's columns exist before the long trainings.
+    proxy_jobs = [(k, i) for k in evaluators for i in range(len(masks))]
     proxies: dict[str, list[float]] = {f"{what} {k}": [0.0] * len(masks)
                                        for k in evaluators for what in ("acc", "loss")}
     spent: dict[str, float] = dict.fromkeys(evaluators, 0.0)
@@ -321,11 +342,12 @@ def main(argv: list[str] | None = None) -> None:
               f"image-half {e['image_ceiling_near']:.2f}")
         print("  " + ", ".join(f"{masks_name}" for masks_name in e["near_names"]))
     keys = list(proxies)
-    print(f"\n{'proxy':<18} {'s/mask':>7} " + " ".join(f"{'near@' + str(e['sparsity']):>11}" for e in table)
+    width = max(18, *(len(k) for k in proxies))
+    print(f"\n{'proxy':<{width}} {'s/mask':>7} " + " ".join(f"{'near@' + str(e['sparsity']):>11}" for e in table)
           + " " + " ".join(f"{'all@' + str(e['sparsity']):>10}" for e in table) + f" {'near mean':>9}")
     for k in keys:
         near = [e["rho_near"][k] for e in table]
-        print(f"{k:<18} {proxy_seconds[k.split(' ')[1]]:>7.2f} " + " ".join(f"{r:>11.2f}" for r in near) + " "
+        print(f"{k:<{width}} {proxy_seconds[k.split(' ')[1]]:>7.2f} " + " ".join(f"{r:>11.2f}" for r in near) + " "
               + " ".join(f"{e['rho_all'][k]:>10.2f}" for e in table) + f" {np.nanmean(near):>9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({

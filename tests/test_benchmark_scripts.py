@@ -72,6 +72,35 @@ def test_proxy_trust_reuses_an_earlier_truth_for_new_proxies(tmp_path: Path) -> 
         assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_proxy_trust_sparse_twins_and_a_truth_without_an_agent(tmp_path: Path) -> None:
+    """--sparse adds a "+sp" twin of every variant (the sparse route: within a few validation images of the dense
+    one); --truth-from accepts a run given fewer agents than the earlier one and leaves their masks out."""
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    r = _proxy_trust("--mixtures", "1", "--train-seeds", "1", "--budgets", "20", "--agents", "shipped:default",
+                     "--json", str(first))
+    assert r.returncode == 0, r.stderr
+    r = _proxy_trust("--mixtures", "1", "--budgets", "20", "--sparse", "--truth-from", str(first),
+                     "--json", str(second))
+    assert r.returncode == 0, r.stderr
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert "1 of its masks left out (agents not given here)" in r.stdout
+    assert [m["mask"] for m in a["masks"] if not m["mask"].startswith("agent:")] == [m["mask"] for m in b["masks"]]
+    for m in b["masks"]:
+        assert abs(m["proxy"]["acc val95@20"] - m["proxy"]["acc val95@20+sp"]) <= 3 / 95
+    assert "acc val95@20+sp" in b["table"][0]["rho_near"]
+    edited = json.loads(first.read_text())
+    edited["masks"][0]["digest"] = "0" * 64  # as if another machine's rounding had built it otherwise
+    first.write_text(json.dumps(edited))
+    r = _proxy_trust("--mixtures", "1", "--budgets", "20", "--truth-from", str(first))
+    assert r.returncode == 2 and "--skip-changed" in r.stderr and r.stderr.count("\n") == 1
+    r = _proxy_trust("--mixtures", "1", "--budgets", "20", "--truth-from", str(first), "--skip-changed",
+                     "--json", str(second))
+    assert r.returncode == 0, r.stderr
+    name = f"{a['masks'][0]['mask']} at {a['masks'][0]['sparsity']}"
+    assert f"--skip-changed: left out {name}" in r.stdout
+    assert [m["mask"] for m in json.loads(second.read_text())["masks"]] == [m["mask"] for m in b["masks"][1:]]
+
+
 def test_proxy_trust_pools_folds_repeats_and_reads_the_truth_on_two_image_halves(tmp_path: Path) -> None:
     """--folds, --repeats and --recipe add their variants; the truth is also read on two halves of its images
     (a ceiling reported per sparsity); bad counts are refused in one line."""

@@ -71,6 +71,24 @@ def test_batched_proxy_on_the_gpu_agrees_with_one_at_a_time() -> None:
     assert ev.chunk_size(inits[0]) >= 4  # measured from the free memory
 
 
+def test_sparse_proxy_on_the_gpu_agrees_with_the_cpu_and_with_itself_stacked() -> None:
+    """The sparse route through cuSPARSE: within one validation example of the CPU's sparse route, and a
+    candidate alone within one example of itself stacked (cuSPARSE does not promise the CPU's row order)."""
+    b = load_dataset("digits")
+    inits = [build_model("mlp", 10, (64,), seed=s) for s in range(3)]
+    masks = [random_masks(m, 0.02, s) for s, m in enumerate(inits)]
+    gpu = ProxyEvaluator(b, steps=40, cache_size=0, device=CUDA, sparse=True)
+    cpu = ProxyEvaluator(b, steps=40, cache_size=0, device="cpu", sparse=True)
+    many = gpu.evaluate_many(inits, masks)
+    one = [gpu.evaluate(m, k) for m, k in zip(inits, masks, strict=True)]
+    ref = cpu.evaluate_many(inits, masks)
+    for a, c, r in zip(one, many, ref, strict=True):
+        assert abs(a.accuracy - c.accuracy) <= 1 / len(b.val) and abs(c.accuracy - r.accuracy) <= 1 / len(b.val)
+    net = gpu.train(inits[0], masks[0])
+    for k, m in masks[0].items():
+        assert torch.equal(net.get_parameter(k).detach()[~m.to(CUDA)], torch.zeros(int((~m).sum()), device=CUDA))
+
+
 @pytest.mark.parametrize("model, shape", [("lenet300", (1, 28, 28)), ("resnet20", (3, 32, 32))])
 def test_batched_scores_on_the_gpu_equal_one_at_a_time(model: str, shape: tuple[int, ...]) -> None:
     nets = [build_model(model, 10, shape, seed=s).to(CUDA) for s in range(3)]
