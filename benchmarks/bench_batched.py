@@ -153,7 +153,8 @@ def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device, spa
     sync()
     t2 = time.perf_counter()
     seq, bat = n / (t1 - t0), n / (t2 - t1)
-    flops = linear_flops(inits[0], steps * ev.settings.batch_size, len(b.val))
+    # the dense count would overstate a sparse route's work (it skips the pruned weights)
+    flops = None if sparse else linear_flops(inits[0], steps * ev.settings.batch_size, len(b.val))
     return {"kind": "proxy_sparse" if sparse else "proxy", "model": model, "dataset": ds, "n": n, "steps": steps,
             "sparsity": sparsity, "sequential_per_s": seq,
             "batched_per_s": bat, "speedup": bat / seq,

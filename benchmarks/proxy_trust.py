@@ -209,9 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if any(k < 2 for k in args.folds) or any(r < 2 for r in args.repeats):
         raise UsageError(f"--folds and --repeats take counts >= 2, got {args.folds} and {args.repeats}")
+    if args.skip_changed and not args.truth_from:
+        raise UsageError("--skip-changed leaves out masks of a --truth-from run; give --truth-from too")
     torch.set_num_threads(1)
 
     cfg = _config.load(args.config)
+    if args.sparse and cfg.model not in ("mlp", "lenet300"):  # before minutes of mask building, not after
+        raise UsageError(f"--sparse: the proxy's sparse route trains mlp and lenet300 only, not {cfg.model}")
     if args.epochs is not None:
         changes: dict[str, Any] = {"train.epochs": args.epochs}
         if cfg.train.schedule == "step":
@@ -266,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                 if n == 0:  # the library's K-fold proxy pools this split's train and val again: the whole study pool
                     for k in args.folds:
                         evaluators[f"cv{k}@{b}{tag}"] = [proxy(pb, b, folds=k, sparse=sp)]
+    skipped: list[str] = []  # masks of --truth-from left out by --skip-changed
     if prev is not None:
         by_name = {(m["mask"], m["sparsity"]): m for m in prev["masks"]}
         # studies written before the digests were recorded are matched by name alone
@@ -277,10 +282,14 @@ def main(argv: list[str] | None = None) -> None:
                              f"or bits, e.g. {bad[0]}: the code that builds them changed, or another machine's "
                              "rounding?); run the full study, or leave them out with --skip-changed")
         if bad:  # built differently here: no truth for them
+            skipped = bad
             print(f"  --skip-changed: left out {', '.join(bad)} (not built bit for bit as in --truth-from)", flush=True)
             keep = [i for i, (m, d) in enumerate(zip(kept, digests, strict=True))
                     if m is not None and m.get("digest", d) == d]
             masks, digests, kept = [masks[i] for i in keep], [digests[i] for i in keep], [kept[i] for i in keep]
+            empty = [s for s in args.sparsities if not any(sp == s for _, sp, _ in masks)]
+            if empty:
+                raise UsageError(f"--skip-changed left no mask at sparsity {empty[0]}: nothing to rank there")
         if len(kept) < len(prev["masks"]):
             print(f"  --truth-from: {len(prev['masks']) - len(kept)} of its masks left out (agents not given here"
                   f"{', or built differently' if bad else ''})", flush=True)
@@ -356,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
             "masks": [{"mask": n, "sparsity": s, "digest": digests[i], "truth": truth_acc[i].tolist(),
                        "truth_halves": halves_acc[i].tolist(),
                        "proxy": {k: p[i] for k, p in proxies.items()}} for i, (n, s, _) in enumerate(masks)],
-            "table": table,
+            "table": table, "skipped": skipped,
         }, indent=2))
 
 

@@ -6,9 +6,9 @@ block-diagonal CSR matrix holding only the kept weights (the first layer's block
 columns, since every candidate sees the same batch), activations are feature-major ``[N * width,
 batch]``, and SGD updates the kept values alone, so pruned weights are exactly zero by
 construction. The arithmetic is the dense network's; only the order of each sum differs, so
-results agree with the dense route up to float rounding. Every output row sums its own kept
-weights in column order whatever N is, so a candidate trained alone or among others comes out the
-same, bit for bit (tested).
+results agree with the dense route up to float rounding. On the CPU (MKL's sparse products, as
+tested) every output row sums its own kept weights in column order whatever N is, so a candidate
+trained alone or among others comes out the same, bit for bit; cuSPARSE does not promise that.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ indexing them with a seeded, precomputed order; the loop makes no host synchroni
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections import OrderedDict
@@ -154,7 +155,8 @@ class ProxyEvaluator:
     module is passed. ``steps`` is the budget in SGD steps; ``epochs`` (a float) may be given
     instead and is converted to ``ceil(epochs * n_train / batch_size)`` steps. ``settings`` (a
     :class:`ProxySettings`) gives every training setting at once, in place of the keywords. ``folds``
-    > 1: a K-fold proxy over the training and validation splits pooled (:class:`ProxySettings`).
+    > 1: a K-fold proxy over the training and validation splits pooled; ``sparse``: the sparse route for
+    panning's MLPs (both :class:`ProxySettings`).
     """
 
     def __init__(
@@ -350,6 +352,8 @@ class ProxyEvaluator:
         from torch.func import functional_call, vmap
 
         s = self.settings
+        if s.sparse:  # a dense result from a sparse evaluator would be a silent change of reward
+            raise ValueError("train_many is the dense stacked route; a sparse evaluator trains through evaluate_many")
         template, params, buffers, masks = self._stack(inits, masks_list)
         template.train()
 
@@ -397,6 +401,9 @@ class ProxyEvaluator:
                    chunk: int = 2048, split: int = 0) -> list[tuple[float, float]]:
         """(accuracy, mean cross-entropy) on the validation split (fold ``split``'s) of each of N stacked
         candidates, eval mode."""
+        if self.settings.sparse:
+            raise ValueError("score_many scores the dense stacked route; a sparse evaluator scores through "
+                             "evaluate_many")
         correct, loss = self._sums_many(template, params, buffers, split, chunk)
         n = self._splits[split].xva.shape[0]
         return [(float(c) / n, float(v) / n) for c, v in zip(correct.cpu(), loss.cpu(), strict=True)]
@@ -566,9 +573,10 @@ class ProxyEvaluator:
     def evaluate(self, init: nn.Module | Mapping[str, Tensor], masks: Masks) -> ProxyResult:
         """Train a copy of ``init`` under ``masks`` for the budget; accuracy and loss on the validation split
         (pooled over the folds of a K-fold proxy, each fold's copy trained on the other folds)."""
-        if self.settings.sparse:  # one route for one and for many: a candidate scores the same either way
-            return self.evaluate_many([init], [masks])[0]
         t0 = time.perf_counter()
+        if self.settings.sparse:  # one route for one and for many: a candidate scores the same either way
+            r = self.evaluate_many([init], [masks])[0]
+            return dataclasses.replace(r, seconds=time.perf_counter() - t0) if r.cached else r
         key = self.key(init, masks) if self.cache_size else None
         if key is not None and key in self._cache:
             self._cache.move_to_end(key)

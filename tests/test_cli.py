@@ -445,6 +445,8 @@ def test_seed_flag_sets_initialisation_and_random_masks(tiny: Path, tmp_path: Pa
     ("bench_batched.py", ["--sparsity", "1"], "--sparsity must be in [0, 1)"),
     ("bench_env.py", ["--model", "nope"], "unrecognized arguments: --model nope"),
     ("proxy_trust.py", ["--config", "configs/bench/nope.yaml"], "does not exist"),
+    ("proxy_trust.py", ["--skip-changed"], "--skip-changed leaves out masks of a --truth-from run"),
+    ("proxy_trust.py", ["--sparse", "--config", "configs/mnist_lenet5.yaml"], "--sparse: the proxy's sparse route"),
 ])
 def test_benchmark_scripts_end_bad_input_like_the_command(script: str, args: list[str], expected: str) -> None:
     """A script under benchmarks/ given a bad flag or file prints one line naming itself and exits 2."""

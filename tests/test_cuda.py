@@ -87,6 +87,9 @@ def test_sparse_proxy_on_the_gpu_agrees_with_the_cpu_and_with_itself_stacked() -
     net = gpu.train(inits[0], masks[0])
     for k, m in masks[0].items():
         assert torch.equal(net.get_parameter(k).detach()[~m.to(CUDA)], torch.zeros(int((~m).sum()), device=CUDA))
+    empty = Masks({k: (torch.zeros_like(v) if k == "fc2.weight" else v) for k, v in masks[1].items()})
+    r = gpu.evaluate(inits[1], empty)  # one candidate, a layer with nothing kept: cuSPARSE with an empty matrix
+    assert abs(r.accuracy - cpu.evaluate(inits[1], empty).accuracy) <= 1 / len(b.val)
 
 
 @pytest.mark.parametrize("model, shape", [("lenet300", (1, 28, 28)), ("resnet20", (3, 32, 32))])

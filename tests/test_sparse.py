@@ -103,6 +103,9 @@ def test_unsupported_networks_and_bad_settings_are_clear_errors(digits) -> None:
     ev = ProxyEvaluator(digits, steps=2, sparse=True)
     with pytest.raises(ConfigError, match="sparse"):
         ev.evaluate(net, Masks.ones(net))
+    mlp = build_model("mlp", 10, (64,))
+    with pytest.raises(ValueError, match="dense stacked route"):  # no silent dense result from a sparse evaluator
+        ev.train_many([mlp], [Masks.ones(mlp)])
     with pytest.raises(ConfigError, match="sparse must be true or false"):
         ProxySettings(sparse="yes")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="sparse: true trains the mlp and lenet300 models only"):
