@@ -237,7 +237,7 @@ def test_list_names_every_choice(capsys: pytest.CaptureFixture[str]) -> None:
         label, _, names = line.partition(":")
         listed[label.strip()] = names.strip().split(", ")
     assert set(listed) == {"models", "datasets", "methods", "indices", "inits", "agents"}
-    assert listed["agents"] == ["default", "summary"]  # the shipped agents, `--policy NAME`
+    assert listed["agents"] == ["default", "mnist_recipe", "summary"]  # the shipped agents, `--policy NAME`
     assert listed["models"] == [*available_models(), "tv:<torchvision model>"]
     assert listed["datasets"] == list(available_datasets())
     assert listed["methods"] == list(available_methods())

@@ -24,12 +24,13 @@ from panning.models import build_model
 pytestmark = pytest.mark.filterwarnings("ignore:layer collapse")
 
 
-def test_the_shipped_agents_are_default_and_the_previous_default() -> None:
-    # `summary` (the default until session 12) stays so that the benchmark configs comparing with it reproduce
-    assert shipped_agents() == ["default", "summary"]
+def test_the_shipped_agents_are_default_the_previous_default_and_the_mnist_agent() -> None:
+    # `summary` (the default until session 12) stays so that the benchmark configs comparing with it reproduce;
+    # `mnist_recipe` (session 18) is the agent trained on the trusted MNIST reward, kept for the same reason
+    assert shipped_agents() == ["default", "mnist_recipe", "summary"]
 
 
-@pytest.mark.parametrize("name", ["default", "summary"])
+@pytest.mark.parametrize("name", ["default", "summary", "mnist_recipe"])
 def test_each_shipped_agent_ships_with_its_training_record(name: str) -> None:
     record = json.loads((SHIPPED_DIR / f"{name}.json").read_text())
     assert record["name"] == name
@@ -43,13 +44,13 @@ def test_each_shipped_agent_ships_with_its_training_record(name: str) -> None:
     assert meta.get("layer_actions", 0) == record["config"]["env_kwargs"].get("layer_actions", 0)
 
 
-def test_the_summary_agent_prunes_to_the_exact_sparsity_and_differs_from_the_default() -> None:
+def test_the_other_shipped_agents_prune_to_the_exact_sparsity_and_differ_from_the_default() -> None:
     bundle = load_dataset("digits")
     masks = {name: apply_policy(name, build_model("mlp", 10, bundle.input_shape, seed=5), 0.99, bundle.train).masks
-             for name in ("default", "summary")}
+             for name in ("default", "summary", "mnist_recipe")}
     for m in masks.values():
         assert m.num_kept == keep_count(m.num_total, 0.99)
-    assert not masks["default"].equal(masks["summary"])
+    assert not masks["default"].equal(masks["summary"]) and not masks["default"].equal(masks["mnist_recipe"])
 
 
 def test_names_and_paths() -> None:
