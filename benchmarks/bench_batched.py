@@ -43,7 +43,7 @@ from panning.cli import OneLineParser, run_guarded
 from panning.data import DataBundle, InMemoryDataset, balanced_batch, load_dataset
 from panning.errors import UsageError
 from panning.models import build_model
-from panning.proxy import ProxyEvaluator
+from panning.proxy import SPARSE_MODELS, ProxyEvaluator
 from panning.pruner import prune
 from panning.train import resolve_device
 
@@ -241,9 +241,9 @@ def main() -> None:
     args = ap.parse_args()
     if not 0 <= args.sparsity < 1:
         raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if args.sparse and args.model not in ("mlp", "lenet300"):
-        raise UsageError("--sparse measures the sparse route, which trains mlp and lenet300 only: add --model mlp "
-                         "or --model lenet300")
+    if args.sparse and args.model not in SPARSE_MODELS:
+        raise UsageError(f"--sparse measures the sparse route, which trains {' and '.join(SPARSE_MODELS)} only: add "
+                         + " or ".join(f"--model {m}" for m in SPARSE_MODELS))
     tune_malloc()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

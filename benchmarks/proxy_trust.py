@@ -57,7 +57,7 @@ from panning.hashing import masks_digest
 from panning.masks import Masks
 from panning.models import build_model
 from panning.policy import run_policy
-from panning.proxy import ProxyEvaluator, ProxySettings
+from panning.proxy import SPARSE_MODELS, ProxyEvaluator, ProxySettings
 from panning.pruner import Pruner, prune
 from panning.schedules import keep_schedule
 from panning.train import evaluate, train_masked
@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
 
     cfg = _config.load(args.config)
-    if args.sparse and cfg.model not in ("mlp", "lenet300"):  # before minutes of mask building, not after
-        raise UsageError(f"--sparse: the proxy's sparse route trains mlp and lenet300 only, not {cfg.model}")
+    if args.sparse and cfg.model not in SPARSE_MODELS:  # before minutes of mask building, not after
+        raise UsageError(f"--sparse: the proxy's sparse route trains {' and '.join(SPARSE_MODELS)} only, "
+                         f"not {cfg.model}")
     if args.epochs is not None:
         changes: dict[str, Any] = {"train.epochs": args.epochs}
         if cfg.train.schedule == "step":
@@ -259,10 +260,13 @@ def main(argv: list[str] | None = None) -> None:
                                                                     sparse=sparse), device="cpu", cache_size=0)
 
     budgets = [*args.budgets, *(["recipe"] if args.recipe else [])]
+    splits = []  # each validation size's split, its data copied once for the dense variants and their +sp twins
+    for v in args.val_sizes:
+        tr, va = train_test_split(np.arange(len(study_idx)), test_size=v, stratify=y[study_idx], random_state=0)
+        splits.append((v, dataclasses.replace(base, train=study.subset(np.sort(tr)), val=study.subset(np.sort(va)),
+                                              test=truth)))
     for sp, tag in [(False, "")] + ([(True, "+sp")] if args.sparse else []):
-        for n, v in enumerate(args.val_sizes):
-            tr, va = train_test_split(np.arange(len(study_idx)), test_size=v, stratify=y[study_idx], random_state=0)
-            pb = dataclasses.replace(base, train=study.subset(np.sort(tr)), val=study.subset(np.sort(va)), test=truth)
+        for n, (v, pb) in enumerate(splits):
             for b in budgets:
                 evaluators[f"val{v}@{b}{tag}"] = [proxy(pb, b, sparse=sp)]
                 for r in args.repeats:
@@ -275,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         by_name = {(m["mask"], m["sparsity"]): m for m in prev["masks"]}
         # studies written before the digests were recorded are matched by name alone
         kept = [by_name.get((n, s)) for n, s, _ in masks]
-        bad = [f"{n} at {s}" for (n, s, _), m, d in zip(masks, kept, digests, strict=True)
-               if m is None or m.get("digest", d) != d]
+        same = [m is not None and m.get("digest", d) == d for m, d in zip(kept, digests, strict=True)]
+        bad = [f"{n} at {s}" for (n, s, _), ok in zip(masks, same, strict=True) if not ok]
         if bad and not args.skip_changed:
             raise UsageError(f"--truth-from {args.truth_from}: its masks are not this run's ({len(bad)} differ in name "
                              f"or bits, e.g. {bad[0]}: the code that builds them changed, or another machine's "
@@ -284,10 +288,9 @@ def main(argv: list[str] | None = None) -> None:
         if bad:  # built differently here: no truth for them
             skipped = bad
             print(f"  --skip-changed: left out {', '.join(bad)} (not built bit for bit as in --truth-from)", flush=True)
-            keep = [i for i, (m, d) in enumerate(zip(kept, digests, strict=True))
-                    if m is not None and m.get("digest", d) == d]
+            keep = [i for i, ok in enumerate(same) if ok]
             masks, digests, kept = [masks[i] for i in keep], [digests[i] for i in keep], [kept[i] for i in keep]
-            empty = [s for s in args.sparsities if not any(sp == s for _, sp, _ in masks)]
+            empty = [s for s in args.sparsities if not any(ms == s for _, ms, _ in masks)]
             if empty:
                 raise UsageError(f"--skip-changed left no mask at sparsity {empty[0]}: nothing to rank there")
         if len(kept) < len(prev["masks"]):

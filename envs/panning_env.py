@@ -82,7 +82,7 @@ from panning.episode import (
 )
 from panning.masks import Masks
 from panning.models import build_model
-from panning.proxy import ProxyEvaluator, ProxyResult, ProxySettings
+from panning.proxy import SPARSE_MODELS, ProxyEvaluator, ProxyResult, ProxySettings
 from panning.pruner import NORMALISATIONS, Pruner
 from panning.schedules import keep_schedule
 from panning.train import resolve_device
@@ -190,8 +190,9 @@ class PanningEnvConfig:
                 bad(f"proxy: {e}")
         if not isinstance(self.proxy, ProxySettings):
             bad(f"proxy must be the proxy's settings (steps, batch_size, lr, ...), got {self.proxy!r}")
-        if self.proxy.sparse and self.model not in ("mlp", "lenet300"):
-            bad(f"proxy sparse: true trains the mlp and lenet300 models only, not {self.model!r}; set sparse: false")
+        if self.proxy.sparse and self.model not in SPARSE_MODELS:
+            bad(f"proxy sparse: true trains the {' and '.join(SPARSE_MODELS)} models only, not {self.model!r}; "
+                "set sparse: false")
 
     @classmethod
     def normalise_yaml(cls, data: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SparseMLPStack", "supports"]
+__all__ = ["SPARSE_MODELS", "SparseMLPStack", "supports"]
+
+#: the registered model names whose networks :func:`supports` (both build :class:`panning.models.MLP`)
+SPARSE_MODELS = ("mlp", "lenet300")
 
 # torch says so on the first CSR tensor of a process; the CSR operations used here are checked in tests/test_sparse.py
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
@@ -88,7 +91,7 @@ class SparseMLPStack:
 
     def __init__(self, nets: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]], device: torch.device) -> None:
         if not nets or not all(supports(n) for n in nets):
-            raise ValueError("the sparse proxy route trains panning's MLP (mlp, lenet300) only")
+            raise ValueError(f"the sparse proxy route trains panning's MLP ({', '.join(SPARSE_MODELS)}) only")
         layers = sum(1 for _ in nets[0].children())  # fc1..fcK, nothing else (supports())
         self.names = [f"fc{i}" for i in range(1, layers + 1)]
         self.layers: list[_Layer] = []

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from panning._functional import seeded
-from panning._sparse import SparseMLPStack
+from panning._sparse import SPARSE_MODELS, SparseMLPStack
 from panning._sparse import supports as sparse_supports
 from panning.data import DataBundle, make_loader
 from panning.errors import ConfigError, DataError
@@ -36,7 +36,7 @@ from panning.hashing import masks_digest, state_digest
 from panning.masks import Masks
 from panning.train import cpu_channels_last, masked_sgd_steps, resolve_device
 
-__all__ = ["ProxyEvaluator", "ProxyResult", "ProxySettings", "fold_of"]
+__all__ = ["SPARSE_MODELS", "ProxyEvaluator", "ProxyResult", "ProxySettings", "fold_of"]
 
 ModelSpec = str | Callable[[], nn.Module] | None
 
@@ -296,11 +296,8 @@ class ProxyEvaluator:
         ``split``: which fold's training rows, for a K-fold proxy."""
         s = self.settings
         if s.sparse:
-            stack = self._train_sparse([init], [masks], split)
             net = self._fresh(init).to(self.device)
-            with torch.no_grad():
-                for k, v in stack.dense_state(0).items():
-                    net.get_parameter(k).copy_(v)
+            net.load_state_dict(self._train_sparse([init], [masks], split).dense_state(0))  # an MLP has no buffers
             return net
         net = self._fresh(init).to(self.device)
         masks = masks if isinstance(masks, Masks) else Masks(dict(masks))
@@ -323,18 +320,25 @@ class ProxyEvaluator:
 
     # ----------------------------------------------------------------------------- N at once
 
-    def _stack(self, inits: Sequence[nn.Module | Mapping[str, Tensor]],
-               masks_list: Sequence[Masks | Mapping[str, Tensor]]) -> tuple[nn.Module, dict, dict, dict]:
-        """(template module, stacked parameters, stacked buffers, stacked masks) of N candidates."""
+    def _candidates(self, inits: Sequence[nn.Module | Mapping[str, Tensor]],
+                    masks_list: Sequence[Masks | Mapping[str, Tensor]]) -> tuple[list[nn.Module], list[Masks]]:
+        """Fresh copies of N initialisations on the device and their masks, checked: one architecture, each
+        mask fitting its network."""
         nets = [self._fresh(i).to(self.device) for i in inits]
-        template = nets[0]
-        shapes = {k: v.shape for k, v in template.state_dict().items()}
+        shapes = {k: v.shape for k, v in nets[0].state_dict().items()}
         for net in nets[1:]:
             if {k: v.shape for k, v in net.state_dict().items()} != shapes:
                 raise ValueError("evaluate_many trains candidates of one architecture; got different state shapes")
         masks = [m if isinstance(m, Masks) else Masks(dict(m)) for m in masks_list]
         for net, m in zip(nets, masks, strict=True):
             m.check(net)
+        return nets, masks
+
+    def _stack(self, inits: Sequence[nn.Module | Mapping[str, Tensor]],
+               masks_list: Sequence[Masks | Mapping[str, Tensor]]) -> tuple[nn.Module, dict, dict, dict]:
+        """(template module, stacked parameters, stacked buffers, stacked masks) of N candidates."""
+        nets, masks = self._candidates(inits, masks_list)
+        template = nets[0]
         named = [dict(n.named_parameters()) for n in nets]
         params = {k: torch.stack([p[k].detach() for p in named]).requires_grad_(True) for k in named[0]}
         bufs = [dict(n.named_buffers()) for n in nets]
@@ -413,16 +417,11 @@ class ProxyEvaluator:
         """:meth:`train_many` by the sparse route (``settings.sparse``): the same SGD loop, data order and
         seed, over each layer's kept values (:class:`panning._sparse.SparseMLPStack`)."""
         s = self.settings
-        nets = [self._fresh(i) for i in inits]
-        masks = [m if isinstance(m, Masks) else Masks(dict(m)) for m in masks_list]
-        for net, m in zip(nets, masks, strict=True):
+        nets, masks = self._candidates(inits, masks_list)
+        for net in nets:
             if not sparse_supports(net):
-                raise ConfigError(f"the sparse proxy (sparse: true) trains panning's MLP (mlp, lenet300) only, "
-                                  f"not {type(net).__name__}; set sparse: false")
-            m.check(net)
-        shapes = {k: v.shape for k, v in nets[0].state_dict().items()}
-        if any({k: v.shape for k, v in n.state_dict().items()} != shapes for n in nets[1:]):
-            raise ValueError("evaluate_many trains candidates of one architecture; got different state shapes")
+                raise ConfigError(f"the sparse proxy (sparse: true) trains panning's MLP ({', '.join(SPARSE_MODELS)}) "
+                                  f"only, not {type(net).__name__}; set sparse: false")
         stack = SparseMLPStack(nets, [dict(m.items()) for m in masks], self.device)
 
         def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -436,7 +435,8 @@ class ProxyEvaluator:
 
     @torch.no_grad()
     def _sums_sparse(self, stack: SparseMLPStack, split: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
-        """:meth:`_sums_many` for a sparse stack."""
+        """:meth:`_sums_many` for a sparse stack. Its own loop: the cross-entropy reads the stack's feature-major
+        logits as they lie (``[N, classes, batch]``); :meth:`_sums_many`'s layout rounds the loss differently."""
         sp = self._splits[split]
         correct = torch.zeros(stack.n, device=self.device, dtype=torch.long)
         loss = torch.zeros(stack.n, device=self.device, dtype=torch.float64)
@@ -517,14 +517,13 @@ class ProxyEvaluator:
                 part = todo[lo : lo + size]
                 t0 = time.perf_counter()
                 sums = []
+                part_inits, part_masks = [inits[i] for i, _ in part], [masks_list[i] for i, _ in part]
                 for j in range(len(self._splits)):  # K-fold: every fold's training, pooled (one split otherwise)
                     if self.settings.sparse:
-                        stack = self._train_sparse([inits[i] for i, _ in part], [masks_list[i] for i, _ in part], j)
-                        sums.append(self._sums_sparse(stack, j))
-                        continue
-                    template, params, buffers = self.train_many([inits[i] for i, _ in part],
-                                                                [masks_list[i] for i, _ in part], split=j)
-                    sums.append(self._sums_many(template, params, buffers, j))
+                        sums.append(self._sums_sparse(self._train_sparse(part_inits, part_masks, j), j))
+                    else:
+                        template, params, buffers = self.train_many(part_inits, part_masks, split=j)
+                        sums.append(self._sums_many(template, params, buffers, j))
                 correct = torch.stack([c for c, _ in sums]).sum(0)
                 loss_sum = torch.stack([v for _, v in sums]).sum(0)
                 n = self.val_size
