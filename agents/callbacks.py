@@ -23,6 +23,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback,
 from stable_baselines3.common.logger import Figure, TensorBoardOutputFormat
 
 from panning.agents.policy import save_agent
+from panning.envs.panning_env import loss_gain
 from panning.envs.wrappers import FixedEpisodes
 from panning.episode import LAYER_FACTOR_BASE
 from panning.io import write_json
@@ -113,6 +114,10 @@ class EpisodeLogger(BaseCallback):
                     self.logger.record_mean("episode/reference_accuracy", info["reference_accuracy"])
                     self.logger.record_mean("episode/minus_reference",
                                             info["proxy_accuracy"] - info["reference_accuracy"])
+                if "reference_loss" in info:
+                    self.logger.record_mean("episode/proxy_loss", info["proxy_loss"])
+                    self.logger.record_mean("episode/reference_loss", info["reference_loss"])
+                    self.logger.record_mean("episode/loss_gain", loss_gain(info["reference_loss"], info["proxy_loss"]))
         return True
 
 

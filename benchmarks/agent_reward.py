@@ -6,8 +6,8 @@ episodes for all: each ``(target, init seed)`` pair of ``--targets`` x ``--inits
 policy settings each agent was trained with (observation layout, per-layer terms, indices, steps: its
 metadata, or for a checkpoint ``RUN/checkpoints/x.zip`` the run's ``agent.yaml``). Rewards are the
 env's own (``reward: relative``: proxy accuracy minus the best single index's on the same
-initialisation, so every agent is compared on the same references). Validation split only; no test
-image is read.
+initialisation, so every agent is compared on the same references; ``--reward relative_loss``: the log
+ratio of the best single index's proxy loss to the agent's). Validation split only; no test image is read.
 
     PANNING_DATA=../shared/data .venv/bin/python benchmarks/agent_reward.py \\
         --env configs/env/mnist_lenet300_trusted.yaml --agents shipped:default runs/agent/best_agent.zip \\
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.99, 0.995])
     ap.add_argument("--inits", nargs="+", type=int, default=[1000, 1001, 1002, 1003])
     ap.add_argument("--proxy-steps", type=int, default=None, help="override the env's proxy budget")
+    ap.add_argument("--reward", choices=["relative", "relative_loss"], default=None,
+                    help="override the env's reward (relative_loss: ln(best index's proxy loss / the agent's))")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides: dict[str, Any] = {"init_seeds": 0}
     if args.proxy_steps is not None:
         overrides["proxy"] = {"steps": args.proxy_steps}
+    if args.reward is not None:
+        overrides["reward"] = args.reward
     agents = [(a, *load(a)) for a in args.agents]  # every file checked before any episode runs
     envs: dict[str, PanningEnv] = {}  # one per distinct policy settings: agents alike share its references
     rows: list[dict[str, Any]] = []
@@ -91,10 +95,15 @@ def main(argv: list[str] | None = None) -> None:
                     done = term or trunc
                 rows.append({"agent": name, "target": target, "init": init, "reward": reward,
                              "proxy_accuracy": info.get("proxy_accuracy"),
+                             "proxy_loss": info.get("proxy_loss"),
                              "reference_accuracy": info.get("reference_accuracy"),
+                             "reference_loss": info.get("reference_loss"),
                              "reference_index": info.get("reference_index")})
         print(f"{name}: {len(args.targets) * len(args.inits)} episodes in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"\nreward (proxy accuracy minus the best single index's) in {args.env}, inits {args.inits}\n")
+    what = {"relative_loss": "100 x ln(the best single index's proxy loss / the agent's)",
+            "relative": "proxy accuracy minus the best single index's, points"}
+    reward = next(iter(envs.values())).config.reward
+    print(f"\nreward ({what.get(reward, reward)}) in {args.env}, inits {args.inits}\n")
     print("| agent | mean | " + " | ".join(f"{100 * t:g}%" for t in args.targets) + " |")
     print("|---|---|" + "---|" * len(args.targets))
     for name, _, _ in agents:

@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                                                      str(ROOT / "configs/env/mnist_lenet300.yaml")])
     ap.add_argument("--episodes", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--reward", choices=["absolute", "relative"], default=None,
-                    help="override the configs' reward (relative adds the one-off reference cost)")
+    ap.add_argument("--reward", choices=["absolute", "relative", "relative_loss"], default=None,
+                    help="override the configs' reward (the relative ones add the one-off reference cost)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -35,7 +35,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 
 from panning.batched import prefill_scores
 from panning.data import DataBundle
-from panning.envs.panning_env import PanningEnv, PanningEnvConfig, PendingStep
+from panning.envs.panning_env import RELATIVE_REWARDS, PanningEnv, PanningEnvConfig, PendingStep
 from panning.errors import UsageError
 from panning.proxy import ProxyResult
 
@@ -129,7 +129,7 @@ class BatchedPanningVecEnv(VecEnv):
             masks.append(pending[i].masks)
         # references not cached yet: one per (target, init), each index's masks on that initialisation
         ref_jobs: dict[tuple, tuple[int, int, int]] = {}  # key -> (env, first candidate, count)
-        relative = self.envs[0].config.reward == "relative"
+        relative = self.envs[0].config.reward in RELATIVE_REWARDS
         if relative:
             for i in finishing:
                 env = self.envs[i]
@@ -147,8 +147,7 @@ class BatchedPanningVecEnv(VecEnv):
         if relative:
             for i, first, count in ref_jobs.values():
                 env = self.envs[i]
-                env.record_reference(env.target_sparsity, env.init_seed,
-                                     [r.accuracy for r in out[first:first + count]], seconds)
+                env.record_reference(env.target_sparsity, env.init_seed, out[first:first + count], seconds)
             for i in finishing:
                 env = self.envs[i]
                 ref = env.cached_reference(env.target_sparsity, env.init_seed)

@@ -345,6 +345,19 @@ def test_subproc_training_and_overwrite(tmp_path: Path) -> None:
     assert json.loads((out / "train.json").read_text())["sessions"] == 1
 
 
+def test_loss_reward_trains_and_logs_its_scalars(tmp_path: Path) -> None:
+    """reward: relative_loss through train-agent: the loss reward's own episode scalars in TensorBoard."""
+    cfg = dataclasses.replace(load_agent_config(TINY), n_timesteps=24, eval_freq=0, checkpoint_freq=0,
+                              env=str(ROOT / "configs" / "env" / "tiny.yaml"), env_kwargs={"reward": "relative_loss"})
+    out = tmp_path / "run"
+    assert train_agent(cfg, out, log=lambda s: None)["timesteps"] == 24
+    tags = _scalars(out)
+    for tag in ("episode/proxy_loss", "episode/reference_loss", "episode/loss_gain"):
+        assert tag in tags, tag
+    assert "episode/reference_accuracy" not in tags
+    assert load_agent(out / AGENT_FILE).metadata["agent_config"]["env_kwargs"]["reward"] == "relative_loss"
+
+
 def test_training_on_a_mix_of_networks(tmp_path: Path) -> None:
     """env_mix: env 0 prunes the MLP on flat digits, env 1 a ResNet-8 with BatchNorm on digits images, with
     fresh initialisations; one policy (the set extractor) learns from both, and applies to either."""

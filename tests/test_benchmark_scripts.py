@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -140,6 +141,11 @@ def test_agent_reward_scores_agent_files_and_checkpoints_on_the_same_episodes(tm
     assert len(rows) == 3 * 2 and all(x["proxy_accuracy"] is not None for x in rows)
     assert [x["reward"] for x in rows[:2]] == [x["reward"] for x in rows[4:]]
     assert "| agent | mean | 90% |" in r.stdout
+    r = _run("agent_reward.py", *cmd, "--agents", str(run / "agent.zip"), "--reward", "relative_loss")
+    assert r.returncode == 0, r.stderr
+    assert "ln(the best single index's proxy loss / the agent's)" in r.stdout
+    for x in json.loads(out.read_text())["episodes"]:
+        assert x["reward"] == pytest.approx(math.log(x["reference_loss"]) - math.log(x["proxy_loss"]))
     stray = tmp_path / "stray.zip"
     stray.write_bytes(ckpt.read_bytes())
     r = _run("agent_reward.py", *cmd, "--agents", str(stray))

@@ -370,6 +370,39 @@ def test_relative_reward_is_zero_for_the_best_single_index() -> None:
     assert info["proxy_cached"]  # the reference pass already trained these masks
 
 
+def test_loss_reward_is_the_log_loss_ratio_to_the_best_single_index() -> None:
+    """reward: relative_loss = ln(lowest single-index proxy loss) - ln(the agent's proxy loss)."""
+    env = tiny(reward="relative_loss", target_sparsity=0.95, reward_scale=2.0)
+    K = len(env.config.indices)
+    rewards, losses = {}, {}
+    for k, name in enumerate(env.config.indices):
+        steps = run(env, [one_hot(k, K)] * 3, seed=0)
+        info = steps[-1][4]
+        rewards[name], losses[name] = steps[-1][1], info["proxy_loss"]
+        assert "reference_accuracy" not in info
+        assert rewards[name] == pytest.approx(2.0 * (math.log(info["reference_loss"]) - math.log(info["proxy_loss"])))
+    best = min(losses, key=losses.__getitem__)
+    assert info["reference_index"] == best and info["reference_loss"] == losses[best]
+    assert rewards[best] == 0.0 and max(rewards.values()) == 0.0
+    # a mixed action is rewarded by its own loss against the same cached reference
+    steps = run(env, [np.full(K + 1, 0.3, np.float32)] * 3, seed=0)
+    info = steps[-1][4]
+    assert info["reference_loss"] == losses[best]
+    assert (steps[-1][1] > 0) == (info["proxy_loss"] < losses[best])
+
+
+def test_loss_gain_clamps_diverged_losses() -> None:
+    from panning.envs.panning_env import LOSS_CAP, loss_gain
+
+    assert loss_gain(2.0, 1.0) == pytest.approx(math.log(2.0))
+    for bad in (float("nan"), float("inf"), 1e9):
+        assert loss_gain(0.5, bad) == pytest.approx(math.log(0.5) - math.log(LOSS_CAP))
+    assert loss_gain(float("nan"), float("inf")) == 0.0
+    assert math.isfinite(loss_gain(0.0, 1.0))
+    with pytest.raises(ConfigError, match="reward must be one of absolute, relative, relative_loss"):
+        tiny(reward="loss")
+
+
 def test_collapse_ends_the_episode_with_a_penalty() -> None:
     env = tiny(indices=["random"], target_sparsity=0.9995, pruning_steps=2, collapse_penalty=0.7)
     steps = run(env, [np.array([1.0, 1.0], np.float32)] * 2, seed=0)

@@ -112,11 +112,13 @@ def test_unsupported_networks_and_bad_settings_are_clear_errors(digits) -> None:
         make_config(None, model="lenet5", proxy={"sparse": True})
 
 
-def test_vectorised_env_matches_separate_envs_under_the_sparse_proxy() -> None:
+@pytest.mark.parametrize("reward", ["relative", "relative_loss"])
+def test_vectorised_env_matches_separate_envs_under_the_sparse_proxy(reward: str) -> None:
+    """Bit for bit, both relative rewards (the sparse route gives a candidate the same bits alone or stacked)."""
     from pathlib import Path
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "env" / "tiny.yaml"
-    kw = dict(target_sparsity=None, target_range=[0.9, 0.99], target_grid=3, reward="relative", device="cpu",
+    kw = dict(target_sparsity=None, target_range=[0.9, 0.99], target_grid=3, reward=reward, device="cpu",
               proxy={"sparse": True})
     n, rng = 3, np.random.default_rng(0)
     actions = [rng.uniform(-1, 1, size=(n, 6)).astype(np.float32) for _ in range(4)]
@@ -137,7 +139,10 @@ def test_vectorised_env_matches_separate_envs_under_the_sparse_proxy() -> None:
         venv.close()
     assert dataclasses.asdict(make_config(tiny, **kw).proxy)["sparse"] is True
     ended = 0
-    for (o1, r1, d1, i1), (o2, r2, d2, _i2) in zip(separate[1:], batched[1:], strict=True):
+    for (o1, r1, d1, i1), (o2, r2, d2, i2) in zip(separate[1:], batched[1:], strict=True):
         assert np.array_equal(o1, o2) and np.array_equal(r1, r2) and np.array_equal(d1, d2)
         ended += sum("terminal_observation" in i for i in i1)
+        for a, b in zip(i1, i2, strict=True):
+            key = "reference_loss" if reward == "relative_loss" else "reference_accuracy"
+            assert (key in a) == ("terminal_observation" in a) and a.get(key) == b.get(key)
     assert ended == n
