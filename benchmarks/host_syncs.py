@@ -27,10 +27,11 @@ from panning._functional import HostReads
 from panning.cli import OneLineParser, run_guarded
 from panning.envs.vec_env import BatchedPanningVecEnv
 
-# CPU-only routes: layer_quantiles' kthvalue loop (CUDA sorts instead), _host_arrays' copy per tensor
+# CPU-only routes: layer_quantiles' per-layer loop (CUDA sorts instead), order_statistics' numpy selection
+# (torch.kthvalue off the CPU, which reads nothing), _host_arrays' copy per tensor
 # (tensors on one GPU are copied in one transfer: 2 reads a digest there) and _topk_mask's tie handling
 # (off the CPU it hands over to _topk_mask_on_device, which reads nothing: checked with --device-topk)
-CPU_ONLY = ("layer_quantiles", "_host_arrays", "_topk_mask")
+CPU_ONLY = ("layer_quantiles", "order_statistics", "_host_arrays", "_topk_mask")
 
 
 class WhereRead(HostReads):
