@@ -23,7 +23,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback,
 from stable_baselines3.common.logger import Figure, TensorBoardOutputFormat
 
 from panning.agents.policy import save_agent
-from panning.envs.panning_env import loss_gain
+from panning.envs.panning_env import clamped_loss, loss_gain
 from panning.envs.wrappers import FixedEpisodes
 from panning.episode import LAYER_FACTOR_BASE
 from panning.io import write_json
@@ -40,6 +40,8 @@ CUSTOM_SCALARS = {
         "eval: agent minus best single index": ["Multiline", [r"eval/agent_minus_best_single", r"eval/mean_reward"]],
         "training episodes: proxy accuracy vs reference": [
             "Multiline", [r"episode/proxy_accuracy", r"episode/reference_accuracy"]],
+        "training episodes: proxy loss vs reference (reward: relative_loss)": [
+            "Multiline", [r"episode/proxy_loss", r"episode/reference_loss", r"episode/loss_gain"]],
         "index weights (mean over steps)": ["Multiline", [r"policy/weight_.*"]],
         "step share of the remaining budget, by step": ["Multiline", [r"policy/step.._share"]],
         "sparsity": ["Multiline", [r"episode/final_sparsity", r"episode/effective_sparsity"]],
@@ -114,8 +116,8 @@ class EpisodeLogger(BaseCallback):
                     self.logger.record_mean("episode/reference_accuracy", info["reference_accuracy"])
                     self.logger.record_mean("episode/minus_reference",
                                             info["proxy_accuracy"] - info["reference_accuracy"])
-                if "reference_loss" in info:
-                    self.logger.record_mean("episode/proxy_loss", info["proxy_loss"])
+                if "reference_loss" in info:  # the clamped loss: one diverged run would make a window's mean inf
+                    self.logger.record_mean("episode/proxy_loss", clamped_loss(info["proxy_loss"]))
                     self.logger.record_mean("episode/reference_loss", info["reference_loss"])
                     self.logger.record_mean("episode/loss_gain", loss_gain(info["reference_loss"], info["proxy_loss"]))
         return True
@@ -192,6 +194,8 @@ class ComparisonEval(EvalCallback):
         for (target, init), info in zip(self.fixed.episodes, self.finals, strict=False):
             row = {"target": target, "init_seed": init, "agent": info.get("proxy_accuracy", 0.0),
                    "collapse": bool(info.get("collapse")), "reference": info.get("reference_accuracy")}
+            if "reference_loss" in info:  # reward: relative_loss; what rebuilds each episode's reward
+                row.update(agent_loss=info["proxy_loss"], reference_loss=info["reference_loss"])
             row.update(self.baselines(target, init))
             rows.append(row)
 

@@ -10,7 +10,8 @@ A training run directory holds:
 
 - ``agent.yaml``: the resolved agent config (the env settings inlined, so ``--resume`` needs nothing else);
 - ``tb/PPO_1/``: TensorBoard events: SB3's scalars, ``episode/*`` (proxy accuracy, final and
-  effective sparsity, reward against the reference), ``policy/*`` (index weights and step share
+  effective sparsity, reward against the reference; under ``reward: relative_loss`` also ``proxy_loss``,
+  ``reference_loss`` and ``loss_gain``), ``policy/*`` (index weights and step share
   chosen at each pruning step) and ``eval/*`` (deterministic evaluation of the policy on held-out
   initialisations, beside the fixed methods at the same targets and seeds);
 - ``checkpoints/ppo_<steps>_steps.zip``: periodic checkpoints (and one written on Ctrl-C);

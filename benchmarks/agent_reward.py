@@ -7,7 +7,8 @@ policy settings each agent was trained with (observation layout, per-layer terms
 metadata, or for a checkpoint ``RUN/checkpoints/x.zip`` the run's ``agent.yaml``). Rewards are the
 env's own (``reward: relative``: proxy accuracy minus the best single index's on the same
 initialisation, so every agent is compared on the same references; ``--reward relative_loss``: the log
-ratio of the best single index's proxy loss to the agent's). Validation split only; no test image is read.
+ratio of the best single index's proxy loss to the agent's, bounded to [-1, 1]). Validation split only; no
+test image is read.
 
     PANNING_DATA=../shared/data .venv/bin/python benchmarks/agent_reward.py \\
         --env configs/env/mnist_lenet300_trusted.yaml --agents shipped:default runs/agent/best_agent.zip \\
@@ -62,12 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.99, 0.995])
     ap.add_argument("--inits", nargs="+", type=int, default=[1000, 1001, 1002, 1003])
     ap.add_argument("--proxy-steps", type=int, default=None, help="override the env's proxy budget")
-    ap.add_argument("--reward", choices=["relative", "relative_loss"], default=None,
-                    help="override the env's reward (relative_loss: ln(best index's proxy loss / the agent's))")
+    ap.add_argument("--reward", choices=["absolute", "relative", "relative_loss"], default=None,
+                    help="override the env's reward (relative_loss: ln(best index's proxy loss / the agent's), "
+                         "bounded to [-1, 1])")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    from panning.envs.panning_env import PanningEnv
+    from panning.envs.panning_env import PanningEnv, clamped_loss
 
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {"init_seeds": 0}
@@ -95,12 +97,12 @@ def main(argv: list[str] | None = None) -> None:
                     done = term or trunc
                 rows.append({"agent": name, "target": target, "init": init, "reward": reward,
                              "proxy_accuracy": info.get("proxy_accuracy"),
-                             "proxy_loss": info.get("proxy_loss"),
+                             "proxy_loss": clamped_loss(info["proxy_loss"]) if "proxy_loss" in info else None,
                              "reference_accuracy": info.get("reference_accuracy"),
                              "reference_loss": info.get("reference_loss"),
                              "reference_index": info.get("reference_index")})
         print(f"{name}: {len(args.targets) * len(args.inits)} episodes in {time.perf_counter() - t0:.0f} s", flush=True)
-    what = {"relative_loss": "100 x ln(the best single index's proxy loss / the agent's)",
+    what = {"relative_loss": "100 x ln(the best single index's proxy loss / the agent's), bounded to [-100, 100]",
             "relative": "proxy accuracy minus the best single index's, points"}
     reward = next(iter(envs.values())).config.reward
     print(f"\nreward ({what.get(reward, reward)}) in {args.env}, inits {args.inits}\n")

@@ -35,11 +35,12 @@ and ``ref`` is 0 for ``reward: absolute`` and, for ``reward: relative``, the bes
 the single indices pruned on the same initialisation with the default schedule (one-hot action,
 ``b = 0``), cached per ``(target, init seed)`` in the process. ``reward: relative_loss`` ranks by the
 proxy's validation *loss* instead (on MNIST it ranked near-equal masks more steadily than accuracy):
-``reward_scale * (ln ref_loss - ln loss)``, ``ref_loss`` the lowest proxy loss of the same single
-indices, so the reward is positive when the agent's mask ends with the lower loss; a log ratio because
-loss levels differ by an order of magnitude between 98 and 99.8% and between data sets, and a ratio
-does not. Losses are clamped into [``LOSS_FLOOR``, ``LOSS_CAP``] (a diverged run's infinite or NaN
-loss counts as the cap), so the reward stays finite. Collapse (a layer with no effective
+``reward_scale * clip(ln ref_loss - ln loss, -1, 1)``, ``ref_loss`` the lowest proxy loss of the same
+single indices, so the reward is positive when the agent's mask ends with the lower loss; a log ratio
+because loss levels differ by an order of magnitude between 98 and 99.8% and between data sets, and a
+ratio does not. It is bounded to [-1, 1] (``LOSS_GAIN_LIMIT``), as the accuracy rewards are, so a
+collapse's ``-collapse_penalty`` is never better than a finished mask, and a diverged run (an infinite or
+NaN loss counts as ``LOSS_CAP``) scores -1. Collapse (a layer with no effective
 weight, which includes no path from input to output) ends the episode at once with reward
 ``-collapse_penalty`` when ``terminate_on_collapse`` is set; otherwise the episode goes on and
 ``collapse_penalty`` is subtracted from the final reward if the network is still collapsed.
@@ -95,13 +96,16 @@ from panning.schedules import keep_schedule
 from panning.train import resolve_device
 
 __all__ = ["PanningEnv", "PanningEnvConfig", "make_config", "GLOBAL_FEATURES", "INDEX_FEATURES", "clear_caches",
-           "REWARDS", "RELATIVE_REWARDS", "loss_gain"]
+           "REWARDS", "RELATIVE_REWARDS", "LOSS_FLOOR", "LOSS_CAP", "LOSS_GAIN_LIMIT", "clamped_loss", "loss_gain"]
 
 REWARDS = ("absolute", "relative", "relative_loss")
 #: the rewards measured against the single indices' references (trained once per target and init, cached)
 RELATIVE_REWARDS = ("relative", "relative_loss")
 #: the clamp on proxy losses in ``reward: relative_loss``: a non-finite loss (a diverged run) counts as the cap
 LOSS_FLOOR, LOSS_CAP = 1e-8, 1e3
+#: the bound on ``reward: relative_loss``'s log ratio: [-1, 1] as the accuracy rewards, so that a collapse
+#: (-collapse_penalty, 1 by default) never scores above a finished mask, however bad its loss
+LOSS_GAIN_LIMIT = 1.0
 
 
 def clamped_loss(loss: float) -> float:
@@ -110,8 +114,10 @@ def clamped_loss(loss: float) -> float:
 
 
 def loss_gain(reference_loss: float, loss: float) -> float:
-    """``ln(reference_loss) - ln(loss)`` of the clamped losses: > 0 when ``loss`` is the lower one."""
-    return math.log(clamped_loss(reference_loss)) - math.log(clamped_loss(loss))
+    """``ln(reference_loss) - ln(loss)`` of the clamped losses, bounded to [-LOSS_GAIN_LIMIT, LOSS_GAIN_LIMIT]:
+    > 0 when ``loss`` is the lower one."""
+    g = math.log(clamped_loss(reference_loss)) - math.log(clamped_loss(loss))
+    return min(max(g, -LOSS_GAIN_LIMIT), LOSS_GAIN_LIMIT)
 
 
 @dataclass

@@ -234,6 +234,8 @@ def layer_quantiles(values: Tensor, layer: Tensor, alive: Tensor, ps: Sequence[f
         srt, order = torch.sort(values)
         srt = srt.index_select(0, torch.sort(layer.index_select(0, order), stable=True)[1])
         return [srt.index_select(0, (starts + r).clamp(max=last)) for r in ranks]
+    if not ps:
+        return []
     out = torch.zeros(len(ps), L, dtype=values.dtype)
     rank_cols = torch.stack(ranks, 1).tolist()  # per layer, its rank for each p
     lo = 0
@@ -251,7 +253,12 @@ def order_statistics(values: Tensor, ranks: Sequence[int]) -> list[Tensor]:
     ranks; about twice as fast as one ``torch.kthvalue`` per rank at the sizes of an MLP's layers); on
     other devices ``torch.kthvalue``, which stays there. Order statistics are exact, so both give the same values.
     """
-    if values.device.type != "cpu":
+    n = values.numel()
+    if any(not 0 <= r < n for r in ranks):
+        raise ValueError(f"ranks must lie in [0, {n}) for {n} values, got {list(ranks)}")
+    if not ranks:
+        return []
+    if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64):
         return [torch.kthvalue(values, r + 1).values for r in ranks]
     arr = values.detach().numpy()
     picked = np.partition(arr, sorted(set(ranks)))[list(ranks)]

@@ -380,7 +380,8 @@ def test_loss_reward_is_the_log_loss_ratio_to_the_best_single_index() -> None:
         info = steps[-1][4]
         rewards[name], losses[name] = steps[-1][1], info["proxy_loss"]
         assert "reference_accuracy" not in info
-        assert rewards[name] == pytest.approx(2.0 * (math.log(info["reference_loss"]) - math.log(info["proxy_loss"])))
+        ratio = math.log(info["reference_loss"]) - math.log(info["proxy_loss"])
+        assert rewards[name] == pytest.approx(2.0 * min(max(ratio, -1.0), 1.0))
     best = min(losses, key=losses.__getitem__)
     assert info["reference_index"] == best and info["reference_loss"] == losses[best]
     assert rewards[best] == 0.0 and max(rewards.values()) == 0.0
@@ -391,14 +392,18 @@ def test_loss_reward_is_the_log_loss_ratio_to_the_best_single_index() -> None:
     assert (steps[-1][1] > 0) == (info["proxy_loss"] < losses[best])
 
 
-def test_loss_gain_clamps_diverged_losses() -> None:
-    from panning.envs.panning_env import LOSS_CAP, loss_gain
+def test_loss_gain_is_bounded_and_clamps_diverged_losses() -> None:
+    from panning.envs.panning_env import clamped_loss, loss_gain
 
     assert loss_gain(2.0, 1.0) == pytest.approx(math.log(2.0))
+    assert loss_gain(1.0, 1.1) == pytest.approx(-math.log(1.1))
+    assert loss_gain(10.0, 1.0) == 1.0 and loss_gain(1.0, 10.0) == -1.0  # bounded as the accuracy rewards
     for bad in (float("nan"), float("inf"), 1e9):
-        assert loss_gain(0.5, bad) == pytest.approx(math.log(0.5) - math.log(LOSS_CAP))
+        assert loss_gain(0.5, bad) == -1.0 and clamped_loss(bad) == 1e3
     assert loss_gain(float("nan"), float("inf")) == 0.0
-    assert math.isfinite(loss_gain(0.0, 1.0))
+    assert loss_gain(1.0, 0.0) == 1.0 and loss_gain(0.0, 1.0) == -1.0 and clamped_loss(0.0) == 1e-8
+    # a collapse (-collapse_penalty, 1 by default) never scores above a finished mask
+    assert min(loss_gain(0.01, x) for x in (0.5, 3.0, 1e9, float("nan"))) >= -1.0
     with pytest.raises(ConfigError, match="reward must be one of absolute, relative, relative_loss"):
         tiny(reward="loss")
 

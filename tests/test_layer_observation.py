@@ -299,3 +299,24 @@ def test_layer_quantiles_are_each_layers_nearest_rank_by_either_route(by_selecti
         lo += n
         if n:
             assert [float(q[i]) for q in got] == [seg[round(p * (n - 1))] for p in ps]
+
+
+def test_order_statistics_match_kthvalue_with_ties_nan_and_any_rank_order() -> None:
+    from panning.episode import order_statistics
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for n in (1, 2, 7, 300):
+            x = (torch.randint(0, 6, (n,), generator=g) * torch.rand(n, generator=g)).to(dtype)
+            if n > 2:
+                x[1] = float("nan")  # last in either route
+            ranks = [n - 1, 0, n // 2, n // 2]  # unsorted, repeated
+            got = order_statistics(x, ranks)
+            want = [torch.kthvalue(x, r + 1).values for r in ranks]
+            assert all(a.dtype == dtype and torch.equal(a, b) or (a.isnan() and b.isnan())
+                       for a, b in zip(got, want, strict=True))
+    assert order_statistics(torch.ones(3), []) == []
+    with pytest.raises(ValueError, match="ranks must lie in"):
+        order_statistics(torch.ones(3), [3])
+    with pytest.raises(ValueError, match="ranks must lie in"):
+        order_statistics(torch.ones(3), [-1])
