@@ -359,8 +359,10 @@ def main(argv: list[str] | None = None) -> None:
           + " " + " ".join(f"{'all@' + str(e['sparsity']):>10}" for e in table) + f" {'near mean':>9}")
     for k in keys:
         near = [e["rho_near"][k] for e in table]
+        # too few near masks at every sparsity gives no rho at all: say nan, not numpy's empty-slice warning
+        near_mean = float(np.nanmean(near)) if any(r == r for r in near) else float("nan")
         print(f"{k:<{width}} {proxy_seconds[k.split(' ')[1]]:>7.2f} " + " ".join(f"{r:>11.2f}" for r in near) + " "
-              + " ".join(f"{e['rho_all'][k]:>10.2f}" for e in table) + f" {np.nanmean(near):>9.2f}")
+              + " ".join(f"{e['rho_all'][k]:>10.2f}" for e in table) + f" {near_mean:>9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "recipe": recipe, "full_seconds_per_run": full_seconds,
