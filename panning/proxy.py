@@ -295,11 +295,10 @@ class ProxyEvaluator:
         """A trained copy of the masked network (pruned weights exactly zero); ``init`` is untouched.
         ``split``: which fold's training rows, for a K-fold proxy."""
         s = self.settings
+        net = self._fresh(init).to(self.device)
         if s.sparse:
-            net = self._fresh(init).to(self.device)
             net.load_state_dict(self._train_sparse([init], [masks], split).dense_state(0))  # an MLP has no buffers
             return net
-        net = self._fresh(init).to(self.device)
         masks = masks if isinstance(masks, Masks) else Masks(dict(masks))
         masks.check(net)
         masks = masks.to(self.device)
