@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from panning._functional import one_read
 from panning.masks import Masks, _prunable_with_modules
 
-__all__ = ["collapsed_layers", "effective_masks", "effective_sparsity"]
+__all__ = ["PathCounter", "collapsed_layers", "effective_masks", "effective_sparsity"]
 
 
 def _existing(owner: Any, names: Sequence[str]) -> list[Any]:
@@ -156,74 +156,95 @@ def _derived_tensor_memo(model: nn.Module) -> dict[int, Any]:
     return memo
 
 
-def _path_grads(model: nn.Module, masks: Masks, input_shape: Sequence[int],
-                scaled: bool) -> tuple[dict[str, Tensor], float]:
-    """dR/d(mask) for every key of ``masks`` on a path-counting copy of ``model``; also R."""
-    net = copy.deepcopy(model, _derived_tensor_memo(model))
-    net.eval()
-    net.double()
-    found = _prunable_with_modules(net)
-    masked = {id(found[k][1]): k for k in masks}
-    with torch.no_grad():
-        for mod in net.modules():
-            # torch.nn.utils.prune layout: weight = weight_orig * weight_mask; put the mask in weight_orig
-            wm = dict(mod.named_buffers(recurse=False)).get("weight_mask")
-            if wm is not None and wm.is_floating_point():
-                wm.fill_(1.0)
-        for name, p in net.named_parameters():
-            scale = 1.0 / _fan_in(p) if scaled else 1.0
-            if id(p) in masked:
-                k = masked[id(p)]
-                p.copy_(masks[k].to(device=p.device, dtype=p.dtype) * scale)
-            elif not p.is_floating_point():
-                continue
-            elif name.rpartition(".")[2].endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(scale)
-    params = [found[k][1] for k in masks]
-    for p in params:
-        p.requires_grad_(True)
-    device = params[0].device if params else torch.device("cpu")
-    x = torch.ones((1, *map(int, input_shape)), dtype=torch.float64, device=device)
-    with torch.enable_grad(), _PathCountMode():
-        out = net(x)
-    leaves = [t for t in _tensor_leaves(out) if t.is_floating_point()]
-    if not leaves:
-        raise ValueError(f"{type(model).__name__} returned no floating-point tensor; cannot count paths")
-    r = torch.stack([t.sum() for t in leaves]).sum()
-    if not r.requires_grad:  # output does not depend on any masked weight
-        return {k: torch.zeros_like(masks[k], dtype=torch.float64) for k in masks}, float(r)
-    grads = torch.autograd.grad(r, params, allow_unused=True)
-    return {
-        k: (g.detach() if g is not None else torch.zeros_like(p, dtype=torch.float64))
-        for k, p, g in zip(masks, params, grads, strict=True)
-    }, float(r.detach())
+class PathCounter:
+    """The path-counting copy of ``model`` (see the module docstring), made once and reused for any number of
+    masks: :meth:`effective` is :func:`effective_masks` without the deep copy each call makes, which costs
+    as much as the counting itself on a small network. Every parameter of the copy is overwritten at each
+    call, so the model's weights may change in between; its structure and buffers are taken once, here.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        net = copy.deepcopy(model, _derived_tensor_memo(model))
+        net.eval()
+        net.double()
+        with torch.no_grad():
+            for mod in net.modules():
+                # torch.nn.utils.prune layout: weight = weight_orig * weight_mask; put the mask in weight_orig
+                wm = dict(mod.named_buffers(recurse=False)).get("weight_mask")
+                if wm is not None and wm.is_floating_point():
+                    wm.fill_(1.0)
+        self._net = net
+        self._found = _prunable_with_modules(net)
+
+    def _path_grads(self, masks: Masks, input_shape: Sequence[int], scaled: bool) -> tuple[dict[str, Tensor], float]:
+        """dR/d(mask) for every key of ``masks`` on the path-counting copy; also R."""
+        net, found = self._net, self._found
+        masked = {id(found[k][1]): k for k in masks}
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                scale = 1.0 / _fan_in(p) if scaled else 1.0
+                if id(p) in masked:
+                    k = masked[id(p)]
+                    p.copy_(masks[k].to(device=p.device, dtype=p.dtype) * scale)
+                elif not p.is_floating_point():
+                    continue
+                elif name.rpartition(".")[2].endswith("bias"):
+                    p.zero_()
+                else:
+                    p.fill_(scale)
+        params = [found[k][1] for k in masks]
+        for p in params:
+            p.requires_grad_(True)
+        device = params[0].device if params else torch.device("cpu")
+        x = torch.ones((1, *map(int, input_shape)), dtype=torch.float64, device=device)
+        with torch.enable_grad(), _PathCountMode():
+            out = net(x)
+        leaves = [t for t in _tensor_leaves(out) if t.is_floating_point()]
+        if not leaves:
+            raise ValueError(f"{type(self.model).__name__} returned no floating-point tensor; cannot count paths")
+        r = torch.stack([t.sum() for t in leaves]).sum()
+        if not r.requires_grad:  # output does not depend on any masked weight
+            return {k: torch.zeros_like(masks[k], dtype=torch.float64) for k in masks}, float(r)
+        grads = torch.autograd.grad(r, params, allow_unused=True)
+        return {
+            k: (g.detach() if g is not None else torch.zeros_like(p, dtype=torch.float64))
+            for k, p, g in zip(masks, params, grads, strict=True)
+        }, float(r.detach())
+
+    def effective(self, masks: Masks, input_shape: Sequence[int]) -> Masks:
+        """Kept weights of ``masks`` that lie on at least one input-output path (:func:`effective_masks`)."""
+        if not isinstance(masks, Masks):
+            masks = Masks(masks)
+        masks.check(self.model)
+        if any(int(d) <= 0 for d in input_shape):
+            raise ValueError("input_shape must hold positive sizes (without the batch dimension), "
+                             f"got {tuple(input_shape)}")
+        grads, r = None, float("nan")
+        for scaled in (False, True):
+            grads, r = self._path_grads(masks, input_shape, scaled)
+            finite = not grads or bool(one_read([torch.isfinite(g).all() for g in grads.values()]).all())
+            if finite and r == r and abs(r) != float("inf"):
+                break
+        else:
+            raise RuntimeError("path counts overflow float64 even with 1/fan_in scaling; cannot compute effective "
+                               "masks")
+        return Masks._trusted(
+            {k: (masks[k] & (grads[k] > 0).to(masks[k].device)).clone() for k in masks}
+        )
 
 
 def effective_masks(model: nn.Module, masks: Masks, input_shape: Sequence[int]) -> Masks:
     """Kept weights that lie on at least one path from the input to the output.
 
     ``input_shape`` excludes the batch dimension, e.g. ``(64,)`` or ``(1, 28, 28)``. The model is
-    deep-copied and never modified. See the module docstring for the method and its limits.
+    deep-copied and never modified (:class:`PathCounter` keeps the copy for repeated calls). See the
+    module docstring for the method and its limits.
     """
     if not isinstance(masks, Masks):
         masks = Masks(masks)
     masks.check(model)
-    if any(int(d) <= 0 for d in input_shape):
-        raise ValueError("input_shape must hold positive sizes (without the batch dimension), "
-                         f"got {tuple(input_shape)}")
-    grads, r = None, float("nan")
-    for scaled in (False, True):
-        grads, r = _path_grads(model, masks, input_shape, scaled)
-        finite = not grads or bool(one_read([torch.isfinite(g).all() for g in grads.values()]).all())
-        if finite and r == r and abs(r) != float("inf"):
-            break
-    else:
-        raise RuntimeError("path counts overflow float64 even with 1/fan_in scaling; cannot compute effective masks")
-    return Masks._trusted(
-        {k: (masks[k] & (grads[k] > 0).to(masks[k].device)).clone() for k in masks}
-    )
+    return PathCounter(model).effective(masks, input_shape)
 
 
 def effective_sparsity(model: nn.Module, masks: Masks, input_shape: Sequence[int]) -> float:

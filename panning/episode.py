@@ -118,8 +118,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panning._functional import functional_forward, masked_weights, one_read, other_tensors, preserved_modes
-from panning.connectivity import effective_masks
-from panning.masks import Masks, _topk_mask, check_keep, keep_count
+from panning.connectivity import PathCounter
+from panning.masks import Masks, _topk_mask, check_keep, keep_count, order_statistics
 from panning.pruner import Pruner
 
 __all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "LAYER_FEATURES",
@@ -246,25 +246,6 @@ def layer_quantiles(values: Tensor, layer: Tensor, alive: Tensor, ps: Sequence[f
     return list(out.to(values.device).unbind(0))
 
 
-def order_statistics(values: Tensor, ranks: Sequence[int]) -> list[Tensor]:
-    """The ``r``-th smallest entry (0-based) of the 1-D ``values`` for each ``r`` in ``ranks``, as 0-d tensors.
-
-    On the CPU one ``numpy.partition`` over all the ranks (introselect: linear time, one pass for several
-    ranks; about twice as fast as one ``torch.kthvalue`` per rank at the sizes of an MLP's layers); on
-    other devices ``torch.kthvalue``, which stays there. Order statistics are exact, so both give the same values.
-    """
-    n = values.numel()
-    if any(not 0 <= r < n for r in ranks):
-        raise ValueError(f"ranks must lie in [0, {n}) for {n} values, got {list(ranks)}")
-    if not ranks:
-        return []
-    if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64):
-        return [torch.kthvalue(values, r + 1).values for r in ranks]
-    arr = values.detach().numpy()
-    picked = np.partition(arr, sorted(set(ranks)))[list(ranks)]
-    return list(torch.from_numpy(picked).unbind(0))
-
-
 def map_action(action: Any, indices: Sequence[str], layer_actions: int = 0
                ) -> tuple[dict[str, float], float, list[float]]:
     """(index weights, step-size value b, the ``layer_actions`` depth control points) of an action;
@@ -376,6 +357,7 @@ class PruningEpisode:
         self.loss0, self.grad0 = self.signals(self.pruner.masks)
         self.timing["signal"] += self._clock() - t0
         self.effective = self.pruner.masks
+        self._paths: PathCounter | None = None
         self.loss_ratio = 0.0
         self.grad_ratio = 0.0
 
@@ -426,7 +408,9 @@ class PruningEpisode:
         t1 = self._clock()
         masks = self.pruner.step(weights, keep, layer_factors=factors)
         t2 = self._clock()
-        eff = effective_masks(self.model, masks, self.input_shape)
+        if self._paths is None:
+            self._paths = PathCounter(self.model)  # one path-counting copy for the whole episode
+        eff = self._paths.effective(masks, self.input_shape)
         t3 = self._clock()
         loss, grad = self.signals(masks)
         t4 = self._clock()

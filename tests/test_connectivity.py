@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import prune
 
-from panning.connectivity import collapsed_layers, effective_masks, effective_sparsity
+from panning.connectivity import PathCounter, collapsed_layers, effective_masks, effective_sparsity
 from panning.masks import MaskError, Masks, prunable_parameters
 
 
@@ -511,3 +511,30 @@ def test_torch_level_adaptive_max_pool_still_returns_values_and_indices():
     model = Net()
     eff = effective_masks(model, Masks(_ones(model)), (1, 9))
     assert all(m.all() for m in eff.values())
+
+
+def test_a_reused_path_counter_equals_a_fresh_copy_for_every_mask():
+    """PathCounter keeps one path-counting copy; reused across random masks (including an overflow that needs the
+    scaled pass, then a plain one again) it gives effective_masks' answer each time and leaves the model alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(3 * 3 * 3, 5), nn.ReLU(), nn.Linear(5, 2))
+    before = copy.deepcopy(model.state_dict())
+    counter = PathCounter(model)
+    gen = torch.Generator().manual_seed(1)
+    seen_dead = False
+    for density in (0.9, 0.5, 0.2, 0.1, 0.6):
+        m = Masks({k: torch.rand(p.shape, generator=gen) < density for k, p in prunable_parameters(model).items()})
+        got = counter.effective(m, (1, 6, 6))
+        assert got.equal(effective_masks(model, m, (1, 6, 6)))
+        seen_dead |= got.num_kept < m.num_kept
+    assert seen_dead  # some masks leave kept weights off every path: the test compares non-trivial answers
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    deep = nn.Sequential(*[nn.Linear(64, 64) for _ in range(200)])
+    counter = PathCounter(deep)
+    m = _ones(deep)
+    m["100.weight"][:, 5] = False
+    assert counter.effective(Masks(m), (64,)).equal(effective_masks(deep, Masks(m), (64,)))
+    small = {k: torch.ones(p.shape, dtype=torch.bool) if i < 2 else torch.zeros(p.shape, dtype=torch.bool)
+             for i, (k, p) in enumerate(prunable_parameters(deep).items())}
+    assert counter.effective(Masks(small), (64,)).num_kept == 0  # the first layers feed a pruned layer

@@ -873,3 +873,18 @@ def test_layer_counts_are_counted_again_after_an_in_place_change():
     with torch.inference_mode():
         i = Masks({"a": torch.tensor([True, False])})
         assert i.layer_counts() == [1] and i.num_kept == 1
+
+
+@FEW
+@given(values=st.lists(st.integers(-3, 3), min_size=2, max_size=80), frac=st.floats(0, 1),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.int64]), stride=st.booleans())
+def test_topk_mask_is_the_stable_descending_sort_for_every_dtype_and_layout(values, frac, dtype, stride):
+    """_topk_mask keeps what the first k of a stable descending sort keep (ties to the lowest position), whether its
+    threshold comes from numpy's selection (float32/64, also on a strided view) or torch.topk (other dtypes)."""
+    flat = torch.tensor(values, dtype=dtype)
+    if stride:
+        flat = torch.stack([flat, -flat], 1)[:, 0]  # a non-contiguous view: numpy must read it through its strides
+    k = min(max(1, round(frac * flat.numel())), flat.numel() - 1)
+    expected = torch.zeros(flat.numel(), dtype=torch.bool)
+    expected[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    assert torch.equal(_topk_mask(flat, k), expected)
