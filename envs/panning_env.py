@@ -82,6 +82,7 @@ from panning.episode import (
     INDEX_FEATURES,
     OBS_LIMIT,
     OBSERVATIONS,
+    EpisodeStep,
     PruningEpisode,
     action_size,
     check_layer_actions,
@@ -442,15 +443,16 @@ class PanningEnv(gym.Env):
                 pending.info["reference_seconds"] = time.perf_counter() - t0
         return self.conclude(pending, result, reference)
 
-    def advance(self, action: Any) -> PendingStep:
+    def advance(self, action: Any, stepped: EpisodeStep | None = None) -> PendingStep:
         """The pruning step of :meth:`step` and its shaping reward; whether the final reward still needs
         the proxy (then :meth:`conclude` takes its result). A vectorised env evaluates the proxies of all
-        its finishing episodes at once in between."""
+        its finishing episodes at once in between, and may have stepped the episodes itself
+        (:func:`panning.episode.step_many`): ``stepped`` is then this episode's step, taken with ``action``."""
         if self.episode is None or self._done:
             raise RuntimeError("the episode is over (or never started): call reset() before step()")
         cfg = self.config
         ep = self.episode
-        s = ep.step(action)
+        s = stepped if stepped is not None else ep.step(action)
         terminated = ep.done or (bool(s.collapsed) and cfg.terminate_on_collapse)
         self._done = terminated
         phi = -(abs(s.loss_ratio) + abs(s.grad_ratio))

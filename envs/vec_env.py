@@ -8,6 +8,8 @@ same seeds and actions it gives the same observations, masks and rewards as N se
 - **scoring**: before every observation the indices of all N networks are computed together
   (:func:`panning.batched.prefill_scores`: stacked ``vmap`` routes where they match one-at-a-time
   scoring bit for bit, one network after the other where they would not);
+- **pruning steps**: the N steps are taken together (:func:`panning.episode.step_many`): each network's
+  selection on its own, then every network's effective masks and loss/gradient signals in one stacked pass;
 - **rewards**: every episode that ends at a step is trained by the proxy in one stacked run
   (:meth:`panning.proxy.ProxyEvaluator.evaluate_many`), together with the single-index references
   of the relative reward that are not cached yet.
@@ -36,6 +38,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 from panning.batched import prefill_scores
 from panning.data import DataBundle
 from panning.envs.panning_env import RELATIVE_REWARDS, PanningEnv, PanningEnvConfig, PendingStep
+from panning.episode import step_many
 from panning.errors import UsageError
 from panning.proxy import ProxyResult
 
@@ -91,7 +94,14 @@ class BatchedPanningVecEnv(VecEnv):
     def step_wait(self) -> VecEnvStepReturn:
         assert self.actions is not None, "step_async first"
         self.timing = {}
-        pending: list[PendingStep] = [env.advance(a) for env, a in zip(self.envs, self.actions, strict=True)]
+        # every env is mid-episode here (finished ones restarted at once): their steps are taken together
+        if any(env.episode is None or env._done for env in self.envs):
+            raise RuntimeError("an env's episode is over (or never started): call reset() before step()")
+        t0 = time.perf_counter()
+        steps = step_many([env.episode for env in self.envs], list(self.actions))  # type: ignore[misc]
+        self.timing["step"] = time.perf_counter() - t0
+        pending: list[PendingStep] = [env.advance(a, s) for env, a, s in zip(self.envs, self.actions, steps,
+                                                                            strict=True)]
         results, references = self._rewards(pending)
         # observations after the step need the indices scored on the new masks (not for finished episodes)
         self._prefill([e for e, p in zip(self.envs, pending, strict=True) if not p.terminated])

@@ -20,7 +20,9 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "seeded",
+    "architecture_key",
     "one_read",
+    "stacked_tensors",
     "HOST_READS",
     "HostReads",
     "keep_bits",
@@ -410,3 +412,52 @@ def weight_grad_only_convs() -> Iterator[None]:
     """
     with _WeightGradOnlyConvs():
         yield
+
+
+def architecture_key(name: str, model: nn.Module, masks: Mapping[str, Tensor],
+                     batches: Sequence[tuple[Tensor, Tensor]] | None, input_shape: Sequence[int] | None) -> tuple:
+    """What decides whether a stacked computation named ``name`` matches one network's bit for bit: the
+    device, the module types, the state's names, shapes and dtypes, the masked keys and the batch shapes."""
+    state = tuple((k, type(v).__name__, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
+    mods = tuple(type(m).__name__ for m in model.modules())
+    shapes = tuple((tuple(x.shape), tuple(y.shape)) for x, y in batches or ())
+    device = str(next(model.parameters()).device)
+    return name, device, mods, state, tuple(masks), shapes, tuple(input_shape or ())
+
+
+def stacked_tensors(models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]], dtype: torch.dtype | None,
+                    absolute: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(stacked ``θ ⊙ m`` of the masked weights, stacked other parameters and cloned buffers) of networks of one
+    architecture, along a new leading axis, as :func:`masked_weights` and :func:`other_tensors` make them for one."""
+    keys = list(masks[0])
+    named = [dict(m.named_parameters()) for m in models]
+    ws = []
+    for p, mk in zip(named, masks, strict=True):
+        one = {}
+        for k in keys:
+            t = p[k].detach()
+            w = t * as_numbers(mk[k].to(t.device), t.dtype)
+            if absolute:
+                w = w.abs()
+            if dtype is not None:
+                w = w.to(dtype)
+            one[k] = w
+        ws.append(one)
+    w_stack = {k: torch.stack([w[k] for w in ws]) for k in keys}
+
+    def convert(t: Tensor) -> Tensor:
+        if t.is_floating_point():
+            if absolute:
+                t = t.abs()
+            if dtype is not None:
+                t = t.to(dtype)
+        return t
+
+    rest: dict[str, Tensor] = {}
+    for k in named[0]:
+        if k not in w_stack:
+            rest[k] = torch.stack([convert(p[k].detach()) for p in named])
+    bufs = [dict(m.named_buffers()) for m in models]
+    for k in bufs[0]:
+        rest[k] = torch.stack([convert(b[k].detach()).clone() for b in bufs])
+    return w_stack, rest

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from panning._functional import as_numbers, preserved_modes, seeded
+from panning._functional import architecture_key, preserved_modes, seeded, stacked_tensors
 from panning.indices import INDICES, LossFn, compute_scores
 from panning.pruner import Pruner
 
@@ -33,53 +33,6 @@ Scores = dict[str, Tensor]
 STACKED_ROUTES = ("magnitude", "snip", "grasp", "grasp_abs", "synflow")
 #: (index, device, architecture, batch shapes) -> whether the stacked route matched one-at-a-time scoring bit for bit
 _EXACT: dict[tuple, bool] = {}
-
-
-def _signature(name: str, model: nn.Module, masks: Mapping[str, Tensor], batches: Sequence[Batch] | None,
-               input_shape: Sequence[int] | None) -> tuple:
-    state = tuple((k, type(v).__name__, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
-    mods = tuple(type(m).__name__ for m in model.modules())
-    shapes = tuple((tuple(x.shape), tuple(y.shape)) for x, y in batches or ())
-    device = str(next(model.parameters()).device)
-    return name, device, mods, state, tuple(masks), shapes, tuple(input_shape or ())
-
-
-def _stack(models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]], dtype: torch.dtype | None,
-           absolute: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(stacked ``θ ⊙ m`` of the masked weights, stacked other parameters and cloned buffers), as
-    :func:`panning._functional.masked_weights` and ``other_tensors`` make them for one network."""
-    keys = list(masks[0])
-    named = [dict(m.named_parameters()) for m in models]
-    ws = []
-    for p, mk in zip(named, masks, strict=True):
-        one = {}
-        for k in keys:
-            t = p[k].detach()
-            w = t * as_numbers(mk[k].to(t.device), t.dtype)
-            if absolute:
-                w = w.abs()
-            if dtype is not None:
-                w = w.to(dtype)
-            one[k] = w
-        ws.append(one)
-    w_stack = {k: torch.stack([w[k] for w in ws]) for k in keys}
-
-    def convert(t: Tensor) -> Tensor:
-        if t.is_floating_point():
-            if absolute:
-                t = t.abs()
-            if dtype is not None:
-                t = t.to(dtype)
-        return t
-
-    rest: dict[str, Tensor] = {}
-    for k in named[0]:
-        if k not in w_stack:
-            rest[k] = torch.stack([convert(p[k].detach()) for p in named])
-    bufs = [dict(m.named_buffers()) for m in models]
-    for k in bufs[0]:
-        rest[k] = torch.stack([convert(b[k].detach()).clone() for b in bufs])
-    return w_stack, rest
 
 
 def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
@@ -96,11 +49,11 @@ def _stacked(name: str, template: nn.Module, models: Sequence[nn.Module], masks:
 
     fn: Callable[[dict[str, Tensor], dict[str, Tensor]], Scores]
     if name == "magnitude":
-        w, _ = _stack(models, masks, None, False)
+        w, _ = stacked_tensors(models, masks, None, False)
         return [{k: v[i].abs() for k, v in w.items()} for i in range(len(models))]
     if name == "synflow":
         template.eval()
-        w, rest = _stack(models, masks, torch.float64, True)
+        w, rest = stacked_tensors(models, masks, torch.float64, True)
         shape = tuple(int(s) for s in (input_shape or batches[0][0].shape[1:]))  # type: ignore[index]
         x1 = torch.ones((1, *shape), dtype=torch.float64, device=next(iter(w.values())).device)
 
@@ -109,7 +62,7 @@ def _stacked(name: str, template: nn.Module, models: Sequence[nn.Module], masks:
             return {k: (w[k] * g[k]).abs() for k in w}
     else:
         template.train()
-        w, rest = _stack(models, masks, None, False)
+        w, rest = stacked_tensors(models, masks, None, False)
         assert batches is not None and len(batches) == 1  # the one-batch form of the formulas below
         x, y = batches[0]
 
@@ -138,7 +91,7 @@ def _stack_key(name: str, models: Sequence[nn.Module], masks: Sequence[Mapping[s
     if (len(models) < 2 or name not in STACKED_ROUTES or (data_route and (not batches or len(batches) != 1))
             or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules())):
         return None
-    key = _signature(name, models[0], masks[0], batches, input_shape)
+    key = architecture_key(name, models[0], masks[0], batches, input_shape)
     return None if _EXACT.get(key) is False else key
 
 

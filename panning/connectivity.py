@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
 from torch.overrides import TorchFunctionMode
 
 from panning._functional import one_read
@@ -176,13 +177,14 @@ class PathCounter:
                     wm.fill_(1.0)
         self._net = net
         self._found = _prunable_with_modules(net)
+        self._stackable = True  # until a stacked pass fails for this network (effective_many)
 
-    def _path_grads(self, masks: Masks, input_shape: Sequence[int], scaled: bool) -> tuple[dict[str, Tensor], float]:
-        """dR/d(mask) for every key of ``masks`` on the path-counting copy; also R."""
-        net, found = self._net, self._found
+    def _fill(self, masks: Masks, scaled: bool) -> None:
+        """Masked weights <- their masks, other weights <- 1 (or ``1/fan_in`` when ``scaled``), biases <- 0."""
+        found = self._found
         masked = {id(found[k][1]): k for k in masks}
         with torch.no_grad():
-            for name, p in net.named_parameters():
+            for name, p in self._net.named_parameters():
                 scale = 1.0 / _fan_in(p) if scaled else 1.0
                 if id(p) in masked:
                     k = masked[id(p)]
@@ -193,17 +195,27 @@ class PathCounter:
                     p.zero_()
                 else:
                     p.fill_(scale)
-        params = [found[k][1] for k in masks]
-        for p in params:
-            p.requires_grad_(True)
-        device = params[0].device if params else torch.device("cpu")
-        x = torch.ones((1, *map(int, input_shape)), dtype=torch.float64, device=device)
-        with torch.enable_grad(), _PathCountMode():
-            out = net(x)
+
+    def _ones(self, input_shape: Sequence[int]) -> Tensor:
+        device = next(iter(self._found.values()))[1].device if self._found else torch.device("cpu")
+        return torch.ones((1, *map(int, input_shape)), dtype=torch.float64, device=device)
+
+    def _count(self, out: Any) -> Tensor:
+        """R, the sum of every floating-point output."""
         leaves = [t for t in _tensor_leaves(out) if t.is_floating_point()]
         if not leaves:
             raise ValueError(f"{type(self.model).__name__} returned no floating-point tensor; cannot count paths")
-        r = torch.stack([t.sum() for t in leaves]).sum()
+        return torch.stack([t.sum() for t in leaves]).sum()
+
+    def _path_grads(self, masks: Masks, input_shape: Sequence[int], scaled: bool) -> tuple[dict[str, Tensor], float]:
+        """dR/d(mask) for every key of ``masks`` on the path-counting copy; also R."""
+        net, found = self._net, self._found
+        self._fill(masks, scaled)
+        params = [found[k][1] for k in masks]
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad(), _PathCountMode():
+            r = self._count(net(self._ones(input_shape)))
         if not r.requires_grad:  # output does not depend on any masked weight
             return {k: torch.zeros_like(masks[k], dtype=torch.float64) for k in masks}, float(r)
         grads = torch.autograd.grad(r, params, allow_unused=True)
@@ -232,6 +244,53 @@ class PathCounter:
         return Masks._trusted(
             {k: (masks[k] & (grads[k] > 0).to(masks[k].device)).clone() for k in masks}
         )
+
+    def effective_many(self, masks: Sequence[Masks], input_shape: Sequence[int]) -> list[Masks]:
+        """``[self.effective(m, input_shape) for m in masks]``, with the path counts of all the masks computed as
+        one ``vmap``-ed pass where the network allows it.
+
+        The answer is the same whichever way the counts are summed: every term is a non-negative path count
+        (>= 1 where positive, unscaled), so a sum is positive exactly when one of its terms is. A mask whose
+        counts overflow float64, or a network the stacked pass cannot run (vmap lacks a rule for one of its
+        operations), goes through :meth:`effective`, which retries with the ``1/fan_in`` scaling.
+        """
+        masks = [m if isinstance(m, Masks) else Masks(m) for m in masks]
+        if len(masks) < 2 or not self._stackable:
+            return [self.effective(m, input_shape) for m in masks]
+        for m in masks:
+            m.check(self.model)
+        keys = list(masks[0])
+        if any(list(m) != keys for m in masks) or not keys:
+            return [self.effective(m, input_shape) for m in masks]
+        if any(int(d) <= 0 for d in input_shape):
+            raise ValueError("input_shape must hold positive sizes (without the batch dimension), "
+                             f"got {tuple(input_shape)}")
+        net = self._net
+        names = {id(p): n for n, p in net.named_parameters()}
+        pnames = [names[id(self._found[k][1])] for k in keys]
+        self._fill(masks[0], scaled=False)  # the constants; the masked weights come from the stack below
+        stack = {n: torch.stack([m[k] for m in masks]).to(self._found[k][1]) for n, k in zip(pnames, keys, strict=True)}
+        x = self._ones(input_shape)
+
+        def count(ws: dict[str, Tensor]) -> Tensor:
+            return self._count(functional_call(net, ws, (x,), strict=False, tie_weights=False))
+
+        try:
+            with torch.enable_grad(), _PathCountMode():
+                grads, r = vmap(grad_and_value(count), randomness="error")(stack)
+        except (RuntimeError, ValueError, NotImplementedError):  # no batching rule: the one-at-a-time route
+            self._stackable = False
+            return [self.effective(m, input_shape) for m in masks]
+        finite = one_read([torch.isfinite(r)] + [torch.isfinite(grads[n]).flatten(1).all(1) for n in pnames])
+        ok = finite.all(0).tolist()
+        out = []
+        for i, m in enumerate(masks):
+            if not ok[i]:
+                out.append(self.effective(m, input_shape))
+                continue
+            out.append(Masks._trusted({k: m[k] & (grads[n][i] > 0).to(m[k].device)
+                                       for n, k in zip(pnames, keys, strict=True)}))
+        return out
 
 
 def effective_masks(model: nn.Module, masks: Masks, input_shape: Sequence[int]) -> Masks:

@@ -108,7 +108,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,8 +116,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
 
-from panning._functional import functional_forward, masked_weights, one_read, other_tensors, preserved_modes
+from panning._functional import (
+    architecture_key,
+    functional_forward,
+    masked_weights,
+    one_read,
+    other_tensors,
+    preserved_modes,
+    stacked_tensors,
+)
 from panning.connectivity import PathCounter
 from panning.masks import Masks, _topk_mask, check_keep, keep_count, order_statistics
 from panning.pruner import Pruner
@@ -125,7 +134,8 @@ from panning.pruner import Pruner
 __all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "LAYER_FEATURES",
            "LAYER_INDEX_FEATURES", "OBSERVATIONS", "OBS_VERSIONS", "DEFAULT_MAX_LAYERS", "OBS_LIMIT", "OBS_VERSION",
            "ACTION_MAPPING", "LAYER_FACTOR_BASE", "action_mapping", "action_size", "check_layer_actions",
-           "layer_factors", "observation_size", "feature_names", "layer_feature_size", "map_action"]
+           "layer_factors", "observation_size", "feature_names", "layer_feature_size", "map_action", "masked_signals",
+           "signals_many", "step_many"]
 
 GLOBAL_FEATURES = (
     "progress", "default_share", "density", "target_density", "budget_left", "ineffective",
@@ -287,6 +297,20 @@ class EpisodeStep:
     layer_factors: list[float] | None = None  # per layer, in the masks' order (None: no per-layer terms)
 
 
+@dataclass
+class _Selection:
+    """What the first half of a step decided (:meth:`PruningEpisode._select`)."""
+
+    weights: dict[str, float]
+    share: float
+    u: float
+    keep: int
+    kept_before: int
+    masks: Masks
+    factors: list[float] | None
+    clock: float  # the clock reading that ended the selection
+
+
 class PruningEpisode:
     """A network pruned to ``target_sparsity`` in ``steps`` action-driven steps of the core pruner.
 
@@ -392,6 +416,23 @@ class PruningEpisode:
 
     def step(self, action: Any) -> EpisodeStep:
         """One pruning step driven by ``action`` (see the module docstring for the mapping)."""
+        plan = self._select(action)
+        t2 = plan.clock
+        eff = self.path_counter().effective(plan.masks, self.input_shape)
+        t3 = self._clock()
+        loss, grad = self.signals(plan.masks)
+        self.timing["connectivity"] += t3 - t2
+        self.timing["signal"] += self._clock() - t3
+        return self._finish(plan, eff, loss, grad)
+
+    def path_counter(self) -> PathCounter:
+        """The episode's path-counting copy of its network (made at the first step, reused after)."""
+        if self._paths is None:
+            self._paths = PathCounter(self.model)
+        return self._paths
+
+    def _select(self, action: Any) -> _Selection:
+        """The first half of :meth:`step`: map the action and prune (timing restarts here)."""
         if self.done:
             raise RuntimeError("the episode is over: all pruning steps have run")
         weights, b, points = map_action(action, self.indices, self.layer_actions)
@@ -408,38 +449,25 @@ class PruningEpisode:
         t1 = self._clock()
         masks = self.pruner.step(weights, keep, layer_factors=factors)
         t2 = self._clock()
-        if self._paths is None:
-            self._paths = PathCounter(self.model)  # one path-counting copy for the whole episode
-        eff = self._paths.effective(masks, self.input_shape)
-        t3 = self._clock()
-        loss, grad = self.signals(masks)
-        t4 = self._clock()
         self.timing["score"] += t1 - t0
         self.timing["select"] += t2 - t1
-        self.timing["connectivity"] += t3 - t2
-        self.timing["signal"] += t4 - t3
+        return _Selection(weights, share, u, keep, kept_before, masks, factors, t2)
+
+    def _finish(self, plan: _Selection, eff: Masks, loss: float, grad: float) -> EpisodeStep:
+        """The second half of :meth:`step`, given the new masks' effective masks and signals."""
         self.t += 1
-        self.u = u
+        self.u = plan.u
         self.effective = eff
         self.loss_ratio, self.grad_ratio = self._ratios(loss, grad)
         collapsed = [k for k, c in zip(eff, eff.layer_counts(), strict=True) if c == 0]
-        return EpisodeStep(self.t, weights, share, keep, kept_before - keep, masks, eff, collapsed,
-                           self.loss_ratio, self.grad_ratio, factors)
+        return EpisodeStep(self.t, plan.weights, plan.share, plan.keep, plan.kept_before - plan.keep, plan.masks, eff,
+                           collapsed, self.loss_ratio, self.grad_ratio, plan.factors)
 
     # --------------------------------------------------------------------------- signals
 
     def signals(self, masks: Masks) -> tuple[float, float]:
         """Loss and gradient norm (w.r.t. the kept weights) of the masked network on the scoring batch."""
-        x, y = self.batches[0]
-        with preserved_modes(self.model):
-            ws = masked_weights(self.model, masks)
-            rest = other_tensors(self.model, ws)
-            loss = F.cross_entropy(functional_forward(self.model, {**rest, **ws}, x), y)
-            grads = torch.autograd.grad(loss, list(ws.values()), allow_unused=True, materialize_grads=True)
-        sq = torch.zeros((), dtype=torch.float64, device=x.device)
-        for g, m in zip(grads, masks.values(), strict=True):
-            sq += (g.double() * m).pow(2).sum()
-        return float(loss.detach()), float(sq.sqrt())
+        return masked_signals(self.model, masks, self.batches[0])
 
     def _ratios(self, loss: float, grad: float) -> tuple[float, float]:
         lr = math.log10(max(loss, 1e-30) / max(self.loss0, 1e-30)) if math.isfinite(loss) else OBS_LIMIT
@@ -592,3 +620,109 @@ class PruningEpisode:
         present = np.zeros(self.max_layers, dtype=np.float64)
         present[:L] = 1.0
         return np.concatenate([rows.reshape(-1), present])
+
+
+# ------------------------------------------------------------------------------------ N episodes at once
+
+
+def _signal_tensors(model: nn.Module, masks: Mapping[str, Tensor], batch: tuple[Tensor, Tensor]
+                    ) -> tuple[Tensor, list[Tensor]]:
+    """(loss, gradients w.r.t. the kept weights θ ⊙ m) of the masked network on ``batch``, in the model's modes."""
+    x, y = batch
+    with preserved_modes(model):
+        ws = masked_weights(model, masks)
+        rest = other_tensors(model, ws)
+        loss = F.cross_entropy(functional_forward(model, {**rest, **ws}, x), y)
+        grads = torch.autograd.grad(loss, list(ws.values()), allow_unused=True, materialize_grads=True)
+    return loss.detach(), list(grads)
+
+
+def _grad_norm(grads: Sequence[Tensor], masks: Mapping[str, Tensor]) -> Tensor:
+    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for g, m in zip(grads, masks.values(), strict=True):
+        sq += (g.double() * m).pow(2).sum()
+    return sq.sqrt()
+
+
+def masked_signals(model: nn.Module, masks: Mapping[str, Tensor], batch: tuple[Tensor, Tensor]) -> tuple[float, float]:
+    """Cross-entropy of the masked network on ``batch`` and the norm of its gradient w.r.t. the kept weights
+    (the episode's loss and gradient signals)."""
+    loss, grads = _signal_tensors(model, masks, batch)
+    return float(loss), float(_grad_norm(grads, masks))
+
+
+#: (architecture, batch shapes, device) -> whether the stacked signals matched one network's bit for bit
+_SIGNALS_EXACT: dict[tuple, bool] = {}
+
+
+def signals_many(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tuple[Tensor, Tensor]
+                 ) -> list[tuple[float, float]]:
+    """``[masked_signals(models[i], masks[i], batch)]``, bit for bit, computed for all networks of one architecture
+    as one ``vmap``-ed pass where that is exact. As for the stacked scores (:mod:`panning.batched`), whether it is
+    depends on the layers and the device, so the stacked pass is checked once per architecture, batch shape and
+    device against the first network computed alone, and used only where every bit matched."""
+    def loop() -> list[tuple[float, float]]:
+        return [masked_signals(m, k, batch) for m, k in zip(models, masks, strict=True)]
+
+    if len(models) < 2 or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules()):
+        return loop()
+    key = architecture_key("signals", models[0], masks[0], [batch], None)
+    if _SIGNALS_EXACT.get(key) is False:
+        return loop()
+    template = models[0]
+    x, y = batch
+    w, rest = stacked_tensors(models, masks, None, False)
+
+    def loss_of(w_: dict[str, Tensor], r_: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        out = functional_call(template, {**r_, **w_}, (x,), strict=False, tie_weights=True)
+        return F.cross_entropy(out, y), out.detach()
+
+    with preserved_modes(template):
+        g, (_, logits) = vmap(grad_and_value(loss_of, has_aux=True), randomness="error")(w, rest)
+    # the loss again from each network's own logits: under vmap the batch mean of the cross-entropy can round
+    # differently from one network's (seen: 1 ulp), while the logits and gradients match
+    loss = torch.stack([F.cross_entropy(logits[i], y) for i in range(len(models))])
+    keys = list(masks[0])
+    if key not in _SIGNALS_EXACT:
+        loss0, grads0 = _signal_tensors(template, masks[0], batch)
+        _SIGNALS_EXACT[key] = bool(torch.equal(loss0, loss[0])) and all(
+            torch.equal(a, g[k][0]) for a, k in zip(grads0, keys, strict=True))
+        if not _SIGNALS_EXACT[key]:
+            return loop()
+    norms = [_grad_norm([g[k][i] for k in keys], masks[i]) for i in range(len(models))]
+    values = one_read([loss.double(), torch.stack(norms)]).tolist()  # float64 holds each float32 loss exactly
+    return [(a, b) for a, b in zip(values[0], values[1], strict=True)]
+
+
+def step_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> list[EpisodeStep]:
+    """``[ep.step(a) for ep, a in zip(episodes, actions)]`` for episodes of one architecture (a vectorised env's),
+    the same steps bit for bit, with every network's effective masks and loss/gradient signals computed at once:
+    :meth:`panning.connectivity.PathCounter.effective_many` and :func:`signals_many`. Each episode's ``timing``
+    gets an equal share of the two batched stages."""
+    if len(episodes) != len(actions):
+        raise ValueError(f"got {len(episodes)} episodes for {len(actions)} actions")
+    first = episodes[0] if episodes else None
+    shared = first is not None and all(
+        ep.input_shape == first.input_shape and type(ep.model) is type(first.model)
+        and ep.batches[0][0].shape == first.batches[0][0].shape and ep.batches[0][1].shape == first.batches[0][1].shape
+        for ep in episodes)
+    if shared and first is not None:  # the same scoring batch by value (a vectorised env's envs each hold a copy)
+        x0, y0 = first.batches[0]
+        same = [(ep.batches[0][0] == x0).all() & (ep.batches[0][1] == y0).all() for ep in episodes[1:]
+                if ep.batches[0] is not first.batches[0]]
+        shared = not same or bool(one_read(same).all())  # one host read, not two per episode
+    if len(episodes) < 2 or not shared:
+        return [ep.step(a) for ep, a in zip(episodes, actions, strict=True)]
+    assert first is not None
+    plans = [ep._select(a) for ep, a in zip(episodes, actions, strict=True)]
+    t0 = first._clock()
+    effs = first.path_counter().effective_many([p.masks for p in plans], first.input_shape)
+    t1 = first._clock()
+    sigs = signals_many([ep.model for ep in episodes], [p.masks for p in plans], first.batches[0])
+    t2 = first._clock()
+    out = []
+    for ep, plan, eff, (loss, grad) in zip(episodes, plans, effs, sigs, strict=True):
+        ep.timing["connectivity"] += (t1 - t0) / len(episodes)
+        ep.timing["signal"] += (t2 - t1) / len(episodes)
+        out.append(ep._finish(plan, eff, loss, grad))
+    return out

@@ -538,3 +538,60 @@ def test_a_reused_path_counter_equals_a_fresh_copy_for_every_mask():
     small = {k: torch.ones(p.shape, dtype=torch.bool) if i < 2 else torch.zeros(p.shape, dtype=torch.bool)
              for i, (k, p) in enumerate(prunable_parameters(deep).items())}
     assert counter.effective(Masks(small), (64,)).num_kept == 0  # the first layers feed a pruned layer
+
+
+def _random_masks(model: nn.Module, densities, seed: int = 1) -> list[Masks]:
+    gen = torch.Generator().manual_seed(seed)
+    return [Masks({k: torch.rand(p.shape, generator=gen) < d for k, p in prunable_parameters(model).items()})
+            for d in densities]
+
+
+@pytest.mark.parametrize("name", ["plain", "conv", "shortcut"])
+def test_effective_many_equals_one_mask_at_a_time(name):
+    """The stacked path count gives every mask the answer effective_masks gives it alone (MLP; convolution with
+    BatchNorm and max pooling; a residual shortcut), down to masks that leave most kept weights off every path."""
+    torch.manual_seed(0)
+    if name == "plain":
+        model, shape = _mlp(), (3,)
+    elif name == "conv":
+        model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Flatten(), nn.Linear(27, 5), nn.ReLU(), nn.Linear(5, 2))
+        shape = (1, 6, 6)
+    else:
+        from panning.models import build_model
+        model, shape = build_model("resnet8", 10, (3, 16, 16), seed=0), (3, 16, 16)
+    masks = _random_masks(model, (0.9, 0.3, 0.05, 0.01))
+    counter = PathCounter(model)
+    got = counter.effective_many(masks, shape)
+    ref = [effective_masks(model, m, shape) for m in masks]
+    assert counter._stackable  # the stacked pass ran: the comparison is not the loop against itself
+    assert all(a.equal(b) for a, b in zip(got, ref, strict=True))
+    assert sum(m.num_kept - e.num_kept for m, e in zip(masks, ref, strict=True)) > 0
+
+
+def test_effective_many_falls_back_where_counts_overflow_or_vmap_cannot_run():
+    deep = nn.Sequential(*[nn.Linear(64, 64) for _ in range(200)])
+    dead = _ones(deep)
+    dead["100.weight"][:, 5] = False
+    sparse = {k: v.clone() for k, v in dead.items()}
+    sparse["0.weight"][:, 1:] = False  # one input feeds everything: few paths, no overflow
+    masks = [Masks(dead), Masks(sparse)]
+    got = PathCounter(deep).effective_many(masks, (64,))  # the first overflows float64 unscaled
+    assert all(a.equal(effective_masks(deep, m, (64,))) for a, m in zip(got, masks, strict=True))
+    assert not got[0]["99.weight"][5].any()
+
+    class Branchy(nn.Module):  # control flow on a value: vmap has no rule for it
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h) if bool(h.sum() > 0) else self.b(h) * 2
+
+    model = Branchy()
+    masks = _random_masks(model, (0.8, 0.4, 0.2))
+    counter = PathCounter(model)
+    got = counter.effective_many(masks, (3,))
+    assert not counter._stackable
+    assert all(a.equal(effective_masks(model, m, (3,))) for a, m in zip(got, masks, strict=True))

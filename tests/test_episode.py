@@ -567,3 +567,65 @@ def test_a_target_that_empties_a_layer_is_refused_before_anything_runs() -> None
         PruningEpisode(model, ["magnitude"], batch, target_sparsity=0.9, steps=2)
     ep = PruningEpisode(model, ["magnitude"], batch, target_sparsity=0.5, steps=2)
     assert ep.final_keep == 3
+
+
+# ------------------------------------------------------------------------------- N episodes at once
+
+
+def _nets(kind: str, n: int) -> tuple[list[nn.Module], tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        make = lambda: nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 10))  # noqa: E731
+        x = torch.randn(30, 10)
+    else:
+        make = lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),  # noqa: E731
+                                     nn.Linear(4 * 6 * 6, 10))
+        x = torch.randn(30, 1, 8, 8)
+    return [make() for _ in range(n)], (x, torch.arange(30) % 10)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_signals_many_equal_each_network_alone(kind: str) -> None:
+    """Stacked (where exact on this machine) or not, every network's loss and gradient norm are masked_signals'
+    bit for bit, BatchNorm in training mode included; the models' statistics are not touched."""
+    from panning.episode import masked_signals, signals_many
+
+    models, batch = _nets(kind, 5)
+    gen = torch.Generator().manual_seed(3)
+    masks = [Masks({k: torch.rand(p.shape, generator=gen) < d for k, p in m.named_parameters() if p.dim() > 1})
+             for m, d in zip(models, (1.0, 0.5, 0.2, 0.05, 0.01), strict=True)]
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    got = signals_many(models, masks, batch)
+    assert got == [masked_signals(m, k, batch) for m, k in zip(models, masks, strict=True)]
+    assert len(set(got)) == len(got)  # five different networks: a broadcast of one result would fail above
+    assert all(torch.equal(v, b[k]) for m, b in zip(models, before, strict=True) for k, v in m.state_dict().items())
+
+
+def test_step_many_takes_the_steps_each_episode_takes_alone() -> None:
+    """step_many (shared connectivity and signals) against ep.step on twin episodes, with collapse-prone actions:
+    the same masks, effective masks, signals, records and observations at every step."""
+    from panning.episode import step_many
+
+    def twins(seed: int) -> list[PruningEpisode]:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 30), nn.ReLU(), nn.Linear(30, 10))
+        x = torch.randn(20, 10)
+        return [PruningEpisode(copy.deepcopy(model), INDICES, [(x, torch.arange(20) % 10)], target_sparsity=t,
+                               steps=4, observation="layers", layer_actions=2, seed=seed)
+                for t in (0.9, 0.99, 0.995)]
+
+    together, alone = twins(0), twins(0)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        actions = [rng.uniform(-1, 1, 6) for _ in together]
+        many = step_many(together, actions)
+        one = [ep.step(a) for ep, a in zip(alone, actions, strict=True)]
+        for a, b, ea, eb in zip(many, one, together, alone, strict=True):
+            assert a.masks.equal(b.masks) and a.effective.equal(b.effective)
+            assert (a.step, a.keep, a.removed, a.collapsed, a.loss_ratio, a.grad_ratio, a.weights, a.share,
+                    a.layer_factors) == (b.step, b.keep, b.removed, b.collapsed, b.loss_ratio, b.grad_ratio, b.weights,
+                                         b.share, b.layer_factors)
+            assert np.array_equal(ea.observe(), eb.observe())
+    assert any(s.effective.num_kept < s.masks.num_kept for s in many)  # connectivity did some work
+    with pytest.raises(RuntimeError, match="episode is over"):
+        step_many(together, [np.zeros(6)] * 3)
