@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -21,6 +22,8 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "seeded",
     "architecture_key",
+    "all_finite",
+    "flat_nonzero",
     "one_read",
     "stacked_tensors",
     "HOST_READS",
@@ -56,6 +59,23 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
             with torch.cuda.device(idx):
                 torch.cuda.manual_seed(seed)
         yield
+
+
+def flat_nonzero(mask: Tensor) -> Tensor:
+    """``mask.reshape(-1).nonzero().squeeze(1)``: the positions of the True entries of a boolean tensor, in order.
+    On the CPU by numpy (4-5x faster than torch's nonzero for the masks of a small network); elsewhere torch's."""
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype == torch.bool:
+        return torch.from_numpy(np.flatnonzero(flat.numpy()))
+    return flat.nonzero().squeeze(1)
+
+
+def all_finite(t: Tensor) -> Tensor:
+    """0-d boolean tensor: whether every entry of ``t`` is finite. On the CPU by numpy for float32/float64 (several
+    times faster than ``torch.isfinite(t).all()`` there); elsewhere torch's, left on the device."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return torch.tensor(bool(np.isfinite(t.detach().numpy()).all()))
+    return torch.isfinite(t).all()
 
 
 def one_read(values: Sequence[Tensor]) -> Tensor:

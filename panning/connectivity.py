@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.overrides import TorchFunctionMode
 
-from panning._functional import one_read
+from panning._functional import all_finite, one_read
 from panning.masks import Masks, _prunable_with_modules
 
 __all__ = ["PathCounter", "collapsed_layers", "effective_masks", "effective_sparsity"]
@@ -235,7 +235,7 @@ class PathCounter:
         grads, r = None, float("nan")
         for scaled in (False, True):
             grads, r = self._path_grads(masks, input_shape, scaled)
-            finite = not grads or bool(one_read([torch.isfinite(g).all() for g in grads.values()]).all())
+            finite = not grads or bool(one_read([all_finite(g) for g in grads.values()]).all())
             if finite and r == r and abs(r) != float("inf"):
                 break
         else:

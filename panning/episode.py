@@ -120,6 +120,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from panning._functional import (
     architecture_key,
+    flat_nonzero,
     functional_forward,
     masked_weights,
     one_read,
@@ -128,7 +129,7 @@ from panning._functional import (
     stacked_tensors,
 )
 from panning.connectivity import PathCounter
-from panning.masks import Masks, _topk_mask, check_keep, keep_count, order_statistics
+from panning.masks import Masks, _topk_mask, check_keep, keep_count, order_statistics, order_statistics_np
 from panning.pruner import Pruner
 
 __all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "LAYER_FEATURES",
@@ -246,8 +247,17 @@ def layer_quantiles(values: Tensor, layer: Tensor, alive: Tensor, ps: Sequence[f
         return [srt.index_select(0, (starts + r).clamp(max=last)) for r in ranks]
     if not ps:
         return []
-    out = torch.zeros(len(ps), L, dtype=values.dtype)
     rank_cols = torch.stack(ranks, 1).tolist()  # per layer, its rank for each p
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):  # no tensor per value
+        vals = values.detach().numpy()
+        out_np = np.zeros((len(ps), L), dtype=vals.dtype)
+        lo = 0
+        for i, a in enumerate(alive.tolist()):
+            if a:
+                out_np[:, i] = order_statistics_np(vals[lo : lo + a], rank_cols[i])
+            lo += a
+        return list(torch.from_numpy(out_np).unbind(0))
+    out = torch.zeros(len(ps), L, dtype=values.dtype)
     lo = 0
     for i, a in enumerate(alive.tolist()):
         if a:
@@ -519,7 +529,7 @@ class PruningEpisode:
         t0 = self._clock()
         alive = self.pruner.alive_flat()
         self.pruner.scores(self.indices)  # together: indices that share passes share them
-        idx = alive.nonzero().squeeze(1)  # gathering by index: the elements of [alive], far faster on the CPU
+        idx = flat_nonzero(alive)  # gathering by index: the elements of [alive], far faster on the CPU
         normed = [self.pruner.normalised_scores(name).index_select(0, idx) for name in self.indices]
         self.timing["score"] += self._clock() - t0
         m = kept - self.planned_keep(0.0)[2]  # how many weights a default (b = 0) step would remove next

@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from panning._functional import keep_bits, one_read, zero_pruned
+from panning._functional import flat_nonzero, keep_bits, one_read, zero_pruned
 from panning.errors import ConfigError, MaskError
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "from_torch_prune",
     "keep_count",
     "order_statistics",
+    "order_statistics_np",
     "prunable_parameters",
     "select_topk",
     "to_torch_prune",
@@ -388,8 +390,8 @@ def _alive_positions(current: Masks, keys: list[str], device: torch.device) -> l
     ``nonzero`` over all layers: on a GPU each ``nonzero`` waits for the device, so one per layer adds up."""
     parts = [current[k].reshape(-1).to(device) for k in keys]
     if len(parts) == 1:
-        return [parts[0].nonzero().squeeze(1)]
-    flat = torch.cat(parts).nonzero().squeeze(1)
+        return [flat_nonzero(parts[0])]
+    flat = flat_nonzero(torch.cat(parts))
     counts = dict(zip(current, current.layer_counts(), strict=True))
     out, lo, start = [], 0, 0
     for k, p in zip(keys, parts, strict=True):
@@ -415,16 +417,23 @@ def order_statistics(values: Tensor, ranks: Sequence[int]) -> list[Tensor]:
         return []
     if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64):
         return [torch.kthvalue(values.reshape(-1), r + 1).values for r in ranks]
-    arr = values.detach().reshape(-1).numpy().copy()
-    picked: dict[int, Any] = {}
-    hi = n
+    picked = order_statistics_np(values.detach().reshape(-1).numpy(), ranks)
+    return list(torch.from_numpy(picked).unbind(0))
+
+
+def order_statistics_np(values: np.ndarray, ranks: Sequence[int]) -> np.ndarray:
+    """:func:`order_statistics` of a 1-D numpy array, as an array (ranks assumed in range): one single-rank
+    partition per distinct rank, largest first, each on the part below the previous one."""
+    arr = values.copy()
+    picked = {}
+    hi = arr.size
     for r in sorted(set(ranks), reverse=True):
         # after partitioning at r, arr[:r] holds the r smallest: every lower rank is found there
         part = arr[:hi]
         part.partition(r)
         picked[r] = arr[r]
         hi = r
-    return [torch.tensor(picked[r], dtype=values.dtype) for r in ranks]
+    return np.array([picked[r] for r in ranks], dtype=values.dtype)
 
 
 def _topk_mask(flat: Tensor, k: int) -> Tensor:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panning import indices as _indices
+from panning._functional import all_finite, flat_nonzero
 from panning.connectivity import effective_masks
 from panning.errors import ConfigError
 from panning.masks import Masks, keep_count, prunable_parameters, select_topk
@@ -56,7 +57,7 @@ def normalise(score: Tensor, alive: Tensor, how: str = "mean", *, alive_index: T
     # Everything is computed on the alive entries, gathered by index (the elements of score[alive], in order,
     # ~50x faster on the CPU than boolean indexing), and scattered into zeros: the same numbers as computing
     # on the whole vector and zeroing the pruned positions, at a fraction of the memory traffic.
-    idx = alive.nonzero().squeeze(1) if alive_index is None else alive_index
+    idx = flat_nonzero(alive) if alive_index is None else alive_index
     a = score.index_select(0, idx).to(torch.float64)
     if a.numel() == 0 or how == "none":
         v = a
@@ -245,8 +246,8 @@ class Pruner:
         # with regrow every weight competes, pruned ones included: normalise over all of them
         alive = torch.ones_like(self.alive_flat()) if self.regrow else self.alive_flat()
         if self._alive_index is None:
-            self._alive_index = alive.nonzero().squeeze(1)
-        if not torch.isfinite(flat.index_select(0, self._alive_index)).all():
+            self._alive_index = flat_nonzero(alive)
+        if not all_finite(flat) and not torch.isfinite(flat.index_select(0, self._alive_index)).all():
             raise ValueError(f"index {name!r} produced NaN or infinite scores for unpruned weights")
         self._normalised[name] = normalise(flat, alive, self.normalisation, alive_index=self._alive_index)
         return self._normalised[name]

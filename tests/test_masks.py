@@ -888,3 +888,24 @@ def test_topk_mask_is_the_stable_descending_sort_for_every_dtype_and_layout(valu
     expected = torch.zeros(flat.numel(), dtype=torch.bool)
     expected[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
     assert torch.equal(_topk_mask(flat, k), expected)
+
+
+def test_numpy_helpers_equal_their_torch_forms():
+    """flat_nonzero and all_finite (numpy on the CPU) give what torch's nonzero and isfinite().all() give: empty,
+    multi-dimensional and strided inputs, NaN and infinities."""
+    from panning._functional import all_finite, flat_nonzero
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.zeros(0, dtype=torch.bool), torch.rand(7, 5, generator=g) < 0.3, torch.ones(4, dtype=torch.bool),
+             (torch.rand(6, 8, generator=g) < 0.5).t()]
+    for m in cases:
+        assert torch.equal(flat_nonzero(m), m.reshape(-1).nonzero().squeeze(1))
+        assert flat_nonzero(m).dtype == torch.int64
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        x = torch.randn(9, 4, generator=g).to(dtype)
+        assert bool(all_finite(x)) and bool(all_finite(x.t()))
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[3, 2] = bad
+            assert not bool(all_finite(y)) and not bool(all_finite(y.t()))
+    assert bool(all_finite(torch.zeros(0)))
