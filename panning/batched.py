@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from panning._functional import architecture_key, preserved_modes, seeded, stacked_tensors
-from panning.indices import INDICES, LossFn, compute_scores
+from panning.indices import INDICES, LossFn, compute_many, compute_scores
 from panning.pruner import Pruner
 
 __all__ = ["STACKED_ROUTES", "may_stack", "prefill_scores", "score_networks", "select_topk_rows"]
@@ -31,6 +31,9 @@ Batch = tuple[Tensor, Tensor]
 Scores = dict[str, Tensor]
 #: indices with a stacked (vmap) route
 STACKED_ROUTES = ("magnitude", "snip", "grasp", "grasp_abs", "synflow")
+#: stacked routes that give two indices from one pass (SNIP's gradient is GraSP's first), as one network's
+#: scoring shares it (:func:`panning.indices.compute_many`)
+SHARED_ROUTES = ("snip+grasp", "snip+grasp_abs")
 #: (index, device, architecture, batch shapes) -> whether the stacked route matched one-at-a-time scoring bit for bit
 _EXACT: dict[tuple, bool] = {}
 
@@ -73,22 +76,60 @@ def _stacked(name: str, template: nn.Module, models: Sequence[nn.Module], masks:
             def fn(w: dict[str, Tensor], rest: dict[str, Tensor]) -> Scores:
                 g = grad(loss_of)(w, rest)
                 return {k: (w[k] * g[k]).abs() for k in w}
-        else:  # grasp, grasp_abs: θ ⊙ Hg by double backward, Hg = ∇(Σ stop(g)·∇L)
+        else:  # grasp, grasp_abs (with snip, "snip+grasp..."): θ ⊙ Hg by double backward, Hg = ∇(Σ stop(g)·∇L)
+            grasp_name = name.removeprefix("snip+")
+
             def fn(w: dict[str, Tensor], rest: dict[str, Tensor]) -> Scores:
                 g = {k: v.detach() for k, v in grad(loss_of)(w, rest).items()}
                 hg = grad(lambda w_, r: _dot(grad(loss_of)(w_, r), g))(w, rest)
                 s = {k: w[k] * hg[k] for k in w}
-                return {k: v.abs() for k, v in s.items()} if name == "grasp_abs" else s
+                out = {k: v.abs() for k, v in s.items()} if grasp_name == "grasp_abs" else s
+                if name.startswith("snip+"):  # SNIP's |θ ⊙ g| from the gradient GraSP needs anyway
+                    out.update({f"snip:{k}": (w[k] * g[k]).abs() for k in w})
+                return out
     out = vmap(fn, randomness="error")(w, rest)
     return [{k: v[i] for k, v in out.items()} for i in range(len(models))]
+
+
+
+def _score_shared(route: str, pruners: Sequence[Pruner]) -> bool:
+    """Score SNIP and a GraSP variant of ``pruners`` in one stacked pass (``route`` in :data:`SHARED_ROUTES`)
+    and hand each pruner both, where that pass is exact: checked once per architecture, batch shape and device
+    against the first network's one-at-a-time scores of both. False where it is not (nothing handed over)."""
+    first = pruners[0]
+    models, masks = [p.model for p in pruners], [p.masks for p in pruners]
+    key = _stack_key(route, models, masks, first.batches, first.input_shape)
+    if key is None or first.batches is None:
+        return False
+    device = next(models[0].parameters()).device
+    batches = [(x.to(device), y.to(device)) for x, y in first.batches]
+    seeds = [p.score_seed() for p in pruners]
+    with preserved_modes(models[0]), seeded(seeds[0]):
+        stacked = _stacked(route, models[0], models, masks, batches, first.input_shape, F.cross_entropy)
+    grasp_name = route.removeprefix("snip+")
+    split = [({k: s[k].detach() for k in m}, {k: s[f"snip:{k}"].detach() for k in m}) for s, m in zip(stacked, masks,
+                                                                                              strict=True)]
+    if key not in _EXACT:
+        alone = compute_many(["snip", grasp_name], models[0], masks[0], batches, input_shape=first.input_shape,
+                             seed=seeds[0])
+        g0, s0 = split[0]
+        _EXACT[key] = all(torch.equal(alone[grasp_name][k], g0[k]) and torch.equal(alone["snip"][k], s0[k])
+                          and alone["snip"][k].dtype == s0[k].dtype for k in masks[0])
+        if not _EXACT[key]:
+            return False
+    for p, (g, s) in zip(pruners, split, strict=True):
+        p.provide_scores(grasp_name, g)
+        p.provide_scores("snip", s)
+    return True
 
 
 def _stack_key(name: str, models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]],
                batches: Sequence[Batch] | None, input_shape: Sequence[int] | None) -> tuple | None:
     """The exactness key (:data:`_EXACT`) of the stacked route :func:`score_networks` would try for these
     networks, or None where it would score them one after the other."""
-    data_route = name in ("snip", "grasp", "grasp_abs")
-    if (len(models) < 2 or name not in STACKED_ROUTES or (data_route and (not batches or len(batches) != 1))
+    data_route = name in ("snip", "grasp", "grasp_abs", *SHARED_ROUTES)
+    if (len(models) < 2 or name not in (*STACKED_ROUTES, *SHARED_ROUTES)
+            or (data_route and (not batches or len(batches) != 1))
             or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules())):
         return None
     key = architecture_key(name, models[0], masks[0], batches, input_shape)
@@ -182,7 +223,17 @@ def prefill_scores(pruners: Sequence[Pruner], indices: Sequence[str] | None = No
     pruners must share one architecture and scoring batch."""
     if not pruners:
         return
-    for name in indices if indices is not None else pruners[0].indices:
+    wanted = list(indices if indices is not None else pruners[0].indices)
+    for route in SHARED_ROUTES:
+        grasp_name = route.removeprefix("snip+")
+        if "snip" in wanted and grasp_name in wanted:
+            todo = [p for p in pruners if {"snip", grasp_name} <= set(p.indices) and p.needs_scores("snip")
+                    and p.needs_scores(grasp_name) and not p.temperatures.get("snip")
+                    and not p.temperatures.get(grasp_name)]
+            if len(todo) > 1 and all(may_stack(n, [p.model for p in todo], [p.masks for p in todo], todo[0].batches,
+                                               todo[0].input_shape) for n in ("snip", grasp_name)):
+                _score_shared(route, todo)
+    for name in wanted:
         todo = [p for p in pruners if name in p.indices and p.needs_scores(name)]
         if not todo:
             continue

@@ -18,7 +18,7 @@ from panning.data import balanced_batch, load_dataset
 from panning.envs.panning_env import PanningEnv, clear_caches
 from panning.envs.vec_env import BatchedPanningVecEnv, SubprocBatchedVecEnv
 from panning.indices import available_indices, compute_scores
-from panning.masks import Masks, select_topk
+from panning.masks import Masks, keep_count, select_topk
 from panning.models import build_model
 from panning.proxy import ProxyEvaluator
 from panning.pruner import Pruner
@@ -302,4 +302,28 @@ def test_indices_without_an_exact_stacked_route_are_left_to_the_pruners(monkeypa
         got = p.scores(names)
         for n in names:
             ref = compute_scores(n, nets[i], p.masks, batches, seed=p.score_seed())
+            assert all(torch.equal(ref[k], got[n][k]) for k in ref), n
+
+
+@pytest.mark.parametrize("grasp", ["grasp", "grasp_abs"])
+def test_snip_and_grasp_from_one_stacked_pass_equal_each_network_alone(grasp: str) -> None:
+    """prefill_scores gives SNIP and GraSP from one stacked pass (SNIP's gradient is GraSP's first), checked once
+    against one network; every pruner then holds each index's scores bit for bit as it would compute them alone."""
+    import panning.batched as batched
+
+    nets = [build_model("mlp", 10, (64,), seed=s) for s in range(4)]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(30, 64, generator=g), torch.arange(30) % 10)]
+    fed = [Pruner(m, ["synflow", "snip", grasp], batches, seed=i) for i, m in enumerate(nets)]
+    for i, p in enumerate(fed):  # different masks per network
+        p.step([1.0, 1.0, 1.0], keep_count(p.num_total, 0.5 + 0.1 * i))
+    batched.prefill_scores(fed)
+    route = [k for k in batched._EXACT if k[0] == f"snip+{grasp}"]
+    assert route  # the shared pass was tried for this architecture
+    if batched._EXACT[route[0]]:
+        assert not any(p.needs_scores("snip") or p.needs_scores(grasp) for p in fed)  # handed over by the pass
+    for p, net in zip(fed, nets, strict=True):
+        got = p.scores(["snip", grasp])
+        for n in ("snip", grasp):
+            ref = compute_scores(n, net, p.masks, batches, seed=p.score_seed())
             assert all(torch.equal(ref[k], got[n][k]) for k in ref), n
