@@ -30,8 +30,9 @@ from panning.envs.vec_env import BatchedPanningVecEnv
 # CPU-only routes: layer_quantiles' per-layer loop (CUDA sorts instead), order_statistics' numpy selection
 # (torch.kthvalue off the CPU, which reads nothing), _host_arrays' copy per tensor
 # (tensors on one GPU are copied in one transfer: 2 reads a digest there) and _topk_mask's tie handling
-# (off the CPU it hands over to _topk_mask_on_device, which reads nothing: checked with --device-topk)
-CPU_ONLY = ("layer_quantiles", "order_statistics", "_host_arrays", "_topk_mask")
+# (off the CPU it hands over to _topk_mask_on_device, which reads nothing: checked with --device-topk), and
+# all_finite's numpy check (off the CPU torch.isfinite().all(), left on the device; its caller's read is counted)
+CPU_ONLY = ("layer_quantiles", "order_statistics", "_host_arrays", "_topk_mask", "all_finite")
 
 
 class WhereRead(HostReads):
