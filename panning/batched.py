@@ -7,8 +7,8 @@ magnitude). The result must be what :func:`panning.indices.compute_scores` gives
 alone, bit for bit, so that the masks are too; whether the stacked kernels are exact depends on the
 layers and the device (on the CPU batched matrix products equal one-at-a-time ones, convolutions
 under ``vmap`` do not). So each route is checked once per (index, architecture, batch shape,
-device) against the one-at-a-time computation of the first network, and used only where it matched;
-elsewhere, and for indices without a stacked route (random, FTS), the networks are scored one after
+device) against the one-at-a-time computation of the first and the last network, and used only where
+both matched; elsewhere, and for indices without a stacked route (random, FTS), the networks are scored one after
 the other. :func:`select_topk_rows` is :func:`panning.masks.select_topk` (global mode, same
 tie-break: earlier key, then lower index) over an ``[N, P]`` tensor.
 """
@@ -109,12 +109,15 @@ def _score_shared(route: str, pruners: Sequence[Pruner]) -> bool:
     grasp_name = route.removeprefix("snip+")
     split = [({k: s[k].detach() for k in m}, {k: s[f"snip:{k}"].detach() for k in m}) for s, m in zip(stacked, masks,
                                                                                               strict=True)]
-    if key not in _EXACT:
-        alone = compute_many(["snip", grasp_name], models[0], masks[0], batches, input_shape=first.input_shape,
-                             seed=seeds[0])
-        g0, s0 = split[0]
-        _EXACT[key] = all(torch.equal(alone[grasp_name][k], g0[k]) and torch.equal(alone["snip"][k], s0[k])
-                          and alone["snip"][k].dtype == s0[k].dtype for k in masks[0])
+    if key not in _EXACT:  # the first and the last network alone against their slices of the stack
+        _EXACT[key] = True
+        for i in (0, len(models) - 1):
+            alone = compute_many(["snip", grasp_name], models[i], masks[i], batches, input_shape=first.input_shape,
+                                 seed=seeds[i])
+            gi, si = split[i]
+            _EXACT[key] &= all(torch.equal(alone[grasp_name][k], gi[k]) and torch.equal(alone["snip"][k], si[k])
+                               and alone["snip"][k].dtype == si[k].dtype and alone[grasp_name][k].dtype == gi[k].dtype
+                               for k in masks[i])
         if not _EXACT[key]:
             return False
     for p, (g, s) in zip(pruners, split, strict=True):
@@ -174,12 +177,12 @@ def score_networks(
     dev_batches = [(x.to(device), y.to(device)) for x, y in batches] if batches else None
     with preserved_modes(models[0]), seeded(seeds[0]):
         stacked = _stacked(name, models[0], models, masks, dev_batches, input_shape, loss_fn)
-    if key not in _EXACT:
-        first = one(0)
-        _EXACT[key] = all(torch.equal(first[k], stacked[0][k]) and first[k].dtype == stacked[0][k].dtype
-                          for k in first)
+    if key not in _EXACT:  # the first and the last network alone against their slices of the stack
+        first, last = one(0), one(n - 1)
+        _EXACT[key] = all(torch.equal(alone[k], stacked[i][k]) and alone[k].dtype == stacked[i][k].dtype
+                          for i, alone in ((0, first), (n - 1, last)) for k in alone)
         if not _EXACT[key]:
-            return [first] + [one(i) for i in range(1, n)]
+            return [first] + [one(i) for i in range(1, n - 1)] + [last]
     return [{k: s[k].detach() for k in masks[i]} for i, s in enumerate(stacked)]
 
 
@@ -228,7 +231,7 @@ def prefill_scores(pruners: Sequence[Pruner], indices: Sequence[str] | None = No
         grasp_name = route.removeprefix("snip+")
         if "snip" in wanted and grasp_name in wanted:
             todo = [p for p in pruners if {"snip", grasp_name} <= set(p.indices) and p.needs_scores("snip")
-                    and p.needs_scores(grasp_name) and not p.temperatures.get("snip")
+                    and p.needs_scores(grasp_name) and p.share_passes and not p.temperatures.get("snip")
                     and not p.temperatures.get(grasp_name)]
             if len(todo) > 1 and all(may_stack(n, [p.model for p in todo], [p.masks for p in todo], todo[0].batches,
                                                todo[0].input_shape) for n in ("snip", grasp_name)):

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.overrides import TorchFunctionMode
 
-from panning._functional import all_finite, one_read
+from panning._functional import all_finite, architecture_key, one_read
 from panning.masks import Masks, _prunable_with_modules
 
 __all__ = ["PathCounter", "collapsed_layers", "effective_masks", "effective_sparsity"]
@@ -157,6 +157,10 @@ def _derived_tensor_memo(model: nn.Module) -> dict[int, Any]:
     return memo
 
 
+#: architecture -> whether :meth:`PathCounter.effective_many`'s stacked pass can run it (absent: not tried yet)
+_STACKABLE: dict[tuple, bool] = {}
+
+
 class PathCounter:
     """The path-counting copy of ``model`` (see the module docstring), made once and reused for any number of
     masks: :meth:`effective` is :func:`effective_masks` without the deep copy each call makes, which costs
@@ -177,7 +181,12 @@ class PathCounter:
                     wm.fill_(1.0)
         self._net = net
         self._found = _prunable_with_modules(net)
-        self._stackable = True  # until a stacked pass fails for this network (effective_many)
+        self._key = architecture_key("paths", model, {k: p for k, (_, p) in self._found.items()}, None, None)
+
+    @property
+    def _stackable(self) -> bool:
+        """False once a stacked pass failed for this architecture (:meth:`effective_many`)."""
+        return _STACKABLE.get(self._key, True)
 
     def _fill(self, masks: Masks, scaled: bool) -> None:
         """Masked weights <- their masks, other weights <- 1 (or ``1/fan_in`` when ``scaled``), biases <- 0."""
@@ -252,7 +261,9 @@ class PathCounter:
         The answer is the same whichever way the counts are summed: every term is a non-negative path count
         (>= 1 where positive, unscaled), so a sum is positive exactly when one of its terms is. A mask whose
         counts overflow float64, or a network the stacked pass cannot run (vmap lacks a rule for one of its
-        operations), goes through :meth:`effective`, which retries with the ``1/fan_in`` scaling.
+        operations; remembered per architecture), goes through :meth:`effective`, which retries with the
+        ``1/fan_in`` scaling. (A count within rounding of float64's limit could overflow in one summation order
+        and not the other, and so be decided by the scaled pass on one route only; no network here comes near.)
         """
         masks = [m if isinstance(m, Masks) else Masks(m) for m in masks]
         if len(masks) < 2 or not self._stackable:
@@ -273,13 +284,13 @@ class PathCounter:
         x = self._ones(input_shape)
 
         def count(ws: dict[str, Tensor]) -> Tensor:
-            return self._count(functional_call(net, ws, (x,), strict=False, tie_weights=False))
+            return self._count(functional_call(net, ws, (x,), strict=False, tie_weights=True))
 
         try:
             with torch.enable_grad(), _PathCountMode():
                 grads, r = vmap(grad_and_value(count), randomness="error")(stack)
         except (RuntimeError, ValueError, NotImplementedError):  # no batching rule: the one-at-a-time route
-            self._stackable = False
+            _STACKABLE[self._key] = False
             return [self.effective(m, input_shape) for m in masks]
         finite = one_read([torch.isfinite(r)] + [torch.isfinite(grads[n]).flatten(1).all(1) for n in pnames])
         ok = finite.all(0).tolist()

@@ -469,6 +469,8 @@ class PruningEpisode:
         self.u = plan.u
         self.effective = eff
         self.loss_ratio, self.grad_ratio = self._ratios(loss, grad)
+        if self.done:
+            self._paths = None  # the float64 path-counting copy is not needed after the last step
         collapsed = [k for k, c in zip(eff, eff.layer_counts(), strict=True) if c == 0]
         return EpisodeStep(self.t, plan.weights, plan.share, plan.keep, plan.kept_before - plan.keep, plan.masks, eff,
                            collapsed, self.loss_ratio, self.grad_ratio, plan.factors)
@@ -665,19 +667,28 @@ def masked_signals(model: nn.Module, masks: Mapping[str, Tensor], batch: tuple[T
 _SIGNALS_EXACT: dict[tuple, bool] = {}
 
 
+def _modes(model: nn.Module) -> tuple[bool, ...]:
+    return tuple(m.training for m in model.modules())
+
+
 def signals_many(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tuple[Tensor, Tensor]
                  ) -> list[tuple[float, float]]:
     """``[masked_signals(models[i], masks[i], batch)]``, bit for bit, computed for all networks of one architecture
-    as one ``vmap``-ed pass where that is exact. As for the stacked scores (:mod:`panning.batched`), whether it is
-    depends on the layers and the device, so the stacked pass is checked once per architecture, batch shape and
-    device against the first network computed alone, and used only where every bit matched."""
+    (module types, state shapes, masked keys and training modes alike; otherwise one at a time) as one ``vmap``-ed
+    pass where that is exact. As for the stacked scores (:mod:`panning.batched`), whether it is depends on the
+    layers and the device, so the stacked pass is checked once per architecture, modes, number of networks, batch
+    shape and device against the first and the last network computed alone, and used only where every bit
+    matched; a network the stacked pass cannot run (vmap lacks a rule for one of its operations) goes one at a
+    time too."""
     def loop() -> list[tuple[float, float]]:
         return [masked_signals(m, k, batch) for m, k in zip(models, masks, strict=True)]
 
     if len(models) < 2 or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules()):
         return loop()
-    key = architecture_key("signals", models[0], masks[0], [batch], None)
-    if _SIGNALS_EXACT.get(key) is False:
+    key = (*architecture_key("signals", models[0], masks[0], [batch], None), _modes(models[0]), len(models))
+    if _SIGNALS_EXACT.get(key) is False or any(
+            architecture_key("signals", m, k, [batch], None) != key[:-2] or _modes(m) != key[-2]
+            for m, k in zip(models[1:], masks[1:], strict=True)):
         return loop()
     template = models[0]
     x, y = batch
@@ -687,16 +698,22 @@ def signals_many(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tup
         out = functional_call(template, {**r_, **w_}, (x,), strict=False, tie_weights=True)
         return F.cross_entropy(out, y), out.detach()
 
-    with preserved_modes(template):
-        g, (_, logits) = vmap(grad_and_value(loss_of, has_aux=True), randomness="error")(w, rest)
+    try:
+        with preserved_modes(template):
+            g, (_, logits) = vmap(grad_and_value(loss_of, has_aux=True), randomness="error")(w, rest)
+    except (RuntimeError, ValueError, NotImplementedError):  # no batching rule (or random ops): one at a time
+        _SIGNALS_EXACT[key] = False
+        return loop()
     # the loss again from each network's own logits: under vmap the batch mean of the cross-entropy can round
     # differently from one network's (seen: 1 ulp), while the logits and gradients match
     loss = torch.stack([F.cross_entropy(logits[i], y) for i in range(len(models))])
     keys = list(masks[0])
     if key not in _SIGNALS_EXACT:
-        loss0, grads0 = _signal_tensors(template, masks[0], batch)
-        _SIGNALS_EXACT[key] = bool(torch.equal(loss0, loss[0])) and all(
-            torch.equal(a, g[k][0]) for a, k in zip(grads0, keys, strict=True))
+        _SIGNALS_EXACT[key] = True
+        for i in (0, len(models) - 1):
+            loss_i, grads_i = _signal_tensors(models[i], masks[i], batch)
+            _SIGNALS_EXACT[key] &= bool(torch.equal(loss_i, loss[i])) and all(
+                torch.equal(a, g[k][i]) and a.dtype == g[k].dtype for a, k in zip(grads_i, keys, strict=True))
         if not _SIGNALS_EXACT[key]:
             return loop()
     norms = [_grad_norm([g[k][i] for k in keys], masks[i]) for i in range(len(models))]
@@ -707,16 +724,22 @@ def signals_many(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tup
 def step_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> list[EpisodeStep]:
     """``[ep.step(a) for ep, a in zip(episodes, actions)]`` for episodes of one architecture (a vectorised env's),
     the same steps bit for bit, with every network's effective masks and loss/gradient signals computed at once:
-    :meth:`panning.connectivity.PathCounter.effective_many` and :func:`signals_many`. Each episode's ``timing``
-    gets an equal share of the two batched stages."""
+    :meth:`panning.connectivity.PathCounter.effective_many` and :func:`signals_many`. Episodes that differ in
+    architecture, input shape or scoring batch are stepped one after the other. Every action is checked and
+    every episode must be running before any network is pruned, so a refusal leaves all of them as they were.
+    Each episode's ``timing`` gets an equal share of the two batched stages."""
     if len(episodes) != len(actions):
         raise ValueError(f"got {len(episodes)} episodes for {len(actions)} actions")
+    for ep, a in zip(episodes, actions, strict=True):
+        if ep.done:
+            raise RuntimeError("the episode is over: all pruning steps have run")
+        map_action(a, ep.indices, ep.layer_actions)  # raises on a bad action, before anything moves
     first = episodes[0] if episodes else None
     shared = first is not None and all(
         ep.input_shape == first.input_shape and type(ep.model) is type(first.model)
         and ep.batches[0][0].shape == first.batches[0][0].shape and ep.batches[0][1].shape == first.batches[0][1].shape
         for ep in episodes)
-    if shared and first is not None:  # the same scoring batch by value (a vectorised env's envs each hold a copy)
+    if shared and first is not None:  # the same scoring batch by value, unless it is the same object
         x0, y0 = first.batches[0]
         same = [(ep.batches[0][0] == x0).all() & (ep.batches[0][1] == y0).all() for ep in episodes[1:]
                 if ep.batches[0] is not first.batches[0]]

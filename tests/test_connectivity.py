@@ -546,7 +546,20 @@ def _random_masks(model: nn.Module, densities, seed: int = 1) -> list[Masks]:
             for d in densities]
 
 
-@pytest.mark.parametrize("name", ["plain", "conv", "shortcut"])
+class _Tied(nn.Module):
+    """One weight used by two layers (tied): both uses must see each network's own mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("name", ["plain", "conv", "shortcut", "tied"])
 def test_effective_many_equals_one_mask_at_a_time(name):
     """The stacked path count gives every mask the answer effective_masks gives it alone (MLP; convolution with
     BatchNorm and max pooling; a residual shortcut), down to masks that leave most kept weights off every path."""
@@ -557,10 +570,15 @@ def test_effective_many_equals_one_mask_at_a_time(name):
         model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
                               nn.Flatten(), nn.Linear(27, 5), nn.ReLU(), nn.Linear(5, 2))
         shape = (1, 6, 6)
+    elif name == "tied":
+        model, shape = _Tied(), (4,)
     else:
         from panning.models import build_model
         model, shape = build_model("resnet8", 10, (3, 16, 16), seed=0), (3, 16, 16)
     masks = _random_masks(model, (0.9, 0.3, 0.05, 0.01))
+    if name == "tied":  # all kept, then one weight: the second network's only weight feeds no output
+        masks = [Masks({"a.weight": torch.ones(4, 4, dtype=torch.bool)}),
+                 Masks({"a.weight": torch.tensor([[False] * 4, [True] + [False] * 3, [False] * 4, [False] * 4])})]
     counter = PathCounter(model)
     got = counter.effective_many(masks, shape)
     ref = [effective_masks(model, m, shape) for m in masks]

@@ -597,6 +597,12 @@ def test_signals_many_equal_each_network_alone(kind: str) -> None:
     before = [copy.deepcopy(m.state_dict()) for m in models]
     got = signals_many(models, masks, batch)
     assert got == [masked_signals(m, k, batch) for m, k in zip(models, masks, strict=True)]
+    if kind == "mlp":  # the stacked pass ran and matched (this CPU's batched products equal one network's)
+        from panning._functional import architecture_key
+
+        key = (*architecture_key("signals", models[0], masks[0], [batch], None),
+               tuple(m.training for m in models[0].modules()), len(models))
+        assert episode_module._SIGNALS_EXACT[key] is True
     assert len(set(got)) == len(got)  # five different networks: a broadcast of one result would fail above
     assert all(torch.equal(v, b[k]) for m, b in zip(models, before, strict=True) for k, v in m.state_dict().items())
 
@@ -616,9 +622,11 @@ def test_step_many_takes_the_steps_each_episode_takes_alone() -> None:
 
     together, alone = twins(0), twins(0)
     rng = np.random.default_rng(0)
-    for _ in range(4):
+    for t in range(4):
         actions = [rng.uniform(-1, 1, 6) for _ in together]
         many = step_many(together, actions)
+        if t < 3:  # the stacked route: only the first episode's path counter counts, for all three
+            assert together[0]._paths is not None and all(ep._paths is None for ep in together[1:])
         one = [ep.step(a) for ep, a in zip(alone, actions, strict=True)]
         for a, b, ea, eb in zip(many, one, together, alone, strict=True):
             assert a.masks.equal(b.masks) and a.effective.equal(b.effective)
@@ -627,5 +635,31 @@ def test_step_many_takes_the_steps_each_episode_takes_alone() -> None:
                                          b.share, b.layer_factors)
             assert np.array_equal(ea.observe(), eb.observe())
     assert any(s.effective.num_kept < s.masks.num_kept for s in many)  # connectivity did some work
+    assert all(ep._paths is None for ep in together)  # dropped after the last step
     with pytest.raises(RuntimeError, match="episode is over"):
         step_many(together, [np.zeros(6)] * 3)
+    fresh = twins(1)
+    with pytest.raises(ValueError, match="NaN"):  # a bad action anywhere: refused before any network moves
+        step_many(fresh, [np.zeros(6), np.zeros(6), np.full(6, np.nan)])
+    assert all(ep.t == 0 and ep.pruner.steps_done == 0 and ep.masks.num_kept == ep.N for ep in fresh)
+
+
+def test_signals_many_fall_back_where_vmap_cannot_run() -> None:
+    """A network with data-dependent control flow: no stacked pass, the same signals one network at a time."""
+    from panning.episode import masked_signals, signals_many
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(10, 8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h) if bool(h.sum() > 0) else self.b(-h)
+
+    torch.manual_seed(0)
+    models = [Branchy() for _ in range(3)]
+    batch = (torch.randn(12, 10), torch.arange(12) % 10)
+    masks = [Masks({k: torch.rand(p.shape) < 0.5 for k, p in m.named_parameters() if p.dim() > 1}) for m in models]
+    assert signals_many(models, masks, batch) == [masked_signals(m, k, batch) for m, k in zip(models, masks,
+                                                                                              strict=True)]
