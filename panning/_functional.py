@@ -441,7 +441,7 @@ def architecture_key(name: str, model: nn.Module, masks: Mapping[str, Tensor],
     state = tuple((k, type(v).__name__, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
     mods = tuple(type(m).__name__ for m in model.modules())
     shapes = tuple((tuple(x.shape), tuple(y.shape)) for x, y in batches or ())
-    device = str(next(model.parameters()).device)
+    device = str(next(model.parameters(), torch.empty(0)).device)
     return name, device, mods, state, tuple(masks), shapes, tuple(input_shape or ())
 
 

@@ -95,7 +95,8 @@ def _stacked(name: str, template: nn.Module, models: Sequence[nn.Module], masks:
 def _score_shared(route: str, pruners: Sequence[Pruner]) -> bool:
     """Score SNIP and a GraSP variant of ``pruners`` in one stacked pass (``route`` in :data:`SHARED_ROUTES`)
     and hand each pruner both, where that pass is exact: checked once per architecture, batch shape and device
-    against the first network's one-at-a-time scores of both. False where it is not (nothing handed over)."""
+    against the first and the last network's one-at-a-time scores of both. False where it is not (nothing
+    handed over)."""
     first = pruners[0]
     models, masks = [p.model for p in pruners], [p.masks for p in pruners]
     key = _stack_key(route, models, masks, first.batches, first.input_shape)

@@ -663,7 +663,7 @@ def masked_signals(model: nn.Module, masks: Mapping[str, Tensor], batch: tuple[T
     return float(loss), float(_grad_norm(grads, masks))
 
 
-#: (architecture, batch shapes, device) -> whether the stacked signals matched one network's bit for bit
+#: (architecture, batch shapes, device, training modes, N) -> whether the stacked signals matched bit for bit
 _SIGNALS_EXACT: dict[tuple, bool] = {}
 
 
