@@ -238,7 +238,8 @@ def prefill_scores(pruners: Sequence[Pruner], indices: Sequence[str] | None = No
                                                todo[0].input_shape) for n in ("snip", grasp_name)):
                 _score_shared(route, todo)
     for name in wanted:
-        todo = [p for p in pruners if name in p.indices and p.needs_scores(name)]
+        # an index with its own logit temperature is left to its pruner, whose loss divides the logits by it
+        todo = [p for p in pruners if name in p.indices and p.needs_scores(name) and not p.temperatures.get(name)]
         if not todo:
             continue
         first = todo[0]

@@ -327,3 +327,20 @@ def test_snip_and_grasp_from_one_stacked_pass_equal_each_network_alone(grasp: st
         for n in ("snip", grasp):
             ref = compute_scores(n, net, p.masks, batches, seed=p.score_seed())
             assert all(torch.equal(ref[k], got[n][k]) for k in ref), n
+
+
+def test_prefill_leaves_an_index_with_its_own_temperature_to_the_pruner() -> None:
+    """A pruner scoring GraSP with a logit temperature (Panning's reference code: T = 200) keeps computing it itself:
+    the stacked routes use the plain cross-entropy, so prefill must not hand it those scores."""
+    import panning.batched as batched
+
+    nets = [build_model("mlp", 10, (64,), seed=s) for s in range(3)]
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(20, 64, generator=g), torch.arange(20) % 10)]
+    fed = [Pruner(m, ["snip", "grasp"], batches, seed=i, temperatures={"grasp": 200.0}) for i, m in enumerate(nets)]
+    plain = [Pruner(m, ["snip", "grasp"], batches, seed=i) for i, m in enumerate(nets)]
+    batched.prefill_scores(fed)
+    assert all(p.needs_scores("grasp") for p in fed)
+    for p, q in zip(fed, plain, strict=True):
+        tempered, untempered = p.scores(["grasp"])["grasp"], q.scores(["grasp"])["grasp"]
+        assert any(not torch.equal(tempered[k], untempered[k]) for k in tempered)  # the temperature matters here
