@@ -448,36 +448,11 @@ def architecture_key(name: str, model: nn.Module, masks: Mapping[str, Tensor],
 def stacked_tensors(models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]], dtype: torch.dtype | None,
                     absolute: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(stacked ``θ ⊙ m`` of the masked weights, stacked other parameters and cloned buffers) of networks of one
-    architecture, along a new leading axis, as :func:`masked_weights` and :func:`other_tensors` make them for one."""
+    architecture, along a new leading axis: what :func:`masked_weights` and :func:`other_tensors` make for each
+    (detached: the stacks are the leaves of a stacked computation)."""
     keys = list(masks[0])
-    named = [dict(m.named_parameters()) for m in models]
-    ws = []
-    for p, mk in zip(named, masks, strict=True):
-        one = {}
-        for k in keys:
-            t = p[k].detach()
-            w = t * as_numbers(mk[k].to(t.device), t.dtype)
-            if absolute:
-                w = w.abs()
-            if dtype is not None:
-                w = w.to(dtype)
-            one[k] = w
-        ws.append(one)
-    w_stack = {k: torch.stack([w[k] for w in ws]) for k in keys}
-
-    def convert(t: Tensor) -> Tensor:
-        if t.is_floating_point():
-            if absolute:
-                t = t.abs()
-            if dtype is not None:
-                t = t.to(dtype)
-        return t
-
-    rest: dict[str, Tensor] = {}
-    for k in named[0]:
-        if k not in w_stack:
-            rest[k] = torch.stack([convert(p[k].detach()) for p in named])
-    bufs = [dict(m.named_buffers()) for m in models]
-    for k in bufs[0]:
-        rest[k] = torch.stack([convert(b[k].detach()).clone() for b in bufs])
-    return w_stack, rest
+    ws = [masked_weights(m, {k: mk[k] for k in keys}, dtype=dtype, absolute=absolute)
+          for m, mk in zip(models, masks, strict=True)]
+    rests = [other_tensors(m, keys, dtype=dtype, absolute=absolute) for m in models]
+    w_stack = {k: torch.stack([w[k].detach() for w in ws]) for k in keys}
+    return w_stack, {k: torch.stack([r[k] for r in rests]) for k in rests[0]}

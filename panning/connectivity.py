@@ -157,6 +157,12 @@ def _derived_tensor_memo(model: nn.Module) -> dict[int, Any]:
     return memo
 
 
+def _check_input_shape(input_shape: Sequence[int]) -> None:
+    if any(int(d) <= 0 for d in input_shape):
+        raise ValueError("input_shape must hold positive sizes (without the batch dimension), "
+                         f"got {tuple(input_shape)}")
+
+
 #: architecture -> whether :meth:`PathCounter.effective_many`'s stacked pass can run it (absent: not tried yet)
 _STACKABLE: dict[tuple, bool] = {}
 
@@ -238,9 +244,7 @@ class PathCounter:
         if not isinstance(masks, Masks):
             masks = Masks(masks)
         masks.check(self.model)
-        if any(int(d) <= 0 for d in input_shape):
-            raise ValueError("input_shape must hold positive sizes (without the batch dimension), "
-                             f"got {tuple(input_shape)}")
+        _check_input_shape(input_shape)
         grads, r = None, float("nan")
         for scaled in (False, True):
             grads, r = self._path_grads(masks, input_shape, scaled)
@@ -273,9 +277,7 @@ class PathCounter:
         keys = list(masks[0])
         if any(list(m) != keys for m in masks) or not keys:
             return [self.effective(m, input_shape) for m in masks]
-        if any(int(d) <= 0 for d in input_shape):
-            raise ValueError("input_shape must hold positive sizes (without the batch dimension), "
-                             f"got {tuple(input_shape)}")
+        _check_input_shape(input_shape)
         net = self._net
         names = {id(p): n for n, p in net.named_parameters()}
         pnames = [names[id(self._found[k][1])] for k in keys]
