@@ -5,8 +5,11 @@ Issue 14 asks that a step stay on the device except for handing SB3 its arrays. 
 is such a read on CUDA (it blocks until the queued work is done). This counts them through a
 :class:`torch.overrides.TorchFunctionMode` while a ``BatchedPanningVecEnv`` steps random actions, and
 names the library lines that make them. It runs on the CPU: the count is a property of the code, not of
-the device. CPU-only routes (the per-layer ``kthvalue`` loop, the digests' copy per tensor) are counted
-apart: on a GPU the first sorts instead and the second copies all tensors in one transfer.
+the device. The whole run takes the routes written for accelerators (``panning._functional.device_routes``:
+torch kernels where the CPU uses numpy, sorts where it selects per layer), so their reads are counted, not
+assumed. The one exception is the digests' copy (the proxy's cache key): on the CPU it copies tensor by
+tensor, on a GPU all of a digest's tensors in one transfer, so each digest counts as the 2 reads it makes
+there.
 
     .venv/bin/python benchmarks/host_syncs.py [--model mlp --dataset digits] [--n 4] [--steps 20]
 """
@@ -20,19 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from panning import episode as episode_mod
 from panning import hashing
-from panning import masks as masks_mod
-from panning._functional import HostReads
+from panning._functional import HostReads, device_routes
 from panning.cli import OneLineParser, run_guarded
 from panning.envs.vec_env import BatchedPanningVecEnv
 
-# CPU-only routes: layer_quantiles' per-layer loop (CUDA sorts instead), order_statistics' numpy selection
-# (torch.kthvalue off the CPU, which reads nothing), _host_arrays' copy per tensor
-# (tensors on one GPU are copied in one transfer: 2 reads a digest there) and _topk_mask's tie handling
-# (off the CPU it hands over to _topk_mask_on_device, which reads nothing: checked with --device-topk), and
-# all_finite's numpy check (off the CPU torch.isfinite().all(), left on the device; its caller's read is counted)
-CPU_ONLY = ("layer_quantiles", "order_statistics", "_host_arrays", "_topk_mask", "all_finite")
+# the digests' copy per tensor: on a GPU one transfer per digest (2 reads: .cpu() and .numpy())
+CPU_ONLY = ("_host_arrays",)
 
 
 class WhereRead(HostReads):
@@ -60,8 +57,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=4, help="episodes stepped together")
     ap.add_argument("--steps", type=int, default=20, help="env steps counted (10 pruning steps an episode)")
     ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--device-topk", action="store_true",
-                    help="take _topk_mask's GPU route on the CPU too, to count its reads rather than assume them")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     overrides: dict[str, Any] = {"init_seeds": 0, "target_grid": 0, "target_range": [0.98, 0.998], "layer_actions": 3,
@@ -84,14 +79,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if gather is not None:  # a GPU copies each digest's tensors at once
         hashing._host_arrays = counted  # type: ignore[assignment]
-    topk = masks_mod._topk_mask
-    if args.device_topk:  # the masks module's selections and the episode's features (it imports the function)
-        def device_topk(flat: torch.Tensor, k: int) -> torch.Tensor:
-            return topk(flat, k) if k <= 0 or k >= flat.numel() else masks_mod._topk_mask_on_device(flat, k)
-
-        masks_mod._topk_mask = episode_mod._topk_mask = device_topk  # type: ignore[assignment]
     try:
-        with reads:
+        with reads, device_routes():
             for _ in range(args.steps):
                 actions = rng.uniform(-1, 1, (args.n, *env.action_space.shape)).astype(np.float32)
                 reads.on = True
@@ -100,15 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if gather is not None:
             hashing._host_arrays = gather  # type: ignore[assignment]
-        masks_mod._topk_mask = episode_mod._topk_mask = topk  # type: ignore[assignment]
     per = args.n * args.steps
     total = reads.n
     cpu_only = reads.cpu_only - 2 * digests[0]  # on a GPU: one .cpu() and one .numpy() a digest
     layers = len(env.envs[0].episode.masks)
     print(f"{env.envs[0].config.model} / {env.envs[0].config.dataset}, {layers} prunable layers, N = {args.n}, "
           f"{args.steps} env steps (rewards and references included)")
-    print(f"host reads per episode step: {total / per:.1f} ({(total - cpu_only) / per:.1f} on a GPU's route; "
-          f"{cpu_only / per:.1f} on CPU-only routes)")
+    print(f"host reads per episode step on a GPU's routes: {(total - cpu_only) / per:.1f} "
+          f"(digests counted as one transfer each; {total / per:.1f} with their CPU copies)")
     print("by kind: " + ", ".join(f"{k} {v / per:.1f}" for k, v in sorted(reads.kinds.items(), key=lambda kv: -kv[1])))
     for line, v in reads.lines.most_common(args.top):
         print(f"{v / per:8.1f}  {line}")

@@ -23,7 +23,9 @@ __all__ = [
     "seeded",
     "architecture_key",
     "all_finite",
+    "device_routes",
     "flat_nonzero",
+    "host_route",
     "one_read",
     "stacked_tensors",
     "HOST_READS",
@@ -61,11 +63,34 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
         yield
 
 
+#: whether CPU tensors take the routes written for accelerators (:func:`device_routes`)
+_DEVICE_ROUTES = False
+
+
+@contextmanager
+def device_routes(on: bool = True) -> Iterator[None]:
+    """Within the block, CPU tensors take the routes written for accelerators (torch kernels instead of numpy,
+    sorts instead of per-layer selections, no host read where a GPU would wait for one). Their results are the
+    same; this lets a machine without a GPU test those routes and count their host reads
+    (``benchmarks/host_syncs.py``). Not thread-safe: a process-wide switch for tests and benchmarks."""
+    global _DEVICE_ROUTES
+    before, _DEVICE_ROUTES = _DEVICE_ROUTES, on
+    try:
+        yield
+    finally:
+        _DEVICE_ROUTES = before
+
+
+def host_route(t: Tensor) -> bool:
+    """Whether ``t`` takes the CPU's routes: it is on the CPU, and :func:`device_routes` is not active."""
+    return t.device.type == "cpu" and not _DEVICE_ROUTES
+
+
 def flat_nonzero(mask: Tensor) -> Tensor:
     """``mask.reshape(-1).nonzero().squeeze(1)``: the positions of the True entries of a boolean tensor, in order.
     On the CPU by numpy (4-5x faster than torch's nonzero for the masks of a small network); elsewhere torch's."""
     flat = mask.reshape(-1)
-    if flat.device.type == "cpu" and flat.dtype == torch.bool:
+    if host_route(flat) and flat.dtype == torch.bool:
         return torch.from_numpy(np.flatnonzero(flat.numpy()))
     return flat.nonzero().squeeze(1)
 
@@ -73,7 +98,7 @@ def flat_nonzero(mask: Tensor) -> Tensor:
 def all_finite(t: Tensor) -> Tensor:
     """0-d boolean tensor: whether every entry of ``t`` is finite. On the CPU by numpy for float32/float64 (several
     times faster than ``torch.isfinite(t).all()`` there); elsewhere torch's, left on the device."""
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+    if host_route(t) and t.dtype in (torch.float32, torch.float64):
         return torch.tensor(bool(np.isfinite(t.detach().numpy()).all()))
     return torch.isfinite(t).all()
 

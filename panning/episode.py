@@ -122,6 +122,7 @@ from panning._functional import (
     architecture_key,
     flat_nonzero,
     functional_forward,
+    host_route,
     masked_weights,
     one_read,
     other_tensors,
@@ -238,7 +239,7 @@ def layer_quantiles(values: Tensor, layer: Tensor, alive: Tensor, ps: Sequence[f
     L = alive.numel()
     ranks = [torch.round(p * (alive - 1).clamp(min=0).double()).long() for p in ps]
     if by_selection is None:
-        by_selection = values.device.type == "cpu"
+        by_selection = host_route(values)
     if not by_selection:
         starts = torch.cumsum(alive, 0) - alive
         last = max(values.numel() - 1, 0)
@@ -248,7 +249,7 @@ def layer_quantiles(values: Tensor, layer: Tensor, alive: Tensor, ps: Sequence[f
     if not ps:
         return []
     rank_cols = torch.stack(ranks, 1).tolist()  # per layer, its rank for each p
-    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):  # no tensor per value
+    if host_route(values) and values.dtype in (torch.float32, torch.float64):  # no tensor per value
         vals = values.detach().numpy()
         out_np = np.zeros((len(ps), L), dtype=vals.dtype)
         lo = 0

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from panning._functional import flat_nonzero, keep_bits, one_read, zero_pruned
+from panning._functional import flat_nonzero, host_route, keep_bits, one_read, zero_pruned
 from panning.errors import ConfigError, MaskError
 
 __all__ = [
@@ -416,7 +416,7 @@ def order_statistics(values: Tensor, ranks: Sequence[int]) -> list[Tensor]:
         raise ValueError(f"ranks must lie in [0, {n}) for {n} values, got {list(ranks)}")
     if not ranks:
         return []
-    if values.device.type != "cpu" or values.dtype not in (torch.float32, torch.float64):
+    if not host_route(values) or values.dtype not in (torch.float32, torch.float64):
         return [torch.kthvalue(values.reshape(-1), r + 1).values for r in ranks]
     picked = order_statistics_np(values.detach().reshape(-1).numpy(), ranks)
     return list(torch.from_numpy(picked).unbind(0))
@@ -449,7 +449,7 @@ def _topk_mask(flat: Tensor, k: int) -> Tensor:
         return torch.zeros(n, dtype=torch.bool, device=flat.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=flat.device)
-    if flat.device.type != "cpu":
+    if not host_route(flat):
         return _topk_mask_on_device(flat, k)
     if flat.dtype in (torch.float32, torch.float64):
         threshold = order_statistics(flat, [n - k])[0]  # the k-th largest, by one linear-time selection

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
 
+from panning._functional import device_routes
 from panning.batched import score_networks, select_topk_rows
 from panning.data import balanced_batch, load_dataset
 from panning.envs.panning_env import PanningEnv, clear_caches
@@ -189,6 +190,30 @@ def test_vectorised_env_matches_separate_envs_step_by_step(workers: int | None) 
                 assert a["proxy_accuracy"] == pytest.approx(b["proxy_accuracy"], abs=1 / 135)
                 assert a["reference_accuracy"] == pytest.approx(b["reference_accuracy"], abs=1 / 135)
     assert finished == 2 * n  # T = 3: episodes end at steps 3 and 6 and restart on their own
+
+
+@pytest.mark.parametrize("observation", ["summary", "layers"])
+def test_accelerator_routes_give_the_same_episodes_on_the_cpu(observation: str) -> None:
+    """The routes written for a GPU (torch kernels, sorts, no host reads), taken on the CPU through
+    ``device_routes``: the same observations, rewards and masks bit for bit, as every route is exact. No GPU
+    has run this code; this is what checks those routes' logic here."""
+    kw = {**ENV_KW, "observation": observation, "layer_actions": 2 if observation == "layers" else 0}
+    out = []
+    for forced in (False, True):
+        clear_caches()
+        venv = BatchedPanningVecEnv(TINY_ENV, 3, **kw)
+        with device_routes(forced):
+            rollout = _rollout(venv, 3)
+            masks = [e.episode.masks for e in venv.envs]
+        out.append((rollout, [torch.cat([m.reshape(-1) for m in ms.values()]) for ms in masks]))
+    (host, host_masks), (dev, dev_masks) = out
+    assert np.array_equal(host[0], dev[0])
+    for (o1, r1, d1, i1), (o2, r2, d2, i2) in zip(host[1:], dev[1:], strict=True):
+        assert np.array_equal(o1, o2) and np.array_equal(r1, r2) and np.array_equal(d1, d2)
+        for a, b in zip(i1, i2, strict=True):
+            if "terminal_observation" in a:
+                assert np.array_equal(a["terminal_observation"], b["terminal_observation"])
+    assert all(torch.equal(a, b) for a, b in zip(host_masks, dev_masks, strict=True))
 
 
 @pytest.mark.parametrize("workers", [None, 2])
