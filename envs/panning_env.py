@@ -74,6 +74,7 @@ from torch.utils.data import Dataset
 
 from panning import config as _config
 from panning import indices as _indices
+from panning._functional import deferred_checks
 from panning.config import ConfigError
 from panning.data import DataBundle, balanced_batch, load_dataset
 from panning.episode import (
@@ -387,6 +388,7 @@ class PanningEnv(gym.Env):
 
     # ------------------------------------------------------------------------------- gym API
 
+    @deferred_checks()  # on a GPU the reset's checks are read back once, at the end
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         self.begin(seed=seed, options=options)
@@ -422,15 +424,17 @@ class PanningEnv(gym.Env):
         self._done = False
         self._phi = 0.0
 
-    def first_observation(self) -> tuple[np.ndarray, dict[str, Any]]:
-        """The observation and info :meth:`reset` returns, after :meth:`begin`."""
+    def first_observation(self, obs: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """The observation and info :meth:`reset` returns, after :meth:`begin` (``obs``: the episode's observation,
+        when a vectorised env has made it already, with its other episodes')."""
         ep = self.episode
         assert ep is not None
-        obs = ep.observe()
+        obs = ep.observe() if obs is None else obs
         info = {"target_sparsity": self.target_sparsity, "init_seed": self.init_seed, "num_prunable": ep.N,
                 "target_keep": ep.final_keep, "sparsity": 0.0, "timing": dict(ep.timing)}
         return obs, info
 
+    @deferred_checks()  # on a GPU the step's checks are read back once, at the end
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         pending = self.advance(action)
         result = reference = None
@@ -483,10 +487,11 @@ class PanningEnv(gym.Env):
                 info["collapse"] = bool(s.collapsed)
         return PendingStep(s.masks, reward, terminated, needs_proxy, info, penalty)
 
-    def conclude(self, pending: PendingStep, result: ProxyResult | None,
-                 reference: tuple[float, str, float] | None) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+    def conclude(self, pending: PendingStep, result: ProxyResult | None, reference: tuple[float, str, float] | None,
+                 obs: np.ndarray | None = None) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Finish :meth:`step`: add the final reward (the proxy ``result`` and, for the relative rewards,
-        the ``reference`` of :meth:`reference`) and observe."""
+        the ``reference`` of :meth:`reference`) and observe (unless ``obs``, the observation a vectorised env has
+        made already, with its other episodes', is given)."""
         cfg, ep, info, reward = self.config, self.episode, pending.info, pending.reward
         assert ep is not None
         if pending.needs_proxy:
@@ -505,7 +510,8 @@ class PanningEnv(gym.Env):
                 info["reference_index"] = reference[1]
                 info.setdefault("reference_seconds", reference[2])
             reward += cfg.reward_scale * gain - pending.penalty
-        obs = ep.observe(score_indices=not pending.terminated)
+        if obs is None:
+            obs = ep.observe(score_indices=not pending.terminated)
         info["timing"] = dict(ep.timing)
         return obs, float(reward), pending.terminated, False, info
 

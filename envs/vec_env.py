@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
+from panning._functional import deferred_checks
 from panning.batched import prefill_scores
 from panning.data import DataBundle
 from panning.envs.panning_env import RELATIVE_REWARDS, PanningEnv, PanningEnvConfig, PendingStep
-from panning.episode import step_many
+from panning.episode import observe_many, step_many
 from panning.errors import UsageError
 from panning.proxy import ProxyResult
 
@@ -81,6 +82,7 @@ class BatchedPanningVecEnv(VecEnv):
         prefill_scores([e.episode.pruner for e in envs if e.episode is not None and not e.episode.done], self.indices)
         self.timing["score"] = self.timing.get("score", 0.0) + time.perf_counter() - t0
 
+    @deferred_checks()  # on a GPU the checks of all N episodes are read back once, at the end
     def reset(self) -> VecEnvObs:
         for i, env in enumerate(self.envs):
             options = self._options[i] or None
@@ -89,14 +91,20 @@ class BatchedPanningVecEnv(VecEnv):
         self._reset_options()
         self._prefill(self.envs)
         obs = []
-        for i, env in enumerate(self.envs):
-            o, self.reset_infos[i] = env.first_observation()
+        for i, (env, o) in enumerate(zip(self.envs, self._observe(self.envs), strict=True)):
+            o, self.reset_infos[i] = env.first_observation(o)
             obs.append(o)
         return np.stack(obs)
+
+    @staticmethod
+    def _observe(envs: Sequence[PanningEnv], score_indices: Sequence[bool] | None = None) -> list[np.ndarray]:
+        """The envs' observations, their device values read back in one transfer (:func:`observe_many`)."""
+        return observe_many([env.episode for env in envs], score_indices)  # type: ignore[misc]
 
     def step_async(self, actions: np.ndarray) -> None:
         self.actions = np.asarray(actions)
 
+    @deferred_checks()  # on a GPU the checks of all N episodes are read back once, at the end
     def step_wait(self) -> VecEnvStepReturn:
         assert self.actions is not None, "step_async first"
         self.timing = {}
@@ -113,8 +121,9 @@ class BatchedPanningVecEnv(VecEnv):
         self._prefill([e for e, p in zip(self.envs, pending, strict=True) if not p.terminated])
         obs_list, rewards, dones, infos = [], np.zeros(self.num_envs, np.float32), np.zeros(self.num_envs, bool), []
         finished = []
+        observed = self._observe(self.envs, [not p.terminated for p in pending])
         for i, (env, p) in enumerate(zip(self.envs, pending, strict=True)):
-            o, r, terminated, truncated, info = env.conclude(p, results.get(i), references.get(i))
+            o, r, terminated, truncated, info = env.conclude(p, results.get(i), references.get(i), observed[i])
             rewards[i], dones[i] = r, terminated or truncated
             info["TimeLimit.truncated"] = truncated and not terminated
             if dones[i]:
@@ -126,8 +135,8 @@ class BatchedPanningVecEnv(VecEnv):
             for i in finished:
                 self.envs[i].begin()
             self._prefill([self.envs[i] for i in finished])
-            for i in finished:
-                obs_list[i], self.reset_infos[i] = self.envs[i].first_observation()
+            for i, o in zip(finished, self._observe([self.envs[i] for i in finished]), strict=True):
+                obs_list[i], self.reset_infos[i] = self.envs[i].first_observation(o)
         self.actions = None
         return np.stack(obs_list), rewards, dones, deepcopy(infos)
 
@@ -312,6 +321,7 @@ class SubprocBatchedVecEnv(VecEnv):
         for remote, sl in zip(self.remotes, self._slices, strict=True):
             remote.send(("step", actions[sl]))
 
+    @deferred_checks()  # on a GPU the checks of all N episodes are read back once, at the end
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = zip(*[remote.recv() for remote in self.remotes], strict=True)
         return (np.concatenate(obs), np.concatenate(rewards), np.concatenate(dones),

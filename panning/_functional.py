@@ -10,7 +10,7 @@ detached copies of the other parameters, cloned buffers -- and runs the model th
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -23,6 +23,8 @@ __all__ = [
     "seeded",
     "architecture_key",
     "all_finite",
+    "check",
+    "deferred_checks",
     "device_routes",
     "flat_nonzero",
     "host_route",
@@ -86,13 +88,69 @@ def host_route(t: Tensor) -> bool:
     return t.device.type == "cpu" and not _DEVICE_ROUTES
 
 
-def flat_nonzero(mask: Tensor) -> Tensor:
+def flat_nonzero(mask: Tensor, count: int | None = None) -> Tensor:
     """``mask.reshape(-1).nonzero().squeeze(1)``: the positions of the True entries of a boolean tensor, in order.
-    On the CPU by numpy (4-5x faster than torch's nonzero for the masks of a small network); elsewhere torch's."""
+    On the CPU by numpy (4-5x faster than torch's nonzero for the masks of a small network); elsewhere torch's.
+
+    ``count``, when the caller knows how many entries are True (a mask from an exact top-k), lets the accelerator
+    route size its result without reading that number back (``torch.nonzero_static``); a wrong count would
+    give wrong positions, so pass only a count that is known, never a guess."""
     flat = mask.reshape(-1)
     if host_route(flat) and flat.dtype == torch.bool:
         return torch.from_numpy(np.flatnonzero(flat.numpy()))
+    if count is not None:
+        return torch.nonzero_static(flat, size=count).squeeze(1)
     return flat.nonzero().squeeze(1)
+
+
+#: the checks of the innermost :func:`deferred_checks` block: (0-d boolean flag, the error it raises when False)
+_PENDING: list[tuple[Tensor, Callable[[], Exception]]] | None = None
+
+
+def check(ok: Tensor, error: Callable[[], Exception]) -> None:
+    """Raise ``error()`` unless the 0-d boolean ``ok`` is True. On the CPU at once; for a device tensor within
+    :func:`deferred_checks`, at the end of that block, so that a GPU step does not wait for the device once per
+    check (``error`` may read the device to say what went wrong: it only runs when a check failed)."""
+    if _PENDING is not None and not host_route(ok):
+        _PENDING.append((ok, error))
+    elif not bool(ok):
+        raise error()
+
+
+@contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Collect the device-side :func:`check` flags of the block and read them back in one transfer at its end,
+    raising the first failed check's error in the order made. If the block raises, a failed earlier check is
+    raised instead (what ran after it ran on values the check would have refused). Nested blocks join the
+    outermost one."""
+    global _PENDING
+    if _PENDING is not None:
+        yield
+        return
+    pending: list[tuple[Tensor, Callable[[], Exception]]] = []
+    _PENDING = pending
+    try:
+        yield
+    except BaseException as exc:
+        _PENDING = None
+        failed = _first_failed(pending)
+        if failed is not None:
+            raise failed from exc
+        raise
+    _PENDING = None
+    failed = _first_failed(pending)
+    if failed is not None:
+        raise failed
+
+
+def _first_failed(pending: list[tuple[Tensor, Callable[[], Exception]]]) -> Exception | None:
+    if not pending:
+        return None
+    ok = one_read([flag.reshape(()).to(torch.bool) for flag, _ in pending]).tolist()
+    for good, (_, error) in zip(ok, pending, strict=True):
+        if not good:
+            return error()
+    return None
 
 
 def all_finite(t: Tensor) -> Tensor:

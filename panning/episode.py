@@ -109,7 +109,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -120,7 +120,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from panning._functional import (
     architecture_key,
-    flat_nonzero,
+    deferred_checks,
     functional_forward,
     host_route,
     masked_weights,
@@ -130,7 +130,7 @@ from panning._functional import (
     stacked_tensors,
 )
 from panning.connectivity import PathCounter
-from panning.masks import Masks, _topk_mask, check_keep, keep_count, order_statistics, order_statistics_np
+from panning.masks import Masks, _topk_mask, check_keep, count_all, keep_count, order_statistics, order_statistics_np
 from panning.pruner import Pruner
 
 __all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "LAYER_FEATURES",
@@ -425,6 +425,7 @@ class PruningEpisode:
         keep = max(self.final_keep, min(self.masks.num_kept, round(self.target_density ** u * self.N)))
         return share, u, keep
 
+    @deferred_checks()  # on a GPU the step's checks are read back once, at the end
     def step(self, action: Any) -> EpisodeStep:
         """One pruning step driven by ``action`` (see the module docstring for the mapping)."""
         plan = self._select(action)
@@ -489,18 +490,37 @@ class PruningEpisode:
 
     # ---------------------------------------------------------------------- observation
 
+    @deferred_checks()
     def observe(self, score_indices: bool | None = None) -> np.ndarray:
         """The observation of the current state (float32, clipped to [-5, 5]).
 
         ``score_indices`` (default: unless the episode is over) computes the per-index features,
         which need the indices scored on the current masks; the terminal observation skips them.
+        Every device value it needs comes back in one transfer (:func:`observe_many`: one for N episodes).
         """
+        return observe_many([self], [score_indices])[0]
+
+    def _observe_begin(self, score_indices: bool | None) -> _PendingObservation:
+        """The device half of :meth:`observe`: scores the indices if asked and queues, as one float64 vector,
+        every device value the features need (nothing is read back here)."""
         if score_indices is None:
             score_indices = not self.done
-        masks, eff = self.masks, self.effective
         t_start, score_before = self._clock(), self.timing["score"]
+        pend = _PendingObservation(t_start, score_before, self.masks.num_kept)
+        if score_indices:
+            self._index_features_begin(pend)
+            if self.observation == "layers":
+                self._layer_index_features_begin(pend)
+        if pend.parts:
+            pend.payload = torch.cat([p.reshape(-1).double() for p in pend.parts])
+            pend.parts = []
+        return pend
+
+    def _observe_end(self, pend: _PendingObservation, values: np.ndarray | None) -> np.ndarray:
+        """The host half of :meth:`observe`, given the pending payload's values."""
+        masks, eff = self.masks, self.effective
         T, t = self.T, self.t
-        kept = masks.num_kept
+        kept = pend.kept
         d_now = kept / self.N
         g: list[float] = [t / T, 1.0 / (T - t) if t < T else 0.0, _log_density_feature(d_now),
                           _log_density_feature(self.target_density)]
@@ -515,27 +535,27 @@ class PruningEpisode:
         g += [self.loss_ratio, self.grad_ratio]
         per_index = [0.0] * (len(INDEX_FEATURES) * self.K)
         per_layer = None
-        if score_indices:
-            per_index, selected = self._index_features(kept)
-            if self.observation == "layers":
-                per_layer = self._layer_index_features(*selected)
+        if pend.summary is not None:
+            assert values is not None
+            per_index = self._index_features_end(pend, values[: pend.summary_size].tolist())
+            if pend.layer_shape is not None:
+                per_layer = values[pend.summary_size :].reshape(pend.layer_shape)
         obs = np.asarray(g + per_index, dtype=np.float64)
         if self.observation == "layers":
             obs = np.concatenate([obs, self._layer_block(dens, per_layer)])
         obs = np.nan_to_num(obs, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT)
-        self.timing["features"] += self._clock() - t_start - (self.timing["score"] - score_before)
+        self.timing["features"] += self._clock() - pend.t_start - (self.timing["score"] - pend.score_before)
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
-    def _index_features(self, kept: int) -> tuple[list[float], tuple[Tensor, list[Tensor], list[Tensor], int]]:
-        """The summary's per-index features, and what the per-layer ones reuse: the alive weights'
+    def _index_features_begin(self, pend: _PendingObservation) -> None:
+        """Queue the summary's per-index numbers, and keep what the per-layer ones reuse: the alive weights'
         flat positions, each index's normalised scores on them and its next prune set, and m."""
         t0 = self._clock()
-        alive = self.pruner.alive_flat()
         self.pruner.scores(self.indices)  # together: indices that share passes share them
-        idx = flat_nonzero(alive)  # gathering by index: the elements of [alive], far faster on the CPU
+        idx = self.pruner.alive_positions()  # gathering by index: the elements of [alive], far faster on the CPU
         normed = [self.pruner.normalised_scores(name).index_select(0, idx) for name in self.indices]
         self.timing["score"] += self._clock() - t0
-        m = kept - self.planned_keep(0.0)[2]  # how many weights a default (b = 0) step would remove next
+        m = pend.kept - self.planned_keep(0.0)[2]  # how many weights a default (b = 0) step would remove next
         lowest = []
         raw: list[Tensor] = []  # per index: the 10/50/90% order statistics, share <= 0, sum, top-1% sum
         at: list[int | None] = []  # where each index's six numbers start in raw
@@ -556,8 +576,17 @@ class PruningEpisode:
         pairs = [(k, j) for k in range(len(lowest)) for j in range(self.K) if j != k] if m > 0 else []
         first_pair = len(raw)
         raw += [(lowest[k] & lowest[j]).sum() for k, j in pairs]
-        # one device-to-host transfer for every number below (float64 holds each of them exactly)
-        vals = one_read([v.double() for v in raw]).tolist() if raw else []
+        # float64 holds each of these numbers exactly
+        if raw:
+            pend.parts.append(torch.stack([v.double() for v in raw]))
+        pend.summary = (at, pairs, first_pair, m)
+        pend.summary_size = len(raw)
+        pend.selected = (idx, normed, lowest, m)
+
+    def _index_features_end(self, pend: _PendingObservation, vals: list[float]) -> list[float]:
+        """The summary's per-index features from the values :meth:`_index_features_begin` queued."""
+        assert pend.summary is not None
+        at, pairs, first_pair, m = pend.summary
         counts = dict(zip(pairs, vals[first_pair:], strict=True))
         out: list[float] = []
         for k, a in enumerate(at):
@@ -572,7 +601,7 @@ class PruningEpisode:
             else:
                 agree = 1.0
             out += [agree, *st]
-        return out, (idx, normed, lowest, m)
+        return out
 
     # ------------------------------------------------------------------- per-layer features
 
@@ -597,9 +626,11 @@ class PruningEpisode:
         self._layer_of = torch.repeat_interleave(torch.arange(L, device=sizes.device), sizes)
         return rows
 
-    def _layer_index_features(self, idx: Tensor, normed: list[Tensor], lowest: list[Tensor], m: int) -> np.ndarray:
-        """[L, 5K]: per index, the share of each layer (and of the next prune set) it would remove and
+    def _layer_index_features_begin(self, pend: _PendingObservation) -> None:
+        """Queue [L, 5K]: per index, the share of each layer (and of the next prune set) it would remove and
         its score quantiles within the layer."""
+        assert pend.selected is not None
+        idx, normed, lowest, m = pend.selected
         L = self.num_layers
         layer = self._layer_of.index_select(0, idx)  # non-decreasing: idx is sorted
         alive = torch.bincount(layer, minlength=L)
@@ -616,7 +647,8 @@ class PruningEpisode:
                     cols.append(torch.where(alive > 0, q, torch.zeros_like(q)))
             else:
                 cols += [torch.zeros(L, dtype=torch.float64, device=idx.device)] * 3
-        return torch.stack(cols, 1).cpu().numpy()
+        pend.parts.append(torch.stack(cols, 1))
+        pend.layer_shape = (L, len(cols))
 
     def _layer_block(self, density: np.ndarray, per_index: np.ndarray | None) -> np.ndarray:
         """The padded layer rows and presence flags of the ``layers`` observation, flattened; ``density``
@@ -636,6 +668,45 @@ class PruningEpisode:
 
 
 # ------------------------------------------------------------------------------------ N episodes at once
+
+
+@dataclass
+class _PendingObservation:
+    """An observation between its device half and its host half (:meth:`PruningEpisode._observe_begin`)."""
+
+    t_start: float
+    score_before: float
+    kept: int
+    parts: list[Tensor] = field(default_factory=list)
+    payload: Tensor | None = None  # every device value the features need, one float64 vector
+    summary: tuple[list[int | None], list[tuple[int, int]], int, int] | None = None  # at, pairs, first_pair, m
+    summary_size: int = 0
+    selected: tuple[Tensor, list[Tensor], list[Tensor], int] | None = None  # idx, normed, lowest, m
+    layer_shape: tuple[int, int] | None = None
+
+
+@deferred_checks()
+def observe_many(episodes: Sequence[PruningEpisode], score_indices: Sequence[bool | None] | None = None
+                 ) -> list[np.ndarray]:
+    """``[ep.observe(s) for ep, s in zip(episodes, score_indices)]``, the same observations, with every device
+    value of all the episodes read back in one transfer (on a GPU one wait for the device, not one per
+    episode)."""
+    flags = list(score_indices) if score_indices is not None else [None] * len(episodes)
+    if len(flags) != len(episodes):
+        raise ValueError(f"got {len(episodes)} episodes for {len(flags)} score_indices flags")
+    pends = [ep._observe_begin(f) for ep, f in zip(episodes, flags, strict=True)]
+    payloads = [p.payload for p in pends if p.payload is not None]
+    values: list[np.ndarray | None] = [None] * len(pends)
+    if payloads:
+        one_device = all(p.device == payloads[0].device for p in payloads)
+        if one_device:
+            host = np.asarray(torch.cat(payloads).tolist(), dtype=np.float64)
+            parts = iter(np.split(host, np.cumsum([p.numel() for p in payloads])[:-1]))
+        else:
+            parts = iter(np.asarray(p.tolist(), dtype=np.float64) for p in payloads)
+        values = [next(parts) if p.payload is not None else None for p in pends]
+    return [ep._observe_end(p, v) for ep, p, v in zip(episodes, pends, values, strict=True)]
+
 
 
 def _signal_tensors(model: nn.Module, masks: Mapping[str, Tensor], batch: tuple[Tensor, Tensor]
@@ -722,6 +793,7 @@ def signals_many(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tup
     return [(a, b) for a, b in zip(values[0], values[1], strict=True)]
 
 
+@deferred_checks()
 def step_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> list[EpisodeStep]:
     """``[ep.step(a) for ep, a in zip(episodes, actions)]`` for episodes of one architecture (a vectorised env's),
     the same steps bit for bit, with every network's effective masks and loss/gradient signals computed at once:
@@ -753,6 +825,7 @@ def step_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> lis
     effs = first.path_counter().effective_many([p.masks for p in plans], first.input_shape)
     t1 = first._clock()
     sigs = signals_many([ep.model for ep in episodes], [p.masks for p in plans], first.batches[0])
+    count_all([p.masks for p in plans] + effs)  # what the observations and infos count, in one read
     t2 = first._clock()
     out = []
     for ep, plan, eff, (loss, grad) in zip(episodes, plans, effs, sigs, strict=True):

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panning._functional import (
+    check,
     functional_forward,
+    host_route,
     masked_weights,
     one_read,
     other_tensors,
@@ -279,17 +281,21 @@ def _check_scores(name: str, masks: Mapping[str, Tensor], scores: Mapping[str, T
     bad = [k for k in masks if k not in scores or scores[k].shape != masks[k].shape]
     if bad:
         raise RuntimeError(f"index {name!r} returned no or misshapen scores for {bad}")
-    # one reduction per tensor: any NaN/inf makes the sum non-finite; only then look closer
-    # (a finite tensor whose sum overflows passes the exact check below)
-    sums = one_read([scores[k].sum().to(torch.float64) for k in masks])
-    if bool(torch.isfinite(sums).all()):
+
+    def error() -> ValueError:
+        nonfinite = [k for k in masks if not bool(torch.isfinite(scores[k]).all())]
+        return ValueError(f"index {name!r} produced non-finite scores for {nonfinite} "
+                          "(non-finite inputs or weights, or a loss that overflows?)")
+
+    first = scores[next(iter(masks))]
+    if not host_route(first):  # an exact flag, read back with the step's other checks (deferred_checks)
+        check(one_read([torch.isfinite(scores[k]).all() for k in masks]).all(), error)
         return
-    nonfinite = [k for k in masks if not bool(torch.isfinite(scores[k]).all())]
-    if nonfinite:
-        raise ValueError(
-            f"index {name!r} produced non-finite scores for {nonfinite} "
-            "(non-finite inputs or weights, or a loss that overflows?)"
-        )
+    # one reduction per tensor: any NaN/inf makes the sum non-finite; only then look closer
+    # (a finite tensor whose sum overflows passes the exact check)
+    sums = one_read([scores[k].sum().to(torch.float64) for k in masks])
+    if not bool(torch.isfinite(sums).all()) and any(not bool(torch.isfinite(scores[k]).all()) for k in masks):
+        raise error()
 
 
 # --------------------------------------------------------------------------- shared pieces

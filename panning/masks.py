@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from panning._functional import flat_nonzero, host_route, keep_bits, one_read, zero_pruned
+from panning._functional import all_finite, check, flat_nonzero, host_route, keep_bits, one_read, zero_pruned
 from panning.errors import ConfigError, MaskError
 
 __all__ = [
@@ -136,7 +136,8 @@ class Masks(Mapping[str, Tensor]):
     :class:`MaskError`). Behaves as a read-only mapping in the given key order.
     """
 
-    __slots__ = ("_data", "_counts")
+    __slots__ = ("_data", "_counts", "_total")
+    _total: tuple[tuple | None, int]  # (the tensors' state, their kept count) recorded by their maker
 
     def __init__(self, masks: Mapping[str, Any]) -> None:
         if isinstance(masks, Masks):
@@ -154,21 +155,23 @@ class Masks(Mapping[str, Tensor]):
         self._data: dict[str, Tensor] = data
 
     @classmethod
-    def _trusted(cls, data: dict[str, Tensor]) -> Masks:
-        # internal fast path: tensors already bool and freshly allocated
+    def _trusted(cls, data: dict[str, Tensor], kept: int | None = None) -> Masks:
+        # internal fast path: tensors already bool and freshly allocated; ``kept``: how many are True, when the
+        # maker knows it exactly (an exact top-k), so that counting them never has to read the device
         obj = cls.__new__(cls)
         if not data:
             raise MaskError("Masks needs at least one entry")
         obj._data = data
+        if kept is not None:
+            obj._total = (obj._state(), kept)
         return obj
 
     @classmethod
     def ones(cls, model: nn.Module, exclude: Iterable[str] = ()) -> Masks:
         """All-kept masks for every prunable weight of ``model`` (on the weights' devices)."""
-        return cls._trusted(
-            {k: torch.ones(p.shape, dtype=torch.bool, device=p.device)
-             for k, p in prunable_parameters(model, exclude).items()}
-        )
+        data = {k: torch.ones(p.shape, dtype=torch.bool, device=p.device)
+                for k, p in prunable_parameters(model, exclude).items()}
+        return cls._trusted(data, kept=sum(t.numel() for t in data.values()))
 
     # Mapping protocol
     def __getitem__(self, key: str) -> Tensor:
@@ -205,10 +208,7 @@ class Masks(Mapping[str, Tensor]):
         edited); a copy's tensors are new ones, so it counts again. Inference tensors have no version
         counter and are counted every time.
         """
-        try:
-            key: tuple | None = tuple((id(t), t._version) for t in self._data.values())
-        except RuntimeError:  # inference-mode tensors
-            key = None
+        key = self._state()
         cached = getattr(self, "_counts", None)
         if key is not None and cached is not None and cached[0] == key:
             return list(cached[1])
@@ -216,10 +216,38 @@ class Masks(Mapping[str, Tensor]):
         self._counts = (key, counts)
         return list(counts)
 
+    def _counted(self) -> bool:
+        """Whether :meth:`layer_counts` would read nothing (counted already, tensors unchanged since)."""
+        key = self._state()
+        cached = getattr(self, "_counts", None)
+        return key is not None and cached is not None and cached[0] == key
+
+    def _state(self) -> tuple | None:
+        """The tensors' identities and version counters (None for inference tensors, which have none)."""
+        try:
+            return tuple((id(t), t._version) for t in self._data.values())
+        except RuntimeError:  # inference-mode tensors
+            return None
+
+    def known_kept(self) -> int | None:
+        """The number of kept weights if it is known without counting them (counted already, or recorded by
+        the exact top-k that made these masks, and the tensors unchanged since), else None."""
+        key = self._state()
+        if key is None:
+            return None
+        cached = getattr(self, "_counts", None)
+        if cached is not None and cached[0] == key:
+            return int(sum(cached[1]))
+        total = getattr(self, "_total", None)
+        if total is not None and total[0] == key:
+            return int(total[1])
+        return None
+
     @property
     def num_kept(self) -> int:
         """Number of kept (True) weights."""
-        return int(sum(self.layer_counts()))
+        known = self.known_kept()
+        return known if known is not None else int(sum(self.layer_counts()))
 
     @property
     def num_total(self) -> int:
@@ -322,7 +350,7 @@ class Masks(Mapping[str, Tensor]):
 
     def to(self, device: str | torch.device) -> Masks:
         """Copy on ``device`` (no copy of tensors already there)."""
-        return Masks._trusted({k: v.to(device) for k, v in self._data.items()})
+        return Masks._trusted({k: v.to(device) for k, v in self._data.items()}, kept=self.known_kept())
 
     def cpu(self) -> Masks:
         """Copy on the CPU."""
@@ -383,6 +411,25 @@ def largest_sparsity(total: int, keep: int, decimals: int = 6) -> float:
 
 # --------------------------------------------------------------------------------------------
 # top-k selection
+
+
+def count_all(masks: Sequence[Masks]) -> None:
+    """Count the kept weights of every layer of every one of ``masks`` in one host read (on a GPU one wait for
+    the device, not one per Masks), so that their ``layer_counts``, ``num_kept`` and ``layer_density`` read
+    nothing after; masks counted already are skipped."""
+    todo = [m for m in masks if not m._counted()]
+    if not todo:
+        return
+    counts = [torch.count_nonzero(t) for m in todo for t in m.values()]
+    if any(c.device != counts[0].device for c in counts):
+        for m in todo:
+            m.layer_counts()
+        return
+    values = one_read(counts).tolist()
+    at = 0
+    for m in todo:
+        m._counts = (m._state(), values[at : at + len(m)])
+        at += len(m)
 
 
 def _alive_positions(current: Masks, keys: list[str], device: torch.device) -> list[Tensor]:
@@ -585,19 +632,34 @@ def select_topk(
         # work on the alive weights only: pruning schedules spend most steps at high sparsity. Gathering by
         # the alive positions keeps index order, so the tie-break is unchanged (and on the CPU it is far
         # faster than boolean indexing)
-        alive_idx = _alive_positions(current, keys, device) if current is not None else None
-        vals = []
-        for i, k in enumerate(keys):
-            v = scores[k].detach().reshape(-1).to(device=device, dtype=dtype)
-            vals.append(v.index_select(0, alive_idx[i]) if alive_idx is not None else v)
-        n_alive = [v.numel() for v in vals]
-        flat = torch.cat(vals)
-        # one reduction suffices in the common case: a finite sum means every entry is finite
-        if not bool(torch.isfinite(flat.sum())):
-            counts = [int(torch.count_nonzero(~torch.isfinite(v))) for v in vals]
+        vals = [scores[k].detach().reshape(-1).to(device=device, dtype=dtype) for k in keys]
+        per_layer = mode != "global" or bool(min_per_layer)  # whether each layer's alive count is needed
+        alive_idx: list[Tensor] | None = None
+        positions: Tensor | None = None
+        if current is None:
+            n_alive = [v.numel() for v in vals]
+            flat = torch.cat(vals)
+        elif per_layer:
+            alive_idx = _alive_positions(current, keys, device)
+            vals = [v.index_select(0, i) for v, i in zip(vals, alive_idx, strict=True)]
+            n_alive = [v.numel() for v in vals]
+            flat = torch.cat(vals)
+        else:
+            # one gather over all layers, sized by the known kept count where there is one: nothing to read back
+            positions = flat_nonzero(torch.cat([current[k].reshape(-1).to(device) for k in keys]),
+                                     count=current.known_kept())
+            flat = torch.cat(vals).index_select(0, positions)
+            n_alive = [flat.numel()]  # the layers' own counts are not needed in this mode
+
+        def non_finite() -> ValueError:
+            alive = [current[k].reshape(-1).to(device) if current is not None else None for k in keys]
+            counts = [int(torch.count_nonzero(~torch.isfinite(v) & (a if a is not None else True)))
+                      for v, a in zip([scores[k].detach().reshape(-1).to(device=device, dtype=dtype)
+                                       for k in keys], alive, strict=True)]
             where = {k: c for k, c in zip(keys, counts, strict=True) if c}
-            if where:
-                raise ValueError(f"non-finite (NaN/inf) scores for kept weights: {where}")
+            return ValueError(f"non-finite (NaN/inf) scores for kept weights: {where}")
+
+        check(all_finite(flat), non_finite)
         total_alive = sum(n_alive)
         if keep < 0 or keep > total_alive:
             raise ValueError(f"keep must be between 0 and the {total_alive} weights still alive, got {keep}")
@@ -618,7 +680,7 @@ def select_topk(
                     if lower[i]:
                         seg = slice(offsets[i], offsets[i + 1])
                         chosen[seg] = _topk_mask(flat[seg], lower[i])
-            rest = keep - int(torch.count_nonzero(chosen))
+            rest = keep - int(torch.count_nonzero(chosen)) if min_per_layer else keep
             if rest:
                 # weights already taken rank below every (finite) score
                 pool = flat.masked_fill(chosen, float("-inf")) if min_per_layer else flat
@@ -630,15 +692,21 @@ def select_topk(
                 chosen[seg] = _topk_mask(flat[seg], quota[i])
 
         out: dict[str, Tensor] = {}
-        for i, k in enumerate(keys):
-            part = chosen[offsets[i] : offsets[i + 1]]
-            if alive_idx is None:
-                full = part.clone()
-            else:
-                full = torch.zeros(scores[k].numel(), dtype=torch.bool, device=device).index_copy_(
-                    0, alive_idx[i], part)
-            out[k] = full.reshape(scores[k].shape)
-    return Masks._trusted(out)
+        if positions is not None:
+            numels = [scores[k].numel() for k in keys]
+            whole = torch.zeros(sum(numels), dtype=torch.bool, device=device).index_copy_(0, positions, chosen)
+            for k, part in zip(keys, whole.split(numels), strict=True):
+                out[k] = part.reshape(scores[k].shape).clone()  # each mask its own tensor, as everywhere else
+        else:
+            for i, k in enumerate(keys):
+                part = chosen[offsets[i] : offsets[i + 1]]
+                if alive_idx is None:
+                    full = part.clone()
+                else:
+                    full = torch.zeros(scores[k].numel(), dtype=torch.bool, device=device).index_copy_(
+                        0, alive_idx[i], part)
+                out[k] = full.reshape(scores[k].shape)
+    return Masks._trusted(out, kept=keep)  # exactly ``keep`` chosen: counting them needs no read
 
 
 # --------------------------------------------------------------------------------------------

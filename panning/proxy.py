@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from panning._functional import seeded
+from panning._functional import one_read, seeded
 from panning._sparse import SPARSE_MODELS, SparseMLPStack
 from panning._sparse import supports as sparse_supports
 from panning.data import DataBundle, make_loader
@@ -526,7 +526,9 @@ class ProxyEvaluator:
                 correct = torch.stack([c for c, _ in sums]).sum(0)
                 loss_sum = torch.stack([v for _, v in sums]).sum(0)
                 n = self.val_size
-                scores = [(float(c) / n, float(v) / n) for c, v in zip(correct.cpu(), loss_sum.cpu(), strict=True)]
+                # one read for the chunk (float64 holds every count exactly)
+                counts, losses = one_read([correct.double(), loss_sum.double()]).tolist()
+                scores = [(c / n, v / n) for c, v in zip(counts, losses, strict=True)]
                 seconds = (time.perf_counter() - t0) / len(part)
                 for (i, key), (acc, loss) in zip(part, scores, strict=True):
                     self.misses += 1

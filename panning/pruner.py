@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panning import indices as _indices
-from panning._functional import all_finite, flat_nonzero
+from panning._functional import all_finite, check, flat_nonzero, host_route
 from panning.connectivity import effective_masks
 from panning.errors import ConfigError
 from panning.masks import Masks, keep_count, prunable_parameters, select_topk
@@ -167,6 +167,7 @@ class Pruner:
         self._normalised: dict[str, Tensor] = {}
         self._alive: Tensor | None = None
         self._alive_index: Tensor | None = None  # the positions normalisation runs over (all of them with regrow)
+        self._alive_positions: Tensor | None = None
         self._dense_scores: dict[str, dict[str, Tensor]] = {}  # scores of the unpruned network: computed once
 
     @property
@@ -237,6 +238,13 @@ class Pruner:
             self._alive = torch.cat([m.reshape(-1) for m in self.masks.values()])
         return self._alive
 
+    def alive_positions(self) -> Tensor:
+        """The flat positions of the alive weights, in key order (cached until the next step; on a GPU found
+        without a host read when the masks' kept count is known, as it is after every step)."""
+        if self._alive_positions is None:
+            self._alive_positions = flat_nonzero(self.alive_flat(), count=self.masks.known_kept())
+        return self._alive_positions
+
     def normalised_scores(self, name: str) -> Tensor:
         """One index's scores, flattened in key order and normalised over the alive weights (cached until
         the next step: a step and the observation after it read each index several times)."""
@@ -246,9 +254,11 @@ class Pruner:
         # with regrow every weight competes, pruned ones included: normalise over all of them
         alive = torch.ones_like(self.alive_flat()) if self.regrow else self.alive_flat()
         if self._alive_index is None:
-            self._alive_index = flat_nonzero(alive)
-        if not all_finite(flat) and not torch.isfinite(flat.index_select(0, self._alive_index)).all():
-            raise ValueError(f"index {name!r} produced NaN or infinite scores for unpruned weights")
+            self._alive_index = (torch.arange(alive.numel(), device=alive.device) if self.regrow
+                                 else self.alive_positions())
+        if not (host_route(flat) and bool(all_finite(flat))):  # on the CPU, the common case costs one fast check
+            check(torch.isfinite(flat.index_select(0, self._alive_index)).all(),
+                  lambda: ValueError(f"index {name!r} produced NaN or infinite scores for unpruned weights"))
         self._normalised[name] = normalise(flat, alive, self.normalisation, alive_index=self._alive_index)
         return self._normalised[name]
 
@@ -317,7 +327,7 @@ class Pruner:
         t2 = time.perf_counter()
         self.masks = masks
         self._scores = None
-        self._normalised, self._alive, self._alive_index = {}, None, None
+        self._normalised, self._alive, self._alive_index, self._alive_positions = {}, None, None, None
         # select_topk keeps exactly ``keep``: the sparsity follows without counting the masks again
         sparsity = 1.0 - keep / self.num_total if self.num_total else 0.0
         self.history.append(StepRecord(self.steps_done + 1, w, keep, sparsity, t1 - t0, t2 - t1))

@@ -6,6 +6,8 @@ pin that gathering them changes no value and no digest.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -60,3 +62,120 @@ def test_digests_unchanged_by_gathering() -> None:
     masks = {"x": torch.tensor([[True, False, True]]), "y": torch.zeros(0, dtype=torch.bool),
              "z": torch.tensor([1.0, 0.0])}
     assert masks_digest(masks) == "9af9b05decbc11f3cbca7753920893ae8236541c33a9a03c9198bb11c888696a"
+
+
+# ---------------------------------------------------------------- the accelerator routes, taken on the CPU
+
+
+def test_deferred_checks_read_once_and_raise_the_first_failure() -> None:
+    from panning._functional import check, deferred_checks, device_routes
+
+    good, bad = torch.tensor(True), torch.tensor(False)
+    with device_routes(), _Reads() as r:
+        with deferred_checks():
+            for _ in range(5):
+                check(good, lambda: AssertionError("not raised"))
+    assert r.n == 1  # five flags, one read at the end of the block
+    with device_routes():
+        try:
+            with deferred_checks():
+                check(good, lambda: AssertionError("not raised"))
+                check(bad, lambda: ValueError("first"))
+                check(bad, lambda: ValueError("second"))
+                ran_on = True  # the block runs to its end: the error comes there
+        except ValueError as e:
+            assert str(e) == "first" and ran_on
+        else:
+            raise AssertionError("a failed check was not raised")
+        try:  # the block fails after a failed check: the check's error wins, the block's is its cause
+            with deferred_checks():
+                check(bad, lambda: ValueError("nan scores"))
+                raise KeyError("what the bad values caused")
+        except ValueError as e:
+            assert str(e) == "nan scores" and isinstance(e.__cause__, KeyError)
+    try:  # on the CPU's route a check raises at once, block or no block
+        with deferred_checks():
+            check(bad, lambda: ValueError("now"))
+            raise AssertionError("not reached")
+    except ValueError as e:
+        assert str(e) == "now"
+
+
+def test_an_index_with_nan_scores_fails_the_episode_step_on_either_route(monkeypatch) -> None:
+    from panning import indices
+    from panning._functional import device_routes
+    from panning.episode import PruningEpisode
+    from panning.models import build_model
+
+    spec = indices.INDICES["magnitude"]
+
+    def nan_magnitude(model, masks, batches, **kw):
+        out = spec.fn(model, masks, batches, **kw)
+        first = next(iter(out))
+        out[first] = out[first].clone()
+        out[first].view(-1)[3] = float("nan")
+        return out
+
+    monkeypatch.setitem(indices.INDICES, "magnitude", dataclasses.replace(spec, fn=nan_magnitude))
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(20, 64, generator=g), torch.arange(20) % 10)
+    for forced in (False, True):
+        ep = PruningEpisode(build_model("mlp", 10, (64,), seed=0), ["magnitude", "snip"], [batch],
+                            target_sparsity=0.9, steps=3)
+        with device_routes(forced):
+            try:
+                ep.step([0.0, 0.0, 0.0])
+            except ValueError as e:
+                assert "magnitude" in str(e) and "non-finite" in str(e), str(e)
+            else:
+                raise AssertionError(f"NaN scores passed (device routes: {forced})")
+
+
+def test_masks_from_an_exact_top_k_know_their_count_until_edited() -> None:
+    from panning.masks import select_topk
+
+    scores = {"a": torch.randn(5, 7, generator=torch.Generator().manual_seed(1)), "b": torch.randn(9)}
+    current = select_topk(scores, 30)
+    m = select_topk(scores, 12, current=current)
+    with _Reads() as r:
+        assert m.num_kept == 12 and current.num_kept == 30 and m.known_kept() == 12
+    assert r.n == 0
+    assert sum(int(t.sum()) for t in m.values()) == 12
+    m["a"].view(-1)[0] = ~m["a"].view(-1)[0]  # edited in place: the recorded count no longer holds
+    assert m.known_kept() is None
+    assert m.num_kept == sum(int(t.sum()) for t in m.values()) != 12
+    assert m.to("cpu").num_kept == m.num_kept
+
+
+def test_positions_from_a_known_count_match_nonzero() -> None:
+    from panning._functional import device_routes, flat_nonzero
+
+    mask = torch.rand(257, generator=torch.Generator().manual_seed(3)) < 0.3
+    expect = mask.nonzero().squeeze(1)
+    with device_routes(), _Reads() as r:
+        got = flat_nonzero(mask, count=int(expect.numel()))
+    assert r.n == 0 and torch.equal(got, expect)
+
+
+def test_a_vectorised_step_on_the_accelerator_routes_reads_back_few_values() -> None:
+    """Issue 14, item 5: on a GPU a step should read the device only to hand SB3 its arrays. Counted on the
+    CPU through the accelerator routes; what remains is listed in BENCHMARKS.md (benchmarks/host_syncs.py)."""
+    from pathlib import Path
+
+    from panning._functional import device_routes
+    from panning.envs.vec_env import BatchedPanningVecEnv
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "env" / "tiny.yaml"
+    per_step = {}
+    for n in (2, 4, 8):
+        venv = BatchedPanningVecEnv(tiny, n, device="cpu", target_sparsity=0.95)
+        venv.seed(0)
+        venv.reset()
+        act = np.zeros((n, venv.action_space.shape[0]), np.float32)
+        venv.step(act)  # the rewards' reads (the last step) are counted by benchmarks/host_syncs.py
+        with device_routes(), _Reads() as r:
+            venv.step(act)
+        per_step[n] = r.n
+    # one read each: the effective masks' overflow check, the N loss/gradient signals, the N masks' layer
+    # counts, the N observations' device values, and every deferred check -- however many episodes
+    assert per_step[2] == per_step[4] == per_step[8] <= 5, per_step
