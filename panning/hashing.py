@@ -6,14 +6,14 @@ record which agent file pruned a sweep cell, and as the proxy's cache key.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["bytes_digest", "file_digest", "masks_digest", "state_digest"]
+__all__ = ["bytes_digest", "file_digest", "masks_digest", "pair_digests", "state_digest"]
 
 
 def bytes_digest(data: bytes) -> str:
@@ -53,19 +53,48 @@ def state_digest(model_or_state: nn.Module | Mapping[str, Tensor]) -> str:
     The bytes are those of the contiguous CPU tensor, so the digest does not depend on the device
     or the memory layout; it is the ``init_sha256`` recorded in ``prune.json`` since version 0.1.
     """
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    state = _state(model_or_state)
+    return _state_hash(state, _host_arrays(list(state.values())))
+
+
+def masks_digest(masks: Mapping[str, Tensor]) -> str:
+    """Hex SHA-256 of mask names, shapes and bits (bit-packed: cheap even for large networks)."""
+    return _masks_hash(masks, _host_arrays(_mask_tensors(masks)))
+
+
+def pair_digests(states: Sequence[nn.Module | Mapping[str, Tensor]], masks: Sequence[Mapping[str, Tensor]]
+                 ) -> list[tuple[str, str]]:
+    """``[(state_digest(s), masks_digest(m)) for s, m in zip(states, masks)]``, the same digests, with every
+    tensor of every pair copied to the host together (on a GPU one transfer, not two per pair)."""
+    if len(states) != len(masks):
+        raise ValueError(f"got {len(states)} states for {len(masks)} masks")
+    dicts = [_state(s) for s in states]
+    tensors = [t for d in dicts for t in d.values()] + [t for m in masks for t in _mask_tensors(m)]
+    arrays = iter(_host_arrays(tensors))
+    state_parts = [[next(arrays) for _ in d] for d in dicts]
+    return [(_state_hash(d, a), _masks_hash(m, [next(arrays) for _ in m]))
+            for d, a, m in zip(dicts, state_parts, masks, strict=True)]
+
+
+def _state(model_or_state: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    return model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+
+
+def _mask_tensors(masks: Mapping[str, Tensor]) -> list[Tensor]:
+    return [m.detach().to(torch.bool) for m in masks.values()]
+
+
+def _state_hash(state: Mapping[str, Tensor], raws: Sequence[np.ndarray]) -> str:
     h = hashlib.sha256()
-    for name, raw in zip(state, _host_arrays(list(state.values())), strict=True):
+    for name, raw in zip(state, raws, strict=True):
         h.update(name.encode())
         if raw.size:
             h.update(raw.tobytes())
     return h.hexdigest()
 
 
-def masks_digest(masks: Mapping[str, Tensor]) -> str:
-    """Hex SHA-256 of mask names, shapes and bits (bit-packed: cheap even for large networks)."""
+def _masks_hash(masks: Mapping[str, Tensor], bits: Sequence[np.ndarray]) -> str:
     h = hashlib.sha256()
-    bits = _host_arrays([m.detach().to(torch.bool) for m in masks.values()])
     for (name, m), raw in zip(masks.items(), bits, strict=True):
         h.update(f"{name}|{tuple(m.shape)}".encode())
         h.update(np.packbits(raw.astype(bool)).tobytes())

@@ -32,7 +32,7 @@ from panning._sparse import SPARSE_MODELS, SparseMLPStack
 from panning._sparse import supports as sparse_supports
 from panning.data import DataBundle, make_loader
 from panning.errors import ConfigError, DataError
-from panning.hashing import masks_digest, state_digest
+from panning.hashing import masks_digest, pair_digests, state_digest
 from panning.masks import Masks
 from panning.train import cpu_channels_last, masked_sgd_steps, resolve_device
 
@@ -496,8 +496,8 @@ class ProxyEvaluator:
             raise ValueError(f"got {len(inits)} initialisations for {len(masks_list)} masks")
         results: list[ProxyResult | None] = [None] * len(inits)
         todo: list[tuple[int, tuple | None]] = []
-        for i, (init, masks) in enumerate(zip(inits, masks_list, strict=True)):
-            key = self.key(init, masks) if self.cache_size else None
+        keys: list[tuple | None] = list(self.keys(inits, masks_list)) if self.cache_size else [None] * len(inits)
+        for i, key in enumerate(keys):
             if key is not None and key in self._cache:
                 self._cache.move_to_end(key)
                 self.hits += 1
@@ -569,6 +569,12 @@ class ProxyEvaluator:
     def key(self, init: nn.Module | Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> tuple:
         """Cache key: initial weights, mask bits and every training setting."""
         return (state_digest(init), masks_digest(masks), tuple(sorted(asdict(self.settings).items())))
+
+    def keys(self, inits: Sequence[nn.Module | Mapping[str, Tensor]], masks_list: Sequence[Mapping[str, Tensor]]
+             ) -> list[tuple]:
+        """``[self.key(i, m) for i, m in zip(inits, masks_list)]``, every tensor copied to the host together."""
+        settings = tuple(sorted(asdict(self.settings).items()))
+        return [(a, b, settings) for a, b in pair_digests(inits, masks_list)]
 
     def evaluate(self, init: nn.Module | Mapping[str, Tensor], masks: Masks) -> ProxyResult:
         """Train a copy of ``init`` under ``masks`` for the budget; accuracy and loss on the validation split

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from panning._functional import HostReads as _Reads
-from panning.hashing import _host_arrays, masks_digest, state_digest
+from panning.hashing import _host_arrays, masks_digest, pair_digests, state_digest
 from panning.masks import Masks
 
 
@@ -179,3 +179,12 @@ def test_a_vectorised_step_on_the_accelerator_routes_reads_back_few_values() -> 
     # one read each: the effective masks' overflow check, the N loss/gradient signals, the N masks' layer
     # counts, the N observations' device values, and every deferred check -- however many episodes
     assert per_step[2] == per_step[4] == per_step[8] <= 5, per_step
+
+
+def test_pair_digests_equal_the_single_digests() -> None:
+    from panning.models import build_model
+
+    nets = [build_model("mlp", 10, (64,), seed=s) for s in range(3)]
+    masks = [_masks(n + 1) for n in range(3)]
+    assert pair_digests(nets, masks) == [(state_digest(n), masks_digest(m)) for n, m in zip(nets, masks, strict=True)]
+    assert pair_digests([], []) == []
