@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     layers = len(env.envs[0].episode.masks)
     print(f"{env.envs[0].config.model} / {env.envs[0].config.dataset}, {layers} prunable layers, N = {args.n}, "
           f"{args.steps} env steps (rewards and references included)")
-    print(f"host reads per episode step on a GPU's routes: {(total - cpu_only) / per:.1f} "
-          f"(digests counted as one transfer each; {total / per:.1f} with their CPU copies)")
+    print(f"host reads per episode step on a GPU's routes: {(total - cpu_only) / per:.1f}, "
+          f"per step of all {args.n} episodes {(total - cpu_only) / args.steps:.1f} "
+          f"(digests counted as one transfer each; {total / per:.1f} per episode step with their CPU copies)")
     print("by kind: " + ", ".join(f"{k} {v / per:.1f}" for k, v in sorted(reads.kinds.items(), key=lambda kv: -kv[1])))
     for line, v in reads.lines.most_common(args.top):
         print(f"{v / per:8.1f}  {line}")

@@ -328,8 +328,8 @@ class PruningEpisode:
     ``model`` is never modified (the pruner scores it functionally). ``batches`` is the fixed,
     class-balanced scoring batch; its first batch also gives the loss and gradient-norm signals.
 
-    ``timing`` holds the last step's (or the construction's) seconds per stage: ``score``, ``select``,
-    ``connectivity``, ``signal``, ``features``. They are host clock readings; on CUDA, where work is
+    ``timing`` holds the last step's seconds per stage: ``score``, ``select``, ``connectivity``, ``signal``
+    (the first step's includes the signals before it, measured then), ``features``. They are host clock readings; on CUDA, where work is
     queued, a stage's GPU work is charged to whichever later stage waits for it, unless
     :attr:`sync_timing` is set.
     """
@@ -388,13 +388,29 @@ class PruningEpisode:
         self.t = 0
         self.u = 0.0  # fraction of the log-density budget used so far
         self.timing = self._zero_timing()
-        t0 = self._clock()
-        self.loss0, self.grad0 = self.signals(self.pruner.masks)
-        self.timing["signal"] += self._clock() - t0
+        self._masks0 = self.pruner.masks
+        self._signals0: tuple[float, float] | None = None  # measured when first needed: step_many measures N at once
         self.effective = self.pruner.masks
         self._paths: PathCounter | None = None
         self.loss_ratio = 0.0
         self.grad_ratio = 0.0
+
+    @property
+    def loss0(self) -> float:
+        """The loss of the network before the first step (its initial masks), on the scoring batch."""
+        return self._initial_signals()[0]
+
+    @property
+    def grad0(self) -> float:
+        """The gradient norm (w.r.t. the kept weights) before the first step, on the scoring batch."""
+        return self._initial_signals()[1]
+
+    def _initial_signals(self) -> tuple[float, float]:
+        if self._signals0 is None:
+            t0 = self._clock()
+            self._signals0 = self.signals(self._masks0)
+            self.timing["signal"] += self._clock() - t0
+        return self._signals0
 
     def _clock(self) -> float:
         if self.sync_timing and self._cuda:
@@ -433,6 +449,8 @@ class PruningEpisode:
         eff = self.path_counter().effective(plan.masks, self.input_shape)
         t3 = self._clock()
         loss, grad = self.signals(plan.masks)
+        if self._signals0 is None:  # the first step: the signals before it, which its ratios divide by
+            self._signals0 = self.signals(self._masks0)
         self.timing["connectivity"] += t3 - t2
         self.timing["signal"] += self._clock() - t3
         return self._finish(plan, eff, loss, grad)
@@ -824,7 +842,12 @@ def step_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> lis
     t0 = first._clock()
     effs = first.path_counter().effective_many([p.masks for p in plans], first.input_shape)
     t1 = first._clock()
-    sigs = signals_many([ep.model for ep in episodes], [p.masks for p in plans], first.batches[0])
+    fresh = [ep for ep in episodes if ep._signals0 is None]  # first steps: the signals before them too
+    both = signals_many([ep.model for ep in episodes] + [ep.model for ep in fresh],
+                        [p.masks for p in plans] + [ep._masks0 for ep in fresh], first.batches[0])
+    sigs = both[: len(episodes)]
+    for ep, s0 in zip(fresh, both[len(episodes) :], strict=True):
+        ep._signals0 = s0
     count_all([p.masks for p in plans] + effs)  # what the observations and infos count, in one read
     t2 = first._clock()
     out = []

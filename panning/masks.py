@@ -171,7 +171,9 @@ class Masks(Mapping[str, Tensor]):
         """All-kept masks for every prunable weight of ``model`` (on the weights' devices)."""
         data = {k: torch.ones(p.shape, dtype=torch.bool, device=p.device)
                 for k, p in prunable_parameters(model, exclude).items()}
-        return cls._trusted(data, kept=sum(t.numel() for t in data.values()))
+        obj = cls._trusted(data)
+        obj._counts = (obj._state(), [t.numel() for t in data.values()])  # every weight kept: nothing to count
+        return obj
 
     # Mapping protocol
     def __getitem__(self, key: str) -> Tensor:
@@ -350,7 +352,10 @@ class Masks(Mapping[str, Tensor]):
 
     def to(self, device: str | torch.device) -> Masks:
         """Copy on ``device`` (no copy of tensors already there)."""
-        return Masks._trusted({k: v.to(device) for k, v in self._data.items()}, kept=self.known_kept())
+        out = Masks._trusted({k: v.to(device) for k, v in self._data.items()}, kept=self.known_kept())
+        if self._counted():  # the same bits: the counts carry over
+            out._counts = (out._state(), list(self._counts[1]))
+        return out
 
     def cpu(self) -> Masks:
         """Copy on the CPU."""

@@ -441,13 +441,14 @@ class _Clock:
 
 
 def test_timing_accounts_for_each_phase(monkeypatch, tied) -> None:
-    """timing holds non-negative seconds per phase: construction measures only the signal; a step resets it
+    """timing holds non-negative seconds per phase: construction measures nothing (the signals before the first
+    step are measured with the first step's, so that a vectorised env measures N at once); a step resets it
     and charges score, select, connectivity and signal (together the step's duration); each observation
     adds its duration minus its scoring time to features."""
     clock = _Clock()
     monkeypatch.setattr(episode_module, "time", clock)
     ep = binary_episode(tied)
-    assert ep.timing == {"score": 0.0, "select": 0.0, "connectivity": 0.0, "signal": 1.0, "features": 0.0}
+    assert ep.timing == {"score": 0.0, "select": 0.0, "connectivity": 0.0, "signal": 0.0, "features": 0.0}
     before = clock.now
     ep.step([0.0, 0.0, 0.0, 0.0])
     span = clock.now - before - 1.0  # from the first to the last clock read of the step
