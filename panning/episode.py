@@ -329,9 +329,9 @@ class PruningEpisode:
     class-balanced scoring batch; its first batch also gives the loss and gradient-norm signals.
 
     ``timing`` holds the last step's seconds per stage: ``score``, ``select``, ``connectivity``, ``signal``
-    (the first step's includes the signals before it, measured then), ``features``. They are host clock readings; on CUDA, where work is
-    queued, a stage's GPU work is charged to whichever later stage waits for it, unless
-    :attr:`sync_timing` is set.
+    (the first step's includes the signals before it, measured then), ``features``. They are host clock
+    readings; on CUDA, where work is queued, a stage's GPU work is charged to whichever later stage waits
+    for it, unless :attr:`sync_timing` is set.
     """
 
     #: Synchronise the CUDA device before every clock reading, so ``timing`` charges GPU work to the
