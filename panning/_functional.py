@@ -98,9 +98,16 @@ def flat_nonzero(mask: Tensor, count: int | None = None) -> Tensor:
     flat = mask.reshape(-1)
     if host_route(flat) and flat.dtype == torch.bool:
         return torch.from_numpy(np.flatnonzero(flat.numpy()))
-    if count is not None:
-        return torch.nonzero_static(flat, size=count).squeeze(1)
+    if count is not None and flat.device.type not in _NO_NONZERO_STATIC:
+        try:
+            return torch.nonzero_static(flat, size=count).squeeze(1)
+        except NotImplementedError:  # no kernel for this device: the reading route, remembered
+            _NO_NONZERO_STATIC.add(flat.device.type)
     return flat.nonzero().squeeze(1)
+
+
+#: device types without a ``torch.nonzero_static`` kernel (found at the first call)
+_NO_NONZERO_STATIC: set[str] = set()
 
 
 #: the checks of the innermost :func:`deferred_checks` block: (0-d boolean flag, the error it raises when False)

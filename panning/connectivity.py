@@ -222,8 +222,8 @@ class PathCounter:
             raise ValueError(f"{type(self.model).__name__} returned no floating-point tensor; cannot count paths")
         return torch.stack([t.sum() for t in leaves]).sum()
 
-    def _path_grads(self, masks: Masks, input_shape: Sequence[int], scaled: bool) -> tuple[dict[str, Tensor], float]:
-        """dR/d(mask) for every key of ``masks`` on the path-counting copy; also R."""
+    def _path_grads(self, masks: Masks, input_shape: Sequence[int], scaled: bool) -> tuple[dict[str, Tensor], Tensor]:
+        """dR/d(mask) for every key of ``masks`` on the path-counting copy; also R (0-d, left on the device)."""
         net, found = self._net, self._found
         self._fill(masks, scaled)
         params = [found[k][1] for k in masks]
@@ -232,12 +232,12 @@ class PathCounter:
         with torch.enable_grad(), _PathCountMode():
             r = self._count(net(self._ones(input_shape)))
         if not r.requires_grad:  # output does not depend on any masked weight
-            return {k: torch.zeros_like(masks[k], dtype=torch.float64) for k in masks}, float(r)
+            return {k: torch.zeros_like(masks[k], dtype=torch.float64) for k in masks}, r.detach()
         grads = torch.autograd.grad(r, params, allow_unused=True)
         return {
             k: (g.detach() if g is not None else torch.zeros_like(p, dtype=torch.float64))
             for k, p, g in zip(masks, params, grads, strict=True)
-        }, float(r.detach())
+        }, r.detach()
 
     def effective(self, masks: Masks, input_shape: Sequence[int]) -> Masks:
         """Kept weights of ``masks`` that lie on at least one input-output path (:func:`effective_masks`)."""
@@ -245,11 +245,11 @@ class PathCounter:
             masks = Masks(masks)
         masks.check(self.model)
         _check_input_shape(input_shape)
-        grads, r = None, float("nan")
+        grads = None
         for scaled in (False, True):
             grads, r = self._path_grads(masks, input_shape, scaled)
-            finite = not grads or bool(one_read([all_finite(g) for g in grads.values()]).all())
-            if finite and r == r and abs(r) != float("inf"):
+            # R and every gradient finite, in one read
+            if bool(one_read([torch.isfinite(r).reshape(())] + [all_finite(g) for g in grads.values()]).all()):
                 break
         else:
             raise RuntimeError("path counts overflow float64 even with 1/fan_in scaling; cannot compute effective "

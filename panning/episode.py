@@ -453,6 +453,7 @@ class PruningEpisode:
             self._signals0 = self.signals(self._masks0)
         self.timing["connectivity"] += t3 - t2
         self.timing["signal"] += self._clock() - t3
+        count_all([plan.masks, eff])  # what the observation and the env's info count, in one read
         return self._finish(plan, eff, loss, grad)
 
     def path_counter(self) -> PathCounter:
@@ -750,7 +751,8 @@ def masked_signals(model: nn.Module, masks: Mapping[str, Tensor], batch: tuple[T
     """Cross-entropy of the masked network on ``batch`` and the norm of its gradient w.r.t. the kept weights
     (the episode's loss and gradient signals)."""
     loss, grads = _signal_tensors(model, masks, batch)
-    return float(loss), float(_grad_norm(grads, masks))
+    values = one_read([loss.double(), _grad_norm(grads, masks)]).tolist()  # one read; float64 holds the float32 loss
+    return values[0], values[1]
 
 
 #: (architecture, batch shapes, device, training modes, N) -> whether the stacked signals matched bit for bit

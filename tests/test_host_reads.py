@@ -167,7 +167,7 @@ def test_a_vectorised_step_on_the_accelerator_routes_reads_back_few_values() -> 
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "env" / "tiny.yaml"
     per_step = {}
-    for n in (2, 4, 8):
+    for n in (1, 2, 4, 8):  # 1: one episode's own step (PruningEpisode.step), the route of the plain env
         venv = BatchedPanningVecEnv(tiny, n, device="cpu", target_sparsity=0.95)
         venv.seed(0)
         venv.reset()
@@ -178,7 +178,7 @@ def test_a_vectorised_step_on_the_accelerator_routes_reads_back_few_values() -> 
         per_step[n] = r.n
     # one read each: the effective masks' overflow check, the N loss/gradient signals, the N masks' layer
     # counts, the N observations' device values, and every deferred check -- however many episodes
-    assert per_step[2] == per_step[4] == per_step[8] <= 5, per_step
+    assert per_step[1] == per_step[2] == per_step[4] == per_step[8] <= 5, per_step
 
 
 def test_pair_digests_equal_the_single_digests() -> None:
