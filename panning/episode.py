@@ -772,8 +772,14 @@ def signals_many(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tup
     shape and device against the first and the last network computed alone, and used only where every bit
     matched; a network the stacked pass cannot run (vmap lacks a rule for one of its operations) goes one at a
     time too."""
-    def loop() -> list[tuple[float, float]]:
-        return [masked_signals(m, k, batch) for m, k in zip(models, masks, strict=True)]
+    def loop() -> list[tuple[float, float]]:  # one network at a time, all their values read back together
+        if len(models) < 2:
+            return [masked_signals(m, k, batch) for m, k in zip(models, masks, strict=True)]
+        pairs = [_signal_tensors(m, k, batch) for m, k in zip(models, masks, strict=True)]
+        losses = [loss.double() for loss, _ in pairs]
+        norms = [_grad_norm(g, k) for (_, g), k in zip(pairs, masks, strict=True)]
+        values = one_read(losses + norms).tolist()
+        return list(zip(values[: len(models)], values[len(models) :], strict=True))
 
     if len(models) < 2 or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules()):
         return loop()
