@@ -153,3 +153,44 @@ def test_topk_on_the_gpu_reads_nothing_back_and_keeps_what_the_cpu_keeps() -> No
         assert r.n == 0
         assert torch.equal(on_gpu.cpu(), _topk_mask(flat, k))
 
+
+
+def test_a_vectorised_step_on_the_gpu_reads_back_five_times() -> None:
+    """What tests/test_host_reads.py counts on the CPU through the accelerator routes, on the device itself:
+    a middle step of N episodes reads the device 5 times (nonzero_static, deferred checks, one read for N)."""
+    from panning._functional import HostReads
+
+    clear_caches()
+    venv = BatchedPanningVecEnv(ROOT / "configs" / "env" / "tiny.yaml", 4, device="cuda", target_sparsity=0.95)
+    venv.seed(0)
+    venv.reset()
+    act = np.zeros((4, venv.action_space.shape[0]), np.float32)
+    venv.step(act)
+    with HostReads() as reads:
+        obs, _, done, _ = venv.step(act)
+    assert reads.n <= 5, reads.n
+    assert np.isfinite(obs).all() and not done.any()
+
+
+def test_nan_scores_on_the_gpu_fail_the_step_with_the_index_error(monkeypatch) -> None:
+    """The finiteness checks are deferred to the end of a GPU step; a NaN score still fails it, with its error."""
+    import dataclasses
+
+    from panning import indices
+    from panning.episode import PruningEpisode
+
+    spec = indices.INDICES["magnitude"]
+
+    def nan_magnitude(model, masks, batches, **kw):
+        out = spec.fn(model, masks, batches, **kw)
+        first = next(iter(out))
+        out[first] = out[first].clone()
+        out[first].view(-1)[3] = float("nan")
+        return out
+
+    monkeypatch.setitem(indices.INDICES, "magnitude", dataclasses.replace(spec, fn=nan_magnitude))
+    batch = (torch.randn(20, 64).to(CUDA), (torch.arange(20) % 10).to(CUDA))
+    ep = PruningEpisode(build_model("mlp", 10, (64,), seed=0).to(CUDA), ["magnitude", "snip"], [batch],
+                        target_sparsity=0.9, steps=3)
+    with pytest.raises(ValueError, match="magnitude.*non-finite"):
+        ep.step([0.0, 0.0, 0.0])
