@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -65,8 +66,8 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
         yield
 
 
-#: whether CPU tensors take the routes written for accelerators (:func:`device_routes`)
-_DEVICE_ROUTES = False
+#: whether CPU tensors take the routes written for accelerators (:func:`device_routes`); per thread and context
+_DEVICE_ROUTES: ContextVar[bool] = ContextVar("panning_device_routes", default=False)
 
 
 @contextmanager
@@ -74,18 +75,17 @@ def device_routes(on: bool = True) -> Iterator[None]:
     """Within the block, CPU tensors take the routes written for accelerators (torch kernels instead of numpy,
     sorts instead of per-layer selections, no host read where a GPU would wait for one). Their results are the
     same; this lets a machine without a GPU test those routes and count their host reads
-    (``benchmarks/host_syncs.py``). Not thread-safe: a process-wide switch for tests and benchmarks."""
-    global _DEVICE_ROUTES
-    before, _DEVICE_ROUTES = _DEVICE_ROUTES, on
+    (``benchmarks/host_syncs.py``). The switch holds for the calling thread (a context variable)."""
+    token = _DEVICE_ROUTES.set(on)
     try:
         yield
     finally:
-        _DEVICE_ROUTES = before
+        _DEVICE_ROUTES.reset(token)
 
 
 def host_route(t: Tensor) -> bool:
     """Whether ``t`` takes the CPU's routes: it is on the CPU, and :func:`device_routes` is not active."""
-    return t.device.type == "cpu" and not _DEVICE_ROUTES
+    return t.device.type == "cpu" and not _DEVICE_ROUTES.get()
 
 
 def flat_nonzero(mask: Tensor, count: int | None = None) -> Tensor:
@@ -93,16 +93,22 @@ def flat_nonzero(mask: Tensor, count: int | None = None) -> Tensor:
     On the CPU by numpy (4-5x faster than torch's nonzero for the masks of a small network); elsewhere torch's.
 
     ``count``, when the caller knows how many entries are True (a mask from an exact top-k), lets the accelerator
-    route size its result without reading that number back (``torch.nonzero_static``); a wrong count would
-    give wrong positions, so pass only a count that is known, never a guess."""
+    route size its result without reading that number back (``torch.nonzero_static``). The count is checked
+    (:func:`check`: within :func:`deferred_checks` at the block's end), and a wrong one pads with position 0,
+    which indexes safely until the check refuses it (a -1 would trip a device-side assert on CUDA first)."""
     flat = mask.reshape(-1)
     if host_route(flat) and flat.dtype == torch.bool:
         return torch.from_numpy(np.flatnonzero(flat.numpy()))
     if count is not None and flat.device.type not in _NO_NONZERO_STATIC:
         try:
-            return torch.nonzero_static(flat, size=count).squeeze(1)
+            pos = torch.nonzero_static(flat, size=count, fill_value=0).squeeze(1)
         except NotImplementedError:  # no kernel for this device: the reading route, remembered
             _NO_NONZERO_STATIC.add(flat.device.type)
+        else:
+            check(torch.count_nonzero(flat) == count,
+                  lambda: RuntimeError(f"a mask's recorded kept count ({count}) is not what it holds: were its "
+                                       "tensors written without a version bump (through .data or a NumPy view)?"))
+            return pos
     return flat.nonzero().squeeze(1)
 
 
@@ -110,18 +116,21 @@ def flat_nonzero(mask: Tensor, count: int | None = None) -> Tensor:
 _NO_NONZERO_STATIC: set[str] = set()
 
 
-#: the checks of the innermost :func:`deferred_checks` block: (0-d boolean flag, the error it raises when False)
-_PENDING: list[tuple[Tensor, Callable[[], Exception]]] | None = None
+#: the checks of the current :func:`deferred_checks` block: (0-d boolean flag, the error it raises when False);
+#: per thread and context, so that threads stepping their own envs keep their own checks
+_PENDING: ContextVar[list[tuple[Tensor, Callable[[], Exception]]] | None] = ContextVar("panning_pending_checks",
+                                                                                        default=None)
 
 
 def check(ok: Tensor, error: Callable[[], Exception]) -> None:
     """Raise ``error()`` unless the 0-d boolean ``ok`` is True. On the CPU at once; for a device tensor within
     :func:`deferred_checks`, at the end of that block, so that a GPU step does not wait for the device once per
     check (``error`` may read the device to say what went wrong: it only runs when a check failed)."""
-    if _PENDING is not None and not host_route(ok):
-        _PENDING.append((ok, error))
+    pending = _PENDING.get()
+    if pending is not None and not host_route(ok):
+        pending.append((ok, error))
     elif not bool(ok):
-        raise error()
+        raise _made(error)
 
 
 @contextmanager
@@ -129,25 +138,37 @@ def deferred_checks() -> Iterator[None]:
     """Collect the device-side :func:`check` flags of the block and read them back in one transfer at its end,
     raising the first failed check's error in the order made. If the block raises, a failed earlier check is
     raised instead (what ran after it ran on values the check would have refused). Nested blocks join the
-    outermost one."""
-    global _PENDING
-    if _PENDING is not None:
+    outermost one.
+
+    A deferred check fails after the block's work: on an accelerator, a step whose scores were not finite has
+    moved its episode before it raises, so that episode is to be discarded, not stepped again."""
+    if _PENDING.get() is not None:
         yield
         return
     pending: list[tuple[Tensor, Callable[[], Exception]]] = []
-    _PENDING = pending
+    token = _PENDING.set(pending)
     try:
         yield
-    except BaseException as exc:
-        _PENDING = None
+    except Exception as exc:
+        _PENDING.reset(token)
         failed = _first_failed(pending)
         if failed is not None:
             raise failed from exc
         raise
-    _PENDING = None
+    except BaseException:  # an interrupt: no device read on the way out
+        _PENDING.reset(token)
+        raise
+    _PENDING.reset(token)
     failed = _first_failed(pending)
     if failed is not None:
         raise failed
+
+
+def _made(error: Callable[[], Exception]) -> Exception:
+    exc = error()
+    if not isinstance(exc, Exception):
+        raise TypeError(f"a check's error callback returned {exc!r}, not an exception")
+    return exc
 
 
 def _first_failed(pending: list[tuple[Tensor, Callable[[], Exception]]]) -> Exception | None:
@@ -156,7 +177,7 @@ def _first_failed(pending: list[tuple[Tensor, Callable[[], Exception]]]) -> Exce
     ok = one_read([flag.reshape(()).to(torch.bool) for flag, _ in pending]).tolist()
     for good, (_, error) in zip(ok, pending, strict=True):
         if not good:
-            return error()
+            return _made(error)
     return None
 
 
@@ -199,11 +220,26 @@ class HostReads(TorchFunctionMode):
         """Called once per host read."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.on and func in HOST_READS:
+        if self.on and (func in HOST_READS or _reads_inside(func, args, kwargs or {})):
             self.n += 1
             self.kinds[func.__name__] = self.kinds.get(func.__name__, 0) + 1
             self.record(func)
         return func(*args, **(kwargs or {}))
+
+
+def _reads_inside(func: object, args: tuple, kwargs: dict) -> bool:
+    """Calls that read the device inside their CUDA kernels to size their output: ``bincount`` (the largest
+    value), ``repeat_interleave`` by a tensor without ``output_size``, and indexing by a boolean tensor (a
+    ``nonzero`` inside)."""
+    if func in (torch.bincount, torch.Tensor.bincount):
+        return True
+    if func in (torch.repeat_interleave, torch.Tensor.repeat_interleave):
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return isinstance(repeats, Tensor) and repeats.numel() > 1 and kwargs.get("output_size") is None
+    if func is torch.Tensor.__getitem__ and len(args) > 1:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, Tensor) and i.dtype == torch.bool and i.dim() > 0 for i in index)
+    return False
 
 
 # Signed integer types of the same width as a float type, to AND its bit patterns with a mask.

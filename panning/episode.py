@@ -563,7 +563,6 @@ class PruningEpisode:
         if self.observation == "layers":
             obs = np.concatenate([obs, self._layer_block(dens, per_layer)])
         obs = np.nan_to_num(obs, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT)
-        self.timing["features"] += self._clock() - pend.t_start - (self.timing["score"] - pend.score_before)
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
     def _index_features_begin(self, pend: _PendingObservation) -> None:
@@ -642,7 +641,9 @@ class PruningEpisode:
         device = next(iter(self.pruner.masks.values())).device
         sizes = torch.tensor([math.prod(shp) for shp in shapes], device=device)
         # each prunable weight's layer, in the pruner's flat order (layers are contiguous there)
-        self._layer_of = torch.repeat_interleave(torch.arange(L, device=sizes.device), sizes)
+        # (output_size: without it CUDA reads the total back from the device)
+        self._layer_of = torch.repeat_interleave(torch.arange(L, device=sizes.device), sizes,
+                                                 output_size=sum(math.prod(shp) for shp in shapes))
         return rows
 
     def _layer_index_features_begin(self, pend: _PendingObservation) -> None:
@@ -652,11 +653,13 @@ class PruningEpisode:
         idx, normed, lowest, m = pend.selected
         L = self.num_layers
         layer = self._layer_of.index_select(0, idx)  # non-decreasing: idx is sorted
-        alive = torch.bincount(layer, minlength=L)
+        # counts per layer by index_add_, not bincount or a boolean index: on CUDA those two read the device
+        zeros = torch.zeros(L, dtype=torch.long, device=layer.device)
+        alive = zeros.clone().index_add_(0, layer, torch.ones_like(layer))
         cols = []
         for k, n in enumerate(normed):
             if m > 0 and n.numel():
-                removed = torch.bincount(layer[lowest[k]], minlength=L).double()
+                removed = zeros.clone().index_add_(0, layer, lowest[k].long()).double()
                 cols += [removed / alive.clamp(min=1), removed / m]
             else:
                 cols += [torch.zeros(L, dtype=torch.float64, device=idx.device)] * 2
@@ -724,7 +727,13 @@ def observe_many(episodes: Sequence[PruningEpisode], score_indices: Sequence[boo
         else:
             parts = iter(np.asarray(p.tolist(), dtype=np.float64) for p in payloads)
         values = [next(parts) if p.payload is not None else None for p in pends]
-    return [ep._observe_end(p, v) for ep, p, v in zip(episodes, pends, values, strict=True)]
+    out = [ep._observe_end(p, v) for ep, p, v in zip(episodes, pends, values, strict=True)]
+    if episodes:  # features: the whole call's time less every episode's scoring, shared equally
+        elapsed = episodes[-1]._clock() - pends[0].t_start
+        scored = sum(ep.timing["score"] - p.score_before for ep, p in zip(episodes, pends, strict=True))
+        for ep in episodes:
+            ep.timing["features"] += (elapsed - scored) / len(episodes)
+    return out
 
 
 

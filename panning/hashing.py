@@ -42,9 +42,22 @@ def _host_arrays(tensors: list[Tensor], gather: bool | None = None) -> list[np.n
         gather = bool(flat) and flat[0].device.type != "cpu" and all(f.device == flat[0].device for f in flat)
     if not gather or not flat:
         return [f.cpu().numpy() for f in flat]
-    host = torch.cat(flat).cpu().numpy()
-    ends = np.cumsum([f.numel() for f in flat])
-    return list(np.split(host, ends[:-1]))
+    out: list[np.ndarray] = []
+    group: list[Tensor] = []
+    size = 0
+    for f in [*flat, None]:  # transfers of at most _GATHER_BYTES (or one tensor): a bounded extra copy on each side
+        if f is None or (group and size + f.numel() > _GATHER_BYTES):
+            host = torch.cat(group).cpu().numpy()
+            out += np.split(host, np.cumsum([g.numel() for g in group])[:-1])
+            group, size = [], 0
+        if f is not None:
+            group.append(f)
+            size += f.numel()
+    return out
+
+
+#: the most bytes :func:`_host_arrays` gathers into one transfer
+_GATHER_BYTES = 1 << 28
 
 
 def state_digest(model_or_state: nn.Module | Mapping[str, Tensor]) -> str:
@@ -68,12 +81,13 @@ def pair_digests(states: Sequence[nn.Module | Mapping[str, Tensor]], masks: Sequ
     tensor of every pair copied to the host together (on a GPU one transfer, not two per pair)."""
     if len(states) != len(masks):
         raise ValueError(f"got {len(states)} states for {len(masks)} masks")
-    dicts = [_state(s) for s in states]
-    tensors = [t for d in dicts for t in d.values()] + [t for m in masks for t in _mask_tensors(m)]
+    unique: dict[int, Mapping[str, Tensor]] = {}  # a model given for several pairs is copied and hashed once
+    for s in states:
+        unique.setdefault(id(s), _state(s))
+    tensors = [t for d in unique.values() for t in d.values()] + [t for m in masks for t in _mask_tensors(m)]
     arrays = iter(_host_arrays(tensors))
-    state_parts = [[next(arrays) for _ in d] for d in dicts]
-    return [(_state_hash(d, a), _masks_hash(m, [next(arrays) for _ in m]))
-            for d, a, m in zip(dicts, state_parts, masks, strict=True)]
+    state_hash = {k: _state_hash(d, [next(arrays) for _ in d]) for k, d in unique.items()}
+    return [(state_hash[id(s)], _masks_hash(m, [next(arrays) for _ in m])) for s, m in zip(states, masks, strict=True)]
 
 
 def _state(model_or_state: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tensor]:

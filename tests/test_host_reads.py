@@ -147,14 +147,23 @@ def test_masks_from_an_exact_top_k_know_their_count_until_edited() -> None:
     assert m.to("cpu").num_kept == m.num_kept
 
 
-def test_positions_from_a_known_count_match_nonzero() -> None:
-    from panning._functional import device_routes, flat_nonzero
+def test_positions_from_a_known_count_match_nonzero_and_a_wrong_count_is_refused() -> None:
+    import pytest
+
+    from panning._functional import deferred_checks, device_routes, flat_nonzero
 
     mask = torch.rand(257, generator=torch.Generator().manual_seed(3)) < 0.3
     expect = mask.nonzero().squeeze(1)
     with device_routes(), _Reads() as r:
-        got = flat_nonzero(mask, count=int(expect.numel()))
-    assert r.n == 0 and torch.equal(got, expect)
+        with deferred_checks():
+            got = flat_nonzero(mask, count=int(expect.numel()))
+            assert r.n == 0  # sized by the count: nothing read; its check waits for the block's end
+    assert r.n == 1 and torch.equal(got, expect)
+    for wrong in (int(expect.numel()) + 3, int(expect.numel()) - 1):  # a stale count: refused at the block's end
+        with device_routes(), pytest.raises(RuntimeError, match="recorded kept count"):
+            with deferred_checks():
+                got = flat_nonzero(mask, count=wrong)
+                assert got.min() >= 0  # padded with a valid position, not -1: indexing with it is safe meanwhile
 
 
 def test_a_vectorised_step_on_the_accelerator_routes_reads_back_few_values() -> None:
@@ -188,3 +197,54 @@ def test_pair_digests_equal_the_single_digests() -> None:
     masks = [_masks(n + 1) for n in range(3)]
     assert pair_digests(nets, masks) == [(state_digest(n), masks_digest(m)) for n, m in zip(nets, masks, strict=True)]
     assert pair_digests([], []) == []
+
+
+def test_gathered_copies_are_bounded_and_equal(monkeypatch) -> None:
+    from panning import hashing
+
+    ts = [torch.arange(n, dtype=torch.float32) for n in (3, 1, 0, 5, 2)]
+    monkeypatch.setattr(hashing, "_GATHER_BYTES", 12)  # three float32 a transfer at most
+    with _Reads() as r:
+        got = _host_arrays(ts, gather=True)
+    assert [a.tobytes() for a in got] == [a.tobytes() for a in _host_arrays(ts, gather=False)]
+    assert r.n == 2 * 4  # groups [3], [1, 0], [5], [2]: one .cpu() and one .numpy() each
+
+
+def test_calls_that_read_the_device_inside_are_counted() -> None:
+    x = torch.tensor([0, 2, 1, 2])
+    with _Reads() as r:
+        torch.bincount(x, minlength=3)
+        torch.repeat_interleave(torch.arange(3), torch.tensor([1, 2, 3]))
+        x[x > 0]
+    assert r.n == 3
+    with _Reads() as r:  # their reading-free forms
+        torch.zeros(3, dtype=torch.long).index_add_(0, x, torch.ones_like(x))
+        torch.repeat_interleave(torch.arange(3), torch.tensor([1, 2, 3]), output_size=6)
+        x[torch.tensor([1, 3])]
+        torch.where(x > 0, x, 0)
+    assert r.n == 0
+
+
+def test_deferred_checks_belong_to_their_thread() -> None:
+    import threading
+
+    from panning._functional import check, deferred_checks, device_routes
+
+    results: dict[str, str] = {}
+    inside = threading.Barrier(2)
+
+    def run(name: str, ok: bool) -> None:
+        try:
+            with device_routes(), deferred_checks():
+                check(torch.tensor(ok), lambda: ValueError(name))
+                inside.wait(timeout=10)  # both blocks open at once
+            results[name] = "passed"
+        except ValueError as e:
+            results[name] = f"raised {e}"
+
+    threads = [threading.Thread(target=run, args=("good", True)), threading.Thread(target=run, args=("bad", False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {"good": "passed", "bad": "raised bad"}
