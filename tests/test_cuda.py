@@ -170,6 +170,18 @@ def test_a_vectorised_step_on_the_gpu_reads_back_five_times() -> None:
         obs, _, done, _ = venv.step(act)
     assert reads.n <= 5, reads.n
     assert np.isfinite(obs).all() and not done.any()
+    # what CUDA itself reports as synchronising, kernels' own reads included (HostReads sees Python's calls)
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            venv.step(act)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "ynchroniz" in str(w.message)]
+    assert len(syncs) <= 5, syncs
 
 
 def test_nan_scores_on_the_gpu_fail_the_step_with_the_index_error(monkeypatch) -> None:
