@@ -161,7 +161,8 @@ def test_a_vectorised_step_on_the_gpu_reads_back_five_times() -> None:
     from panning._functional import HostReads
 
     clear_caches()
-    venv = BatchedPanningVecEnv(ROOT / "configs" / "env" / "tiny.yaml", 4, device="cuda", target_sparsity=0.95)
+    venv = BatchedPanningVecEnv(ROOT / "configs" / "env" / "tiny.yaml", 4, device="cuda", target_sparsity=0.95,
+                                pruning_steps=6)  # steps 2 and 3 counted: neither ends an episode
     venv.seed(0)
     venv.reset()
     act = np.zeros((4, venv.action_space.shape[0]), np.float32)
