@@ -38,6 +38,25 @@ def require_data(found: Path | None) -> Path:
 
 
 @pytest.fixture
+def nan_magnitude(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registered ``magnitude`` index, made to return a NaN score for one weight of its first layer."""
+    import dataclasses
+
+    from panning import indices
+
+    spec = indices.INDICES["magnitude"]
+
+    def fn(model, masks, batches, **kw):
+        out = spec.fn(model, masks, batches, **kw)
+        first = next(iter(out))
+        out[first] = out[first].clone()
+        out[first].view(-1)[3] = float("nan")
+        return out
+
+    monkeypatch.setitem(indices.INDICES, "magnitude", dataclasses.replace(spec, fn=fn))
+
+
+@pytest.fixture
 def data_dir() -> Path:
     return require_data(shared_data_dir())
 
