@@ -11,7 +11,10 @@ Rows (without ``--model``: all of them):
   actions), :class:`BatchedPanningVecEnv` with N episodes in this process (all cores) against today's
   two ``SubprocVecEnv`` workers (one thread each), on mlp/digits and lenet300/mnist; ``cold`` from a
   fresh start (the single-index references of the relative reward computed as they come), ``warm``
-  after ``--warmup`` more untimed episodes (references cached: most of an agent's training).
+  after ``--warmup`` more untimed episodes (some references cached: each process keeps its own cache, so
+  the two workers compute many twice), and with ``--steady-rounds R`` a ``steady`` phase: the last of R
+  more rounds of ``--episodes`` each, when every process has cached its references (most of an agent's
+  training; the rate stops rising: each round's rate is kept in the row's ``rounds``).
 - ``episodes_2proc``: the same, the N episodes split over two processes of N/2 stacked episodes each
   (:class:`SubprocBatchedVecEnv`, one thread each), against the same two ``SubprocVecEnv`` workers.
 - ``proxy_sparse`` (``--sparse``, mlp and lenet300): the batched side trains by the proxy's sparse route
@@ -163,9 +166,11 @@ def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device, spa
             "max_abs_accuracy_diff": max(abs(a.accuracy - c.accuracy) for a, c in zip(one, many, strict=True))}
 
 
-def _episodes(venv, episodes: int, n: int, warmup: int) -> tuple[float, float | None]:
+def _episodes(venv, episodes: int, n: int, warmup: int, rounds: int = 0
+              ) -> tuple[float, float | None, list[float]]:
     """Episodes per second from a cold start (references computed as they come), and, with ``warmup``,
-    again after that many more untimed episodes (references cached, as in most of an agent's training)."""
+    again after that many more untimed episodes, and in each of ``rounds`` more rounds after that (their
+    last: the steady rate, every reference cached)."""
     rng = np.random.default_rng(0)
     venv.seed(0)
     venv.reset()
@@ -180,13 +185,13 @@ def _episodes(venv, episodes: int, n: int, warmup: int) -> tuple[float, float | 
 
     cold = run(episodes)
     if not warmup:
-        return cold, None
+        return cold, None, []
     run(warmup)
-    return cold, run(episodes)
+    return cold, run(episodes), [run(episodes) for _ in range(rounds)]
 
 
 def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: int,
-                 device: torch.device, sparse: bool = False) -> list[dict]:
+                 device: torch.device, sparse: bool = False, rounds: int = 0) -> list[dict]:
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
     from panning.agents.train import _EnvFactory
@@ -196,24 +201,30 @@ def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: 
     env_cfg = make_config(cfg, device=str(device), data_dir=data_dir())
     sub = SubprocVecEnv([_EnvFactory(env_cfg, 1, True) for _ in range(2)])
     try:
-        seq = _episodes(sub, episodes, 2, warmup)
+        seq = _episodes(sub, episodes, 2, warmup, rounds)
     finally:
         sub.close()
     if sparse:  # the vectorised sides train their proxies by the sparse route; the two workers stay dense
         env_cfg = make_config(env_cfg, proxy={"sparse": True})
-    bat = _episodes(BatchedPanningVecEnv(env_cfg, n), episodes, n, warmup)  # this process's threads: all cores
+    bat = _episodes(BatchedPanningVecEnv(env_cfg, n), episodes, n, warmup, rounds)  # this process's threads: all cores
     two = SubprocBatchedVecEnv(env_cfg, n, 2, threads=1)  # N/2 stacked episodes in each of two processes
     try:
-        bat2 = _episodes(two, episodes, n, warmup)
+        bat2 = _episodes(two, episodes, n, warmup, rounds)
     finally:
         two.close()
     rows = []
     for kind, b_rates in (("episodes" + "_sparse" * sparse, bat), ("episodes_2proc" + "_sparse" * sparse, bat2)):
-        for phase, s, b in (("cold", seq[0], b_rates[0]), ("warm", seq[1], b_rates[1])):
+        phases = [("cold", seq[0], b_rates[0]), ("warm", seq[1], b_rates[1])]
+        if seq[2] and b_rates[2]:
+            phases.append(("steady", seq[2][-1], b_rates[2][-1]))
+        for phase, s, b in phases:
             if s is not None and b is not None:
-                rows.append({"kind": kind, "phase": phase, "model": model, "dataset": ds, "n": n,
-                             "steps": env_cfg.proxy.steps, "sequential_per_s": s, "batched_per_s": b,
-                             "speedup": b / s, "max_abs_accuracy_diff": None})
+                row = {"kind": kind, "phase": phase, "model": model, "dataset": ds, "n": n,
+                       "steps": env_cfg.proxy.steps, "sequential_per_s": s, "batched_per_s": b,
+                       "speedup": b / s, "max_abs_accuracy_diff": None}
+                if phase == "steady":
+                    row["rounds"] = {"sequential": seq[2], "batched": b_rates[2]}
+                rows.append(row)
     return rows
 
 
@@ -226,6 +237,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=64, help="episodes per episode-row measurement")
     ap.add_argument("--warmup", type=int, default=128,
                     help="untimed episodes between the cold and the warm episode rows (0: cold rows only)")
+    ap.add_argument("--steady-rounds", type=int, default=0,
+                    help="after the warm rows, this many more rounds of --episodes; the last is the steady row")
     ap.add_argument("--skip-episodes", action="store_true")
     ap.add_argument("--skip-proxy", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -241,6 +254,9 @@ def main() -> None:
     args = ap.parse_args()
     if not 0 <= args.sparsity < 1:
         raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.steady_rounds < 0 or (args.steady_rounds and not args.warmup):
+        raise UsageError(f"--steady-rounds must be >= 0 and needs --warmup > 0, got {args.steady_rounds} "
+                         f"with --warmup {args.warmup}")
     if args.sparse and args.model not in SPARSE_MODELS:
         raise UsageError(f"--sparse measures the sparse route, which trains {' and '.join(SPARSE_MODELS)} only: add "
                          + " or ".join(f"--model {m}" for m in SPARSE_MODELS))
@@ -277,7 +293,8 @@ def main() -> None:
         print(f"\nprofile: one stacked evaluation, {model} / {ds}, N = {max(ns)}, {steps} steps\n"
               + profile_stacked(model, ds, steps, max(ns), device, args.sparsity, args.sparse), flush=True)
     for model, ds, cfg in episodes:
-        for row in episode_rows(model, ds, cfg, max(ns), args.episodes, args.warmup, device, args.sparse):
+        for row in episode_rows(model, ds, cfg, max(ns), args.episodes, args.warmup, device, args.sparse,
+                                args.steady_rounds):
             keep(row)
     print(f"\ndevice: {name}\n")
     print("| what | model / data | N | steps | one at a time /s | batched /s | speedup | max acc. diff |")

@@ -333,3 +333,24 @@ def test_bench_batched_counts_linear_work_and_measures_the_roof() -> None:
     with FlopCounterMode(display=False) as fc:
         net(x).sum().backward()
     assert fc.get_total_flops() == 2 * (2 * 3 * 4 + 3 * 4 * 2) * 10
+
+
+def test_bench_batched_episode_phases_cold_warm_and_steady_rounds() -> None:
+    """_episodes times a cold run, a warm one after the warm-up, and each steady round after that."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from panning.envs.panning_env import PanningEnv
+
+    bench = _script("bench_batched.py")
+    calls: list[int] = []
+
+    class Counting(DummyVecEnv):
+        def step_wait(self):
+            calls.append(1)
+            return super().step_wait()
+
+    venv = Counting([lambda: PanningEnv(REPO / "configs" / "env" / "tiny.yaml", reward="absolute")])
+    cold, warm, rounds = bench._episodes(venv, 2, 1, 1, rounds=2)
+    assert cold > 0 and warm is not None and warm > 0 and len(rounds) == 2 and min(rounds) > 0
+    assert len(calls) == 3 * (2 + 1 + 2 + 2 + 2)  # tiny episodes have 3 steps: 2 cold, 1 warm-up, 2 warm, 2 x 2
+    assert bench._episodes(venv, 1, 1, 0, rounds=3)[1:] == (None, [])
