@@ -736,7 +736,6 @@ def observe_many(episodes: Sequence[PruningEpisode], score_indices: Sequence[boo
     return out
 
 
-
 def _signal_tensors(model: nn.Module, masks: Mapping[str, Tensor], batch: tuple[Tensor, Tensor]
                     ) -> tuple[Tensor, list[Tensor]]:
     """(loss, gradients w.r.t. the kept weights θ ⊙ m) of the masked network on ``batch``, in the model's modes."""
@@ -759,9 +758,18 @@ def _grad_norm(grads: Sequence[Tensor], masks: Mapping[str, Tensor]) -> Tensor:
 def masked_signals(model: nn.Module, masks: Mapping[str, Tensor], batch: tuple[Tensor, Tensor]) -> tuple[float, float]:
     """Cross-entropy of the masked network on ``batch`` and the norm of its gradient w.r.t. the kept weights
     (the episode's loss and gradient signals)."""
-    loss, grads = _signal_tensors(model, masks, batch)
-    values = one_read([loss.double(), _grad_norm(grads, masks)]).tolist()  # one read; float64 holds the float32 loss
-    return values[0], values[1]
+    return _signals_one_by_one([model], [masks], batch)[0]
+
+
+def _signals_one_by_one(models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]],
+                        batch: tuple[Tensor, Tensor]) -> list[tuple[float, float]]:
+    """:func:`masked_signals` of each network computed alone, all values read back together (float64 holds each
+    float32 loss exactly)."""
+    pairs = [_signal_tensors(m, k, batch) for m, k in zip(models, masks, strict=True)]
+    losses = [loss.double() for loss, _ in pairs]
+    norms = [_grad_norm(g, k) for (_, g), k in zip(pairs, masks, strict=True)]
+    values = one_read(losses + norms).tolist()
+    return list(zip(values[: len(models)], values[len(models) :], strict=True))
 
 
 #: (architecture, batch shapes, device, training modes, N) -> whether the stacked signals matched bit for bit
@@ -781,14 +789,8 @@ def signals_many(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tup
     shape and device against the first and the last network computed alone, and used only where every bit
     matched; a network the stacked pass cannot run (vmap lacks a rule for one of its operations) goes one at a
     time too."""
-    def loop() -> list[tuple[float, float]]:  # one network at a time, all their values read back together
-        if len(models) < 2:
-            return [masked_signals(m, k, batch) for m, k in zip(models, masks, strict=True)]
-        pairs = [_signal_tensors(m, k, batch) for m, k in zip(models, masks, strict=True)]
-        losses = [loss.double() for loss, _ in pairs]
-        norms = [_grad_norm(g, k) for (_, g), k in zip(pairs, masks, strict=True)]
-        values = one_read(losses + norms).tolist()
-        return list(zip(values[: len(models)], values[len(models) :], strict=True))
+    def loop() -> list[tuple[float, float]]:
+        return _signals_one_by_one(models, masks, batch)
 
     if len(models) < 2 or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules()):
         return loop()

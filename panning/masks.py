@@ -210,19 +210,22 @@ class Masks(Mapping[str, Tensor]):
         edited); a copy's tensors are new ones, so it counts again. Inference tensors have no version
         counter and are counted every time.
         """
+        cached = self._cached_counts()
+        if cached is not None:
+            return list(cached)
+        counts = one_read([torch.count_nonzero(t) for t in self._data.values()]).tolist()
+        self._counts = (self._state(), counts)
+        return list(counts)
+
+    def _cached_counts(self) -> list[int] | None:
+        """The layer counts if they are cached and the tensors unchanged since, else None."""
         key = self._state()
         cached = getattr(self, "_counts", None)
-        if key is not None and cached is not None and cached[0] == key:
-            return list(cached[1])
-        counts = one_read([torch.count_nonzero(t) for t in self._data.values()]).tolist()
-        self._counts = (key, counts)
-        return list(counts)
+        return cached[1] if key is not None and cached is not None and cached[0] == key else None
 
     def _counted(self) -> bool:
         """Whether :meth:`layer_counts` would read nothing (counted already, tensors unchanged since)."""
-        key = self._state()
-        cached = getattr(self, "_counts", None)
-        return key is not None and cached is not None and cached[0] == key
+        return self._cached_counts() is not None
 
     def _state(self) -> tuple | None:
         """The tensors' identities and version counters (None for inference tensors, which have none)."""
@@ -234,16 +237,12 @@ class Masks(Mapping[str, Tensor]):
     def known_kept(self) -> int | None:
         """The number of kept weights if it is known without counting them (counted already, or recorded by
         the exact top-k that made these masks, and the tensors unchanged since), else None."""
+        cached = self._cached_counts()
+        if cached is not None:
+            return int(sum(cached))
         key = self._state()
-        if key is None:
-            return None
-        cached = getattr(self, "_counts", None)
-        if cached is not None and cached[0] == key:
-            return int(sum(cached[1]))
         total = getattr(self, "_total", None)
-        if total is not None and total[0] == key:
-            return int(total[1])
-        return None
+        return int(total[1]) if key is not None and total is not None and total[0] == key else None
 
     @property
     def num_kept(self) -> int:
@@ -353,8 +352,9 @@ class Masks(Mapping[str, Tensor]):
     def to(self, device: str | torch.device) -> Masks:
         """Copy on ``device`` (no copy of tensors already there)."""
         out = Masks._trusted({k: v.to(device) for k, v in self._data.items()}, kept=self.known_kept())
-        if self._counted():  # the same bits: the counts carry over
-            out._counts = (out._state(), list(self._counts[1]))
+        counts = self._cached_counts()
+        if counts is not None:  # the same bits: the counts carry over
+            out._counts = (out._state(), list(counts))
         return out
 
     def cpu(self) -> Masks:
@@ -637,30 +637,29 @@ def select_topk(
         # work on the alive weights only: pruning schedules spend most steps at high sparsity. Gathering by
         # the alive positions keeps index order, so the tie-break is unchanged (and on the CPU it is far
         # faster than boolean indexing)
-        vals = [scores[k].detach().reshape(-1).to(device=device, dtype=dtype) for k in keys]
+        per_key = [scores[k].detach().reshape(-1).to(device=device, dtype=dtype) for k in keys]
         per_layer = mode != "global" or bool(min_per_layer)  # whether each layer's alive count is needed
         alive_idx: list[Tensor] | None = None
         positions: Tensor | None = None
         if current is None:
-            n_alive = [v.numel() for v in vals]
-            flat = torch.cat(vals)
+            n_alive = [v.numel() for v in per_key]
+            flat = torch.cat(per_key)
         elif per_layer:
             alive_idx = _alive_positions(current, keys, device)
-            vals = [v.index_select(0, i) for v, i in zip(vals, alive_idx, strict=True)]
+            vals = [v.index_select(0, i) for v, i in zip(per_key, alive_idx, strict=True)]
             n_alive = [v.numel() for v in vals]
             flat = torch.cat(vals)
         else:
             # one gather over all layers, sized by the known kept count where there is one: nothing to read back
             positions = flat_nonzero(torch.cat([current[k].reshape(-1).to(device) for k in keys]),
                                      count=current.known_kept())
-            flat = torch.cat(vals).index_select(0, positions)
+            flat = torch.cat(per_key).index_select(0, positions)
             n_alive = [flat.numel()]  # the layers' own counts are not needed in this mode
 
         def non_finite() -> ValueError:
             alive = [current[k].reshape(-1).to(device) if current is not None else None for k in keys]
             counts = [int(torch.count_nonzero(~torch.isfinite(v) & (a if a is not None else True)))
-                      for v, a in zip([scores[k].detach().reshape(-1).to(device=device, dtype=dtype)
-                                       for k in keys], alive, strict=True)]
+                      for v, a in zip(per_key, alive, strict=True)]
             where = {k: c for k, c in zip(keys, counts, strict=True) if c}
             return ValueError(f"non-finite (NaN/inf) scores for kept weights: {where}")
 

@@ -32,7 +32,7 @@ from panning._sparse import SPARSE_MODELS, SparseMLPStack
 from panning._sparse import supports as sparse_supports
 from panning.data import DataBundle, make_loader
 from panning.errors import ConfigError, DataError
-from panning.hashing import masks_digest, pair_digests, state_digest
+from panning.hashing import pair_digests
 from panning.masks import Masks
 from panning.train import cpu_channels_last, masked_sgd_steps, resolve_device
 
@@ -568,7 +568,7 @@ class ProxyEvaluator:
 
     def key(self, init: nn.Module | Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> tuple:
         """Cache key: initial weights, mask bits and every training setting."""
-        return (state_digest(init), masks_digest(masks), tuple(sorted(asdict(self.settings).items())))
+        return self.keys([init], [masks])[0]
 
     def keys(self, inits: Sequence[nn.Module | Mapping[str, Tensor]], masks_list: Sequence[Mapping[str, Tensor]]
              ) -> list[tuple]:

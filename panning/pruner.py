@@ -166,7 +166,6 @@ class Pruner:
         self._scores: dict[str, dict[str, Tensor]] | None = None
         self._normalised: dict[str, Tensor] = {}
         self._alive: Tensor | None = None
-        self._alive_index: Tensor | None = None  # the positions normalisation runs over (all of them with regrow)
         self._alive_positions: Tensor | None = None
         self._dense_scores: dict[str, dict[str, Tensor]] = {}  # scores of the unpruned network: computed once
 
@@ -253,13 +252,12 @@ class Pruner:
         flat = torch.cat([s.reshape(-1) for s in self.scores([name])[name].values()])
         # with regrow every weight competes, pruned ones included: normalise over all of them
         alive = torch.ones_like(self.alive_flat()) if self.regrow else self.alive_flat()
-        if self._alive_index is None:
-            self._alive_index = (torch.arange(alive.numel(), device=alive.device) if self.regrow
-                                 else self.alive_positions())
+        # the positions normalisation runs over: all of them with regrow
+        index = torch.arange(alive.numel(), device=alive.device) if self.regrow else self.alive_positions()
         if not (host_route(flat) and bool(all_finite(flat))):  # on the CPU, the common case costs one fast check
-            check(torch.isfinite(flat.index_select(0, self._alive_index)).all(),
+            check(torch.isfinite(flat.index_select(0, index)).all(),
                   lambda: ValueError(f"index {name!r} produced NaN or infinite scores for unpruned weights"))
-        self._normalised[name] = normalise(flat, alive, self.normalisation, alive_index=self._alive_index)
+        self._normalised[name] = normalise(flat, alive, self.normalisation, alive_index=index)
         return self._normalised[name]
 
     def weights_dict(self, weights: Sequence[float] | Mapping[str, float]) -> dict[str, float]:
@@ -327,7 +325,7 @@ class Pruner:
         t2 = time.perf_counter()
         self.masks = masks
         self._scores = None
-        self._normalised, self._alive, self._alive_index, self._alive_positions = {}, None, None, None
+        self._normalised, self._alive, self._alive_positions = {}, None, None
         # select_topk keeps exactly ``keep``: the sparsity follows without counting the masks again
         sparsity = 1.0 - keep / self.num_total if self.num_total else 0.0
         self.history.append(StepRecord(self.steps_done + 1, w, keep, sparsity, t1 - t0, t2 - t1))
