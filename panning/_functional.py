@@ -124,8 +124,9 @@ _PENDING: ContextVar[list[tuple[Tensor, Callable[[], Exception]]] | None] = Cont
 
 def check(ok: Tensor, error: Callable[[], Exception]) -> None:
     """Raise ``error()`` unless the 0-d boolean ``ok`` is True. On the CPU at once; for a device tensor within
-    :func:`deferred_checks`, at the end of that block, so that a GPU step does not wait for the device once per
-    check (``error`` may read the device to say what went wrong: it only runs when a check failed)."""
+    :func:`deferred_checks`, at the end of that block or with the next :func:`read_together`, whichever comes
+    first, so that a GPU step does not wait for the device once per check (``error`` may read the device to say
+    what went wrong: it only runs when a check failed)."""
     pending = _PENDING.get()
     if pending is not None and not host_route(ok):
         pending.append((ok, error))
@@ -162,6 +163,34 @@ def deferred_checks() -> Iterator[None]:
     failed = _first_failed(pending)
     if failed is not None:
         raise failed
+
+
+def read_together(values: Sequence[Tensor]) -> list[np.ndarray]:
+    """Each of ``values`` as a flat float64 array, read back in one transfer together with the flags of the
+    :func:`check` calls deferred so far in the current :func:`deferred_checks` block (on a GPU one wait for the
+    device where there would be one per tensor and one for the checks). Those checks are done then: the first
+    failed one raises here, before any value is returned, and the block's end does not read them again.
+    Tensors on different devices are read one device at a time. float64 holds exactly every float32 value and
+    every integer up to 2**53 (counts, positions)."""
+    pending = _PENDING.get() or []
+    flags = [flag.reshape(1).double() for flag, _ in pending]
+    flat = [v.detach().reshape(-1).double() for v in values] + flags
+    sizes = [t.numel() for t in flat]
+    if not flat:
+        return []
+    if all(t.device == flat[0].device for t in flat):
+        host = np.asarray(torch.cat(flat).tolist(), dtype=np.float64)
+        parts = np.split(host, np.cumsum(sizes)[:-1])
+    else:
+        parts = [np.asarray(t.tolist(), dtype=np.float64) for t in flat]
+    if pending:
+        ok = np.concatenate(parts[len(values):]) != 0
+        checks = list(pending)
+        pending.clear()  # read now: the block's end has nothing left to read
+        for good, (_, error) in zip(ok.tolist(), checks, strict=True):
+            if not good:
+                raise _made(error)
+    return list(parts[: len(values)])
 
 
 def _made(error: Callable[[], Exception]) -> Exception:

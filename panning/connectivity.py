@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -260,7 +261,16 @@ class PathCounter:
 
     def effective_many(self, masks: Sequence[Masks], input_shape: Sequence[int]) -> list[Masks]:
         """``[self.effective(m, input_shape) for m in masks]``, with the path counts of all the masks computed as
-        one ``vmap``-ed pass where the network allows it.
+        one ``vmap``-ed pass where the network allows it (:meth:`effective_begin`, one host read, then
+        :meth:`effective_end`)."""
+        pending = self.effective_begin(masks, input_shape)
+        ok = pending.finite.tolist()  # one host read for all the masks
+        return self.effective_end(pending, ok)
+
+    def effective_begin(self, masks: Sequence[Masks], input_shape: Sequence[int]) -> PendingEffective:
+        """The device half of :meth:`effective_many`: effective masks from the unscaled path counts and, per mask,
+        whether those counts were finite (a boolean vector left on the device, for the caller to read back with
+        other values and hand to :meth:`effective_end`, which redoes the masks whose counts overflowed).
 
         The answer is the same whichever way the counts are summed: every term is a non-negative path count
         (>= 1 where positive, unscaled), so a sum is positive exactly when one of its terms is. A mask whose
@@ -270,14 +280,12 @@ class PathCounter:
         and not the other, and so be decided by the scaled pass on one route only; no network here comes near.)
         """
         masks = [m if isinstance(m, Masks) else Masks(m) for m in masks]
-        if len(masks) < 2 or not self._stackable:
-            return [self.effective(m, input_shape) for m in masks]
         for m in masks:
             m.check(self.model)
-        keys = list(masks[0])
-        if any(list(m) != keys for m in masks) or not keys:
-            return [self.effective(m, input_shape) for m in masks]
         _check_input_shape(input_shape)
+        keys = list(masks[0]) if masks else []
+        if len(masks) < 2 or not self._stackable or not keys or any(list(m) != keys for m in masks):
+            return self._begin_one_by_one(masks, input_shape)
         net = self._net
         names = {id(p): n for n, p in net.named_parameters()}
         pnames = [names[id(self._found[k][1])] for k in keys]
@@ -293,17 +301,37 @@ class PathCounter:
                 grads, r = vmap(grad_and_value(count), randomness="error")(stack)
         except (RuntimeError, ValueError, NotImplementedError):  # no batching rule: the one-at-a-time route
             _STACKABLE[self._key] = False
-            return [self.effective(m, input_shape) for m in masks]
-        finite = one_read([torch.isfinite(r)] + [torch.isfinite(grads[n]).flatten(1).all(1) for n in pnames])
-        ok = finite.all(0).tolist()
-        out = []
-        for i, m in enumerate(masks):
-            if not ok[i]:
-                out.append(self.effective(m, input_shape))
-                continue
-            out.append(Masks._trusted({k: m[k] & (grads[n][i] > 0).to(m[k].device)
-                                       for n, k in zip(pnames, keys, strict=True)}))
-        return out
+            return self._begin_one_by_one(masks, input_shape)
+        finite = torch.stack([torch.isfinite(r)] + [torch.isfinite(grads[n]).flatten(1).all(1) for n in pnames])
+        out = [Masks._trusted({k: m[k] & (grads[n][i] > 0).to(m[k].device) for n, k in zip(pnames, keys, strict=True)})
+               for i, m in enumerate(masks)]
+        return PendingEffective(masks, input_shape, out, finite.all(0))
+
+    def _begin_one_by_one(self, masks: list[Masks], input_shape: Sequence[int]) -> PendingEffective:
+        """:meth:`effective_begin` for one mask at a time: each mask's unscaled pass and its finiteness flag."""
+        out, flags = [], []
+        for m in masks:
+            grads, r = self._path_grads(m, input_shape, scaled=False)
+            flags.append(torch.stack([torch.isfinite(r).reshape(())] + [all_finite(g) for g in grads.values()]).all())
+            out.append(Masks._trusted({k: (m[k] & (grads[k] > 0).to(m[k].device)).clone() for k in m}))
+        finite = one_read(flags) if flags else torch.ones(0, dtype=torch.bool)
+        return PendingEffective(masks, input_shape, out, finite)
+
+    def effective_end(self, pending: PendingEffective, finite: Sequence[float | bool]) -> list[Masks]:
+        """The effective masks of :meth:`effective_begin`, given its ``finite`` flags as read back: a mask whose
+        unscaled counts overflowed goes through :meth:`effective` (the ``1/fan_in`` retry)."""
+        return [eff if ok else self.effective(m, pending.input_shape)
+                for m, eff, ok in zip(pending.masks, pending.out, finite, strict=True)]
+
+
+@dataclass
+class PendingEffective:
+    """Effective masks between :meth:`PathCounter.effective_begin` and :meth:`PathCounter.effective_end`."""
+
+    masks: list[Masks]
+    input_shape: Sequence[int]
+    out: list[Masks]  # from the unscaled counts; valid where ``finite`` is True
+    finite: Tensor  # [len(masks)] booleans, on the device
 
 
 def effective_masks(model: nn.Module, masks: Masks, input_shape: Sequence[int]) -> Masks:

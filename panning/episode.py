@@ -127,10 +127,21 @@ from panning._functional import (
     one_read,
     other_tensors,
     preserved_modes,
+    read_together,
     stacked_tensors,
 )
-from panning.connectivity import PathCounter
-from panning.masks import Masks, _topk_mask, check_keep, count_all, keep_count, order_statistics, order_statistics_np
+from panning.connectivity import PathCounter, PendingEffective
+from panning.masks import (
+    Masks,
+    _topk_mask,
+    check_keep,
+    count_all,
+    counts_begin,
+    counts_end,
+    keep_count,
+    order_statistics,
+    order_statistics_np,
+)
 from panning.pruner import Pruner
 
 __all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES", "LAYER_FEATURES",
@@ -446,15 +457,19 @@ class PruningEpisode:
         """One pruning step driven by ``action`` (see the module docstring for the mapping)."""
         plan = self._select(action)
         t2 = plan.clock
-        eff = self.path_counter().effective(plan.masks, self.input_shape)
+        counter = self.path_counter()
+        pending = counter.effective_begin([plan.masks], self.input_shape)
         t3 = self._clock()
-        loss, grad = self.signals(plan.masks)
+        masks = [plan.masks]
         if self._signals0 is None:  # the first step: the signals before it, which its ratios divide by
-            self._signals0 = self.signals(self._masks0)
+            masks.append(self._masks0)
+        rows = _signal_rows_one_by_one([self.model] * len(masks), masks, self.batches[0])
+        effs, sigs = _read_step(counter, pending, rows, [plan.masks])
+        if self._signals0 is None:
+            self._signals0 = sigs[1]
         self.timing["connectivity"] += t3 - t2
         self.timing["signal"] += self._clock() - t3
-        count_all([plan.masks, eff])  # what the observation and the env's info count, in one read
-        return self._finish(plan, eff, loss, grad)
+        return self._finish(plan, effs[0], *sigs[0])
 
     def path_counter(self) -> PathCounter:
         """The episode's path-counting copy of its network (made at the first step, reused after)."""
@@ -712,21 +727,13 @@ def observe_many(episodes: Sequence[PruningEpisode], score_indices: Sequence[boo
                  ) -> list[np.ndarray]:
     """``[ep.observe(s) for ep, s in zip(episodes, score_indices)]``, the same observations, with every device
     value of all the episodes read back in one transfer (on a GPU one wait for the device, not one per
-    episode)."""
+    episode), together with the checks deferred so far (:func:`panning._functional.read_together`)."""
     flags = list(score_indices) if score_indices is not None else [None] * len(episodes)
     if len(flags) != len(episodes):
         raise ValueError(f"got {len(episodes)} episodes for {len(flags)} score_indices flags")
     pends = [ep._observe_begin(f) for ep, f in zip(episodes, flags, strict=True)]
-    payloads = [p.payload for p in pends if p.payload is not None]
-    values: list[np.ndarray | None] = [None] * len(pends)
-    if payloads:
-        one_device = all(p.device == payloads[0].device for p in payloads)
-        if one_device:
-            host = np.asarray(torch.cat(payloads).tolist(), dtype=np.float64)
-            parts = iter(np.split(host, np.cumsum([p.numel() for p in payloads])[:-1]))
-        else:
-            parts = iter(np.asarray(p.tolist(), dtype=np.float64) for p in payloads)
-        values = [next(parts) if p.payload is not None else None for p in pends]
+    parts = iter(read_together([p.payload for p in pends if p.payload is not None]))
+    values = [next(parts) if p.payload is not None else None for p in pends]
     out = [ep._observe_end(p, v) for ep, p, v in zip(episodes, pends, values, strict=True)]
     if episodes:  # features: the whole call's time less every episode's scoring, shared equally
         elapsed = episodes[-1]._clock() - pends[0].t_start
@@ -765,11 +772,21 @@ def _signals_one_by_one(models: Sequence[nn.Module], masks: Sequence[Mapping[str
                         batch: tuple[Tensor, Tensor]) -> list[tuple[float, float]]:
     """:func:`masked_signals` of each network computed alone, all values read back together (float64 holds each
     float32 loss exactly)."""
+    return _pairs(_signal_rows_one_by_one(models, masks, batch).tolist())
+
+
+def _signal_rows_one_by_one(models: Sequence[nn.Module], masks: Sequence[Mapping[str, Tensor]],
+                            batch: tuple[Tensor, Tensor]) -> Tensor:
+    """[2, N] float64, nothing read: each network's loss (row 0) and gradient norm (row 1), computed alone."""
     pairs = [_signal_tensors(m, k, batch) for m, k in zip(models, masks, strict=True)]
     losses = [loss.double() for loss, _ in pairs]
     norms = [_grad_norm(g, k) for (_, g), k in zip(pairs, masks, strict=True)]
-    values = one_read(losses + norms).tolist()
-    return list(zip(values[: len(models)], values[len(models) :], strict=True))
+    return one_read(losses + norms).reshape(2, len(models))
+
+
+def _pairs(rows: Sequence[Sequence[float]]) -> list[tuple[float, float]]:
+    """(loss, gradient norm) per network from the two rows of a signals tensor."""
+    return list(zip(rows[0], rows[1], strict=True))
 
 
 #: (architecture, batch shapes, device, training modes, N) -> whether the stacked signals matched bit for bit
@@ -783,14 +800,22 @@ def _modes(model: nn.Module) -> tuple[bool, ...]:
 def signals_many(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tuple[Tensor, Tensor]
                  ) -> list[tuple[float, float]]:
     """``[masked_signals(models[i], masks[i], batch)]``, bit for bit, computed for all networks of one architecture
-    (module types, state shapes, masked keys and training modes alike; otherwise one at a time) as one ``vmap``-ed
-    pass where that is exact. As for the stacked scores (:mod:`panning.batched`), whether it is depends on the
-    layers and the device, so the stacked pass is checked once per architecture, modes, number of networks, batch
-    shape and device against the first and the last network computed alone, and used only where every bit
-    matched; a network the stacked pass cannot run (vmap lacks a rule for one of its operations) goes one at a
-    time too."""
-    def loop() -> list[tuple[float, float]]:
-        return _signals_one_by_one(models, masks, batch)
+    at once where that is exact (:func:`signal_rows`), read back in one transfer."""
+    return _pairs(signal_rows(models, masks, batch).tolist())
+
+
+def signal_rows(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The device half of :func:`signals_many`: [2, N] float64 (losses, then gradient norms), nothing read back
+    (float64 holds each float32 loss exactly).
+
+    Networks of one architecture (module types, state shapes, masked keys and training modes alike; otherwise one
+    at a time) are computed as one ``vmap``-ed pass where that is exact. As for the stacked scores
+    (:mod:`panning.batched`), whether it is depends on the layers and the device, so the stacked pass is checked
+    once per architecture, modes, number of networks, batch shape and device against the first and the last
+    network computed alone, and used only where every bit matched; a network the stacked pass cannot run (vmap
+    lacks a rule for one of its operations) goes one at a time too."""
+    def loop() -> Tensor:
+        return _signal_rows_one_by_one(models, masks, batch)
 
     if len(models) < 2 or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules()):
         return loop()
@@ -826,8 +851,22 @@ def signals_many(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tup
         if not _SIGNALS_EXACT[key]:
             return loop()
     norms = [_grad_norm([g[k][i] for k in keys], masks[i]) for i in range(len(models))]
-    values = one_read([loss.double(), torch.stack(norms)]).tolist()  # float64 holds each float32 loss exactly
-    return [(a, b) for a, b in zip(values[0], values[1], strict=True)]
+    return torch.stack([loss.double(), torch.stack(norms)])
+
+
+def _read_step(counter: PathCounter, pending: PendingEffective, rows: Tensor, masks: Sequence[Masks]
+               ) -> tuple[list[Masks], list[tuple[float, float]]]:
+    """What a step reads back, in one transfer with the checks deferred so far: the effective masks'
+    finiteness flags (:meth:`PathCounter.effective_begin`), the signals ``rows`` ([2, M]) and the layer counts of
+    ``masks`` and of their effective masks (what the observation and the env's info count). Returns the
+    effective masks (those whose unscaled path counts overflowed redone, and counted, here) and the M signals."""
+    todo, counts = counts_begin(list(masks) + pending.out)
+    empty = torch.zeros(0, dtype=torch.long)
+    finite, values, cnt = read_together([pending.finite, rows, one_read(counts) if counts else empty])
+    counts_end(todo, cnt.tolist())
+    effs = counter.effective_end(pending, (finite != 0).tolist())
+    count_all(effs)  # only masks redone by the scaled pass are not counted yet: a read in that rare case alone
+    return effs, _pairs(values.reshape(2, -1).tolist())
 
 
 @deferred_checks()
@@ -859,15 +898,16 @@ def step_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> lis
     assert first is not None
     plans = [ep._select(a) for ep, a in zip(episodes, actions, strict=True)]
     t0 = first._clock()
-    effs = first.path_counter().effective_many([p.masks for p in plans], first.input_shape)
+    counter = first.path_counter()
+    pending = counter.effective_begin([p.masks for p in plans], first.input_shape)
     t1 = first._clock()
     fresh = [ep for ep in episodes if ep._signals0 is None]  # first steps: the signals before them too
-    both = signals_many([ep.model for ep in episodes] + [ep.model for ep in fresh],
-                        [p.masks for p in plans] + [ep._masks0 for ep in fresh], first.batches[0])
+    rows = signal_rows([ep.model for ep in episodes] + [ep.model for ep in fresh],
+                       [p.masks for p in plans] + [ep._masks0 for ep in fresh], first.batches[0])
+    effs, both = _read_step(counter, pending, rows, [p.masks for p in plans])
     sigs = both[: len(episodes)]
     for ep, s0 in zip(fresh, both[len(episodes) :], strict=True):
         ep._signals0 = s0
-    count_all([p.masks for p in plans] + effs)  # what the observations and infos count, in one read
     t2 = first._clock()
     out = []
     for ep, plan, eff, (loss, grad) in zip(episodes, plans, effs, sigs, strict=True):

@@ -422,18 +422,31 @@ def count_all(masks: Sequence[Masks]) -> None:
     """Count the kept weights of every layer of every one of ``masks`` in one host read (on a GPU one wait for
     the device, not one per Masks), so that their ``layer_counts``, ``num_kept`` and ``layer_density`` read
     nothing after; masks counted already are skipped."""
+    todo, counts = counts_begin(masks)
+    if counts is not None:
+        counts_end(todo, one_read(counts).tolist())
+
+
+def counts_begin(masks: Sequence[Masks]) -> tuple[list[Masks], list[Tensor] | None]:
+    """The device half of :func:`count_all`: the masks not counted yet and their layers' counts (0-d tensors,
+    nothing read), for the caller to read back with other values and hand to :func:`counts_end`. Masks
+    whose layers lie on different devices are counted here, layer by layer (then ``None``)."""
     todo = [m for m in masks if not m._counted()]
     if not todo:
-        return
+        return [], None
     counts = [torch.count_nonzero(t) for m in todo for t in m.values()]
     if any(c.device != counts[0].device for c in counts):
         for m in todo:
             m.layer_counts()
-        return
-    values = one_read(counts).tolist()
+        return [], None
+    return todo, counts
+
+
+def counts_end(todo: Sequence[Masks], values: Sequence[float]) -> None:
+    """Record the layer counts :func:`counts_begin` queued (``values`` in its order, as numbers)."""
     at = 0
     for m in todo:
-        m._counts = (m._state(), values[at : at + len(m)])
+        m._counts = (m._state(), [int(v) for v in values[at : at + len(m)]])
         at += len(m)
 
 

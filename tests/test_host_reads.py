@@ -99,6 +99,31 @@ def test_deferred_checks_read_once_and_raise_the_first_failure() -> None:
         assert str(e) == "now"
 
 
+def test_read_together_reads_values_and_deferred_checks_in_one_transfer() -> None:
+    import pytest
+
+    from panning._functional import check, deferred_checks, device_routes, read_together
+
+    values = [torch.tensor([1.5, -2.0], dtype=torch.float32), torch.arange(3), torch.tensor(True),
+              torch.zeros(0)]
+    with device_routes(), _Reads() as r:
+        with deferred_checks():
+            check(torch.tensor(True), lambda: AssertionError("not raised"))
+            got = read_together(values)
+            assert r.n == 1  # the values and the check's flag together
+        assert r.n == 1  # the check was read with them: nothing left for the block's end
+    assert [a.tolist() for a in got] == [[1.5, -2.0], [0.0, 1.0, 2.0], [1.0], []]
+    assert all(a.dtype == np.float64 for a in got)
+    with device_routes(), _Reads() as r:
+        with pytest.raises(ValueError, match="first"), deferred_checks():
+            check(torch.tensor(False), lambda: ValueError("first"))
+            check(torch.tensor(False), lambda: ValueError("second"))
+            read_together(values)
+            raise AssertionError("not reached: the failed check raises at the read")
+    assert r.n == 1
+    assert read_together([]) == []
+
+
 def test_an_index_with_nan_scores_fails_the_episode_step_on_either_route(nan_magnitude) -> None:
     from panning._functional import device_routes
     from panning.episode import PruningEpisode
@@ -174,9 +199,10 @@ def test_a_vectorised_step_on_the_accelerator_routes_reads_back_few_values() -> 
         with device_routes(), _Reads() as r:
             venv.step(act)
         per_step[n] = r.n
-    # one read each: the effective masks' overflow check, the N loss/gradient signals, the N masks' layer
-    # counts, the N observations' device values, and every deferred check -- however many episodes
-    assert per_step[1] == per_step[2] == per_step[4] == per_step[8] <= 5, per_step
+    # two reads however many episodes: the step's (the effective masks' overflow flags, the loss/gradient
+    # signals and the masks' layer counts, which the shaping reward and the info need) and the observations'
+    # (their device values); each takes the checks deferred until then with it
+    assert per_step[1] == per_step[2] == per_step[4] == per_step[8] == 2, per_step
 
 
 def test_pair_digests_equal_the_single_digests() -> None:
