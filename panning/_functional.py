@@ -171,13 +171,14 @@ def read_together(values: Sequence[Tensor]) -> list[np.ndarray]:
     device where there would be one per tensor and one for the checks). Those checks are done then: the first
     failed one raises here, before any value is returned, and the block's end does not read them again.
     Tensors on different devices are read one device at a time. float64 holds exactly every float32 value and
-    every integer up to 2**53 (counts, positions)."""
+    every integer up to 2**53 (counts, positions). With no values nothing is read: the checks wait for the next
+    read or the block's end."""
+    if not values:
+        return []
     pending = _PENDING.get() or []
     flags = [flag.reshape(1).double() for flag, _ in pending]
     flat = [v.detach().reshape(-1).double() for v in values] + flags
     sizes = [t.numel() for t in flat]
-    if not flat:
-        return []
     if all(t.device == flat[0].device for t in flat):
         host = np.asarray(torch.cat(flat).tolist(), dtype=np.float64)
         parts = np.split(host, np.cumsum(sizes)[:-1])

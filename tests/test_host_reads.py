@@ -121,7 +121,11 @@ def test_read_together_reads_values_and_deferred_checks_in_one_transfer() -> Non
             read_together(values)
             raise AssertionError("not reached: the failed check raises at the read")
     assert r.n == 1
-    assert read_together([]) == []
+    with device_routes(), _Reads() as r:
+        with pytest.raises(ValueError, match="later"), deferred_checks():
+            check(torch.tensor(False), lambda: ValueError("later"))
+            assert read_together([]) == [] and r.n == 0  # nothing to read: the check waits for the block's end
+    assert r.n == 1
 
 
 def test_an_index_with_nan_scores_fails_the_episode_step_on_either_route(nan_magnitude) -> None:
