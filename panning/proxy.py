@@ -505,10 +505,13 @@ class ProxyEvaluator:
                 results[i] = ProxyResult(hit.accuracy, hit.loss, 0.0, True, hit.steps)
             else:
                 todo.append((i, key))
-        if todo and not self.stacks(inits[todo[0][0]]):
-            for i, _ in todo:  # one at a time is faster here (see stacks())
-                m = masks_list[i]
-                results[i] = self.evaluate(inits[i], m if isinstance(m, Masks) else Masks(dict(m)))
+        if todo and not self.stacks(inits[todo[0][0]]):  # one at a time is faster here (see stacks())
+            t0 = time.perf_counter()
+            sums = [self._trained_sums(inits[i], masks_list[i]) for i, _ in todo]
+            values = one_read([v.double() for pair in sums for v in pair]).tolist()  # one read for all of them
+            seconds = (time.perf_counter() - t0) / len(todo)
+            for k, (i, key) in enumerate(todo):
+                results[i] = self._recorded(key, values[2 * k], values[2 * k + 1], seconds)
             todo = []
         if todo:
             size = self.chunk_size(inits[todo[0][0]])
@@ -525,21 +528,33 @@ class ProxyEvaluator:
                         sums.append(self._sums_many(template, params, buffers, j))
                 correct = torch.stack([c for c, _ in sums]).sum(0)
                 loss_sum = torch.stack([v for _, v in sums]).sum(0)
-                n = self.val_size
                 # one read for the chunk (float64 holds every count exactly)
                 counts, losses = one_read([correct.double(), loss_sum.double()]).tolist()
-                scores = [(c / n, v / n) for c, v in zip(counts, losses, strict=True)]
                 seconds = (time.perf_counter() - t0) / len(part)
-                for (i, key), (acc, loss) in zip(part, scores, strict=True):
-                    self.misses += 1
-                    result = ProxyResult(acc, loss if math.isfinite(loss) else float("inf"), seconds, False,
-                                         self.settings.steps)
-                    results[i] = result
-                    if key is not None:
-                        self._cache[key] = result
-                        while len(self._cache) > self.cache_size:
-                            self._cache.popitem(last=False)
+                for (i, key), (c, v) in zip(part, zip(counts, losses, strict=True), strict=True):
+                    results[i] = self._recorded(key, c, v, seconds)
         return [r for r in results if r is not None]
+
+    def _trained_sums(self, init: nn.Module | Mapping[str, Tensor], masks: Masks | Mapping[str, Tensor]
+                      ) -> tuple[Tensor, Tensor]:
+        """(correct predictions, summed cross-entropy) on the validation split of a copy of ``init`` trained under
+        ``masks``, pooled over the folds (each fold's copy trained on the other folds); left on the device."""
+        masks = masks if isinstance(masks, Masks) else Masks(dict(masks))
+        sums = [self._sums(self.train(init, masks, split=j), j) for j in range(len(self._splits))]
+        return torch.stack([c for c, _ in sums]).sum(), torch.stack([v for _, v in sums]).sum()
+
+    def _recorded(self, key: tuple | None, correct: float, loss_sum: float, seconds: float) -> ProxyResult:
+        """The result of a candidate trained now, from its validation sums; counted and cached under ``key``."""
+        self.misses += 1
+        n = self.val_size
+        loss = loss_sum / n
+        result = ProxyResult(correct / n, loss if math.isfinite(loss) else float("inf"), seconds, False,
+                             self.settings.steps)
+        if key is not None:
+            self._cache[key] = result
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return result
 
     @torch.no_grad()
     def _sums(self, net: nn.Module, split: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
@@ -589,17 +604,5 @@ class ProxyEvaluator:
             self.hits += 1
             hit = self._cache[key]
             return ProxyResult(hit.accuracy, hit.loss, time.perf_counter() - t0, True, hit.steps)
-        self.misses += 1
-        # K-fold: every fold's training, pooled (one split otherwise)
-        sums = [self._sums(self.train(init, masks, split=j), j) for j in range(len(self._splits))]
-        correct = torch.stack([c for c, _ in sums]).sum()
-        total = torch.stack([v for _, v in sums]).sum()
-        acc, loss = float(correct) / self.val_size, float(total) / self.val_size
-        if not math.isfinite(loss):
-            loss = float("inf")
-        result = ProxyResult(acc, loss, time.perf_counter() - t0, False, self.settings.steps)
-        if key is not None:
-            self._cache[key] = result
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return result
+        correct, total = one_read([v.double() for v in self._trained_sums(init, masks)]).tolist()
+        return self._recorded(key, correct, total, time.perf_counter() - t0)

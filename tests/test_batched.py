@@ -89,6 +89,22 @@ def test_batched_proxy_with_batchnorm_keeps_per_candidate_statistics(digits) -> 
         assert abs(a.accuracy - b.accuracy) <= max(1e-4, 1 / len(digits.val))
 
 
+def test_one_at_a_time_route_of_evaluate_many_equals_evaluate_and_reads_once(digits) -> None:
+    """Where evaluate_many trains one candidate at a time (stacked off), its results are evaluate's bit for bit,
+    and all the candidates' scores come back in one read (their cache keys were taken together before)."""
+    from panning._functional import HostReads
+
+    inits = [build_model("mlp", 10, (64,), seed=s) for s in range(3)]
+    masks = [random_masks(m, d, s) for s, (m, d) in enumerate(zip(inits, (0.5, 0.1, 0.02), strict=True))]
+    one = [ProxyEvaluator(digits, steps=10, cache_size=0).evaluate(m, k) for m, k in zip(inits, masks, strict=True)]
+    ev = ProxyEvaluator(digits, steps=10, cache_size=0, stacked=False)
+    assert not ev.stacks(inits[0])
+    with HostReads() as reads:
+        many = ev.evaluate_many(inits, masks)
+    assert [(r.accuracy, r.loss, r.cached) for r in many] == [(r.accuracy, r.loss, False) for r in one]
+    assert reads.kinds.get("tolist") == 1 and ev.misses == 3
+
+
 def test_chunks_and_cache(digits) -> None:
     inits = [build_model("mlp", 10, (64,), seed=s) for s in range(5)]
     masks = [random_masks(m, 0.2, s) for s, m in enumerate(inits)]
