@@ -354,3 +354,18 @@ def test_bench_batched_episode_phases_cold_warm_and_steady_rounds() -> None:
     assert cold > 0 and warm is not None and warm > 0 and len(rounds) == 2 and min(rounds) > 0
     assert len(calls) == 3 * (2 + 1 + 2 + 2 + 2)  # tiny episodes have 3 steps: 2 cold, 1 warm-up, 2 warm, 2 x 2
     assert bench._episodes(venv, 1, 1, 0, rounds=3)[1:] == (None, [])
+
+
+def test_profile_episodes_names_the_stages_of_a_vectorised_step(tmp_path: Path) -> None:
+    """profile_episodes.py profiles real vectorised steps: every stage is found in the profile (a renamed function
+    would show 0 s) and the step's parts add up to no more than the step."""
+    out = tmp_path / "profile.json"
+    r = _run("profile_episodes.py", "--config", str(REPO / "configs" / "env" / "tiny.yaml"), "--n", "2",
+             "--warmup", "2", "--episodes", "2", "--top", "3", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    assert got["episodes"] >= 2 and got["step_s"] > 0 and len(got["own_time"]) == 3
+    assert all(s["seconds"] > 0 for s in got["stages"]), got["stages"]
+    parts = sum(s["seconds"] for s in got["stages"] if s["depth"] == 0)
+    assert parts <= got["step_s"] * 1.001
+    assert "| pruning step (step_many) |" in r.stdout and "| observation (observe_many) |" in r.stdout
