@@ -136,13 +136,15 @@ def check(ok: Tensor, error: Callable[[], Exception]) -> None:
 
 @contextmanager
 def deferred_checks() -> Iterator[None]:
-    """Collect the device-side :func:`check` flags of the block and read them back in one transfer at its end,
-    raising the first failed check's error in the order made. If the block raises, a failed earlier check is
+    """Collect the device-side :func:`check` flags of the block and read them back in one transfer at its end (or
+    earlier, with the values of a :func:`read_together`), raising the first failed check's error in the order
+    made. If the block raises, a failed earlier check is
     raised instead (what ran after it ran on values the check would have refused). Nested blocks join the
     outermost one.
 
-    A deferred check fails after the block's work: on an accelerator, a step whose scores were not finite has
-    moved its episode before it raises, so that episode is to be discarded, not stepped again."""
+    A deferred check fails after the work before the read that takes it (:func:`read_together`, or the block's
+    end): on an accelerator, a step whose scores were not finite has pruned its network before it raises (its
+    pruner moved, its episode did not count the step), so that episode is to be discarded, not stepped again."""
     if _PENDING.get() is not None:
         yield
         return
@@ -169,10 +171,10 @@ def read_together(values: Sequence[Tensor]) -> list[np.ndarray]:
     """Each of ``values`` as a flat float64 array, read back in one transfer together with the flags of the
     :func:`check` calls deferred so far in the current :func:`deferred_checks` block (on a GPU one wait for the
     device where there would be one per tensor and one for the checks). Those checks are done then: the first
-    failed one raises here, before any value is returned, and the block's end does not read them again.
-    Tensors on different devices are read one device at a time. float64 holds exactly every float32 value and
-    every integer up to 2**53 (counts, positions). With no values nothing is read: the checks wait for the next
-    read or the block's end."""
+    failed one raises here, before any value is returned, and the block's end does not read them again. When
+    the tensors (or the checks' flags) are not all on one device, each is read on its own. float64 holds exactly
+    every float32 value and every integer up to 2**53 (counts, positions). With no values nothing is read: the
+    checks wait for the next read or the block's end."""
     if not values:
         return []
     pending = _PENDING.get() or []

@@ -806,7 +806,8 @@ def signals_many(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tup
 
 def signal_rows(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tuple[Tensor, Tensor]) -> Tensor:
     """The device half of :func:`signals_many`: [2, N] float64 (losses, then gradient norms), nothing read back
-    (float64 holds each float32 loss exactly).
+    but the first time an architecture is stacked, when its exactness is checked (float64 holds each float32
+    loss exactly).
 
     Networks of one architecture (module types, state shapes, masked keys and training modes alike; otherwise one
     at a time) are computed as one ``vmap``-ed pass where that is exact. As for the stacked scores
@@ -861,7 +862,7 @@ def _read_step(counter: PathCounter, pending: PendingEffective, rows: Tensor, ma
     ``masks`` and of their effective masks (what the observation and the env's info count). Returns the
     effective masks (those whose unscaled path counts overflowed redone, and counted, here) and the M signals."""
     todo, counts = counts_begin(list(masks) + pending.out)
-    empty = torch.zeros(0, dtype=torch.long)
+    empty = torch.zeros(0, dtype=torch.long, device=pending.finite.device)
     finite, values, cnt = read_together([pending.finite, rows, one_read(counts) if counts else empty])
     counts_end(todo, cnt.tolist())
     effs = counter.effective_end(pending, (finite != 0).tolist())

@@ -429,8 +429,8 @@ def count_all(masks: Sequence[Masks]) -> None:
 
 def counts_begin(masks: Sequence[Masks]) -> tuple[list[Masks], list[Tensor] | None]:
     """The device half of :func:`count_all`: the masks not counted yet and their layers' counts (0-d tensors,
-    nothing read), for the caller to read back with other values and hand to :func:`counts_end`. Masks
-    whose layers lie on different devices are counted here, layer by layer (then ``None``)."""
+    nothing read), for the caller to read back with other values and hand to :func:`counts_end`. If the
+    layers lie on more than one device, every one of the masks is counted here, a layer at a time (then ``None``)."""
     todo = [m for m in masks if not m._counted()]
     if not todo:
         return [], None

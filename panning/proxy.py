@@ -490,12 +490,15 @@ class ProxyEvaluator:
                       masks_list: Sequence[Masks | Mapping[str, Tensor]]) -> list[ProxyResult]:
         """:meth:`evaluate` for N candidates of one architecture, trained together (:meth:`train_many`)
         in chunks of :meth:`chunk_size` where that is faster (:meth:`stacks`), else one at a time;
-        cached results are not retrained. Accuracies agree with one-at-a-time :meth:`evaluate` up to
-        float rounding (at most one validation example apart, up to training chaos: see the tests)."""
+        cached results are not retrained, nor is a candidate given twice (the repeat counts as a cache hit).
+        Accuracies agree with one-at-a-time :meth:`evaluate` up to float rounding (at most one validation
+        example apart, up to training chaos: see the tests)."""
         if len(inits) != len(masks_list):
             raise ValueError(f"got {len(inits)} initialisations for {len(masks_list)} masks")
         results: list[ProxyResult | None] = [None] * len(inits)
         todo: list[tuple[int, tuple | None]] = []
+        repeats: list[tuple[int, int]] = []  # (candidate, the earlier one in this call with its key)
+        first: dict[tuple, int] = {}
         keys: list[tuple | None] = list(self.keys(inits, masks_list)) if self.cache_size else [None] * len(inits)
         for i, key in enumerate(keys):
             if key is not None and key in self._cache:
@@ -503,7 +506,11 @@ class ProxyEvaluator:
                 self.hits += 1
                 hit = self._cache[key]
                 results[i] = ProxyResult(hit.accuracy, hit.loss, 0.0, True, hit.steps)
+            elif key is not None and key in first:  # trained once, a cache hit after, as one evaluate() each would
+                repeats.append((i, first[key]))
             else:
+                if key is not None:
+                    first[key] = i
                 todo.append((i, key))
         if todo and not self.stacks(inits[todo[0][0]]):  # one at a time is faster here (see stacks())
             t0 = time.perf_counter()
@@ -533,6 +540,11 @@ class ProxyEvaluator:
                 seconds = (time.perf_counter() - t0) / len(part)
                 for (i, key), (c, v) in zip(part, zip(counts, losses, strict=True), strict=True):
                     results[i] = self._recorded(key, c, v, seconds)
+        for i, j in repeats:
+            done = results[j]
+            assert done is not None
+            self.hits += 1
+            results[i] = ProxyResult(done.accuracy, done.loss, 0.0, True, done.steps)
         return [r for r in results if r is not None]
 
     def _trained_sums(self, init: nn.Module | Mapping[str, Tensor], masks: Masks | Mapping[str, Tensor]

@@ -105,6 +105,18 @@ def test_one_at_a_time_route_of_evaluate_many_equals_evaluate_and_reads_once(dig
     assert reads.kinds.get("tolist") == 1 and ev.misses == 3
 
 
+@pytest.mark.parametrize("stacked", [True, False])
+def test_a_candidate_given_twice_in_one_call_is_trained_once(digits, stacked: bool) -> None:
+    net = build_model("mlp", 10, (64,), seed=0)
+    a, b = random_masks(net, 0.3, 1), random_masks(net, 0.3, 2)
+    ev = ProxyEvaluator(digits, steps=10, stacked=stacked)
+    got = ev.evaluate_many([net] * 4, [a, b, a, Masks({k: v.clone() for k, v in a.items()})])  # by value too
+    assert [r.cached for r in got] == [False, False, True, True] and (ev.misses, ev.hits) == (2, 2)
+    assert got[0].accuracy == got[2].accuracy == got[3].accuracy and got[0].loss == got[3].loss
+    assert ProxyEvaluator(digits, steps=10, cache_size=0, stacked=stacked).evaluate_many([net] * 2, [a, a])[1].cached \
+        is False  # no cache: no keys, each candidate trained
+
+
 def test_chunks_and_cache(digits) -> None:
     inits = [build_model("mlp", 10, (64,), seed=s) for s in range(5)]
     masks = [random_masks(m, 0.2, s) for s, m in enumerate(inits)]

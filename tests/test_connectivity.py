@@ -597,6 +597,16 @@ def test_effective_many_falls_back_where_counts_overflow_or_vmap_cannot_run():
     got = PathCounter(deep).effective_many(masks, (64,))  # the first overflows float64 unscaled
     assert all(a.equal(effective_masks(deep, m, (64,))) for a, m in zip(got, masks, strict=True))
     assert not got[0]["99.weight"][5].any()
+    # counts that overflow and then meet a pruned weight turn NaN, where the unscaled answer would be wrong
+    chain = nn.Sequential(*[nn.Linear(64, 64) for _ in range(200)], nn.Linear(64, 1))
+    nan = _ones(chain)
+    nan["199.weight"][:, 3] = False
+    nan["200.weight"][0, 7] = False
+    few = {k: v.clone() for k, v in nan.items()}
+    few["0.weight"][:, 1:] = False
+    masks = [Masks(nan), Masks(few)]
+    got = PathCounter(chain).effective_many(masks, (64,))
+    assert all(a.equal(effective_masks(chain, m, (64,))) for a, m in zip(got, masks, strict=True))
 
     class Branchy(nn.Module):  # control flow on a value: vmap has no rule for it
         def __init__(self) -> None:

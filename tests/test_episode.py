@@ -664,3 +664,26 @@ def test_signals_many_fall_back_where_vmap_cannot_run() -> None:
     masks = [Masks({k: torch.rand(p.shape) < 0.5 for k, p in m.named_parameters() if p.dim() > 1}) for m in models]
     assert signals_many(models, masks, batch) == [masked_signals(m, k, batch) for m, k in zip(models, masks,
                                                                                               strict=True)]
+
+
+def test_a_step_whose_path_counts_overflow_gets_the_effective_masks_of_the_scaled_pass() -> None:
+    """A deep chain's unscaled path counts overflow float64 and meet pruned weights (inf * 0: NaN); the step reads
+    the finiteness flags with its other values and redoes those masks with the scaled pass, one episode alone or
+    N at once, and counts them."""
+    from panning.episode import step_many
+
+    def chain(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(*[nn.Linear(32, 32) for _ in range(260)], nn.Linear(32, 10))  # 32**260 > 2**1024
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 32, generator=g), torch.arange(8) % 10)
+    eps = [PruningEpisode(chain(s), ["magnitude"], [batch], target_sparsity=0.3, steps=2) for s in range(3)]
+    steps = step_many(eps[:2], [[0.0, 0.0]] * 2) + [eps[2].step([0.0, 0.0])]
+    for ep, st in zip(eps, steps, strict=True):
+        assert st.effective.equal(effective_masks(ep.model, st.masks, (32,)))
+        from panning.connectivity import PathCounter
+
+        assert not PathCounter(ep.model).effective_begin([st.masks], (32,)).finite.any()  # the fallback ran
+        for m in (st.masks, st.effective):
+            assert m._counted() and m.layer_counts() == [int(t.sum()) for t in m.values()]
