@@ -29,18 +29,21 @@ from panning.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: (stage, file the function is in, function name, depth): depth 0 are the step's parts, 1 what they spend on
+#: (stage, file the function is in, function name, depth): the depth-0 functions never call one another (a step
+#: takes either route: step_observe_many in the middle of the episodes, step_many at their end), so their times
+#: add up to at most the env step's; depth 1 is what the depth-0 one above spends on
 STAGES = [
-    ("pruning step (step_many)", "panning/episode.py", "step_many", 0),
-    ("of which: scoring and selection (_select)", "panning/episode.py", "_select", 1),
-    ("of which: connectivity (effective_begin)", "panning/connectivity.py", "effective_begin", 1),
-    ("of which: loss/gradient signals (signal_rows)", "panning/episode.py", "signal_rows", 1),
-    ("of which: the step's read (_read_step)", "panning/episode.py", "_read_step", 1),
+    ("pruning: scoring and selection (_select)", "panning/episode.py", "_select", 0),
+    ("pruning: connectivity (effective_begin)", "panning/connectivity.py", "effective_begin", 0),
+    ("pruning: loss/gradient signals (signal_rows)", "panning/episode.py", "signal_rows", 0),
+    ("pruning: the host half (_step_values)", "panning/episode.py", "_step_values", 0),
     ("rewards: the proxy (_rewards)", "envs/vec_env.py", "_rewards", 0),
     ("scoring for the observation (_prefill)", "envs/vec_env.py", "_prefill", 0),
-    ("observation (observe_many)", "panning/episode.py", "observe_many", 0),
+    ("observation: device half (_observe_begin)", "panning/episode.py", "_observe_begin", 0),
     ("of which: per-index features", "panning/episode.py", "_index_features_begin", 1),
     ("of which: per-layer features", "panning/episode.py", "_layer_index_features_begin", 1),
+    ("observation: host half (_observe_end)", "panning/episode.py", "_observe_end", 0),
+    ("the step's host reads (read_together)", "panning/_functional.py", "read_together", 0),
 ]
 
 

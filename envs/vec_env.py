@@ -40,7 +40,7 @@ from panning._functional import deferred_checks
 from panning.batched import prefill_scores
 from panning.data import DataBundle
 from panning.envs.panning_env import RELATIVE_REWARDS, PanningEnv, PanningEnvConfig, PendingStep
-from panning.episode import observe_many, step_many
+from panning.episode import observe_many, step_many, step_observe_many
 from panning.errors import UsageError
 from panning.proxy import ProxyResult
 
@@ -112,16 +112,23 @@ class BatchedPanningVecEnv(VecEnv):
         if any(env.episode is None or env._done for env in self.envs):
             raise RuntimeError("an env's episode is over (or never started): call reset() before step()")
         t0 = time.perf_counter()
-        steps = step_many([env.episode for env in self.envs], list(self.actions))  # type: ignore[misc]
+        episodes = [env.episode for env in self.envs]
+        # a step that ends no episode: stepped, scored and observed with one read of the device (one group)
+        together = step_observe_many(episodes, list(self.actions), lambda _: self._prefill(self.envs))  # type: ignore[arg-type]
+        steps = together[0] if together is not None else step_many(episodes, list(self.actions))  # type: ignore[arg-type]
         self.timing["step"] = time.perf_counter() - t0
         pending: list[PendingStep] = [env.advance(a, s) for env, a, s in zip(self.envs, self.actions, steps,
                                                                             strict=True)]
         results, references = self._rewards(pending)
-        # observations after the step need the indices scored on the new masks (not for finished episodes)
-        self._prefill([e for e, p in zip(self.envs, pending, strict=True) if not p.terminated])
+        if together is not None:  # an episode ended by a collapse is observed again, without the index features
+            observed = [env.episode.observe(score_indices=False) if p.terminated else o  # type: ignore[union-attr]
+                        for env, p, o in zip(self.envs, pending, together[1], strict=True)]
+        else:
+            # observations after the step need the indices scored on the new masks (not for finished episodes)
+            self._prefill([e for e, p in zip(self.envs, pending, strict=True) if not p.terminated])
+            observed = self._observe(self.envs, [not p.terminated for p in pending])
         obs_list, rewards, dones, infos = [], np.zeros(self.num_envs, np.float32), np.zeros(self.num_envs, bool), []
         finished = []
-        observed = self._observe(self.envs, [not p.terminated for p in pending])
         for i, (env, p) in enumerate(zip(self.envs, pending, strict=True)):
             o, r, terminated, truncated, info = env.conclude(p, results.get(i), references.get(i), observed[i])
             rewards[i], dones[i] = r, terminated or truncated

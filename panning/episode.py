@@ -108,7 +108,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,7 +148,7 @@ __all__ = ["PruningEpisode", "EpisodeStep", "GLOBAL_FEATURES", "INDEX_FEATURES",
            "LAYER_INDEX_FEATURES", "OBSERVATIONS", "OBS_VERSIONS", "DEFAULT_MAX_LAYERS", "OBS_LIMIT", "OBS_VERSION",
            "ACTION_MAPPING", "LAYER_FACTOR_BASE", "action_mapping", "action_size", "check_layer_actions",
            "layer_factors", "observation_size", "feature_names", "layer_feature_size", "map_action", "masked_signals",
-           "signals_many", "step_many"]
+           "signals_many", "step_many", "step_observe_many"]
 
 GLOBAL_FEATURES = (
     "progress", "default_share", "density", "target_density", "budget_left", "ineffective",
@@ -501,8 +501,16 @@ class PruningEpisode:
 
     def _finish(self, plan: _Selection, eff: Masks, loss: float, grad: float) -> EpisodeStep:
         """The second half of :meth:`step`, given the new masks' effective masks and signals."""
+        self._advance(plan)
+        return self._conclude(plan, eff, loss, grad)
+
+    def _advance(self, plan: _Selection) -> None:
+        """Count the step (what :meth:`planned_keep` and :attr:`done` read): host values only."""
         self.t += 1
         self.u = plan.u
+
+    def _conclude(self, plan: _Selection, eff: Masks, loss: float, grad: float) -> EpisodeStep:
+        """The rest of :meth:`_finish`, after :meth:`_advance`: what needs the step's device values."""
         self.effective = eff
         self.loss_ratio, self.grad_ratio = self._ratios(loss, grad)
         if self.done:
@@ -732,7 +740,13 @@ def observe_many(episodes: Sequence[PruningEpisode], score_indices: Sequence[boo
     if len(flags) != len(episodes):
         raise ValueError(f"got {len(episodes)} episodes for {len(flags)} score_indices flags")
     pends = [ep._observe_begin(f) for ep, f in zip(episodes, flags, strict=True)]
-    parts = iter(read_together([p.payload for p in pends if p.payload is not None]))
+    return _observe_end_many(episodes, pends, read_together([p.payload for p in pends if p.payload is not None]))
+
+
+def _observe_end_many(episodes: Sequence[PruningEpisode], pends: Sequence[_PendingObservation],
+                      payloads: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The host half of :func:`observe_many`, given the values of the pending payloads (in order)."""
+    parts = iter(payloads)
     values = [next(parts) if p.payload is not None else None for p in pends]
     out = [ep._observe_end(p, v) for ep, p, v in zip(episodes, pends, values, strict=True)]
     if episodes:  # features: the whole call's time less every episode's scoring, shared equally
@@ -855,19 +869,108 @@ def signal_rows(models: Sequence[nn.Module], masks: Sequence[Masks], batch: tupl
     return torch.stack([loss.double(), torch.stack(norms)])
 
 
+@dataclass
+class _StepsBegun:
+    """N steps between their device half and their host half (:func:`_steps_begin`): nothing read back yet."""
+
+    plans: list[_Selection]
+    counter: PathCounter
+    pending: PendingEffective
+    rows: Tensor  # [2, N + fresh] signals: the steps', then the initial ones of first steps
+    fresh: list[PruningEpisode]
+    todo: list[Masks]  # masks whose layer counts ``counts`` holds
+    counts: Tensor
+    clocks: tuple[float, float, float]  # before the path counts, after them, after the signals were queued
+
+    def tensors(self) -> list[Tensor]:
+        """What the host half needs, in the order :func:`_steps_end` takes it."""
+        return [self.pending.finite, self.rows, self.counts]
+
+
 def _read_step(counter: PathCounter, pending: PendingEffective, rows: Tensor, masks: Sequence[Masks]
                ) -> tuple[list[Masks], list[tuple[float, float]]]:
     """What a step reads back, in one transfer with the checks deferred so far: the effective masks'
     finiteness flags (:meth:`PathCounter.effective_begin`), the signals ``rows`` ([2, M]) and the layer counts of
     ``masks`` and of their effective masks (what the observation and the env's info count). Returns the
     effective masks (those whose unscaled path counts overflowed redone, and counted, here) and the M signals."""
-    todo, counts = counts_begin(list(masks) + pending.out)
-    empty = torch.zeros(0, dtype=torch.long, device=pending.finite.device)
-    finite, values, cnt = read_together([pending.finite, rows, one_read(counts) if counts else empty])
+    todo, counts = _counts_queued(list(masks) + pending.out, pending.finite.device)
+    return _step_values(counter, pending, todo, read_together([pending.finite, rows, counts]))
+
+
+def _counts_queued(masks: Sequence[Masks], device: torch.device) -> tuple[list[Masks], Tensor]:
+    """:func:`counts_begin` as one tensor (empty when every mask is counted already)."""
+    todo, counts = counts_begin(masks)
+    return todo, one_read(counts) if counts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _step_values(counter: PathCounter, pending: PendingEffective, todo: Sequence[Masks], values: Sequence[np.ndarray]
+                 ) -> tuple[list[Masks], list[tuple[float, float]]]:
+    """The host half of :func:`_read_step`, given the values it read (flags, signal rows, counts)."""
+    finite, rows, cnt = values
     counts_end(todo, cnt.tolist())
     effs = counter.effective_end(pending, (finite != 0).tolist())
     count_all(effs)  # only masks redone by the scaled pass are not counted yet: a read in that rare case alone
-    return effs, _pairs(values.reshape(2, -1).tolist())
+    return effs, _pairs(rows.reshape(2, -1).tolist())
+
+
+def _one_group(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> bool:
+    """Check every action and that every episode is running (raising before anything moves); whether the
+    episodes are one group :func:`step_many` steps at once (two or more, one input shape, model type and scoring
+    batch)."""
+    if len(episodes) != len(actions):
+        raise ValueError(f"got {len(episodes)} episodes for {len(actions)} actions")
+    for ep, a in zip(episodes, actions, strict=True):
+        if ep.done:
+            raise RuntimeError("the episode is over: all pruning steps have run")
+        map_action(a, ep.indices, ep.layer_actions)  # raises on a bad action, before anything moves
+    if len(episodes) < 2:
+        return False
+    first = episodes[0]
+    if not all(ep.input_shape == first.input_shape and type(ep.model) is type(first.model)
+               and ep.batches[0][0].shape == first.batches[0][0].shape
+               and ep.batches[0][1].shape == first.batches[0][1].shape for ep in episodes):
+        return False
+    # the same scoring batch by value, unless it is the same object
+    x0, y0 = first.batches[0]
+    same = [(ep.batches[0][0] == x0).all() & (ep.batches[0][1] == y0).all() for ep in episodes[1:]
+            if ep.batches[0] is not first.batches[0]]
+    return not same or bool(one_read(same).all())  # one host read, not two per episode
+
+
+def _steps_begin(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> _StepsBegun:
+    """The device half of :func:`step_many` for one group (:func:`_one_group`): every network pruned, its path
+    counts, signals and layer counts queued."""
+    first = episodes[0]
+    plans = [ep._select(a) for ep, a in zip(episodes, actions, strict=True)]
+    t0 = first._clock()
+    counter = first.path_counter()
+    pending = counter.effective_begin([p.masks for p in plans], first.input_shape)
+    t1 = first._clock()
+    fresh = [ep for ep in episodes if ep._signals0 is None]  # first steps: the signals before them too
+    rows = signal_rows([ep.model for ep in episodes] + [ep.model for ep in fresh],
+                       [p.masks for p in plans] + [ep._masks0 for ep in fresh], first.batches[0])
+    todo, counts = _counts_queued([p.masks for p in plans] + pending.out, pending.finite.device)
+    return _StepsBegun(plans, counter, pending, rows, fresh, todo, counts, (t0, t1, first._clock()))
+
+
+def _steps_end(episodes: Sequence[PruningEpisode], begun: _StepsBegun, values: Sequence[np.ndarray],
+               advanced: bool = False) -> list[EpisodeStep]:
+    """The host half of :func:`step_many`, given :meth:`_StepsBegun.tensors`' values (``advanced``: the
+    episodes' step counters were moved on already, by :func:`step_observe_many`)."""
+    effs, both = _step_values(begun.counter, begun.pending, begun.todo, values)
+    sigs = both[: len(episodes)]
+    for ep, s0 in zip(begun.fresh, both[len(episodes) :], strict=True):
+        ep._signals0 = s0
+    t0, t1, queued = begun.clocks
+    t2 = queued if advanced else episodes[0]._clock()  # with step_observe_many's read, the observation's time
+    out = []
+    for ep, plan, eff, (loss, grad) in zip(episodes, begun.plans, effs, sigs, strict=True):
+        ep.timing["connectivity"] += (t1 - t0) / len(episodes)
+        ep.timing["signal"] += (t2 - t1) / len(episodes)
+        if not advanced:
+            ep._advance(plan)
+        out.append(ep._conclude(plan, eff, loss, grad))
+    return out
 
 
 @deferred_checks()
@@ -878,41 +981,33 @@ def step_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> lis
     architecture, input shape or scoring batch are stepped one after the other. Every action is checked and
     every episode must be running before any network is pruned, so a refusal leaves all of them as they were.
     Each episode's ``timing`` gets an equal share of the two batched stages."""
-    if len(episodes) != len(actions):
-        raise ValueError(f"got {len(episodes)} episodes for {len(actions)} actions")
-    for ep, a in zip(episodes, actions, strict=True):
-        if ep.done:
-            raise RuntimeError("the episode is over: all pruning steps have run")
-        map_action(a, ep.indices, ep.layer_actions)  # raises on a bad action, before anything moves
-    first = episodes[0] if episodes else None
-    shared = first is not None and all(
-        ep.input_shape == first.input_shape and type(ep.model) is type(first.model)
-        and ep.batches[0][0].shape == first.batches[0][0].shape and ep.batches[0][1].shape == first.batches[0][1].shape
-        for ep in episodes)
-    if shared and first is not None:  # the same scoring batch by value, unless it is the same object
-        x0, y0 = first.batches[0]
-        same = [(ep.batches[0][0] == x0).all() & (ep.batches[0][1] == y0).all() for ep in episodes[1:]
-                if ep.batches[0] is not first.batches[0]]
-        shared = not same or bool(one_read(same).all())  # one host read, not two per episode
-    if len(episodes) < 2 or not shared:
+    if not _one_group(episodes, actions):
         return [ep.step(a) for ep, a in zip(episodes, actions, strict=True)]
-    assert first is not None
-    plans = [ep._select(a) for ep, a in zip(episodes, actions, strict=True)]
-    t0 = first._clock()
-    counter = first.path_counter()
-    pending = counter.effective_begin([p.masks for p in plans], first.input_shape)
-    t1 = first._clock()
-    fresh = [ep for ep in episodes if ep._signals0 is None]  # first steps: the signals before them too
-    rows = signal_rows([ep.model for ep in episodes] + [ep.model for ep in fresh],
-                       [p.masks for p in plans] + [ep._masks0 for ep in fresh], first.batches[0])
-    effs, both = _read_step(counter, pending, rows, [p.masks for p in plans])
-    sigs = both[: len(episodes)]
-    for ep, s0 in zip(fresh, both[len(episodes) :], strict=True):
-        ep._signals0 = s0
-    t2 = first._clock()
-    out = []
-    for ep, plan, eff, (loss, grad) in zip(episodes, plans, effs, sigs, strict=True):
-        ep.timing["connectivity"] += (t1 - t0) / len(episodes)
-        ep.timing["signal"] += (t2 - t1) / len(episodes)
-        out.append(ep._finish(plan, eff, loss, grad))
-    return out
+    begun = _steps_begin(episodes, actions)
+    return _steps_end(episodes, begun, read_together(begun.tensors()))
+
+
+@deferred_checks()
+def step_observe_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any],
+                      prefill: Callable[[Sequence[PruningEpisode]], None] | None = None
+                      ) -> tuple[list[EpisodeStep], list[np.ndarray]] | None:
+    """``step_many(episodes, actions)``, then ``prefill(episodes)`` (scoring the indices on the new masks, as a
+    vectorised env does for N networks at once), then ``observe_many(episodes)``: the same steps and
+    observations bit for bit, with one host read for all of it (on a GPU one wait for the device a step: the
+    values the step's rewards and the observations need, handed over together).
+
+    For steps that leave every episode running: ``None``, with nothing done, where a step would end one (its
+    observation would not score the indices) or where :func:`step_many` would step the episodes one after the
+    other. (An env that ends an episode on a collapse observes that one again, without the index features:
+    :meth:`PruningEpisode.observe` with ``score_indices=False`` reads nothing.)"""
+    if any(ep.t + 1 >= ep.T for ep in episodes) or not _one_group(episodes, actions):
+        return None
+    begun = _steps_begin(episodes, actions)
+    for ep, plan in zip(episodes, begun.plans, strict=True):
+        ep._advance(plan)  # what the observation's device half needs: the step counter and the budget used
+    if prefill is not None:
+        prefill(episodes)
+    pends = [ep._observe_begin(None) for ep in episodes]
+    values = read_together(begun.tensors() + [p.payload for p in pends if p.payload is not None])
+    steps = _steps_end(episodes, begun, values[:3], advanced=True)
+    return steps, _observe_end_many(episodes, pends, values[3:])

@@ -368,4 +368,4 @@ def test_profile_episodes_names_the_stages_of_a_vectorised_step(tmp_path: Path) 
     assert all(s["seconds"] > 0 for s in got["stages"]), got["stages"]
     parts = sum(s["seconds"] for s in got["stages"] if s["depth"] == 0)
     assert parts <= got["step_s"] * 1.001
-    assert "| pruning step (step_many) |" in r.stdout and "| observation (observe_many) |" in r.stdout
+    assert "| rewards: the proxy (_rewards) |" in r.stdout and "| the step's host reads (read_together) |" in r.stdout

@@ -204,10 +204,55 @@ def test_a_vectorised_step_on_the_accelerator_routes_reads_back_few_values() -> 
         with device_routes(), _Reads() as r:
             venv.step(act)
         per_step[n] = r.n
-    # two reads however many episodes: the step's (the effective masks' overflow flags, the loss/gradient
-    # signals and the masks' layer counts, which the shaping reward and the info need) and the observations'
-    # (their device values); each takes the checks deferred until then with it
-    assert per_step[1] == per_step[2] == per_step[4] == per_step[8] == 2, per_step
+    # N >= 2, one read however many episodes (step_observe_many): the step's values (the effective masks' overflow
+    # flags, the loss/gradient signals and the masks' layer counts, which the shaping reward and the info need) and
+    # the observations' device values together, with the checks deferred until then; one episode's own step
+    # reads twice (its step's values, then its observation's)
+    assert per_step[2] == per_step[4] == per_step[8] == 1 and per_step[1] == 2, per_step
+
+
+def test_step_observe_many_is_step_many_then_observe_many_with_one_read() -> None:
+    """The vectorised env's middle step: the same steps and observations bit for bit as step_many, the indices'
+    scoring and observe_many one after the other, with one read (on the accelerator routes); ``None``, with
+    nothing done, where a step would end the episodes or the episodes are not one group."""
+    from panning._functional import device_routes
+    from panning.batched import prefill_scores
+    from panning.episode import PruningEpisode, observe_many, step_many, step_observe_many
+    from panning.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(24, 64, generator=g), torch.arange(24) % 10)
+    indices = ["magnitude", "snip", "synflow"]
+
+    def episodes() -> list[PruningEpisode]:
+        return [PruningEpisode(build_model("mlp", 10, (64,), seed=s), indices, [batch], target_sparsity=0.98,
+                               steps=4, observation="layers", seed=s) for s in range(3)]
+
+    def prefill(eps) -> None:
+        prefill_scores([e.pruner for e in eps], indices)
+
+    rng = np.random.default_rng(0)
+    a, b = episodes(), episodes()
+    with device_routes():
+        for t in range(4):
+            acts = [rng.uniform(-1, 1, 4).astype(np.float32) for _ in a]
+            if t == 3:  # the last step ends every episode: not taken, nothing moved
+                assert step_observe_many(b, acts, prefill) is None and all(e.t == 3 for e in b)
+                break
+            if t == 0:  # one episode goes its own route: not taken, nothing moved
+                assert step_observe_many(b[:1], acts[:1], prefill) is None and b[0].t == 0
+            want = step_many(a, acts)
+            prefill(a)
+            want_obs = observe_many(a)
+            with _Reads() as r:
+                got, got_obs = step_observe_many(b, acts, prefill)  # type: ignore[misc]
+            assert r.n == 1, (t, r.kinds)
+            for x, y in zip(want, got, strict=True):
+                assert (x.step, x.keep, x.collapsed, x.loss_ratio, x.grad_ratio) == (
+                    y.step, y.keep, y.collapsed, y.loss_ratio, y.grad_ratio)
+                assert x.masks.equal(y.masks) and x.effective.equal(y.effective)
+            assert all(o.tobytes() == p.tobytes() for o, p in zip(want_obs, got_obs, strict=True))
+
 
 
 def test_pair_digests_equal_the_single_digests() -> None:
