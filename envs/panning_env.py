@@ -89,6 +89,7 @@ from panning.episode import (
     check_layer_actions,
     feature_names,
     observation_size,
+    step_observe_many,
 )
 from panning.masks import Masks
 from panning.models import build_model
@@ -436,7 +437,12 @@ class PanningEnv(gym.Env):
 
     @deferred_checks()  # on a GPU the step's checks are read back once, at the end
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        pending = self.advance(action)
+        ep = self.episode
+        # a step that does not end the episode: stepped and observed with one read of the device
+        together = step_observe_many([ep], [action]) if ep is not None and not self._done else None
+        pending = self.advance(action, together[0][0] if together is not None else None)
+        # (an episode a collapse ended is observed again, without the index features)
+        obs = together[1][0] if together is not None and not pending.terminated else None
         result = reference = None
         if pending.needs_proxy:
             assert self.model is not None
@@ -445,7 +451,7 @@ class PanningEnv(gym.Env):
                 t0 = time.perf_counter()
                 reference = self.reference(self.target_sparsity, self.init_seed)
                 pending.info["reference_seconds"] = time.perf_counter() - t0
-        return self.conclude(pending, result, reference)
+        return self.conclude(pending, result, reference, obs)
 
     def advance(self, action: Any, stepped: EpisodeStep | None = None) -> PendingStep:
         """The pruning step of :meth:`step` and its shaping reward; whether the final reward still needs

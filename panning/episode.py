@@ -913,16 +913,19 @@ def _step_values(counter: PathCounter, pending: PendingEffective, todo: Sequence
     return effs, _pairs(rows.reshape(2, -1).tolist())
 
 
-def _one_group(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> bool:
-    """Check every action and that every episode is running (raising before anything moves); whether the
-    episodes are one group :func:`step_many` steps at once (two or more, one input shape, model type and scoring
-    batch)."""
+def _check_steps(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> None:
+    """Check every action and that every episode is running, raising before anything moves."""
     if len(episodes) != len(actions):
         raise ValueError(f"got {len(episodes)} episodes for {len(actions)} actions")
     for ep, a in zip(episodes, actions, strict=True):
         if ep.done:
             raise RuntimeError("the episode is over: all pruning steps have run")
         map_action(a, ep.indices, ep.layer_actions)  # raises on a bad action, before anything moves
+
+
+def _one_group(episodes: Sequence[PruningEpisode]) -> bool:
+    """Whether the episodes are one group :func:`step_many` steps at once (two or more, one input shape, model
+    type and scoring batch)."""
     if len(episodes) < 2:
         return False
     first = episodes[0]
@@ -938,8 +941,9 @@ def _one_group(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> bo
 
 
 def _steps_begin(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> _StepsBegun:
-    """The device half of :func:`step_many` for one group (:func:`_one_group`): every network pruned, its path
-    counts, signals and layer counts queued."""
+    """The device half of :func:`step_many` for one group (:func:`_one_group`) or one episode (then the same
+    computations as its :meth:`PruningEpisode.step`): every network pruned, its path counts, signals and layer
+    counts queued."""
     first = episodes[0]
     plans = [ep._select(a) for ep, a in zip(episodes, actions, strict=True)]
     t0 = first._clock()
@@ -947,8 +951,9 @@ def _steps_begin(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> 
     pending = counter.effective_begin([p.masks for p in plans], first.input_shape)
     t1 = first._clock()
     fresh = [ep for ep in episodes if ep._signals0 is None]  # first steps: the signals before them too
-    rows = signal_rows([ep.model for ep in episodes] + [ep.model for ep in fresh],
-                       [p.masks for p in plans] + [ep._masks0 for ep in fresh], first.batches[0])
+    signals = signal_rows if len(episodes) > 1 else _signal_rows_one_by_one
+    rows = signals([ep.model for ep in episodes] + [ep.model for ep in fresh],
+                   [p.masks for p in plans] + [ep._masks0 for ep in fresh], first.batches[0])
     todo, counts = _counts_queued([p.masks for p in plans] + pending.out, pending.finite.device)
     return _StepsBegun(plans, counter, pending, rows, fresh, todo, counts, (t0, t1, first._clock()))
 
@@ -981,7 +986,8 @@ def step_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> lis
     architecture, input shape or scoring batch are stepped one after the other. Every action is checked and
     every episode must be running before any network is pruned, so a refusal leaves all of them as they were.
     Each episode's ``timing`` gets an equal share of the two batched stages."""
-    if not _one_group(episodes, actions):
+    _check_steps(episodes, actions)
+    if not _one_group(episodes):
         return [ep.step(a) for ep, a in zip(episodes, actions, strict=True)]
     begun = _steps_begin(episodes, actions)
     return _steps_end(episodes, begun, read_together(begun.tensors()))
@@ -996,11 +1002,15 @@ def step_observe_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]
     observations bit for bit, with one host read for all of it (on a GPU one wait for the device a step: the
     values the step's rewards and the observations need, handed over together).
 
-    For steps that leave every episode running: ``None``, with nothing done, where a step would end one (its
-    observation would not score the indices) or where :func:`step_many` would step the episodes one after the
-    other. (An env that ends an episode on a collapse observes that one again, without the index features:
-    :meth:`PruningEpisode.observe` with ``score_indices=False`` reads nothing.)"""
-    if any(ep.t + 1 >= ep.T for ep in episodes) or not _one_group(episodes, actions):
+    One episode is stepped as its :meth:`PruningEpisode.step` would (the plain env's route). For steps that leave
+    every episode running: ``None``, with nothing done, where a step would end one (its observation would not
+    score the indices) or where :func:`step_many` would step the episodes one after the other. (An env that ends
+    an episode on a collapse observes that one again, without the index features: :meth:`PruningEpisode.observe`
+    with ``score_indices=False`` reads nothing.)"""
+    if not episodes or any(ep.t + 1 >= ep.T for ep in episodes):
+        return None
+    _check_steps(episodes, actions)
+    if len(episodes) > 1 and not _one_group(episodes):
         return None
     begun = _steps_begin(episodes, actions)
     for ep, plan in zip(episodes, begun.plans, strict=True):

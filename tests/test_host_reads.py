@@ -204,17 +204,32 @@ def test_a_vectorised_step_on_the_accelerator_routes_reads_back_few_values() -> 
         with device_routes(), _Reads() as r:
             venv.step(act)
         per_step[n] = r.n
-    # N >= 2, one read however many episodes (step_observe_many): the step's values (the effective masks' overflow
-    # flags, the loss/gradient signals and the masks' layer counts, which the shaping reward and the info need) and
-    # the observations' device values together, with the checks deferred until then; one episode's own step
-    # reads twice (its step's values, then its observation's)
-    assert per_step[2] == per_step[4] == per_step[8] == 1 and per_step[1] == 2, per_step
+    # one read however many episodes (step_observe_many): the step's values (the effective masks' overflow flags,
+    # the loss/gradient signals and the masks' layer counts, which the shaping reward and the info need) and the
+    # observations' device values together, with the checks deferred until then
+    assert per_step[1] == per_step[2] == per_step[4] == per_step[8] == 1, per_step
+
+
+def test_the_plain_env_steps_and_observes_with_one_read() -> None:
+    from pathlib import Path
+
+    from panning._functional import device_routes
+    from panning.envs.panning_env import PanningEnv
+
+    env = PanningEnv(Path(__file__).resolve().parents[1] / "configs" / "env" / "tiny.yaml", device="cpu",
+                     target_sparsity=0.95, pruning_steps=4)
+    env.reset(seed=0)
+    act = np.zeros(env.action_space.shape, np.float32)
+    env.step(act)
+    with device_routes(), _Reads() as r:
+        env.step(act)
+    assert r.n == 1
 
 
 def test_step_observe_many_is_step_many_then_observe_many_with_one_read() -> None:
     """The vectorised env's middle step: the same steps and observations bit for bit as step_many, the indices'
     scoring and observe_many one after the other, with one read (on the accelerator routes); ``None``, with
-    nothing done, where a step would end the episodes or the episodes are not one group."""
+    nothing done, where a step would end the episodes. One episode: its own step, then its observation."""
     from panning._functional import device_routes
     from panning.batched import prefill_scores
     from panning.episode import PruningEpisode, observe_many, step_many, step_observe_many
@@ -239,8 +254,14 @@ def test_step_observe_many_is_step_many_then_observe_many_with_one_read() -> Non
             if t == 3:  # the last step ends every episode: not taken, nothing moved
                 assert step_observe_many(b, acts, prefill) is None and all(e.t == 3 for e in b)
                 break
-            if t == 0:  # one episode goes its own route: not taken, nothing moved
-                assert step_observe_many(b[:1], acts[:1], prefill) is None and b[0].t == 0
+            if t == 0:  # one episode alone: PruningEpisode.step, then observe
+                alone = episodes()[0]
+                with _Reads() as r:
+                    (got1,), (obs1,) = step_observe_many([alone], acts[:1])  # type: ignore[misc]
+                assert r.n == 1
+                want1 = episodes()[0]
+                assert want1.step(acts[0]).masks.equal(got1.masks)
+                assert want1.observe().tobytes() == obs1.tobytes() and want1.loss_ratio == alone.loss_ratio
             want = step_many(a, acts)
             prefill(a)
             want_obs = observe_many(a)
