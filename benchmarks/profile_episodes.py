@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import cProfile
 import json
-import os
 import pstats
 import time
 from pathlib import Path
@@ -45,14 +44,6 @@ STAGES = [
     ("observation: host half (_observe_end)", "panning/episode.py", "_observe_end", 0),
     ("the step's host reads (read_together)", "panning/_functional.py", "read_together", 0),
 ]
-
-
-def _data_dir() -> str | None:
-    env = [os.environ["PANNING_DATA"]] if os.environ.get("PANNING_DATA") else []
-    for c in env + [str(ROOT.parent / "shared" / "data")]:
-        if Path(c, "MNIST", "raw").is_dir():
-            return c
-    return None
 
 
 def _cumulative(stats: pstats.Stats, path: str, name: str) -> float:
@@ -121,9 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                              ("--threads", args.threads, 1), ("--top", args.top, 0)):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
-    overrides: dict[str, Any] = {"device": "cpu"}
-    if _data_dir():
-        overrides["data_dir"] = _data_dir()
+    overrides: dict[str, Any] = {"device": "cpu"}  # the data folder: the config's, else $PANNING_DATA
     if args.model:
         overrides["model"] = args.model
     if args.dataset:
