@@ -1002,7 +1002,12 @@ def step_observe_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]
     observations bit for bit, with one host read for all of it (on a GPU one wait for the device a step: the
     values the step's rewards and the observations need, handed over together).
 
-    One episode is stepped as its :meth:`PruningEpisode.step` would (the plain env's route). For steps that leave
+    One episode is stepped as its :meth:`PruningEpisode.step` would (the plain env's route). The indices are
+    scored on every new network before the read says whether a step collapsed it, so an index must give
+    finite scores on a collapsed network (the shipped ones do: a test; with ``terminate_on_collapse: false``
+    the env always scored them). If the scoring or the read fails, the networks stay pruned and the episodes
+    do not count the step (what a failed deferred check leaves): they are to be discarded. In ``timing``, the
+    step's host half (and on a GPU its wait for the device) counts as ``features``. For steps that leave
     every episode running: ``None``, with nothing done, where a step would end one (its observation would not
     score the indices) or where :func:`step_many` would step the episodes one after the other. (An env that ends
     an episode on a collapse observes that one again, without the index features: :meth:`PruningEpisode.observe`
@@ -1013,11 +1018,17 @@ def step_observe_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]
     if len(episodes) > 1 and not _one_group(episodes):
         return None
     begun = _steps_begin(episodes, actions)
+    before = [(ep.t, ep.u) for ep in episodes]
     for ep, plan in zip(episodes, begun.plans, strict=True):
         ep._advance(plan)  # what the observation's device half needs: the step counter and the budget used
-    if prefill is not None:
-        prefill(episodes)
-    pends = [ep._observe_begin(None) for ep in episodes]
-    values = read_together(begun.tensors() + [p.payload for p in pends if p.payload is not None])
-    steps = _steps_end(episodes, begun, values[:3], advanced=True)
+    try:
+        if prefill is not None:
+            prefill(episodes)
+        pends = [ep._observe_begin(None) for ep in episodes]
+        values = read_together(begun.tensors() + [p.payload for p in pends if p.payload is not None])
+        steps = _steps_end(episodes, begun, values[:3], advanced=True)
+    except BaseException:  # as when a step's own deferred check fails: the networks pruned, the step not counted
+        for ep, (t, u) in zip(episodes, before, strict=True):
+            ep.t, ep.u = t, u
+        raise
     return steps, _observe_end_many(episodes, pends, values[3:])

@@ -454,10 +454,12 @@ def _alive_positions(current: Masks, keys: list[str], device: torch.device) -> l
     """Per key, the flat positions of the kept weights (``m.reshape(-1).nonzero()``), found with one
     ``nonzero`` over all layers: on a GPU each ``nonzero`` waits for the device, so one per layer adds up."""
     parts = [current[k].reshape(-1).to(device) for k in keys]
-    if len(parts) == 1:
-        return [flat_nonzero(parts[0])]
-    flat = flat_nonzero(torch.cat(parts))
+    # the layers' counts first: usually known (counted with the step that made the masks), they size the
+    # positions, so that nonzero needs no read of its own
     counts = dict(zip(current, current.layer_counts(), strict=True))
+    if len(parts) == 1:
+        return [flat_nonzero(parts[0], count=counts[keys[0]])]
+    flat = flat_nonzero(torch.cat(parts), count=sum(counts.values()))
     out, lo, start = [], 0, 0
     for k, p in zip(keys, parts, strict=True):
         c = counts[k]

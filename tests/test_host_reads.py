@@ -150,6 +150,29 @@ def test_an_index_with_nan_scores_fails_the_episode_step_on_either_route(nan_mag
         assert ep.t == 0 and ep.pruner.steps_done == int(forced)
 
 
+def test_scores_failing_inside_step_observe_many_leave_the_step_uncounted(nan_magnitude) -> None:
+    """The scoring for the observation fails (magnitude NaN, unweighted by the action, so the step itself never
+    scored it): on either route the error is the index's and no episode counts the step."""
+    from panning._functional import device_routes
+    from panning.batched import prefill_scores
+    from panning.episode import PruningEpisode, step_observe_many
+    from panning.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(20, 64, generator=g), torch.arange(20) % 10)
+    for forced in (False, True):
+        eps = [PruningEpisode(build_model("mlp", 10, (64,), seed=s), ["magnitude", "snip"], [batch],
+                              target_sparsity=0.9, steps=3) for s in range(2)]
+        with device_routes(forced):
+            try:
+                step_observe_many(eps, [[-1.0, 1.0, 0.0]] * 2, lambda e: prefill_scores([x.pruner for x in e]))
+            except ValueError as e:
+                assert "magnitude" in str(e) and "non-finite" in str(e), str(e)
+            else:
+                raise AssertionError(f"NaN scores passed (device routes: {forced})")
+        assert [(ep.t, ep.u, ep.pruner.steps_done) for ep in eps] == [(0, 0.0, 1)] * 2
+
+
 def test_masks_from_an_exact_top_k_know_their_count_until_edited() -> None:
     from panning.masks import select_topk
 

@@ -932,3 +932,22 @@ def test_compute_many_shares_the_gradient_of_snip_and_grasp(monkeypatch, sizes, 
     calls["n"] = 0
     compute_many(["snip", "grasp", "grasp_abs"], model, weight_masks(model), batches, share=False)
     assert (n_shared, calls["n"]) == (shared, alone)
+
+
+@pytest.mark.parametrize("emptied", [["fc1.weight"], ["fc2.weight"], ["fc1.weight", "fc2.weight"]])
+def test_every_shipped_index_scores_a_collapsed_network_finitely(emptied: list[str]) -> None:
+    """The envs score the indices on a step's new masks before they know whether the step collapsed the network
+    (step_observe_many), and with terminate_on_collapse off they step on after a collapse: every index must give
+    finite scores to the weights still kept when a whole layer is pruned."""
+    from panning.masks import Masks
+    from panning.models import build_model
+
+    model = build_model("mlp", 10, (64,), seed=0)
+    g = torch.Generator().manual_seed(1)
+    masks = Masks({n: (torch.rand(p.shape, generator=g) < 0.5) & (n not in emptied)
+                   for n, p in model.named_parameters() if n.endswith("weight")})
+    batches = [(torch.randn(20, 64, generator=g), torch.arange(20) % 10)]
+    for name in available_indices():
+        scores = compute_scores(name, model, masks, batches, input_shape=(64,), seed=3)
+        for k, s in scores.items():
+            assert torch.isfinite(s[masks[k]]).all(), (name, k, emptied)
