@@ -725,7 +725,10 @@ def select_topk(
                     full = torch.zeros(scores[k].numel(), dtype=torch.bool, device=device).index_copy_(
                         0, alive_idx[i], part)
                 out[k] = full.reshape(scores[k].shape)
-    return Masks._trusted(out, kept=keep)  # exactly ``keep`` chosen: counting them needs no read
+    masks = Masks._trusted(out, kept=keep)  # exactly ``keep`` chosen: counting them needs no read
+    if mode != "global":  # nor do the layers' counts: each layer kept exactly its quota
+        masks._counts = (masks._state(), [int(q) for q in quota])
+    return masks
 
 
 # --------------------------------------------------------------------------------------------

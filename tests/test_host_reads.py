@@ -189,6 +189,23 @@ def test_masks_from_an_exact_top_k_know_their_count_until_edited() -> None:
     assert m.to("cpu").num_kept == m.num_kept
 
 
+def test_layerwise_masks_know_their_layer_counts() -> None:
+    from panning.masks import select_topk
+
+    g = torch.Generator().manual_seed(2)
+    scores = {"a": torch.randn(5, 7, generator=g), "b": torch.randn(9, generator=g),
+              "c": torch.randn(3, 4, generator=g)}
+    current = select_topk(scores, 40, mode="layerwise")
+    for keep, floor in ((40, 0), (17, 0), (9, 2)):
+        m = select_topk(scores, keep, current=current, mode="layerwise", min_per_layer=floor)
+        with _Reads() as r:
+            counts = m.layer_counts()
+        assert r.n == 0 and counts == [int(t.sum()) for t in m.values()] and sum(counts) == keep
+        current = m
+    m["b"][0] = ~m["b"][0]  # edited in place: counted again
+    assert m.layer_counts() == [int(t.sum()) for t in m.values()]
+
+
 def test_positions_from_a_known_count_match_nonzero_and_a_wrong_count_is_refused() -> None:
     import pytest
 
