@@ -138,9 +138,8 @@ def check(ok: Tensor, error: Callable[[], Exception]) -> None:
 def deferred_checks() -> Iterator[None]:
     """Collect the device-side :func:`check` flags of the block and read them back in one transfer at its end (or
     earlier, with the values of a :func:`read_together`), raising the first failed check's error in the order
-    made. If the block raises, a failed earlier check is
-    raised instead (what ran after it ran on values the check would have refused). Nested blocks join the
-    outermost one.
+    made. If the block raises, a failed earlier check is raised instead (what ran after it ran on values the
+    check would have refused). Nested blocks join the outermost one.
 
     A deferred check fails after the work before the read that takes it (:func:`read_together`, or the block's
     end): on an accelerator, a step whose scores were not finite has pruned its network before it raises (its

@@ -455,21 +455,8 @@ class PruningEpisode:
     @deferred_checks()  # on a GPU the step's checks are read back once, at the end
     def step(self, action: Any) -> EpisodeStep:
         """One pruning step driven by ``action`` (see the module docstring for the mapping)."""
-        plan = self._select(action)
-        t2 = plan.clock
-        counter = self.path_counter()
-        pending = counter.effective_begin([plan.masks], self.input_shape)
-        t3 = self._clock()
-        masks = [plan.masks]
-        if self._signals0 is None:  # the first step: the signals before it, which its ratios divide by
-            masks.append(self._masks0)
-        rows = _signal_rows_one_by_one([self.model] * len(masks), masks, self.batches[0])
-        effs, sigs = _read_step(counter, pending, rows, [plan.masks])
-        if self._signals0 is None:
-            self._signals0 = sigs[1]
-        self.timing["connectivity"] += t3 - t2
-        self.timing["signal"] += self._clock() - t3
-        return self._finish(plan, effs[0], *sigs[0])
+        begun = _steps_begin([self], [action])  # the first step also measures the signals before it
+        return _steps_end([self], begun, read_together(begun.tensors()))[0]
 
     def path_counter(self) -> PathCounter:
         """The episode's path-counting copy of its network (made at the first step, reused after)."""
@@ -499,18 +486,14 @@ class PruningEpisode:
         self.timing["select"] += t2 - t1
         return _Selection(weights, share, u, keep, kept_before, masks, factors, t2)
 
-    def _finish(self, plan: _Selection, eff: Masks, loss: float, grad: float) -> EpisodeStep:
-        """The second half of :meth:`step`, given the new masks' effective masks and signals."""
-        self._advance(plan)
-        return self._conclude(plan, eff, loss, grad)
-
     def _advance(self, plan: _Selection) -> None:
         """Count the step (what :meth:`planned_keep` and :attr:`done` read): host values only."""
         self.t += 1
         self.u = plan.u
 
     def _conclude(self, plan: _Selection, eff: Masks, loss: float, grad: float) -> EpisodeStep:
-        """The rest of :meth:`_finish`, after :meth:`_advance`: what needs the step's device values."""
+        """The last part of a step, after :meth:`_advance`: what needs the step's device values (the new masks'
+        effective masks and signals)."""
         self.effective = eff
         self.loss_ratio, self.grad_ratio = self._ratios(loss, grad)
         if self.done:
@@ -887,25 +870,10 @@ class _StepsBegun:
         return [self.pending.finite, self.rows, self.counts]
 
 
-def _read_step(counter: PathCounter, pending: PendingEffective, rows: Tensor, masks: Sequence[Masks]
-               ) -> tuple[list[Masks], list[tuple[float, float]]]:
-    """What a step reads back, in one transfer with the checks deferred so far: the effective masks'
-    finiteness flags (:meth:`PathCounter.effective_begin`), the signals ``rows`` ([2, M]) and the layer counts of
-    ``masks`` and of their effective masks (what the observation and the env's info count). Returns the
-    effective masks (those whose unscaled path counts overflowed redone, and counted, here) and the M signals."""
-    todo, counts = _counts_queued(list(masks) + pending.out, pending.finite.device)
-    return _step_values(counter, pending, todo, read_together([pending.finite, rows, counts]))
-
-
-def _counts_queued(masks: Sequence[Masks], device: torch.device) -> tuple[list[Masks], Tensor]:
-    """:func:`counts_begin` as one tensor (empty when every mask is counted already)."""
-    todo, counts = counts_begin(masks)
-    return todo, one_read(counts) if counts else torch.zeros(0, dtype=torch.long, device=device)
-
-
 def _step_values(counter: PathCounter, pending: PendingEffective, todo: Sequence[Masks], values: Sequence[np.ndarray]
                  ) -> tuple[list[Masks], list[tuple[float, float]]]:
-    """The host half of :func:`_read_step`, given the values it read (flags, signal rows, counts)."""
+    """The effective masks and the signals, given the values a step read back (:meth:`_StepsBegun.tensors`): the
+    masks whose unscaled path counts overflowed are redone (and counted) here."""
     finite, rows, cnt = values
     counts_end(todo, cnt.tolist())
     effs = counter.effective_end(pending, (finite != 0).tolist())
@@ -946,7 +914,7 @@ def _steps_begin(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> 
     counts queued."""
     first = episodes[0]
     plans = [ep._select(a) for ep, a in zip(episodes, actions, strict=True)]
-    t0 = first._clock()
+    t0 = plans[-1].clock  # the stages' time follows on from the selections' without a gap
     counter = first.path_counter()
     pending = counter.effective_begin([p.masks for p in plans], first.input_shape)
     t1 = first._clock()
@@ -954,7 +922,8 @@ def _steps_begin(episodes: Sequence[PruningEpisode], actions: Sequence[Any]) -> 
     signals = signal_rows if len(episodes) > 1 else _signal_rows_one_by_one
     rows = signals([ep.model for ep in episodes] + [ep.model for ep in fresh],
                    [p.masks for p in plans] + [ep._masks0 for ep in fresh], first.batches[0])
-    todo, counts = _counts_queued([p.masks for p in plans] + pending.out, pending.finite.device)
+    todo, queued = counts_begin([p.masks for p in plans] + pending.out)  # what the observations and infos count
+    counts = one_read(queued) if queued else torch.zeros(0, dtype=torch.long, device=pending.finite.device)
     return _StepsBegun(plans, counter, pending, rows, fresh, todo, counts, (t0, t1, first._clock()))
 
 
