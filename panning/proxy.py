@@ -502,10 +502,7 @@ class ProxyEvaluator:
         keys: list[tuple | None] = list(self.keys(inits, masks_list)) if self.cache_size else [None] * len(inits)
         for i, key in enumerate(keys):
             if key is not None and key in self._cache:
-                self._cache.move_to_end(key)
-                self.hits += 1
-                hit = self._cache[key]
-                results[i] = ProxyResult(hit.accuracy, hit.loss, 0.0, True, hit.steps)
+                results[i] = self._hit(key, 0.0)
             elif key is not None and key in first:  # trained once, a cache hit after, as one evaluate() each would
                 repeats.append((i, first[key]))
             else:
@@ -543,8 +540,7 @@ class ProxyEvaluator:
         for i, j in repeats:
             done = results[j]
             assert done is not None
-            self.hits += 1
-            results[i] = ProxyResult(done.accuracy, done.loss, 0.0, True, done.steps)
+            results[i] = self._hit(done, 0.0)
         return [r for r in results if r is not None]
 
     def _trained_sums(self, init: nn.Module | Mapping[str, Tensor], masks: Masks | Mapping[str, Tensor]
@@ -554,6 +550,15 @@ class ProxyEvaluator:
         masks = masks if isinstance(masks, Masks) else Masks(dict(masks))
         sums = [self._sums(self.train(init, masks, split=j), j) for j in range(len(self._splits))]
         return torch.stack([c for c, _ in sums]).sum(), torch.stack([v for _, v in sums]).sum()
+
+    def _hit(self, known: tuple | ProxyResult, seconds: float) -> ProxyResult:
+        """A result not trained again, counted as a cache hit: the cache's under a key (now its most recent
+        entry), or a result of the same call."""
+        if not isinstance(known, ProxyResult):  # a cache key
+            self._cache.move_to_end(known)
+            known = self._cache[known]
+        self.hits += 1
+        return ProxyResult(known.accuracy, known.loss, seconds, True, known.steps)
 
     def _recorded(self, key: tuple | None, correct: float, loss_sum: float, seconds: float) -> ProxyResult:
         """The result of a candidate trained now, from its validation sums; counted and cached under ``key``."""
@@ -612,9 +617,6 @@ class ProxyEvaluator:
             return dataclasses.replace(r, seconds=time.perf_counter() - t0) if r.cached else r
         key = self.key(init, masks) if self.cache_size else None
         if key is not None and key in self._cache:
-            self._cache.move_to_end(key)
-            self.hits += 1
-            hit = self._cache[key]
-            return ProxyResult(hit.accuracy, hit.loss, time.perf_counter() - t0, True, hit.steps)
+            return self._hit(key, time.perf_counter() - t0)
         correct, total = one_read([v.double() for v in self._trained_sums(init, masks)]).tolist()
         return self._recorded(key, correct, total, time.perf_counter() - t0)
