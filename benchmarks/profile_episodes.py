@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
                              ("--threads", args.threads, 1), ("--top", args.top, 0)):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # found now, not after the profile's minutes
+        raise UsageError(f"--json {args.json}: its folder does not exist; create it or choose another path")
     overrides: dict[str, Any] = {"device": "cpu"}  # the data folder: the config's, else $PANNING_DATA
     if args.model:
         overrides["model"] = args.model

@@ -441,6 +441,7 @@ def test_seed_flag_sets_initialisation_and_random_masks(tiny: Path, tmp_path: Pa
 @pytest.mark.parametrize("script, args, expected", [
     ("host_syncs.py", ["--n", "0"], "n_envs must be >= 1"),
     ("profile_episodes.py", ["--episodes", "0"], "--episodes must be >= 1, got 0"),
+    ("profile_episodes.py", ["--json", "no/such/folder/p.json"], "its folder does not exist"),
     ("bench_batched.py", ["--model", "nope"], "nothing to measure for --model nope"),
     ("bench_batched.py", ["--sparse", "--model", "lenet5"], "--sparse measures the sparse route"),
     ("bench_batched.py", ["--sparsity", "1"], "--sparsity must be in [0, 1)"),
