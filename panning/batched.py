@@ -79,9 +79,15 @@ def _stacked(name: str, template: nn.Module, models: Sequence[nn.Module], masks:
         else:  # grasp, grasp_abs (with snip, "snip+grasp..."): θ ⊙ Hg by double backward, Hg = ∇(Σ stop(g)·∇L)
             grasp_name = name.removeprefix("snip+")
 
+            def z_of(w_: dict[str, Tensor], r: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+                # one gradient with its graph serves as both g (detached: stop(g)) and ∇L, as the one-network
+                # route's _gradient_family does: a forward and a backward fewer than computing g apart
+                gf = grad(loss_of)(w_, r)
+                g_ = {k: v.detach() for k, v in gf.items()}
+                return _dot(gf, g_), g_
+
             def fn(w: dict[str, Tensor], rest: dict[str, Tensor]) -> Scores:
-                g = {k: v.detach() for k, v in grad(loss_of)(w, rest).items()}
-                hg = grad(lambda w_, r: _dot(grad(loss_of)(w_, r), g))(w, rest)
+                hg, g = grad(z_of, has_aux=True)(w, rest)
                 s = {k: w[k] * hg[k] for k in w}
                 out = {k: v.abs() for k, v in s.items()} if grasp_name == "grasp_abs" else s
                 if name.startswith("snip+"):  # SNIP's |θ ⊙ g| from the gradient GraSP needs anyway
