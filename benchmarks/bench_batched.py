@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from workers_rate import episode_rates  # this folder: the script's own, first on sys.path
 
 from panning.alloc import tune_malloc
 from panning.cli import OneLineParser, run_guarded
@@ -166,30 +167,6 @@ def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device, spa
             "max_abs_accuracy_diff": max(abs(a.accuracy - c.accuracy) for a, c in zip(one, many, strict=True))}
 
 
-def _episodes(venv, episodes: int, n: int, warmup: int, rounds: int = 0
-              ) -> tuple[float, float | None, list[float]]:
-    """Episodes per second from a cold start (references computed as they come), and, with ``warmup``,
-    again after that many more untimed episodes, and in each of ``rounds`` more rounds after that (their
-    last: the steady rate, every reference cached)."""
-    rng = np.random.default_rng(0)
-    venv.seed(0)
-    venv.reset()
-
-    def run(count: int) -> float:
-        done = 0
-        t0 = time.perf_counter()
-        while done < count:
-            _, _, dones, _ = venv.step(rng.uniform(-1, 1, size=(n, venv.action_space.shape[0])).astype(np.float32))
-            done += int(dones.sum())
-        return done / (time.perf_counter() - t0)
-
-    cold = run(episodes)
-    if not warmup:
-        return cold, None, []
-    run(warmup)
-    return cold, run(episodes), [run(episodes) for _ in range(rounds)]
-
-
 def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: int,
                  device: torch.device, sparse: bool = False, rounds: int = 0) -> list[dict]:
     from stable_baselines3.common.vec_env import SubprocVecEnv
@@ -201,15 +178,16 @@ def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: 
     env_cfg = make_config(cfg, device=str(device), data_dir=data_dir())
     sub = SubprocVecEnv([_EnvFactory(env_cfg, 1, True) for _ in range(2)])
     try:
-        seq = _episodes(sub, episodes, 2, warmup, rounds)
+        seq = episode_rates(sub, episodes, 2, warmup, rounds)
     finally:
         sub.close()
     if sparse:  # the vectorised sides train their proxies by the sparse route; the two workers stay dense
         env_cfg = make_config(env_cfg, proxy={"sparse": True})
-    bat = _episodes(BatchedPanningVecEnv(env_cfg, n), episodes, n, warmup, rounds)  # this process's threads: all cores
+    # this process's threads: all cores
+    bat = episode_rates(BatchedPanningVecEnv(env_cfg, n), episodes, n, warmup, rounds)
     two = SubprocBatchedVecEnv(env_cfg, n, 2, threads=1)  # N/2 stacked episodes in each of two processes
     try:
-        bat2 = _episodes(two, episodes, n, warmup, rounds)
+        bat2 = episode_rates(two, episodes, n, warmup, rounds)
     finally:
         two.close()
     rows = []

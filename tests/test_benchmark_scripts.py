@@ -24,7 +24,12 @@ def _script(name: str) -> ModuleType:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # the worker pool pickles the script's functions by module name
-    spec.loader.exec_module(mod)
+    # a script run as ``python benchmarks/X.py`` finds its neighbours (bench_batched's workers_rate) on sys.path
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
     return mod
 
 
@@ -336,12 +341,14 @@ def test_bench_batched_counts_linear_work_and_measures_the_roof() -> None:
 
 
 def test_bench_batched_episode_phases_cold_warm_and_steady_rounds() -> None:
-    """_episodes times a cold run, a warm one after the warm-up, and each steady round after that."""
+    """episode_rates (workers_rate.py; bench_batched.py's too) times a cold run, a warm one after the warm-up, and
+    each steady round after that."""
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from panning.envs.panning_env import PanningEnv
 
-    bench = _script("bench_batched.py")
+    rates = _script("workers_rate.py")
+    assert Path(_script("bench_batched.py").episode_rates.__code__.co_filename).name == "workers_rate.py"
     calls: list[int] = []
 
     class Counting(DummyVecEnv):
@@ -350,10 +357,33 @@ def test_bench_batched_episode_phases_cold_warm_and_steady_rounds() -> None:
             return super().step_wait()
 
     venv = Counting([lambda: PanningEnv(REPO / "configs" / "env" / "tiny.yaml", reward="absolute")])
-    cold, warm, rounds = bench._episodes(venv, 2, 1, 1, rounds=2)
+    cold, warm, rounds = rates.episode_rates(venv, 2, 1, 1, rounds=2)
     assert cold > 0 and warm is not None and warm > 0 and len(rounds) == 2 and min(rounds) > 0
     assert len(calls) == 3 * (2 + 1 + 2 + 2 + 2)  # tiny episodes have 3 steps: 2 cold, 1 warm-up, 2 warm, 2 x 2
-    assert bench._episodes(venv, 1, 1, 0, rounds=3)[1:] == (None, [])
+    assert rates.episode_rates(venv, 1, 1, 0, rounds=3)[1:] == (None, [])
+
+
+def test_workers_rate_times_subprocess_workers_of_the_importable_code(tmp_path: Path) -> None:
+    """workers_rate.py runs real SubprocVecEnv workers through every phase, says whose code it ran and writes the
+    same figures to --json; bad flags exit 2 with one line, before any worker starts."""
+    out = tmp_path / "rates.json"
+    r = _run("workers_rate.py", "--config", str(REPO / "configs" / "env" / "tiny.yaml"), "--workers", "1",
+             "--episodes", "2", "--warmup", "1", "--rounds", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    assert got == json.loads(r.stdout)
+    assert got["code"] == str(Path(sys.modules["panning"].__file__).resolve().parents[1])
+    assert got["cold"] > 0 and got["warm"] > 0 and len(got["rounds"]) == 2 and got["steady"] == got["rounds"][-1]
+    for bad, says in ((["--workers", "0"], "--workers and --episodes must be >= 1"),
+                      (["--rounds", "1", "--warmup", "0"], "--rounds needs --warmup > 0"),
+                      (["--config", str(tmp_path / "none.yaml")], "no env config at"),
+                      (["--json", str(tmp_path / "no" / "x.json")], "the folder of --json"),
+                      (["--episodes", "x"], "invalid int value")):
+        with pytest.raises(SystemExit) as ex, contextlib.redirect_stderr(io.StringIO()) as err:
+            _script("workers_rate.py").main(bad)
+        assert ex.value.code == 2
+        lines = err.getvalue().strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], lines
 
 
 def test_profile_episodes_names_the_stages_of_a_vectorised_step(tmp_path: Path) -> None:
