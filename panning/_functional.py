@@ -30,6 +30,7 @@ __all__ = [
     "flat_nonzero",
     "host_route",
     "one_read",
+    "rows_finite",
     "stacked_tensors",
     "HOST_READS",
     "HostReads",
@@ -218,6 +219,15 @@ def all_finite(t: Tensor) -> Tensor:
     if host_route(t) and t.dtype in (torch.float32, torch.float64):
         return torch.tensor(bool(np.isfinite(t.detach().numpy()).all()))
     return torch.isfinite(t).all()
+
+
+def rows_finite(t: Tensor) -> Tensor:
+    """``[N]`` boolean tensor: whether every entry of ``t[i]`` is finite, for each ``i`` of ``t``'s first dimension. On
+    the CPU by numpy for float32/float64 (about 10x faster than ``torch.isfinite(t).flatten(1).all(1)`` there on a
+    stack of 16 digits-MLP layers); elsewhere torch's, left on the device."""
+    if host_route(t) and t.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.isfinite(t.detach().numpy().reshape(t.shape[0], -1)).all(1))
+    return torch.isfinite(t).flatten(1).all(1)
 
 
 def one_read(values: Sequence[Tensor]) -> Tensor:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.overrides import TorchFunctionMode
 
-from panning._functional import all_finite, architecture_key, one_read
+from panning._functional import all_finite, architecture_key, one_read, rows_finite
 from panning.masks import Masks, _prunable_with_modules
 
 __all__ = ["PathCounter", "collapsed_layers", "effective_masks", "effective_sparsity"]
@@ -302,7 +302,7 @@ class PathCounter:
         except (RuntimeError, ValueError, NotImplementedError):  # no batching rule: the one-at-a-time route
             _STACKABLE[self._key] = False
             return self._begin_one_by_one(masks, input_shape)
-        finite = torch.stack([torch.isfinite(r)] + [torch.isfinite(grads[n]).flatten(1).all(1) for n in pnames])
+        finite = torch.stack([torch.isfinite(r)] + [rows_finite(grads[n]) for n in pnames])
         out = [Masks._trusted({k: m[k] & (grads[n][i] > 0).to(m[k].device) for n, k in zip(pnames, keys, strict=True)})
                for i, m in enumerate(masks)]
         return PendingEffective(masks, input_shape, out, finite.all(0))

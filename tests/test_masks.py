@@ -891,9 +891,9 @@ def test_topk_mask_is_the_stable_descending_sort_for_every_dtype_and_layout(valu
 
 
 def test_numpy_helpers_equal_their_torch_forms():
-    """flat_nonzero and all_finite (numpy on the CPU) give what torch's nonzero and isfinite().all() give: empty,
-    multi-dimensional and strided inputs, NaN and infinities."""
-    from panning._functional import all_finite, flat_nonzero
+    """flat_nonzero, all_finite and rows_finite (numpy on the CPU) give what torch's nonzero, isfinite().all() and
+    isfinite().flatten(1).all(1) give: empty, multi-dimensional and strided inputs, NaN and infinities."""
+    from panning._functional import all_finite, device_routes, flat_nonzero, rows_finite
 
     g = torch.Generator().manual_seed(0)
     cases = [torch.zeros(0, dtype=torch.bool), torch.rand(7, 5, generator=g) < 0.3, torch.ones(4, dtype=torch.bool),
@@ -909,3 +909,12 @@ def test_numpy_helpers_equal_their_torch_forms():
             y[3, 2] = bad
             assert not bool(all_finite(y)) and not bool(all_finite(y.t()))
     assert bool(all_finite(torch.zeros(0)))
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        x = torch.randn(5, 3, 4, generator=g).to(dtype)
+        x[1, 2, 0], x[3, 0, 3], x[4, 1, 1] = float("nan"), float("inf"), -float("inf")
+        for t in (x, x.transpose(1, 2), torch.zeros(3, 0, dtype=dtype)):
+            want = torch.isfinite(t).flatten(1).all(1)
+            assert torch.equal(rows_finite(t), want)
+            with device_routes():  # the device's route, on the CPU
+                assert torch.equal(rows_finite(t), want)
+        assert rows_finite(x).tolist() == [True, False, True, False, False]
