@@ -618,8 +618,22 @@ def stacked_tensors(models: Sequence[nn.Module], masks: Sequence[Mapping[str, Te
     architecture, along a new leading axis: what :func:`masked_weights` and :func:`other_tensors` make for each
     (detached: the stacks are the leaves of a stacked computation)."""
     keys = list(masks[0])
-    ws = [masked_weights(m, {k: mk[k] for k in keys}, dtype=dtype, absolute=absolute)
-          for m, mk in zip(models, masks, strict=True)]
-    rests = [other_tensors(m, keys, dtype=dtype, absolute=absolute) for m in models]
-    w_stack = {k: torch.stack([w[k].detach() for w in ws]) for k in keys}
-    return w_stack, {k: torch.stack([r[k] for r in rests]) for k in rests[0]}
+    # stacked first, then masked and converted: the same elementwise operations as each network's own
+    # (so the same bits), a few on [N, ...] instead of several per network
+    params = [dict(m.named_parameters()) for m in models]
+    w_stack: dict[str, Tensor] = {}
+    for k in keys:
+        p = torch.stack([ps[k].detach() for ps in params])
+        w = p * as_numbers(torch.stack([mk[k].to(p.device) for mk in masks]), p.dtype)
+        if absolute:
+            w = w.abs()
+        w_stack[k] = w.to(dtype) if dtype is not None else w
+    skip = set(keys)
+    rest: dict[str, Tensor] = {}
+    for name, _ in models[0].named_parameters():
+        if name not in skip:  # stacking copies: nothing to clone
+            rest[name] = _convert(torch.stack([ps[name].detach() for ps in params]), dtype, absolute, clone=False)
+    buffers = [dict(m.named_buffers()) for m in models]
+    for name in buffers[0]:
+        rest[name] = _convert(torch.stack([b[name].detach() for b in buffers]), dtype, absolute, clone=False)
+    return w_stack, rest
