@@ -226,7 +226,8 @@ def rows_finite(t: Tensor) -> Tensor:
     the CPU by numpy for float32/float64 (about 10x faster than ``torch.isfinite(t).flatten(1).all(1)`` there on a
     stack of 16 digits-MLP layers); elsewhere torch's, left on the device."""
     if host_route(t) and t.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(np.isfinite(t.detach().numpy().reshape(t.shape[0], -1)).all(1))
+        n = t.shape[0]
+        return torch.from_numpy(np.isfinite(t.detach().numpy().reshape(n, t.numel() // n if n else 0)).all(1))
     return torch.isfinite(t).flatten(1).all(1)
 
 

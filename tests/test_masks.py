@@ -912,7 +912,7 @@ def test_numpy_helpers_equal_their_torch_forms():
     for dtype in (torch.float32, torch.float64, torch.float16):
         x = torch.randn(5, 3, 4, generator=g).to(dtype)
         x[1, 2, 0], x[3, 0, 3], x[4, 1, 1] = float("nan"), float("inf"), -float("inf")
-        for t in (x, x.transpose(1, 2), torch.zeros(3, 0, dtype=dtype)):
+        for t in (x, x.transpose(1, 2), torch.zeros(3, 0, dtype=dtype), torch.zeros(0, 3, dtype=dtype)):
             want = torch.isfinite(t).flatten(1).all(1)
             assert torch.equal(rows_finite(t), want)
             with device_routes():  # the device's route, on the CPU
