@@ -364,16 +364,17 @@ def masked_weights(
     the model's parameters or their ``.grad``.
     """
     params = dict(model.named_parameters())
-    out: dict[str, Tensor] = {}
-    for name, mask in masks.items():
-        p = params[name].detach()
-        w = p * as_numbers(mask.to(p.device), p.dtype)
-        if absolute:
-            w = w.abs()
-        if dtype is not None:
-            w = w.to(dtype)
-        out[name] = w.requires_grad_(True)
-    return out
+    return {name: _masked(params[name].detach(), mask, dtype, absolute).requires_grad_(True)
+            for name, mask in masks.items()}
+
+
+def _masked(p: Tensor, mask: Tensor, dtype: torch.dtype | None, absolute: bool) -> Tensor:
+    """``p ⊙ mask`` (optionally absolute, cast to ``dtype``), elementwise: one network's weights or a stack of them
+    (:func:`stacked_tensors`), which then get the same bits."""
+    w = p * as_numbers(mask.to(p.device), p.dtype)
+    if absolute:
+        w = w.abs()
+    return w.to(dtype) if dtype is not None else w
 
 
 def other_tensors(
@@ -622,13 +623,10 @@ def stacked_tensors(models: Sequence[nn.Module], masks: Sequence[Mapping[str, Te
     # stacked first, then masked and converted: the same elementwise operations as each network's own
     # (so the same bits), a few on [N, ...] instead of several per network
     params = [dict(m.named_parameters()) for m in models]
-    w_stack: dict[str, Tensor] = {}
+    w_stack = {}
     for k in keys:
         p = torch.stack([ps[k].detach() for ps in params])
-        w = p * as_numbers(torch.stack([mk[k].to(p.device) for mk in masks]), p.dtype)
-        if absolute:
-            w = w.abs()
-        w_stack[k] = w.to(dtype) if dtype is not None else w
+        w_stack[k] = _masked(p, torch.stack([mk[k].to(p.device) for mk in masks]), dtype, absolute)
     skip = set(keys)
     rest: dict[str, Tensor] = {}
     for name, _ in models[0].named_parameters():

@@ -994,10 +994,11 @@ def step_observe_many(episodes: Sequence[PruningEpisode], actions: Sequence[Any]
         if prefill is not None:
             prefill(episodes)
         pends = [ep._observe_begin(None) for ep in episodes]
-        values = read_together(begun.tensors() + [p.payload for p in pends if p.payload is not None])
-        steps = _steps_end(episodes, begun, values[:3], advanced=True)
+        head = begun.tensors()
+        values = read_together(head + [p.payload for p in pends if p.payload is not None])
+        steps = _steps_end(episodes, begun, values[: len(head)], advanced=True)
     except BaseException:  # as when a step's own deferred check fails: the networks pruned, the step not counted
         for ep, (t, u) in zip(episodes, before, strict=True):
             ep.t, ep.u = t, u
         raise
-    return steps, _observe_end_many(episodes, pends, values[3:])
+    return steps, _observe_end_many(episodes, pends, values[len(head) :])
