@@ -7,8 +7,8 @@ magnitude). The result must be what :func:`panning.indices.compute_scores` gives
 alone, bit for bit, so that the masks are too; whether the stacked kernels are exact depends on the
 layers and the device (on the CPU batched matrix products equal one-at-a-time ones, convolutions
 under ``vmap`` do not). So each route is checked once per (index, architecture, batch shape,
-device) against the one-at-a-time computation of the first and the last network, and used only where
-both matched; elsewhere, and for indices without a stacked route (random, FTS), the networks are scored one after
+device, number of networks) against the one-at-a-time computation of the first and the last network, and
+used only where both matched; elsewhere, and for indices without a stacked route (random, FTS), the networks are scored one after
 the other. :func:`select_topk_rows` is :func:`panning.masks.select_topk` (global mode, same
 tie-break: earlier key, then lower index) over an ``[N, P]`` tensor.
 """
@@ -34,7 +34,7 @@ STACKED_ROUTES = ("magnitude", "snip", "grasp", "grasp_abs", "synflow")
 #: stacked routes that give two indices from one pass (SNIP's gradient is GraSP's first), as one network's
 #: scoring shares it (:func:`panning.indices.compute_many`)
 SHARED_ROUTES = ("snip+grasp", "snip+grasp_abs")
-#: (index, device, architecture, batch shapes) -> whether the stacked route matched one-at-a-time scoring bit for bit
+#: (index, device, architecture, batch shapes, N) -> whether the stacked route matched one-at-a-time scoring bit for bit
 _EXACT: dict[tuple, bool] = {}
 
 
@@ -100,9 +100,9 @@ def _stacked(name: str, template: nn.Module, models: Sequence[nn.Module], masks:
 
 def _score_shared(route: str, pruners: Sequence[Pruner]) -> bool:
     """Score SNIP and a GraSP variant of ``pruners`` in one stacked pass (``route`` in :data:`SHARED_ROUTES`)
-    and hand each pruner both, where that pass is exact: checked once per architecture, batch shape and device
-    against the first and the last network's one-at-a-time scores of both. False where it is not (nothing
-    handed over)."""
+    and hand each pruner both, where that pass is exact: checked once per architecture, batch shape, device and
+    number of networks against the first and the last network's one-at-a-time scores of both. False where it is
+    not (nothing handed over)."""
     first = pruners[0]
     models, masks = [p.model for p in pruners], [p.masks for p in pruners]
     key = _stack_key(route, models, masks, first.batches, first.input_shape)
@@ -142,7 +142,9 @@ def _stack_key(name: str, models: Sequence[nn.Module], masks: Sequence[Mapping[s
             or (data_route and (not batches or len(batches) != 1))
             or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules())):
         return None
-    key = architecture_key(name, models[0], masks[0], batches, input_shape)
+    # the number of networks too: a device's batched kernels may be chosen by the batch size (cuBLAS picks its
+    # kernel by shape), so exactness found at one N says nothing of another
+    key = (*architecture_key(name, models[0], masks[0], batches, input_shape), len(models))
     return None if _EXACT.get(key) is False else key
 
 
@@ -150,7 +152,7 @@ def may_stack(name: str, models: Sequence[nn.Module], masks: Sequence[Mapping[st
               batches: Sequence[Batch] | None = None, input_shape: Sequence[int] | None = None) -> bool:
     """Whether :func:`score_networks` would try the stacked route of ``name`` for these networks: there is
     one, there are two networks or more, and it has not been found inexact for this architecture, batch
-    shape and device (on the CPU, SNIP's and GraSP's stacked gradients of a Linear layer are batched
+    shape, device and number of networks (on the CPU, SNIP's and GraSP's stacked gradients of a Linear layer are batched
     matrix products that round differently from one network's: the last digit of some scores)."""
     return _stack_key(name, models, masks, batches, input_shape) is not None
 

@@ -358,6 +358,36 @@ def test_indices_without_an_exact_stacked_route_are_left_to_the_pruners(monkeypa
             assert all(torch.equal(ref[k], got[n][k]) for k in ref), n
 
 
+def test_a_stacked_route_is_checked_again_for_another_number_of_networks(monkeypatch) -> None:
+    """Exactness found at one N is not taken for another (a device may pick its batched kernels by the batch
+    size): the first and the last network are scored alone again, and the route's verdict is kept per N."""
+    import panning.batched as batched
+
+    monkeypatch.setattr(batched, "_EXACT", {})
+    alone: list[int] = []
+    real = batched.compute_scores
+
+    def counted(*args, **kwargs):
+        alone.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batched, "compute_scores", counted)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(12, 64, generator=g), torch.arange(12) % 10)]
+    nets = [build_model("mlp", 10, (64,), seed=s) for s in range(4)]
+    masks = [Masks.ones(n) for n in nets]
+    score_networks("snip", nets[:3], masks[:3], batches)
+    assert len(alone) == 2  # the first time at N = 3: two networks alone
+    score_networks("snip", nets[:3], masks[:3], batches)
+    assert len(alone) == 2  # N = 3 again: the verdict is kept
+    got = score_networks("snip", nets, masks, batches)
+    assert len(alone) == 4  # N = 4: checked again
+    assert sorted(k[-1] for k in batched._EXACT) == [3, 4]
+    for net, m, s in zip(nets, masks, got, strict=True):
+        ref = real("snip", net, m, batches)
+        assert all(torch.equal(ref[k], s[k]) for k in ref)
+
+
 @pytest.mark.parametrize("grasp", ["grasp", "grasp_abs"])
 def test_snip_and_grasp_from_one_stacked_pass_equal_each_network_alone(grasp: str) -> None:
     """prefill_scores gives SNIP and GraSP from one stacked pass (SNIP's gradient is GraSP's first), checked once
