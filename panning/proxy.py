@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -215,6 +216,7 @@ class ProxyEvaluator:
         if max_candidates is not None and max_candidates < 1:
             raise ConfigError(f"max_candidates must be >= 1, got {max_candidates}")
         self.max_candidates = max_candidates
+        self._oom_cap: int | None = None  # half of a chunk that ran out of device memory (evaluate_many)
         if stacked not in (True, False, "auto"):
             raise ConfigError(f"stacked must be True, False or 'auto', got {stacked!r}")
         self.stacked = stacked
@@ -449,7 +451,10 @@ class ProxyEvaluator:
     def chunk_size(self, example: nn.Module | Mapping[str, Tensor] | None = None) -> int:
         """How many candidates :meth:`evaluate_many` trains at once: ``max_candidates`` if set; on CUDA
         what 70% of the free memory holds, measured per candidate (a one-candidate probe step of
-        ``example``); on the CPU 64."""
+        ``example`` and a validation pass); on the CPU 64. At most half a chunk that ran out of memory."""
+        return min(self._chunk_size(example), self._oom_cap or sys.maxsize)
+
+    def _chunk_size(self, example: nn.Module | Mapping[str, Tensor] | None) -> int:
         if self.max_candidates is not None:
             return self.max_candidates
         if self.device.type != "cuda" or example is None:
@@ -465,6 +470,11 @@ class ProxyEvaluator:
             fwd = vmap(lambda p, b, x: functional_call(template, (p, b), (x,)), in_dims=(0, 0, None))
             out = fwd(params, buffers, x)
             F.cross_entropy(out[0], y).backward()
+            with torch.no_grad():  # the validation pass's rows (_sums_many's chunk) on top: their activations
+                was = template.training
+                template.eval()
+                fwd(params, buffers, self._splits[0].xva[:2048])
+                template.train(was)
             # parameters, buffers and masks resident, plus gradients, momentum and activations at the peak
             self._bytes_per_candidate = max(1, torch.cuda.max_memory_allocated(self.device) - base
                                             + sum(p.numel() * p.element_size() for p in params.values()))
@@ -518,30 +528,44 @@ class ProxyEvaluator:
                 results[i] = self._recorded(key, values[2 * k], values[2 * k + 1], seconds)
             todo = []
         if todo:
-            size = self.chunk_size(inits[todo[0][0]])
-            for lo in range(0, len(todo), size):
+            size, lo = self.chunk_size(inits[todo[0][0]]), 0
+            while lo < len(todo):
                 part = todo[lo : lo + size]
                 t0 = time.perf_counter()
-                sums = []
-                part_inits, part_masks = [inits[i] for i, _ in part], [masks_list[i] for i, _ in part]
-                for j in range(len(self._splits)):  # K-fold: every fold's training, pooled (one split otherwise)
-                    if self.settings.sparse:
-                        sums.append(self._sums_sparse(self._train_sparse(part_inits, part_masks, j), j))
-                    else:
-                        template, params, buffers = self.train_many(part_inits, part_masks, split=j)
-                        sums.append(self._sums_many(template, params, buffers, j))
-                correct = torch.stack([c for c, _ in sums]).sum(0)
-                loss_sum = torch.stack([v for _, v in sums]).sum(0)
-                # one read for the chunk (float64 holds every count exactly)
-                counts, losses = one_read([correct.double(), loss_sum.double()]).tolist()
+                try:
+                    counts, losses = self._chunk_sums([inits[i] for i, _ in part], [masks_list[i] for i, _ in part])
+                except torch.cuda.OutOfMemoryError:
+                    # the measured size per candidate was too small for this chunk: half as many, once more
+                    if size == 1:
+                        raise
+                    size = self._oom_cap = max(1, len(part) // 2)  # and in later calls (chunk_size)
+                    torch.cuda.empty_cache()
+                    continue
                 seconds = (time.perf_counter() - t0) / len(part)
                 for (i, key), (c, v) in zip(part, zip(counts, losses, strict=True), strict=True):
                     results[i] = self._recorded(key, c, v, seconds)
+                lo += len(part)
         for i, j in repeats:
             done = results[j]
             assert done is not None
             results[i] = self._hit(done, 0.0)
         return [r for r in results if r is not None]
+
+    def _chunk_sums(self, inits: Sequence[nn.Module | Mapping[str, Tensor]],
+                    masks_list: Sequence[Masks | Mapping[str, Tensor]]) -> tuple[list[float], list[float]]:
+        """(correct predictions, summed cross-entropy) per candidate of one chunk trained together, pooled over
+        the folds, read back in one transfer (float64 holds every count exactly)."""
+        sums = []
+        for j in range(len(self._splits)):  # K-fold: every fold's training, pooled (one split otherwise)
+            if self.settings.sparse:
+                sums.append(self._sums_sparse(self._train_sparse(inits, masks_list, j), j))
+            else:
+                template, params, buffers = self.train_many(inits, masks_list, split=j)
+                sums.append(self._sums_many(template, params, buffers, j))
+        correct = torch.stack([c for c, _ in sums]).sum(0)
+        loss_sum = torch.stack([v for _, v in sums]).sum(0)
+        counts, losses = one_read([correct.double(), loss_sum.double()]).tolist()
+        return counts, losses
 
     def _trained_sums(self, init: nn.Module | Mapping[str, Tensor], masks: Masks | Mapping[str, Tensor]
                       ) -> tuple[Tensor, Tensor]:

@@ -131,6 +131,39 @@ def test_chunks_and_cache(digits) -> None:
         ev.evaluate_many(inits, masks[:2])
 
 
+def test_a_chunk_out_of_device_memory_is_trained_again_in_halves(digits, monkeypatch) -> None:
+    """A chunk that runs out of device memory (the size measured per candidate too small) is trained again in
+    halves, with the same results, and later calls start from the smaller chunk."""
+    inits = [build_model("mlp", 10, (64,), seed=s) for s in range(5)]
+    masks = [random_masks(m, 0.2, s) for s, m in enumerate(inits)]
+    whole = ProxyEvaluator(digits, steps=10, cache_size=0).evaluate_many(inits, masks)
+    ev = ProxyEvaluator(digits, steps=10, cache_size=0, max_candidates=8)
+    real, sizes = ev._chunk_sums, []
+
+    def tight(part_inits, part_masks):
+        sizes.append(len(part_inits))
+        if len(part_inits) > 2:  # what a device with room for two candidates would do
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(part_inits, part_masks)
+
+    monkeypatch.setattr(ev, "_chunk_sums", tight)
+    got = ev.evaluate_many(inits, masks)
+    assert sizes == [5, 2, 2, 1]
+    assert [r.accuracy for r in got] == [r.accuracy for r in whole]
+    assert [r.loss for r in got] == [r.loss for r in whole]
+    assert ev.chunk_size() == 2
+    sizes.clear()
+    ev.evaluate_many(inits[:3], masks[:3])
+    assert sizes == [2, 1]
+
+    def never(part_inits, part_masks):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(ev, "_chunk_sums", never)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one candidate that does not fit: the error, not a loop
+        ev.evaluate_many(inits[:1], masks[:1])
+
+
 # ------------------------------------------------------------------------------ scoring, selection
 
 
