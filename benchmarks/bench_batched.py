@@ -141,22 +141,26 @@ def _candidates(model: str, ds: str, steps: int, n: int, device: torch.device, s
 
 
 def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device, sparsity: float = 0.95,
-              sparse: bool = False) -> dict:
+              sparse: bool = False, sequential_at_most: int | None = None) -> dict:
+    """One proxy row: ``n`` candidates batched against one at a time. ``sequential_at_most``: time the one-at-a-time
+    side on that many of the candidates only (each evaluation runs alone, so its rate does not depend on N;
+    the accuracies are compared on those)."""
     b, inits, masks, ev = _candidates(model, ds, steps, n, device, sparsity, sparse)
     # one at a time is always today's dense route: the sparse rows measure the sparse route against it
     one_ev = ProxyEvaluator(b, steps=steps, cache_size=0, device=device) if sparse else ev
     one_ev.evaluate(inits[0], masks[0])  # warm-up (allocator, kernels) of both routes: vmap's first use costs too
     ev.evaluate_many(inits[:1], masks[:1])
+    n_seq = n if sequential_at_most is None else min(n, sequential_at_most)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    one = [one_ev.evaluate(m, k) for m, k in zip(inits, masks, strict=True)]
+    one = [one_ev.evaluate(m, k) for m, k in zip(inits[:n_seq], masks[:n_seq], strict=True)]
     sync()
     t1 = time.perf_counter()
     many = ev.evaluate_many(inits, masks)
     sync()
     t2 = time.perf_counter()
-    seq, bat = n / (t1 - t0), n / (t2 - t1)
+    seq, bat = n_seq / (t1 - t0), n / (t2 - t1)
     # the dense count would overstate a sparse route's work (it skips the pruned weights)
     flops = None if sparse else linear_flops(inits[0], steps * ev.settings.batch_size, len(b.val))
     return {"kind": "proxy_sparse" if sparse else "proxy", "model": model, "dataset": ds, "n": n, "steps": steps,
@@ -164,7 +168,8 @@ def proxy_row(model: str, ds: str, steps: int, n: int, device: torch.device, spa
             "batched_per_s": bat, "speedup": bat / seq,
             "sequential_gflops": None if flops is None else seq * flops / 1e9,
             "batched_gflops": None if flops is None else bat * flops / 1e9,
-            "max_abs_accuracy_diff": max(abs(a.accuracy - c.accuracy) for a, c in zip(one, many, strict=True))}
+            "sequential_timed": n_seq,
+            "max_abs_accuracy_diff": max(abs(a.accuracy - c.accuracy) for a, c in zip(one, many[:n_seq], strict=True))}
 
 
 def episode_rows(model: str, ds: str, cfg: Path, n: int, episodes: int, warmup: int,
@@ -221,6 +226,9 @@ def main() -> None:
     ap.add_argument("--skip-proxy", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads of this process, for both sides of the proxy rows (default: all cores)")
+    ap.add_argument("--sequential-at-most", type=int, default=None,
+                    help="proxy rows: time the one-at-a-time side on at most this many of the N candidates (its rate "
+                         "does not depend on N; accuracies compared on those); default all N")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", action="store_true",
                     help="after the proxy rows, profile one stacked evaluation at the largest N of each proxy row")
@@ -230,6 +238,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.95,
                     help="sparsity of the proxy rows' SNIP masks (default 0.95)")
     args = ap.parse_args()
+    if args.sequential_at_most is not None and args.sequential_at_most < 1:
+        raise UsageError(f"--sequential-at-most must be >= 1, got {args.sequential_at_most}")
     if not 0 <= args.sparsity < 1:
         raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.steady_rounds < 0 or (args.steady_rounds and not args.warmup):
@@ -266,7 +276,8 @@ def main() -> None:
     peak = peak_gflops(device) if proxy else None
     for model, ds, steps in proxy:
         for n in ns:
-            keep({**proxy_row(model, ds, steps, n, device, args.sparsity, args.sparse), "peak_gflops": peak})
+            keep({**proxy_row(model, ds, steps, n, device, args.sparsity, args.sparse, args.sequential_at_most),
+                  "peak_gflops": peak})
     for model, ds, steps in proxy if args.profile else []:
         print(f"\nprofile: one stacked evaluation, {model} / {ds}, N = {max(ns)}, {steps} steps\n"
               + profile_stacked(model, ds, steps, max(ns), device, args.sparsity, args.sparse), flush=True)

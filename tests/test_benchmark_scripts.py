@@ -340,6 +340,26 @@ def test_bench_batched_counts_linear_work_and_measures_the_roof() -> None:
     assert fc.get_total_flops() == 2 * (2 * 3 * 4 + 3 * 4 * 2) * 10
 
 
+def test_bench_batched_proxy_row_can_time_fewer_candidates_one_at_a_time() -> None:
+    """--sequential-at-most: the one-at-a-time side runs that many of the N candidates (a GPU lease is short), and
+    the row says how many; the batched side still trains all N, and the accuracies of those few agree."""
+    bench = _script("bench_batched.py")
+    sys.modules.pop(bench.__name__, None)
+    calls: list[int] = []
+    real = bench.ProxyEvaluator.evaluate
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench.ProxyEvaluator, "evaluate", counted)
+        row = bench.proxy_row("mlp", "digits", 2, 3, torch.device("cpu"), sequential_at_most=1)
+    assert len(calls) == 1 + 1  # the warm-up, then one timed
+    assert row["n"] == 3 and row["sequential_timed"] == 1 and row["sequential_per_s"] > 0
+    assert row["max_abs_accuracy_diff"] == 0.0
+
+
 def test_bench_batched_episode_phases_cold_warm_and_steady_rounds() -> None:
     """episode_rates (workers_rate.py; bench_batched.py's too) times a cold run, a warm one after the warm-up, and
     each steady round after that."""

@@ -445,6 +445,7 @@ def test_seed_flag_sets_initialisation_and_random_masks(tiny: Path, tmp_path: Pa
     ("bench_batched.py", ["--model", "nope"], "nothing to measure for --model nope"),
     ("bench_batched.py", ["--sparse", "--model", "lenet5"], "--sparse measures the sparse route"),
     ("bench_batched.py", ["--sparsity", "1"], "--sparsity must be in [0, 1)"),
+    ("bench_batched.py", ["--sequential-at-most", "0"], "--sequential-at-most must be >= 1, got 0"),
     ("bench_batched.py", ["--steady-rounds", "2", "--warmup", "0"], "--steady-rounds must be >= 0 and needs --warmup"),
     ("bench_env.py", ["--model", "nope"], "unrecognized arguments: --model nope"),
     ("proxy_trust.py", ["--config", "configs/bench/nope.yaml"], "does not exist"),
