@@ -98,10 +98,17 @@ def test_batched_scores_on_the_gpu_equal_one_at_a_time(model: str, shape: tuple[
     masks = [random_masks(m, 0.3, s).to(CUDA) for s, m in enumerate(nets)]
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, *shape, generator=g).to(CUDA), (torch.arange(16) % 10).to(CUDA))]
+    import panning.batched as batched
+
     for name in ("magnitude", "snip", "grasp_abs", "synflow"):
         ref = [compute_scores(name, m, k, batches) for m, k in zip(nets, masks, strict=True)]
         got = score_networks(name, nets, masks, batches)
         assert all(torch.equal(a[k], c[k]) for a, c in zip(ref, got, strict=True) for k in a), name
+    # which stacked routes the device ran exactly (the others fell back to one at a time): in gpu_tests.log
+    verdicts = {k[0]: v for k, v in batched._EXACT.items() if k[1].startswith("cuda") and k[2] == tuple(
+        type(m).__name__ for m in nets[0].modules())}
+    print(f"\n{model} on {torch.cuda.get_device_name()}: stacked route exact = {verdicts}")
+    assert {"magnitude", "snip", "grasp_abs", "synflow"} <= set(verdicts)
     alone = [Pruner(m, ["snip", "synflow"], batches) for m in nets]
     fed = [Pruner(m, ["snip", "synflow"], batches) for m in nets]
     prefill_scores(fed)
@@ -109,20 +116,35 @@ def test_batched_scores_on_the_gpu_equal_one_at_a_time(model: str, shape: tuple[
         assert a.step([1.0, 1.0], 500).equal(c.step([1.0, 1.0], 500))
 
 
-def test_vectorised_env_on_the_gpu_matches_separate_envs() -> None:
-    kw = dict(device="cuda", reward="absolute")
+def _run(venv, steps: int) -> list:
+    venv.seed(1)
+    out = [venv.reset()]
+    act = np.zeros((venv.num_envs, venv.action_space.shape[0]), np.float32)
+    for _ in range(steps):
+        out.append(venv.step(act)[:3])
+    venv.close()
+    return out
+
+
+@pytest.mark.parametrize("overrides", [{}, {"model": "resnet20", "dataset": "digits_image", "pruning_steps": 2}],
+                         ids=["mlp", "resnet20"])
+def test_vectorised_env_on_the_gpu_matches_separate_envs(overrides: dict) -> None:
+    """The same observations and ends as separate envs, and rewards within one validation example (the stacked
+    proxy's kernels are not the lone one's); each side with its own caches, so the batched rewards are its own
+    stacked proxy's, not the separate envs' cached results. ResNet-20: convolutions, BatchNorm and the float64
+    path counting of a network with shortcuts, stacked on the device."""
+    kw = dict(device="cuda", reward="absolute", **overrides)
     tiny = ROOT / "configs" / "env" / "tiny.yaml"
     clear_caches()
-    a, b = DummyVecEnv([lambda: PanningEnv(tiny, **kw) for _ in range(3)]), BatchedPanningVecEnv(tiny, 3, **kw)
-    a.seed(1)
-    b.seed(1)
-    assert np.array_equal(a.reset(), b.reset())
-    act = np.zeros((3, a.action_space.shape[0]), np.float32)
-    for _ in range(3):
-        oa, ra, da, _ = a.step(act)
-        ob, rb, db, _ = b.step(act)
+    a = _run(DummyVecEnv([lambda: PanningEnv(tiny, **kw) for _ in range(3)]), 3)
+    clear_caches()
+    b = _run(BatchedPanningVecEnv(tiny, 3, **kw), 3)
+    clear_caches()
+    assert np.array_equal(a[0], b[0])
+    val = PanningEnv(tiny, **kw).bundle.val
+    for (oa, ra, da), (ob, rb, db) in zip(a[1:], b[1:], strict=True):
         assert np.array_equal(oa, ob) and np.array_equal(da, db)
-        assert np.allclose(ra, rb, atol=1 / 135 + 1e-6)
+        assert np.allclose(ra, rb, atol=1 / len(val) + 1e-6)
 
 
 def test_synchronised_episode_timing_on_the_gpu(monkeypatch) -> None:
