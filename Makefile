@@ -37,8 +37,11 @@ endif
 # The default run: lint, types and the import contract first, then every test not marked slow. CI runs this.
 # pytest exits 5 when it selected no test: say so, rather than let an empty run look like a pass. The pytest
 # script (not `python -m pytest`) keeps the repository root off sys.path: tests import the installed package.
+# The tests are the CPU's (their bit-for-bit expectations, `device: auto` in configs): on a GPU machine they still
+# run on the CPU (no visible GPU), and `make gpu-check` runs the CUDA tests.
+CPU_ONLY := CUDA_VISIBLE_DEVICES=
 test: lint typecheck imports
-	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	$(CPU_ONLY) $(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 lint: $(STAMP)
@@ -62,7 +65,7 @@ imports: layout
 	cd build && PYTHONPATH=$(CURDIR)/$(LAYOUT) $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/pyproject.toml --no-cache
 
 test-all: $(STAMP)
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(CPU_ONLY) $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 # Mutation testing of the core modules (configured in pyproject.toml, [tool.mutmut]); not part of `make test`.
 # Resumable: a rerun only tests mutants of functions that changed. Prints the score per module.

@@ -65,7 +65,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Tests marked ``cuda`` skip, saying why, on a machine without a GPU."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); `make gpu-check` runs it on a GPU machine")
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") == ""  # make test hides a GPU: its tests are the CPU's
+    why = "none visible: make test runs on the CPU" if hidden else "none here"
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU ({why}); `make gpu-check` runs it on a GPU machine")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
