@@ -74,7 +74,7 @@ mutation: $(STAMP)
 	$(PY) benchmarks/mutation_score.py
 
 # On a machine with a GPU: the CUDA tests, then the GPU rows of the batched benchmark, with the device's name,
-# into benchmarks/results/gpu_* (or $OUT where set). Each stage has its own time limit, 8 minutes in all (how long
+# into benchmarks/results/gpu_* (or $OUT where set). Each stage has its own time limit, under 8 minutes in all (how long
 # the stages take on a GPU is not measured yet).
 gpu-check:
 	bash .ci/gpu_check.sh

@@ -6,7 +6,7 @@
 #
 # A lease is short (15 minutes of device time a session, 10 a command), so each stage runs under its own time
 # limit, the GPU targets (proxy at N = 64, lenet300/mnist and resnet20) first, and what a stage measured
-# before its limit is kept. The limits add up to 8 minutes; the stages are expected to end well inside them.
+# before its limit is kept. The limits add up to under 8 minutes (470 s); the stages should end well inside them.
 #
 # Python, in this order: the bundle `make gpu-bundle` prepared in .gpu/ for a GPU machine without network (wheels
 # of what its image lacks, installed beside its own torch, plus the MNIST files); else the project's .venv once
@@ -68,7 +68,7 @@ EOF
 }
 
 # -P: the repository root stays off sys.path, so the tests import the installed package (as `make test` does)
-timeout --kill-after=10 120 "$py" -P -m pytest -q -rs -s -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 \
+timeout --kill-after=10 110 "$py" -P -m pytest -q -rs -s -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 \
     | tee "$dest/gpu_tests.log" || rc=$?
 # the targets first: proxy >= 10x at N = 64 over one at a time, lenet300/mnist and resnet20 (the
 # one-at-a-time side timed on 16 candidates: each runs alone, so its rate does not depend on N)

@@ -5,12 +5,13 @@ stacked computation where the index allows it: ``torch.func.vmap`` over the netw
 buffers stacked along a leading axis (SNIP, GraSP and its absolute value, SynFlow in float64,
 magnitude). The result must be what :func:`panning.indices.compute_scores` gives for each network
 alone, bit for bit, so that the masks are too; whether the stacked kernels are exact depends on the
-layers and the device (on the CPU batched matrix products equal one-at-a-time ones, convolutions
-under ``vmap`` do not). So each route is checked once per (index, architecture, batch shape,
-device, number of networks) against the one-at-a-time computation of the first and the last network, and
-used only where both matched; elsewhere, and for indices without a stacked route (random, FTS), the networks are scored one after
-the other. :func:`select_topk_rows` is :func:`panning.masks.select_topk` (global mode, same
-tie-break: earlier key, then lower index) over an ``[N, P]`` tensor.
+layers, the device and even the route (on the CPU: SynFlow's and the shared SNIP+GraSP pass's stacked
+LeNet-300-100 match, SNIP's alone does not, in some last digits; convolutions under ``vmap`` do not).
+So each route is checked once per (index, architecture, batch shape, device, number of networks) against
+the one-at-a-time computation of the first and the last network, and used only where both matched;
+elsewhere, and for indices without a stacked route (random, FTS), the networks are scored one after the
+other. :func:`select_topk_rows` is :func:`panning.masks.select_topk` (global mode, same tie-break:
+earlier key, then lower index) over an ``[N, P]`` tensor.
 """
 from __future__ import annotations
 
