@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from panning._functional import one_read, seeded
+from panning._functional import one_read, preserved_modes, seeded
 from panning._sparse import SPARSE_MODELS, SparseMLPStack
 from panning._sparse import supports as sparse_supports
 from panning.data import DataBundle, make_loader
@@ -38,6 +37,9 @@ from panning.masks import Masks
 from panning.train import cpu_channels_last, masked_sgd_steps, resolve_device
 
 __all__ = ["SPARSE_MODELS", "ProxyEvaluator", "ProxyResult", "ProxySettings", "fold_of"]
+
+#: validation rows evaluated at once, per candidate (what the memory probe of a stacked chunk also measures)
+EVAL_CHUNK = 2048
 
 ModelSpec = str | Callable[[], nn.Module] | None
 
@@ -379,7 +381,7 @@ class ProxyEvaluator:
 
     @torch.no_grad()
     def _sums_many(self, template: nn.Module, params: dict, buffers: dict, split: int,
-                   chunk: int = 2048) -> tuple[Tensor, Tensor]:
+                   chunk: int = EVAL_CHUNK) -> tuple[Tensor, Tensor]:
         """(correct predictions, summed float64 cross-entropy) on split ``split``'s validation rows, per
         stacked candidate, eval mode; left on the device."""
         from torch.func import functional_call, vmap
@@ -403,7 +405,7 @@ class ProxyEvaluator:
         return correct, loss
 
     def score_many(self, template: nn.Module, params: dict, buffers: dict,
-                   chunk: int = 2048, split: int = 0) -> list[tuple[float, float]]:
+                   chunk: int = EVAL_CHUNK, split: int = 0) -> list[tuple[float, float]]:
         """(accuracy, mean cross-entropy) on the validation split (fold ``split``'s) of each of N stacked
         candidates, eval mode."""
         if self.settings.sparse:
@@ -435,7 +437,7 @@ class ProxyEvaluator:
         return stack
 
     @torch.no_grad()
-    def _sums_sparse(self, stack: SparseMLPStack, split: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    def _sums_sparse(self, stack: SparseMLPStack, split: int, chunk: int = EVAL_CHUNK) -> tuple[Tensor, Tensor]:
         """:meth:`_sums_many` for a sparse stack. Its own loop: the cross-entropy reads the stack's feature-major
         logits as they lie (``[N, classes, batch]``); :meth:`_sums_many`'s layout rounds the loss differently."""
         sp = self._splits[split]
@@ -452,7 +454,8 @@ class ProxyEvaluator:
         """How many candidates :meth:`evaluate_many` trains at once: ``max_candidates`` if set; on CUDA
         what 70% of the free memory holds, measured per candidate (a one-candidate probe step of
         ``example`` and a validation pass); on the CPU 64. At most half a chunk that ran out of memory."""
-        return min(self._chunk_size(example), self._oom_cap or sys.maxsize)
+        size = self._chunk_size(example)
+        return size if self._oom_cap is None else min(size, self._oom_cap)
 
     def _chunk_size(self, example: nn.Module | Mapping[str, Tensor] | None) -> int:
         if self.max_candidates is not None:
@@ -470,11 +473,9 @@ class ProxyEvaluator:
             fwd = vmap(lambda p, b, x: functional_call(template, (p, b), (x,)), in_dims=(0, 0, None))
             out = fwd(params, buffers, x)
             F.cross_entropy(out[0], y).backward()
-            with torch.no_grad():  # the validation pass's rows (_sums_many's chunk) on top: their activations
-                was = template.training
+            with torch.no_grad(), preserved_modes(template):  # a validation chunk's activations on top
                 template.eval()
-                fwd(params, buffers, self._splits[0].xva[:2048])
-                template.train(was)
+                fwd(params, buffers, self._splits[0].xva[:EVAL_CHUNK])
             # parameters, buffers and masks resident, plus gradients, momentum and activations at the peak
             self._bytes_per_candidate = max(1, torch.cuda.max_memory_allocated(self.device) - base
                                             + sum(p.numel() * p.element_size() for p in params.values()))
@@ -598,7 +599,7 @@ class ProxyEvaluator:
         return result
 
     @torch.no_grad()
-    def _sums(self, net: nn.Module, split: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    def _sums(self, net: nn.Module, split: int, chunk: int = EVAL_CHUNK) -> tuple[Tensor, Tensor]:
         """(correct predictions, summed float64 cross-entropy) of ``net`` on split ``split``'s validation
         rows, eval mode; 0-d tensors left on the device."""
         sp = self._splits[split]
@@ -616,7 +617,7 @@ class ProxyEvaluator:
             net.train(was)
         return correct, loss
 
-    def score(self, net: nn.Module, chunk: int = 2048, split: int = 0) -> tuple[float, float]:
+    def score(self, net: nn.Module, chunk: int = EVAL_CHUNK, split: int = 0) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) of ``net`` on the validation split (fold ``split``'s), in eval mode."""
         correct, loss = self._sums(net, split, chunk)
         n = self._splits[split].xva.shape[0]
